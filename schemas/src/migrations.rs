@@ -1,0 +1,46 @@
+//! ClickHouse DDL as numbered migration files under
+//! `schemas/migrations/clickhouse/`. Every statement is idempotent
+//! (`IF NOT EXISTS`), and applied versions are recorded in
+//! `schema_migrations`, so applying them at every aggregator start is safe.
+//! The SQL stays in the subset that ClickHouse 18.16 and 23.8+ both accept.
+
+/// One migration: its number, name and SQL (a single statement).
+#[derive(Debug, Clone, Copy)]
+pub struct Migration {
+    pub version: u32,
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+/// The table that records applied migrations.
+pub const CLICKHOUSE_MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (\
+    version UInt32, name String, applied_at DateTime('UTC')) ENGINE = MergeTree() ORDER BY version";
+
+/// ClickHouse migrations in order.
+pub const CLICKHOUSE: &[Migration] = &[
+    Migration { version: 1, name: "usage_events", sql: include_str!("../migrations/clickhouse/0001_usage_events.sql") },
+    Migration {
+        version: 2,
+        name: "usage_rollups_hourly",
+        sql: include_str!("../migrations/clickhouse/0002_usage_rollups_hourly.sql"),
+    },
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_are_dense_and_match_file_names() {
+        for (i, m) in CLICKHOUSE.iter().enumerate() {
+            assert_eq!(m.version as usize, i + 1);
+            assert!(m.sql.contains("IF NOT EXISTS"), "migration {} must be idempotent", m.name);
+        }
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/clickhouse");
+        let mut files: Vec<String> =
+            std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        files.sort();
+        let expected: Vec<String> = CLICKHOUSE.iter().map(|m| format!("{:04}_{}.sql", m.version, m.name)).collect();
+        assert_eq!(files, expected, "every migration file must be listed in CLICKHOUSE");
+    }
+}
