@@ -1,0 +1,166 @@
+//! HTTP ingest: `POST /v1/events`, `GET /metrics`, `GET /healthz`.
+//!
+//! Answers (JSON envelope `{code, message, ...}` on every error):
+//! - 200: every event accepted and durable (`delivery` says where);
+//! - 207: a batch where some events were accepted (durable) and some
+//!   rejected; `errors` lists each rejected event's index, field and reason;
+//! - 400: malformed body, or no event valid; 401: missing or unknown key;
+//! - 413: body or batch too large; 415: unsupported content type;
+//! - 503: neither Kafka nor the spool could take the events (nothing was
+//!   accepted; retry).
+//!
+//! Retrying a request is always safe: events are deduplicated by
+//! (`source`, `id`) downstream.
+
+use crate::auth::KeySet;
+use crate::metrics::Metrics;
+use crate::sink::{Envelope, EventSink};
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::Utc;
+use schemas::{parse_batch, parse_single, AcceptWindow, FieldError, MeterCatalog, UsageEvent};
+use serde::Serialize;
+use serde_json::json;
+use std::sync::Arc;
+
+#[derive(Clone)]
+pub struct IngestState {
+    pub sink: Arc<dyn EventSink>,
+    pub meters: Arc<MeterCatalog>,
+    pub keys: Arc<KeySet>,
+    pub metrics: Metrics,
+    pub max_body_bytes: usize,
+    pub max_batch_events: usize,
+}
+
+pub fn router(state: IngestState) -> Router {
+    let limit = state.max_body_bytes;
+    Router::new()
+        .route("/v1/events", post(ingest))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        // The handler checks the limit itself to answer with our envelope;
+        // axum's limit is a backstop slightly above it.
+        .layer(DefaultBodyLimit::max(limit + 1))
+        .with_state(state)
+}
+
+async fn metrics(State(st): State<IngestState>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], st.metrics.render()).into_response()
+}
+
+pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    (status, Json(json!({"code": code, "message": message.into()}))).into_response()
+}
+
+#[derive(Serialize)]
+struct EventResult {
+    index: usize,
+    field: String,
+    code: &'static str,
+    message: String,
+}
+
+/// Validates a parsed body into envelopes and per-event errors.
+pub fn validate_body(
+    body: &[u8],
+    batch: bool,
+    meters: &MeterCatalog,
+    window: &AcceptWindow,
+) -> Result<(Vec<Envelope>, Vec<(usize, FieldError)>, usize), Response> {
+    let raws = if batch {
+        parse_batch(body)
+    } else {
+        parse_single(body).map(|e| vec![Ok(e)])
+    }
+    .map_err(|e| error(StatusCode::BAD_REQUEST, e.code(), e.to_string()))?;
+    let total = raws.len();
+    let mut envelopes = Vec::with_capacity(total);
+    let mut errors = Vec::new();
+    for (i, raw) in raws.into_iter().enumerate() {
+        match raw {
+            Err(e) => errors.push((i, e)),
+            Ok(ev) => match UsageEvent::validate(&ev, meters, window) {
+                Ok(valid) => envelopes.push(Envelope {
+                    key: valid.customer,
+                    payload: serde_json::to_vec(&ev).expect("json object serializes"),
+                }),
+                Err(errs) => errors.extend(errs.into_iter().map(|e| (i, e))),
+            },
+        }
+    }
+    Ok((envelopes, errors, total))
+}
+
+async fn ingest(State(st): State<IngestState>, headers: HeaderMap, body: Bytes) -> Response {
+    if !st.keys.check_header(headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok())) {
+        return error(StatusCode::UNAUTHORIZED, "unauthorized", "a valid `Authorization: Bearer <key>` is required");
+    }
+    if body.len() > st.max_body_bytes {
+        st.metrics.events_rejected.with_label_values(&["payload_too_large"]).inc();
+        return error(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", format!("body exceeds {} bytes", st.max_body_bytes));
+    }
+    let ctype = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let mime = ctype.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let batch = match mime.as_str() {
+        "application/cloudevents-batch+json" => true,
+        "application/cloudevents+json" => false,
+        "application/json" => body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'['),
+        _ => {
+            return error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "use application/cloudevents+json or application/cloudevents-batch+json",
+            )
+        }
+    };
+    let window = AcceptWindow::at(Utc::now());
+    let (envelopes, errors, total) = match validate_body(&body, batch, &st.meters, &window) {
+        Ok(v) => v,
+        Err(resp) => {
+            st.metrics.events_rejected.with_label_values(&["malformed_body"]).inc();
+            return resp;
+        }
+    };
+    st.metrics.events_received.inc_by(total as u64);
+    if total > st.max_batch_events {
+        st.metrics.events_rejected.with_label_values(&["batch_too_large"]).inc_by(total as u64);
+        return error(StatusCode::PAYLOAD_TOO_LARGE, "batch_too_large", format!("batch holds {total} events; the limit is {}", st.max_batch_events));
+    }
+    let mut rejected_idx: Vec<usize> = errors.iter().map(|(i, _)| *i).collect();
+    rejected_idx.dedup();
+    for (_, e) in &errors {
+        st.metrics.events_rejected.with_label_values(&[e.code]).inc();
+    }
+    let results: Vec<EventResult> = errors
+        .into_iter()
+        .map(|(index, e)| EventResult { index, field: e.field, code: e.code, message: e.message })
+        .collect();
+    let accepted = envelopes.len();
+    if accepted == 0 {
+        let msg = if batch { "no event in the batch is valid" } else { "the event is invalid" };
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"code": "invalid_event", "message": msg, "accepted": 0, "rejected": rejected_idx.len(), "errors": results})),
+        )
+            .into_response();
+    }
+    let delivery = match st.sink.send(envelopes).await {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!(error = %e, "could not make events durable");
+            return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "events could not be stored; nothing was accepted, retry");
+        }
+    };
+    st.metrics.events_accepted.with_label_values(&[delivery.as_str()]).inc_by(accepted as u64);
+    let status = if results.is_empty() { StatusCode::OK } else { StatusCode::MULTI_STATUS };
+    (
+        status,
+        Json(json!({"accepted": accepted, "rejected": rejected_idx.len(), "delivery": delivery.as_str(), "errors": results})),
+    )
+        .into_response()
+}
