@@ -9,8 +9,8 @@ import json, pathlib
 root = pathlib.Path(__file__).resolve().parent.parent / "schemas"
 
 def quantity():
-    return {"oneOf": [{"type": "number", "minimum": 0, "exclusiveMaximum": 1e26},
-                      {"type": "string", "pattern": "^[0-9]{1,26}(\\.[0-9]{1,12})?$"}]}
+    return {"oneOf": [{"type": "number", "minimum": 0, "exclusiveMaximum": 1e16},
+                      {"type": "string", "pattern": "^[0-9]{1,16}(\\.[0-9]{1,12})?$"}]}
 
 dim = {"type": "string", "minLength": 1, "maxLength": 256}
 meters = json.loads((root / "meters.json").read_text())["meters"]

@@ -19,8 +19,9 @@ use std::str::FromStr;
 /// Largest number of fractional digits a quantity may carry (the storage
 /// scale of `Decimal(38, 12)`).
 pub const QUANTITY_SCALE: u32 = 12;
-/// Quantities must stay below 10^26 so they fit `Decimal(38, 12)`.
-pub const QUANTITY_MAX_INTEGER_DIGITS: u32 = 26;
+/// One quantity must stay below 10^16, so that sums of many of them at
+/// scale 12 still fit both `Decimal(38, 12)` and `rust_decimal` (96 bits).
+pub const QUANTITY_MAX_INTEGER_DIGITS: u32 = 16;
 /// How far in the future an event `time` may lie (clock skew allowance).
 pub const FUTURE_TOLERANCE_SECS: i64 = 300;
 

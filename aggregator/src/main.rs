@@ -1,0 +1,204 @@
+use aggregator::metrics::Metrics;
+use aggregator::pipeline::PipelineConfig;
+use aggregator::store::clickhouse::ClickHouseStore;
+use aggregator::{Granularity, UsageQuery, UsageStore};
+use axum::routing::get;
+use chrono::{DateTime, Utc};
+use clap::{Args, Parser, Subcommand};
+use schemas::MeterCatalog;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "aggregator", version, about = "Tally aggregator: Kafka → validate, dedup, roll up → ClickHouse")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    #[arg(long, env = "TALLY_KAFKA_BROKERS", default_value = "127.0.0.1:19092")]
+    brokers: String,
+    #[arg(long, env = "TALLY_KAFKA_TOPIC", default_value = "usage-events")]
+    topic: String,
+    #[arg(long, env = "TALLY_KAFKA_DLQ_TOPIC", default_value = "usage-events-dlq")]
+    dlq_topic: String,
+    #[arg(long, env = "TALLY_CLICKHOUSE_URL", default_value = "http://127.0.0.1:18123")]
+    clickhouse_url: String,
+    #[arg(long, env = "TALLY_CLICKHOUSE_DATABASE", default_value = "tally")]
+    database: String,
+    /// Meter catalog (JSON); the built-in one when absent.
+    #[arg(long, env = "TALLY_METERS_FILE")]
+    meters_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the consumer.
+    Run {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, env = "TALLY_AGGREGATOR_GROUP", default_value = "tally-aggregator")]
+        group: String,
+        #[arg(long, default_value_t = 4)]
+        partitions: i32,
+        #[arg(long, default_value_t = 20_000)]
+        batch_max_events: usize,
+        #[arg(long, default_value_t = 250)]
+        batch_max_wait_ms: u64,
+        /// Address of the /metrics endpoint.
+        #[arg(long, env = "TALLY_AGGREGATOR_METRICS", default_value = "127.0.0.1:9464")]
+        metrics_listen: String,
+    },
+    /// Apply ClickHouse migrations and exit.
+    Migrate {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Replay the dead-letter topic into the usage topic.
+    DlqReplay {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value = "tally-dlq-replay")]
+        group: String,
+        #[arg(long, default_value_t = 5)]
+        idle_secs: u64,
+    },
+    /// Query usage (JSON rows), as billing does.
+    Query {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long)]
+        customer: String,
+        #[arg(long)]
+        meter: String,
+        #[arg(long)]
+        from: DateTime<Utc>,
+        #[arg(long)]
+        to: DateTime<Utc>,
+        /// Comma-separated: app and/or meter dimensions.
+        #[arg(long, value_delimiter = ',')]
+        group_by: Vec<String>,
+        #[arg(long, value_parser = parse_granularity)]
+        granularity: Option<Granularity>,
+    },
+    /// Totals per customer/app/meter over everything stored (JSON).
+    Totals {
+        #[command(flatten)]
+        common: Common,
+        /// Compute from raw rows instead of rollups.
+        #[arg(long)]
+        raw: bool,
+    },
+}
+
+fn parse_granularity(s: &str) -> Result<Granularity, String> {
+    match s {
+        "hour" => Ok(Granularity::Hour),
+        "day" => Ok(Granularity::Day),
+        "month" => Ok(Granularity::Month),
+        other => Err(format!("granularity must be hour, day or month, got {other:?}")),
+    }
+}
+
+fn meters(c: &Common) -> anyhow::Result<MeterCatalog> {
+    match &c.meters_file {
+        Some(p) => MeterCatalog::from_json(&std::fs::read_to_string(p)?).map_err(|e| anyhow::anyhow!("{}: {e}", p.display())),
+        None => Ok(MeterCatalog::default_catalog()),
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if std::env::var("TALLY_LOG_FORMAT").is_ok_and(|v| v == "json") {
+        b.json().init()
+    } else {
+        b.init()
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    init_tracing();
+    match Cli::parse().command {
+        Command::Run { common, group, partitions, batch_max_events, batch_max_wait_ms, metrics_listen } => {
+            let metrics = Metrics::new();
+            let mut store = ClickHouseStore::new(&common.clickhouse_url, &common.database);
+            store.metrics = Some(metrics.clone());
+            // ClickHouse may still be starting: retry migrations.
+            let mut wait = Duration::from_millis(200);
+            while let Err(e) = store.apply_migrations().await {
+                tracing::warn!(error = format!("{e:#}"), "migrations failed; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+            let (tx, rx) = tokio::sync::watch::channel(false);
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                tracing::info!("shutdown requested; finishing the current batch");
+                let _ = tx.send(true);
+            });
+            let m = metrics.clone();
+            let app = axum::Router::new()
+                .route("/metrics", get(move || async move { m.render() }))
+                .route("/healthz", get(|| async { "ok" }));
+            let listener = tokio::net::TcpListener::bind(&metrics_listen).await?;
+            tracing::info!(addr = %listener.local_addr()?, "aggregator metrics listening");
+            let mut srx = rx.clone();
+            tokio::spawn(async move {
+                let _ = axum::serve(listener, app).with_graceful_shutdown(async move { let _ = srx.wait_for(|v| *v).await; }).await;
+            });
+            let cfg = PipelineConfig {
+                brokers: common.brokers.clone(),
+                topic: common.topic.clone(),
+                dlq_topic: common.dlq_topic.clone(),
+                group_id: group,
+                partitions,
+                batch_max_events,
+                batch_max_wait: Duration::from_millis(batch_max_wait_ms),
+            };
+            aggregator::pipeline::run(cfg, Arc::new(store), Arc::new(meters(&common)?), metrics, rx).await
+        }
+        Command::Migrate { common } => ClickHouseStore::new(&common.clickhouse_url, &common.database).apply_migrations().await,
+        Command::DlqReplay { common, group, idle_secs } => {
+            let r = aggregator::dlq::replay(&common.brokers, &common.dlq_topic, &common.topic, &group, Duration::from_secs(idle_secs)).await?;
+            println!("{}", serde_json::to_string_pretty(&r)?);
+            Ok(())
+        }
+        Command::Query { common, customer, meter, from, to, group_by, granularity } => {
+            let cat = meters(&common)?;
+            let def = cat.get(&meter).ok_or_else(|| anyhow::anyhow!("--meter: unknown meter {meter:?}"))?;
+            anyhow::ensure!(from < to, "--from must be before --to");
+            let store = ClickHouseStore::new(&common.clickhouse_url, &common.database);
+            let q = UsageQuery { customer, meter: meter.clone(), from, to, group_by, granularity };
+            println!("{}", serde_json::to_string_pretty(&store.query(def, &q).await?)?);
+            Ok(())
+        }
+        Command::Totals { common, raw } => {
+            let store = ClickHouseStore::new(&common.clickhouse_url, &common.database);
+            let t = if raw { store.raw_totals().await? } else { store.totals().await? };
+            println!("{}", serde_json::to_string_pretty(&t)?);
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cli_is_well_formed() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,249 @@
+//! The usage store: where validated, deduplicated usage lives, and the query
+//! interface billing uses. ClickHouse implements it in the distributed mode
+//! (`clickhouse.rs`); an embedded SQLite store can implement the same traits.
+//!
+//! Two traits split the two users: [`UsageWriter`] is the aggregator's
+//! write path (atomic batch writes plus the state a restarted consumer
+//! needs); [`UsageStore`] is the read path for billing and dashboards.
+
+pub mod clickhouse;
+
+use crate::rollup::{RollupKey, RollupValue};
+use chrono::{DateTime, Datelike, TimeZone, Utc};
+use futures::future::BoxFuture;
+use rust_decimal::Decimal;
+use schemas::{Aggregation, MeterDef};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+/// One raw row: what one event contributes to one meter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawRow {
+    pub customer: String,
+    pub meter: String,
+    pub time: DateTime<Utc>,
+    pub app: String,
+    pub dims: String,
+    pub quantity: Decimal,
+    pub unique_value: String,
+    pub source: String,
+    pub id: String,
+    pub event_type: String,
+    pub partition: u32,
+    pub offset: u64,
+}
+
+/// What a consumer needs to resume a partition exactly once.
+#[derive(Debug, Clone, Default)]
+pub struct PartitionState {
+    /// Highest offset whose rows are stored; messages at or below it were
+    /// written already and are skipped.
+    pub max_offset: Option<u64>,
+    /// (`source`, `id`, first event time in seconds) of every stored event
+    /// within the dedup window.
+    pub seen: Vec<(String, String, i64)>,
+    /// Rollup keys re-derived from raw rows because the previous writer
+    /// stopped between the raw write and the rollup write.
+    pub repaired_keys: usize,
+}
+
+/// The aggregator's write path.
+pub trait UsageWriter: Send + Sync + 'static {
+    /// Applies migrations (idempotent).
+    fn migrate(&self) -> BoxFuture<'_, anyhow::Result<()>>;
+    /// Loads the resume state of a partition and repairs its rollups if the
+    /// last batch's rollup write did not happen.
+    fn load_partition(&self, partition: u32, window_start: DateTime<Utc>) -> BoxFuture<'_, anyhow::Result<PartitionState>>;
+    /// Writes raw rows in one atomic operation.
+    fn write_raw(&self, rows: Vec<RawRow>) -> BoxFuture<'_, anyhow::Result<()>>;
+    /// Current rollup values of every key of these (customer, hour) pairs.
+    fn load_rollups(&self, pairs: Vec<(String, i64)>) -> BoxFuture<'_, anyhow::Result<Vec<(RollupKey, RollupValue)>>>;
+    /// Writes cumulative rollup values (idempotent: same version, same row).
+    fn write_rollups(&self, rows: Vec<(RollupKey, RollupValue)>) -> BoxFuture<'_, anyhow::Result<()>>;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Granularity {
+    Hour,
+    Day,
+    Month,
+}
+
+impl Granularity {
+    pub fn bucket(self, t: DateTime<Utc>) -> DateTime<Utc> {
+        let ts = t.timestamp();
+        match self {
+            Granularity::Hour => Utc.timestamp_opt(ts - ts.rem_euclid(3600), 0).unwrap(),
+            Granularity::Day => Utc.timestamp_opt(ts - ts.rem_euclid(86400), 0).unwrap(),
+            Granularity::Month => Utc.with_ymd_and_hms(t.year(), t.month(), 1, 0, 0, 0).unwrap(),
+        }
+    }
+}
+
+/// A usage question: one customer, one meter, a half-open time range, an
+/// optional grouping by dimensions (`app` or any dimension of the meter) and
+/// an optional time granularity (none: one bucket for the whole range).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsageQuery {
+    pub customer: String,
+    pub meter: String,
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    #[serde(default)]
+    pub group_by: Vec<String>,
+    #[serde(default)]
+    pub granularity: Option<Granularity>,
+}
+
+/// One answer row. `value` is the meter's aggregate (sum, count, max,
+/// latest or unique count); `events` the number of events behind it, the
+/// evidence billing shows on an invoice line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageRow {
+    pub bucket: Option<DateTime<Utc>>,
+    pub group: BTreeMap<String, String>,
+    pub events: u64,
+    pub value: Decimal,
+}
+
+/// The read path billing uses.
+pub trait UsageStore: Send + Sync + 'static {
+    fn query<'a>(&'a self, meter: &'a MeterDef, q: &'a UsageQuery) -> BoxFuture<'a, anyhow::Result<Vec<UsageRow>>>;
+}
+
+/// A mergeable partial aggregate of one (bucket, app, dims) cell.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Partial {
+    pub events: u64,
+    pub sum: Decimal,
+    pub max: Decimal,
+    /// (time in seconds, quantity) of the latest event; ties broken by the
+    /// larger quantity so the result does not depend on arrival order.
+    pub latest: Option<(i64, Decimal)>,
+    pub uniques: HashSet<String>,
+}
+
+impl Partial {
+    pub fn merge(&mut self, o: Partial) {
+        if self.events == 0 {
+            self.max = o.max;
+        } else if o.events > 0 {
+            self.max = self.max.max(o.max);
+        }
+        self.events += o.events;
+        self.sum += o.sum;
+        self.latest = match (self.latest, o.latest) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        self.uniques.extend(o.uniques);
+    }
+
+    pub fn value(&self, agg: Aggregation) -> Decimal {
+        match agg {
+            Aggregation::Sum => self.sum,
+            Aggregation::Count => Decimal::from(self.events),
+            Aggregation::Max => self.max,
+            Aggregation::Latest => self.latest.map(|l| l.1).unwrap_or_default(),
+            Aggregation::UniqueCount => Decimal::from(self.uniques.len() as u64),
+        }
+    }
+}
+
+/// One cell as a store returns it, before grouping.
+#[derive(Debug, Clone)]
+pub struct Cell {
+    /// Start of the cell's hour (or of the raw row's second).
+    pub time: DateTime<Utc>,
+    pub app: String,
+    pub dims: String,
+    pub partial: Partial,
+}
+
+/// Groups cells into answer rows: the one place where grouping and
+/// bucketing rules live, shared by every store.
+pub fn group_cells(meter: &MeterDef, q: &UsageQuery, cells: Vec<Cell>) -> Vec<UsageRow> {
+    let mut groups: BTreeMap<(Option<DateTime<Utc>>, BTreeMap<String, String>), Partial> = BTreeMap::new();
+    let mut dims_cache: HashMap<String, BTreeMap<String, String>> = HashMap::new();
+    for c in cells {
+        let dims = dims_cache.entry(c.dims.clone()).or_insert_with(|| serde_json::from_str(&c.dims).unwrap_or_default());
+        let mut group = BTreeMap::new();
+        for g in &q.group_by {
+            let v = if g == schemas::meter::APP_DIMENSION { Some(c.app.clone()) } else { dims.get(g).cloned() };
+            group.insert(g.clone(), v.unwrap_or_default());
+        }
+        let bucket = q.granularity.map(|g| g.bucket(c.time));
+        groups.entry((bucket, group)).or_default().merge(c.partial);
+    }
+    groups
+        .into_iter()
+        .map(|((bucket, group), p)| UsageRow { bucket, group, events: p.events, value: p.value(meter.aggregation) })
+        .collect()
+}
+
+/// Splits `[from, to)` into whole hours (served by rollups) and the partial
+/// hours at its edges (served by raw rows).
+pub fn split_hours(from: DateTime<Utc>, to: DateTime<Utc>) -> (Option<(i64, i64)>, Vec<(i64, i64)>) {
+    let (f, t) = (from.timestamp(), to.timestamp());
+    if f >= t {
+        return (None, vec![]);
+    }
+    let first_full = f + (3600 - f.rem_euclid(3600)) % 3600;
+    let last_full = t - t.rem_euclid(3600);
+    if first_full >= last_full {
+        return (None, vec![(f, t)]);
+    }
+    let mut edges = Vec::new();
+    if f < first_full {
+        edges.push((f, first_full));
+    }
+    if last_full < t {
+        edges.push((last_full, t));
+    }
+    (Some((first_full, last_full)), edges)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_hours_cases() {
+        let h = |x: i64| x * 3600;
+        let d = |s: i64| Utc.timestamp_opt(s, 0).unwrap();
+        assert_eq!(split_hours(d(h(1)), d(h(3))), (Some((h(1), h(3))), vec![]));
+        assert_eq!(split_hours(d(h(1) + 5), d(h(3) + 7)), (Some((h(2), h(3))), vec![(h(1) + 5, h(2)), (h(3), h(3) + 7)]));
+        assert_eq!(split_hours(d(h(1) + 5), d(h(1) + 9)), (None, vec![(h(1) + 5, h(1) + 9)]));
+        assert_eq!(split_hours(d(h(2)), d(h(1))), (None, vec![]));
+    }
+
+    #[test]
+    fn grouping_buckets_and_aggregates() {
+        let meter = schemas::MeterCatalog::default_catalog().get("compute").unwrap().clone();
+        let t = |h: u32| Utc.with_ymd_and_hms(2026, 11, 10, h, 0, 0).unwrap();
+        let cell = |h, app: &str, it: &str, q: i64| Cell {
+            time: t(h),
+            app: app.into(),
+            dims: format!(r#"{{"instance_type":"{it}","region":"fra"}}"#),
+            partial: Partial { events: 1, sum: Decimal::from(q), max: Decimal::from(q), latest: Some((t(h).timestamp(), Decimal::from(q))), ..Default::default() },
+        };
+        let cells = vec![cell(1, "web", "a", 10), cell(2, "web", "b", 5), cell(2, "api", "a", 7)];
+        let q = UsageQuery {
+            customer: "c".into(),
+            meter: "compute".into(),
+            from: t(0),
+            to: t(5),
+            group_by: vec!["instance_type".into()],
+            granularity: Some(Granularity::Day),
+        };
+        let rows = group_cells(&meter, &q, cells);
+        assert_eq!(rows.len(), 2);
+        assert_eq!((rows[0].group["instance_type"].as_str(), rows[0].value, rows[0].events), ("a", Decimal::from(17), 2));
+        assert_eq!(rows[0].bucket, Some(Utc.with_ymd_and_hms(2026, 11, 10, 0, 0, 0).unwrap()));
+        let mut p = Partial::default();
+        p.merge(Partial { events: 1, max: Decimal::from(3), latest: Some((5, Decimal::from(3))), ..Default::default() });
+        p.merge(Partial { events: 1, max: Decimal::from(9), latest: Some((4, Decimal::from(9))), ..Default::default() });
+        assert_eq!((p.value(Aggregation::Max), p.value(Aggregation::Latest), p.value(Aggregation::Count)), (Decimal::from(9), Decimal::from(3), Decimal::from(2)));
+    }
+}
