@@ -4,7 +4,8 @@
 # Idempotent: does nothing when everything is already present.
 set -euo pipefail
 
-export PATH="$HOME/.cargo/bin:$PATH"
+# cargo-installed tools; clickhouse-server and runuser live in /usr/sbin.
+export PATH="$HOME/.cargo/bin:$PATH:/usr/sbin:/sbin"
 
 TANSU_VERSION=0.6.0
 PG_BIN=/usr/lib/postgresql/15/bin

@@ -13,7 +13,8 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-export PATH="$HOME/.cargo/bin:$PATH"
+# cargo-installed tools; clickhouse-server and runuser live in /usr/sbin.
+export PATH="$HOME/.cargo/bin:$PATH:/usr/sbin:/sbin"
 
 # Absolute and canonical: services run in other directories, and pid checks
 # compare against /proc/PID/cwd.
@@ -64,7 +65,8 @@ die() {
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 # Print the pid in file $1 if that process is alive and its command line
-# contains $2 (guards against pid reuse). Zombies have an empty cmdline.
+# (args joined by spaces, with a trailing space) contains $2: guards against
+# pid reuse and other instances. Zombies have an empty cmdline.
 live_pid() {
     local file=$1 pattern=$2 pid cmd
     [[ -f $file ]] || return 1
@@ -211,9 +213,9 @@ kafka_status() {
 CHPID=$CHDIR/clickhouse.pid
 CHDATA=$CHDIR/data
 
-ch_pid() { live_pid "$CHPID" "--path=$CHDATA/"; }
+ch_pid() { live_pid "$CHPID" "--path=$CHDATA/ "; }
 
-ch_ping() { curl -sf -o /dev/null "http://127.0.0.1:$CH_HTTP_PORT/?query=SELECT%201"; }
+ch_ping() { curl -sf --max-time 5 -o /dev/null "http://127.0.0.1:$CH_HTTP_PORT/?query=SELECT%201"; }
 
 clickhouse_start() {
     local pid p
@@ -285,7 +287,7 @@ as_pg() {
 }
 
 # postmaster.pid is authoritative; postgres.pid is a copy for consistency.
-pg_pid() { live_pid "$PGDATA_DIR/postmaster.pid" "$PGDATA_DIR"; }
+pg_pid() { live_pid "$PGDATA_DIR/postmaster.pid" "-D $PGDATA_DIR "; }
 
 pg_psql() {
     PGCONNECT_TIMEOUT=5 "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 \
@@ -306,6 +308,8 @@ postgres_start() {
     mkdir -p "$PGDIR"
     touch "$PGDIR/postgres.log"
     if [[ $EUID -eq 0 ]]; then chown postgres:postgres "$PGDIR" "$PGDIR/postgres.log"; fi
+    # The postgres user must reach $PGDIR: a mktemp/tempfile dir is 0700.
+    if [[ $EUID -eq 0 ]] && ! as_pg test -w "$PGDIR"; then chmod o+x "$DIR"; fi
     as_pg test -w "$PGDIR" \
         || die "postgres: $PGDIR is not writable by user postgres (check parent directory permissions)"
     if [[ ! -f $PGDATA_DIR/PG_VERSION ]]; then
@@ -345,7 +349,7 @@ postgres_stop() {
     local pid
     if pid=$(pg_pid); then
         if ! as_pg "$PG_BIN/pg_ctl" -D "$PGDATA_DIR" -m fast -w -t "$STOP_TIMEOUT" stop >/dev/null; then
-            say "services: postgres did not stop within ${STOP_TIMEOUT}s, sending SIGKILL"
+            say "services: pg_ctl stop failed, sending SIGKILL to postgres"
             pg_kill "$pid"
         fi
         wait_gone "$pid" 10 || die "postgres: pid $pid does not exit"

@@ -7,7 +7,8 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
-export PATH="$HOME/.cargo/bin:$PATH"
+# cargo-installed tools; clickhouse-server and runuser live in /usr/sbin.
+export PATH="$HOME/.cargo/bin:$PATH:/usr/sbin:/sbin"
 
 bash ops/install.sh
 
