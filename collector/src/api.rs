@@ -16,6 +16,7 @@ use crate::auth::KeySet;
 use crate::metrics::Metrics;
 use crate::sink::{Envelope, EventSink};
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -43,9 +44,9 @@ pub fn router(state: IngestState) -> Router {
         .route("/v1/events", post(ingest))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
-        // The handler checks the limit itself to answer with our envelope;
-        // axum's limit is a backstop slightly above it.
-        .layer(DefaultBodyLimit::max(limit + 1))
+        // Bodies over the limit are never buffered; the handler turns the
+        // rejection into our error envelope.
+        .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }
 
@@ -55,6 +56,11 @@ async fn metrics(State(st): State<IngestState>) -> Response {
 
 pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
     (status, Json(json!({"code": code, "message": message.into()}))).into_response()
+}
+
+fn too_large(st: &IngestState) -> Response {
+    st.metrics.events_rejected.with_label_values(&["payload_too_large"]).inc();
+    error(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", format!("body exceeds {} bytes", st.max_body_bytes))
 }
 
 #[derive(Serialize)]
@@ -96,14 +102,16 @@ pub fn validate_body(
     Ok((envelopes, errors, total))
 }
 
-async fn ingest(State(st): State<IngestState>, headers: HeaderMap, body: Bytes) -> Response {
+async fn ingest(State(st): State<IngestState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
     if !st.keys.check_header(headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok())) {
         return error(StatusCode::UNAUTHORIZED, "unauthorized", "a valid `Authorization: Bearer <key>` is required");
     }
-    if body.len() > st.max_body_bytes {
-        st.metrics.events_rejected.with_label_values(&["payload_too_large"]).inc();
-        return error(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", format!("body exceeds {} bytes", st.max_body_bytes));
-    }
+    let body = match body {
+        Ok(b) if b.len() <= st.max_body_bytes => b,
+        Ok(_) => return too_large(&st),
+        Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => return too_large(&st),
+        Err(r) => return error(StatusCode::BAD_REQUEST, "unreadable_body", r.body_text()),
+    };
     let ctype = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let mime = ctype.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
     let batch = match mime.as_str() {

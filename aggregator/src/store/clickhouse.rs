@@ -239,9 +239,9 @@ impl ClickHouseStore {
     fn bucket_sql(col: &str, q: &UsageQuery) -> String {
         match q.granularity {
             None => "toUInt32(0)".into(),
-            Some(super::Granularity::Hour) => format!("intDiv(toUInt32({col}), 3600) * 3600"),
+            Some(super::Granularity::Hour) => format!("toUInt32(intDiv(toUInt32({col}), 3600) * 3600)"),
             // Months are bucketed from days in Rust (group_cells).
-            Some(_) => format!("intDiv(toUInt32({col}), 86400) * 86400"),
+            Some(_) => format!("toUInt32(intDiv(toUInt32({col}), 86400) * 86400)"),
         }
     }
 

@@ -1,0 +1,253 @@
+//! Test harness for pipeline tests against real tansu and ClickHouse.
+//!
+//! Service addresses come from the environment (`ops/test.sh` sets them);
+//! a missing variable fails the test, it never skips. Every test gets its
+//! own topic, consumer group and ClickHouse database, kept after the run for
+//! inspection.
+#![allow(dead_code)]
+
+use aggregator::store::clickhouse::ClickHouseStore;
+use rust_decimal::Decimal;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const INGEST_KEY: &str = "test-ingest-key";
+
+pub fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run the tests through ops/test.sh, which starts tansu and ClickHouse"))
+}
+
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}_{}_{:08x}", std::process::id(), rand::random::<u32>())
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn bin(name: &str) -> PathBuf {
+    let agg = PathBuf::from(env!("CARGO_BIN_EXE_aggregator"));
+    let p = agg.parent().unwrap().join(name);
+    assert!(p.exists(), "{} not built: run `cargo build --workspace` (ops/test.sh does)", p.display());
+    p
+}
+
+/// A child process killed (SIGKILL) when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+    pub fn terminate(&mut self) {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.kill9();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Kafka + ClickHouse addresses and this test's private names.
+#[derive(Clone, Debug)]
+pub struct Env {
+    pub brokers: String,
+    pub clickhouse_url: String,
+    pub database: String,
+    pub topic: String,
+    pub group: String,
+    pub dir: PathBuf,
+}
+
+impl Env {
+    pub fn new(test: &str) -> Self {
+        Self::with_services(test, env("TALLY_KAFKA_BROKERS"), env("TALLY_CLICKHOUSE_URL"))
+    }
+
+    pub fn with_services(test: &str, brokers: String, clickhouse_url: String) -> Self {
+        let id = unique(test);
+        let dir = std::env::temp_dir().join("tally-tests").join(&id);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self { brokers, clickhouse_url, database: id.clone(), topic: format!("usage-{id}"), group: format!("agg-{id}"), dir }
+    }
+
+    pub fn store(&self) -> ClickHouseStore {
+        ClickHouseStore::new(&self.clickhouse_url, &self.database)
+    }
+
+    pub fn dlq_topic(&self) -> String {
+        format!("{}-dlq", self.topic)
+    }
+
+    /// Writes a collector config and returns (path, port).
+    pub fn collector_config(&self, extra: &str, delivery_timeout_ms: u64) -> (PathBuf, u16) {
+        let port = free_port();
+        let hash = hex_sha256(INGEST_KEY);
+        let path = self.dir.join(format!("collector-{port}.toml"));
+        let text = format!(
+            "listen = \"127.0.0.1:{port}\"\ncheckpoint_dir = \"{cp}\"\nshutdown_timeout_secs = 5\n\
+             [kafka]\nbrokers = \"{b}\"\ntopic = \"{t}\"\ndelivery_timeout_ms = {delivery_timeout_ms}\n\
+             [spool]\ndir = \"{sp}\"\n[limits]\nmax_body_bytes = 262144\nmax_batch_events = 1000\n\
+             [auth]\nkey_sha256 = [\"{hash}\"]\n{extra}\n",
+            cp = self.dir.join("checkpoints").display(),
+            b = self.brokers,
+            t = self.topic,
+            sp = self.dir.join("spool").display(),
+        );
+        std::fs::write(&path, text).unwrap();
+        (path, port)
+    }
+
+    pub fn spawn_collector(&self, config: &Path, port: u16) -> Proc {
+        let log = std::fs::File::create(self.dir.join(format!("collector-{}.log", rand::random::<u16>()))).unwrap();
+        let child = Command::new(bin("collector"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        wait_http(&format!("http://127.0.0.1:{port}/healthz"), Duration::from_secs(30));
+        Proc { child, name: "collector".into() }
+    }
+
+    pub fn spawn_aggregator(&self, metrics_port: u16, meters_file: Option<&Path>) -> Proc {
+        let log = std::fs::File::create(self.dir.join(format!("aggregator-{}.log", rand::random::<u16>()))).unwrap();
+        let mut cmd = Command::new(bin("aggregator"));
+        cmd.args(["run", "--batch-max-wait-ms", "100", "--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
+            .env("TALLY_KAFKA_BROKERS", &self.brokers)
+            .env("TALLY_KAFKA_TOPIC", &self.topic)
+            .env("TALLY_KAFKA_DLQ_TOPIC", self.dlq_topic())
+            .env("TALLY_CLICKHOUSE_URL", &self.clickhouse_url)
+            .env("TALLY_CLICKHOUSE_DATABASE", &self.database)
+            .env("TALLY_AGGREGATOR_GROUP", &self.group)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log);
+        if let Some(m) = meters_file {
+            cmd.env("TALLY_METERS_FILE", m);
+        }
+        Proc { child: cmd.spawn().unwrap(), name: "aggregator".into() }
+    }
+
+    /// Runs an aggregator subcommand to completion; returns stdout.
+    pub fn aggregator_cmd(&self, args: &[&str], meters_file: Option<&Path>) -> String {
+        let mut cmd = Command::new(bin("aggregator"));
+        cmd.args(args)
+            .env("TALLY_KAFKA_BROKERS", &self.brokers)
+            .env("TALLY_KAFKA_TOPIC", &self.topic)
+            .env("TALLY_KAFKA_DLQ_TOPIC", self.dlq_topic())
+            .env("TALLY_CLICKHOUSE_URL", &self.clickhouse_url)
+            .env("TALLY_CLICKHOUSE_DATABASE", &self.database);
+        if let Some(m) = meters_file {
+            cmd.env("TALLY_METERS_FILE", m);
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "aggregator {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Polls the store until its totals equal `want` (rollups and raw), or
+    /// fails with the last difference.
+    pub async fn wait_totals(&self, want: &BTreeMap<String, Decimal>, timeout: Duration) {
+        let store = self.store();
+        let deadline = Instant::now() + timeout;
+        let mut last = None;
+        while Instant::now() < deadline {
+            match (store.totals().await, store.raw_totals().await) {
+                (Ok(roll), Ok(raw)) if &roll == want && &raw == want => return,
+                (r, w) => last = Some(format!("rollups: {:?}\nraw: {:?}", r.map(|m| diff(want, &m)), w.map(|m| diff(want, &m)))),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        panic!("totals never matched the ground truth; differences (key: want vs got):\n{}", last.unwrap_or_default());
+    }
+
+    /// Number of raw rows stored.
+    pub async fn raw_count(&self) -> u64 {
+        self.store().client().query("SELECT count() FROM usage_events").fetch_one::<u64>().await.unwrap_or(0)
+    }
+}
+
+pub fn diff(want: &BTreeMap<String, Decimal>, got: &BTreeMap<String, Decimal>) -> Vec<String> {
+    let mut keys: Vec<&String> = want.keys().chain(got.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|k| want.get(*k) != got.get(*k))
+        .take(10)
+        .map(|k| format!("{k}: {:?} vs {:?}", want.get(k), got.get(k)))
+        .collect()
+}
+
+pub fn hex_sha256(s: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(s.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn wait_http(url: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(resp) = std::process::Command::new("curl").args(["-sf", "-o", "/dev/null", url]).status() {
+            if resp.success() {
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{url} did not answer within {timeout:?}");
+}
+
+/// Posts events in batches, retrying transport errors and 5xx until each
+/// batch is accepted (as a well-behaved client does).
+pub async fn post_all(url: &str, events: &[schemas::RawEvent], batch: usize) {
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+    for chunk in events.chunks(batch) {
+        let body = serde_json::to_vec(chunk).unwrap();
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let r = http
+                .post(format!("{url}/v1/events"))
+                .bearer_auth(INGEST_KEY)
+                .header("content-type", "application/cloudevents-batch+json")
+                .body(body.clone())
+                .send()
+                .await;
+            match r {
+                Ok(r) if r.status().as_u16() == 200 => break,
+                Ok(r) if r.status().is_client_error() => panic!("batch rejected: {} {}", r.status(), r.text().await.unwrap_or_default()),
+                _ => {
+                    assert!(attempts < 600, "collector never accepted a batch");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Reads one metric's value from a /metrics endpoint (sum over labels).
+pub async fn metric(url: &str, name: &str) -> f64 {
+    let text = reqwest::get(url).await.unwrap().text().await.unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(name) && (l[name.len()..].starts_with(' ') || l[name.len()..].starts_with('{')))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
