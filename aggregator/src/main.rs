@@ -48,6 +48,10 @@ enum Command {
         batch_max_events: usize,
         #[arg(long, default_value_t = 250)]
         batch_max_wait_ms: u64,
+        /// Consume these partitions (comma-separated, or `all`) instead of
+        /// joining the consumer group's assignment.
+        #[arg(long, value_delimiter = ',')]
+        assign: Vec<String>,
         /// Address of the /metrics endpoint.
         #[arg(long, env = "TALLY_AGGREGATOR_METRICS", default_value = "127.0.0.1:9464")]
         metrics_listen: String,
@@ -132,7 +136,16 @@ async fn shutdown_signal() {
 async fn main() -> anyhow::Result<()> {
     init_tracing();
     match Cli::parse().command {
-        Command::Run { common, group, partitions, batch_max_events, batch_max_wait_ms, metrics_listen } => {
+        Command::Run { common, group, partitions, batch_max_events, batch_max_wait_ms, assign, metrics_listen } => {
+            let static_partitions = match assign.as_slice() {
+                [] => None,
+                [all] if all == "all" => Some((0..partitions).collect()),
+                list => Some(
+                    list.iter()
+                        .map(|p| p.parse::<i32>().map_err(|_| anyhow::anyhow!("--assign: {p:?} is not a partition number")))
+                        .collect::<anyhow::Result<Vec<_>>>()?,
+                ),
+            };
             let metrics = Metrics::new();
             let mut store = ClickHouseStore::new(&common.clickhouse_url, &common.database);
             store.metrics = Some(metrics.clone());
@@ -167,6 +180,7 @@ async fn main() -> anyhow::Result<()> {
                 partitions,
                 batch_max_events,
                 batch_max_wait: Duration::from_millis(batch_max_wait_ms),
+                static_partitions,
             };
             aggregator::pipeline::run(cfg, Arc::new(store), Arc::new(meters(&common)?), metrics, rx).await
         }

@@ -127,6 +127,17 @@ impl<W: UsageWriter> Processor<W> {
         self.rollups.clear();
     }
 
+    /// Loads a partition's state and returns the offset to resume from:
+    /// one past the highest offset in the store, whatever Kafka committed.
+    pub async fn resume_offset(&mut self, p: i32, stop: &watch::Receiver<bool>) -> anyhow::Result<Offset> {
+        self.parts.remove(&p);
+        self.ensure_partition(p, stop).await?;
+        Ok(match self.parts[&p].max_offset {
+            Some(o) => Offset::Offset(o as i64 + 1),
+            None => Offset::Beginning,
+        })
+    }
+
     async fn ensure_partition(&mut self, p: i32, stop: &watch::Receiver<bool>) -> anyhow::Result<()> {
         if self.parts.contains_key(&p) {
             return Ok(());
@@ -384,6 +395,13 @@ pub struct PipelineConfig {
     pub partitions: i32,
     pub batch_max_events: usize,
     pub batch_max_wait: Duration,
+    /// `None`: join the consumer group and let it assign partitions (the
+    /// default). `Some(partitions)`: consume exactly these, resuming from the
+    /// store's offsets, with the group used only for offset commits. Static
+    /// assignment suits one aggregator per partition set under an external
+    /// supervisor, and brokers whose group coordinator is unreliable (tansu
+    /// 0.6.0 keeps SIGKILLed members in a group, see README).
+    pub static_partitions: Option<Vec<i32>>,
 }
 
 pub fn consumer(cfg: &PipelineConfig) -> anyhow::Result<StreamConsumer<RebalanceContext>> {
@@ -397,7 +415,9 @@ pub fn consumer(cfg: &PipelineConfig) -> anyhow::Result<StreamConsumer<Rebalance
         .set("heartbeat.interval.ms", "1000")
         .set("fetch.wait.max.ms", "50")
         .create_with_context(RebalanceContext::default())?;
-    c.subscribe(&[&cfg.topic])?;
+    if cfg.static_partitions.is_none() {
+        c.subscribe(&[&cfg.topic])?;
+    }
     Ok(c)
 }
 
@@ -410,6 +430,15 @@ pub async fn run<W: UsageWriter>(cfg: PipelineConfig, writer: Arc<W>, meters: Ar
     let consumer = consumer(&cfg)?;
     let dlq = KafkaDeadLetters::new(&cfg.brokers, &cfg.dlq_topic, &cfg.topic)?;
     let mut proc = Processor::new(writer, meters, metrics.clone());
+    if let Some(parts) = &cfg.static_partitions {
+        let mut tpl = TopicPartitionList::new();
+        for p in parts {
+            let off = proc.resume_offset(*p, &shutdown).await?;
+            tpl.add_partition_offset(&cfg.topic, *p, off)?;
+        }
+        consumer.assign(&tpl)?;
+        tracing::info!(partitions = ?parts, "partitions statically assigned");
+    }
     let revoked = consumer.context().revoked.clone();
     let mut last_lag = Instant::now();
     loop {

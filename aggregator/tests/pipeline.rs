@@ -27,14 +27,20 @@ fn workload_events(customers: usize, apps: usize, minutes: i64, seed: u64) -> Ve
 async fn simulator_to_clickhouse_totals_equal_ground_truth() {
     let env = Env::new("e2e");
     let (cfg, port) = env.collector_config("", 5000);
-    let _collector = env.spawn_collector(&cfg, port);
-    let _agg = env.spawn_aggregator(free_port(), None);
+    let mut collector = env.spawn_collector(&cfg, port);
+    let mut agg = env.spawn_aggregator(free_port(), None);
     let events = workload_events(5, 3, 45, 11);
     let truth = ground_truth(&events, &MeterCatalog::default_catalog());
     assert!(truth.len() >= 30, "workload too small: {}", truth.len());
     post_all(&format!("http://127.0.0.1:{port}"), &events, 250).await;
     env.wait_totals(&truth, Duration::from_secs(90)).await;
     assert_eq!(env.raw_count().await, events.len() as u64, "one raw row per event");
+    // Graceful shutdown on SIGTERM: both exit cleanly.
+    for p in [&mut collector, &mut agg] {
+        p.terminate();
+        let status = p.child.try_wait().unwrap().expect("exited");
+        assert!(status.success(), "{} exited with {status}", p.name);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

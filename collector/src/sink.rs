@@ -119,13 +119,20 @@ impl KafkaSink {
         self.producer.lock().unwrap().clone()
     }
 
-    /// An idempotent producer can hit a fatal error (e.g. after message
-    /// timeouts); it is unusable afterwards and must be replaced.
-    fn replace_if_fatal(&self, p: &Arc<FutureProducer>) {
-        if let Some((code, reason)) = p.client().fatal_error() {
-            tracing::warn!(?code, %reason, "kafka producer hit a fatal error; creating a new one");
+    /// An idempotent producer can be left unusable: by a fatal error (e.g.
+    /// after message timeouts), or by a broker that lost its producer state
+    /// in a restart and now rejects the producer id. Any failure other than a
+    /// plain timeout (broker away) gets a fresh producer.
+    fn replace_if_broken(&self, p: &Arc<FutureProducer>, broker_rejected: bool) {
+        let fatal = p.client().fatal_error();
+        if fatal.is_some() || broker_rejected {
+            tracing::warn!(fatal = ?fatal, "kafka producer unusable; creating a new one");
+            let mut cur = self.producer.lock().unwrap();
+            if !Arc::ptr_eq(&cur, p) {
+                return; // another task replaced it already
+            }
             match new_producer(&self.settings) {
-                Ok(np) => *self.producer.lock().unwrap() = Arc::new(np),
+                Ok(np) => *cur = Arc::new(np),
                 Err(e) => tracing::error!(error = %e, "could not create a new kafka producer"),
             }
         }
@@ -155,6 +162,7 @@ impl KafkaSink {
         let mut sent = Vec::with_capacity(batch.len());
         let mut futures = Vec::with_capacity(batch.len());
         let mut failed = Vec::new();
+        let mut broker_rejected = false;
         for env in batch {
             let rec = FutureRecord::to(&self.settings.topic).key(&env.key).payload(&env.payload);
             match producer.send_result(rec) {
@@ -173,6 +181,7 @@ impl KafkaSink {
                 Ok(Ok(_)) => {}
                 Ok(Err((e, _))) => {
                     tracing::debug!(error = %e, "kafka delivery failed");
+                    broker_rejected |= e.rdkafka_error_code() != Some(RDKafkaErrorCode::MessageTimedOut);
                     failed.push(env.clone());
                 }
                 Err(_) => failed.push(env.clone()),
@@ -180,7 +189,7 @@ impl KafkaSink {
         }
         self.metrics.produce_duration.observe(start.elapsed().as_secs_f64());
         if !failed.is_empty() {
-            self.replace_if_fatal(&producer);
+            self.replace_if_broken(&producer, broker_rejected);
         }
         failed
     }
@@ -193,6 +202,7 @@ impl KafkaSink {
             let n = file.records.len();
             let failed = self.produce_all(file.records.clone()).await;
             if !failed.is_empty() {
+                tracing::debug!(file = %file.path.display(), failed = failed.len(), "spool replay attempt failed");
                 self.mark_down();
                 break;
             }

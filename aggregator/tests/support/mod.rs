@@ -119,6 +119,11 @@ impl Env {
         let child = Command::new(bin("collector"))
             .args(["serve", "--config"])
             .arg(config)
+            // The config file is the whole truth for this collector.
+            .env_remove("TALLY_KAFKA_BROKERS")
+            .env_remove("TALLY_KAFKA_TOPIC")
+            .env_remove("TALLY_LISTEN")
+            .env_remove("TALLY_SPOOL_DIR")
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -129,9 +134,14 @@ impl Env {
     }
 
     pub fn spawn_aggregator(&self, metrics_port: u16, meters_file: Option<&Path>) -> Proc {
+        self.spawn_aggregator_with(metrics_port, meters_file, &[])
+    }
+
+    pub fn spawn_aggregator_with(&self, metrics_port: u16, meters_file: Option<&Path>, extra: &[&str]) -> Proc {
         let log = std::fs::File::create(self.dir.join(format!("aggregator-{}.log", rand::random::<u16>()))).unwrap();
         let mut cmd = Command::new(bin("aggregator"));
         cmd.args(["run", "--batch-max-wait-ms", "100", "--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
+            .args(extra)
             .env("TALLY_KAFKA_BROKERS", &self.brokers)
             .env("TALLY_KAFKA_TOPIC", &self.topic)
             .env("TALLY_KAFKA_DLQ_TOPIC", self.dlq_topic())
