@@ -18,7 +18,13 @@ pub struct ReplayReport {
 }
 
 /// Replays until no dead letter arrives for `idle`.
-pub async fn replay(brokers: &str, dlq_topic: &str, topic: &str, group: &str, idle: Duration) -> anyhow::Result<ReplayReport> {
+pub async fn replay(
+    brokers: &str,
+    dlq_topic: &str,
+    topic: &str,
+    group: &str,
+    idle: Duration,
+) -> anyhow::Result<ReplayReport> {
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", group)
@@ -33,7 +39,11 @@ pub async fn replay(brokers: &str, dlq_topic: &str, topic: &str, group: &str, id
             Err(_) => break,
             Ok(r) => r?,
         };
-        let code = m.headers().and_then(|h| header(h, DLQ_CODE)).unwrap_or("unknown").to_owned();
+        let code = m
+            .headers()
+            .and_then(|h| header(h, DLQ_CODE))
+            .unwrap_or("unknown")
+            .to_owned();
         let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic);
         if let Some(k) = m.key() {
             rec = rec.key(k);
@@ -41,7 +51,10 @@ pub async fn replay(brokers: &str, dlq_topic: &str, topic: &str, group: &str, id
         if let Some(p) = m.payload() {
             rec = rec.payload(p);
         }
-        producer.send(rec, Duration::from_secs(10)).await.map_err(|(e, _)| anyhow::anyhow!("replay produce failed: {e}"))?;
+        producer
+            .send(rec, Duration::from_secs(10))
+            .await
+            .map_err(|(e, _)| anyhow::anyhow!("replay produce failed: {e}"))?;
         consumer.commit_message(&m, CommitMode::Sync)?;
         report.replayed += 1;
         *report.by_code.entry(code).or_default() += 1;

@@ -11,7 +11,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(name = "aggregator", version, about = "Tally aggregator: Kafka → validate, dedup, roll up → ClickHouse")]
+#[command(
+    name = "aggregator",
+    version,
+    about = "Tally aggregator: Kafka → validate, dedup, roll up → ClickHouse"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -23,9 +27,17 @@ struct Common {
     brokers: String,
     #[arg(long, env = "TALLY_KAFKA_TOPIC", default_value = "usage-events")]
     topic: String,
-    #[arg(long, env = "TALLY_KAFKA_DLQ_TOPIC", default_value = "usage-events-dlq")]
+    #[arg(
+        long,
+        env = "TALLY_KAFKA_DLQ_TOPIC",
+        default_value = "usage-events-dlq"
+    )]
     dlq_topic: String,
-    #[arg(long, env = "TALLY_CLICKHOUSE_URL", default_value = "http://127.0.0.1:18123")]
+    #[arg(
+        long,
+        env = "TALLY_CLICKHOUSE_URL",
+        default_value = "http://127.0.0.1:18123"
+    )]
     clickhouse_url: String,
     #[arg(long, env = "TALLY_CLICKHOUSE_DATABASE", default_value = "tally")]
     database: String,
@@ -40,7 +52,11 @@ enum Command {
     Run {
         #[command(flatten)]
         common: Common,
-        #[arg(long, env = "TALLY_AGGREGATOR_GROUP", default_value = "tally-aggregator")]
+        #[arg(
+            long,
+            env = "TALLY_AGGREGATOR_GROUP",
+            default_value = "tally-aggregator"
+        )]
         group: String,
         #[arg(long, default_value_t = 4)]
         partitions: i32,
@@ -53,7 +69,11 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         assign: Vec<String>,
         /// Address of the /metrics endpoint.
-        #[arg(long, env = "TALLY_AGGREGATOR_METRICS", default_value = "127.0.0.1:9464")]
+        #[arg(
+            long,
+            env = "TALLY_AGGREGATOR_METRICS",
+            default_value = "127.0.0.1:9464"
+        )]
         metrics_listen: String,
     },
     /// Apply ClickHouse migrations and exit.
@@ -103,20 +123,26 @@ fn parse_granularity(s: &str) -> Result<Granularity, String> {
         "hour" => Ok(Granularity::Hour),
         "day" => Ok(Granularity::Day),
         "month" => Ok(Granularity::Month),
-        other => Err(format!("granularity must be hour, day or month, got {other:?}")),
+        other => Err(format!(
+            "granularity must be hour, day or month, got {other:?}"
+        )),
     }
 }
 
 fn meters(c: &Common) -> anyhow::Result<MeterCatalog> {
     match &c.meters_file {
-        Some(p) => MeterCatalog::from_json(&std::fs::read_to_string(p)?).map_err(|e| anyhow::anyhow!("{}: {e}", p.display())),
+        Some(p) => MeterCatalog::from_json(&std::fs::read_to_string(p)?)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", p.display())),
         None => Ok(MeterCatalog::default_catalog()),
     }
 }
 
 fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if std::env::var("TALLY_LOG_FORMAT").is_ok_and(|v| v == "json") {
         b.json().init()
     } else {
@@ -125,7 +151,8 @@ fn init_tracing() {
 }
 
 async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("signal handler");
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
@@ -136,13 +163,25 @@ async fn shutdown_signal() {
 async fn main() -> anyhow::Result<()> {
     init_tracing();
     match Cli::parse().command {
-        Command::Run { common, group, partitions, batch_max_events, batch_max_wait_ms, assign, metrics_listen } => {
+        Command::Run {
+            common,
+            group,
+            partitions,
+            batch_max_events,
+            batch_max_wait_ms,
+            assign,
+            metrics_listen,
+        } => {
             let static_partitions = match assign.as_slice() {
                 [] => None,
                 [all] if all == "all" => Some((0..partitions).collect()),
                 list => Some(
                     list.iter()
-                        .map(|p| p.parse::<i32>().map_err(|_| anyhow::anyhow!("--assign: {p:?} is not a partition number")))
+                        .map(|p| {
+                            p.parse::<i32>().map_err(|_| {
+                                anyhow::anyhow!("--assign: {p:?} is not a partition number")
+                            })
+                        })
                         .collect::<anyhow::Result<Vec<_>>>()?,
                 ),
             };
@@ -170,7 +209,11 @@ async fn main() -> anyhow::Result<()> {
             tracing::info!(addr = %listener.local_addr()?, "aggregator metrics listening");
             let mut srx = rx.clone();
             tokio::spawn(async move {
-                let _ = axum::serve(listener, app).with_graceful_shutdown(async move { let _ = srx.wait_for(|v| *v).await; }).await;
+                let _ = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = srx.wait_for(|v| *v).await;
+                    })
+                    .await;
             });
             let cfg = PipelineConfig {
                 brokers: common.brokers.clone(),
@@ -182,26 +225,72 @@ async fn main() -> anyhow::Result<()> {
                 batch_max_wait: Duration::from_millis(batch_max_wait_ms),
                 static_partitions,
             };
-            aggregator::pipeline::run(cfg, Arc::new(store), Arc::new(meters(&common)?), metrics, rx).await
+            aggregator::pipeline::run(
+                cfg,
+                Arc::new(store),
+                Arc::new(meters(&common)?),
+                metrics,
+                rx,
+            )
+            .await
         }
-        Command::Migrate { common } => ClickHouseStore::new(&common.clickhouse_url, &common.database).apply_migrations().await,
-        Command::DlqReplay { common, group, idle_secs } => {
-            let r = aggregator::dlq::replay(&common.brokers, &common.dlq_topic, &common.topic, &group, Duration::from_secs(idle_secs)).await?;
+        Command::Migrate { common } => {
+            ClickHouseStore::new(&common.clickhouse_url, &common.database)
+                .apply_migrations()
+                .await
+        }
+        Command::DlqReplay {
+            common,
+            group,
+            idle_secs,
+        } => {
+            let r = aggregator::dlq::replay(
+                &common.brokers,
+                &common.dlq_topic,
+                &common.topic,
+                &group,
+                Duration::from_secs(idle_secs),
+            )
+            .await?;
             println!("{}", serde_json::to_string_pretty(&r)?);
             Ok(())
         }
-        Command::Query { common, customer, meter, from, to, group_by, granularity } => {
+        Command::Query {
+            common,
+            customer,
+            meter,
+            from,
+            to,
+            group_by,
+            granularity,
+        } => {
             let cat = meters(&common)?;
-            let def = cat.get(&meter).ok_or_else(|| anyhow::anyhow!("--meter: unknown meter {meter:?}"))?;
+            let def = cat
+                .get(&meter)
+                .ok_or_else(|| anyhow::anyhow!("--meter: unknown meter {meter:?}"))?;
             anyhow::ensure!(from < to, "--from must be before --to");
             let store = ClickHouseStore::new(&common.clickhouse_url, &common.database);
-            let q = UsageQuery { customer, meter: meter.clone(), from, to, group_by, granularity };
-            println!("{}", serde_json::to_string_pretty(&store.query(def, &q).await?)?);
+            let q = UsageQuery {
+                customer,
+                meter: meter.clone(),
+                from,
+                to,
+                group_by,
+                granularity,
+            };
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&store.query(def, &q).await?)?
+            );
             Ok(())
         }
         Command::Totals { common, raw } => {
             let store = ClickHouseStore::new(&common.clickhouse_url, &common.database);
-            let t = if raw { store.raw_totals().await? } else { store.totals().await? };
+            let t = if raw {
+                store.raw_totals().await?
+            } else {
+                store.totals().await?
+            };
             println!("{}", serde_json::to_string_pretty(&t)?);
             Ok(())
         }

@@ -2,7 +2,9 @@
 //! for counters; labels from bounded sets (rejection codes, table names,
 //! partition numbers).
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+};
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -22,31 +24,58 @@ impl Metrics {
     pub fn new() -> Self {
         let m = Self {
             registry: Registry::new(),
-            messages_consumed: IntCounter::new("tally_aggregator_messages_consumed_total", "Kafka messages consumed").unwrap(),
-            events_written: IntCounter::new("tally_aggregator_events_written_total", "Events written to the usage store (after dedup)").unwrap(),
-            events_duplicate: IntCounter::new("tally_aggregator_events_duplicate_total", "Events dropped as duplicates by (source, id)").unwrap(),
+            messages_consumed: IntCounter::new(
+                "tally_aggregator_messages_consumed_total",
+                "Kafka messages consumed",
+            )
+            .unwrap(),
+            events_written: IntCounter::new(
+                "tally_aggregator_events_written_total",
+                "Events written to the usage store (after dedup)",
+            )
+            .unwrap(),
+            events_duplicate: IntCounter::new(
+                "tally_aggregator_events_duplicate_total",
+                "Events dropped as duplicates by (source, id)",
+            )
+            .unwrap(),
             messages_skipped_stored: IntCounter::new(
                 "tally_aggregator_messages_skipped_stored_total",
                 "Redelivered messages skipped because their offset is already stored",
             )
             .unwrap(),
             events_dead_lettered: IntCounterVec::new(
-                Opts::new("tally_aggregator_events_dead_lettered_total", "Messages sent to the dead-letter topic, by reason code"),
+                Opts::new(
+                    "tally_aggregator_events_dead_lettered_total",
+                    "Messages sent to the dead-letter topic, by reason code",
+                ),
                 &["reason"],
             )
             .unwrap(),
             insert_duration: HistogramVec::new(
-                HistogramOpts::new("tally_aggregator_insert_duration_seconds", "Duration of one usage store insert")
-                    .buckets(vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+                HistogramOpts::new(
+                    "tally_aggregator_insert_duration_seconds",
+                    "Duration of one usage store insert",
+                )
+                .buckets(vec![
+                    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ]),
                 &["table"],
             )
             .unwrap(),
             consumer_lag: IntGaugeVec::new(
-                Opts::new("tally_aggregator_consumer_lag_messages", "Messages between the committed offset and the partition end"),
+                Opts::new(
+                    "tally_aggregator_consumer_lag_messages",
+                    "Messages between the committed offset and the partition end",
+                ),
                 &["partition"],
             )
             .unwrap(),
-            write_retries: IntCounter::new("tally_aggregator_write_retries_total", "Failed store writes that were retried").unwrap(),
+            write_retries: IntCounter::new(
+                "tally_aggregator_write_retries_total",
+                "Failed store writes that were retried",
+            )
+            .unwrap(),
             rollup_repairs: IntCounter::new(
                 "tally_aggregator_rollup_repairs_total",
                 "Rollup keys recomputed from raw rows after an interrupted batch",
@@ -57,8 +86,10 @@ impl Metrics {
         r.register(Box::new(m.messages_consumed.clone())).unwrap();
         r.register(Box::new(m.events_written.clone())).unwrap();
         r.register(Box::new(m.events_duplicate.clone())).unwrap();
-        r.register(Box::new(m.messages_skipped_stored.clone())).unwrap();
-        r.register(Box::new(m.events_dead_lettered.clone())).unwrap();
+        r.register(Box::new(m.messages_skipped_stored.clone()))
+            .unwrap();
+        r.register(Box::new(m.events_dead_lettered.clone()))
+            .unwrap();
         r.register(Box::new(m.insert_duration.clone())).unwrap();
         r.register(Box::new(m.consumer_lag.clone())).unwrap();
         r.register(Box::new(m.write_retries.clone())).unwrap();
@@ -67,7 +98,9 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
-        prometheus::TextEncoder::new().encode_to_string(&self.registry.gather()).unwrap_or_default()
+        prometheus::TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_default()
     }
 }
 

@@ -80,7 +80,12 @@ pub struct Processor<W: UsageWriter> {
 /// Outcome of one batch: the next offset to commit per partition.
 pub type Commits = BTreeMap<i32, i64>;
 
-async fn retry<T, F, Fut>(what: &str, metrics: &Metrics, stop: &watch::Receiver<bool>, mut f: F) -> anyhow::Result<T>
+async fn retry<T, F, Fut>(
+    what: &str,
+    metrics: &Metrics,
+    stop: &watch::Receiver<bool>,
+    mut f: F,
+) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<T>>,
@@ -94,7 +99,12 @@ where
                     return Err(e.context(format!("{what}: giving up on shutdown")));
                 }
                 metrics.write_retries.inc();
-                tracing::warn!(error = format!("{e:#}"), what, backoff_ms = backoff.as_millis() as u64, "store operation failed; retrying");
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    what,
+                    backoff_ms = backoff.as_millis() as u64,
+                    "store operation failed; retrying"
+                );
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
@@ -129,7 +139,11 @@ impl<W: UsageWriter> Processor<W> {
 
     /// Loads a partition's state and returns the offset to resume from:
     /// one past the highest offset in the store, whatever Kafka committed.
-    pub async fn resume_offset(&mut self, p: i32, stop: &watch::Receiver<bool>) -> anyhow::Result<Offset> {
+    pub async fn resume_offset(
+        &mut self,
+        p: i32,
+        stop: &watch::Receiver<bool>,
+    ) -> anyhow::Result<Offset> {
         self.parts.remove(&p);
         self.ensure_partition(p, stop).await?;
         Ok(match self.parts[&p].max_offset {
@@ -138,20 +152,33 @@ impl<W: UsageWriter> Processor<W> {
         })
     }
 
-    async fn ensure_partition(&mut self, p: i32, stop: &watch::Receiver<bool>) -> anyhow::Result<()> {
+    async fn ensure_partition(
+        &mut self,
+        p: i32,
+        stop: &watch::Receiver<bool>,
+    ) -> anyhow::Result<()> {
         if self.parts.contains_key(&p) {
             return Ok(());
         }
         let window = previous_month_start(Utc::now());
         let writer = self.writer.clone();
-        let st = retry("loading partition state", &self.metrics, stop, || writer.load_partition(p as u32, window)).await?;
+        let st = retry("loading partition state", &self.metrics, stop, || {
+            writer.load_partition(p as u32, window)
+        })
+        .await?;
         self.metrics.rollup_repairs.inc_by(st.repaired_keys as u64);
         let mut dedup = DedupSet::default();
         for (source, id, t) in &st.seen {
             dedup.insert(fingerprint(source, id), Utc.timestamp_opt(*t, 0).unwrap());
         }
         tracing::info!(partition = p, max_offset = ?st.max_offset, dedup_keys = dedup.len(), repaired = st.repaired_keys, "partition state loaded");
-        self.parts.insert(p, PartState { max_offset: st.max_offset, dedup });
+        self.parts.insert(
+            p,
+            PartState {
+                max_offset: st.max_offset,
+                dedup,
+            },
+        );
         Ok(())
     }
 
@@ -172,7 +199,12 @@ impl<W: UsageWriter> Processor<W> {
     }
 
     /// Processes one batch through steps 1–6; returns the offsets to commit.
-    pub async fn process(&mut self, msgs: Vec<Message>, dlq: &dyn DeadLetterSink, stop: &watch::Receiver<bool>) -> anyhow::Result<Commits> {
+    pub async fn process(
+        &mut self,
+        msgs: Vec<Message>,
+        dlq: &dyn DeadLetterSink,
+        stop: &watch::Receiver<bool>,
+    ) -> anyhow::Result<Commits> {
         let mut commits = Commits::new();
         let mut partitions: Vec<i32> = msgs.iter().map(|m| m.partition).collect();
         partitions.sort_unstable();
@@ -196,7 +228,11 @@ impl<W: UsageWriter> Processor<W> {
                 self.metrics.messages_skipped_stored.inc();
                 continue;
             }
-            let dead = |code: &str, reason: String| DeadLetter { message: m.clone(), code: code.to_owned(), reason };
+            let dead = |code: &str, reason: String| DeadLetter {
+                message: m.clone(),
+                code: code.to_owned(),
+                reason,
+            };
             let Some(payload) = &m.payload else {
                 letters.push(dead("empty_payload", "message has no payload".into()));
                 continue;
@@ -215,7 +251,11 @@ impl<W: UsageWriter> Processor<W> {
             let ev = match UsageEvent::validate(&raw, &self.meters, &window) {
                 Ok(ev) => ev,
                 Err(errs) => {
-                    let reason = errs.iter().map(|e| format!("{}: {}", e.field, e.message)).collect::<Vec<_>>().join("; ");
+                    let reason = errs
+                        .iter()
+                        .map(|e| format!("{}: {}", e.field, e.message))
+                        .collect::<Vec<_>>()
+                        .join("; ");
                     letters.push(dead(errs[0].code, reason));
                     continue;
                 }
@@ -250,10 +290,16 @@ impl<W: UsageWriter> Processor<W> {
         // 4. dead letters first: their offsets are committed with the batch.
         if !letters.is_empty() {
             for l in &letters {
-                self.metrics.events_dead_lettered.with_label_values(&[&l.code]).inc();
+                self.metrics
+                    .events_dead_lettered
+                    .with_label_values(&[&l.code])
+                    .inc();
                 tracing::warn!(partition = l.message.partition, offset = l.message.offset, code = %l.code, reason = %l.reason, "dead-lettered");
             }
-            retry("dead-lettering", &self.metrics, stop, || dlq.send(letters.clone())).await?;
+            retry("dead-lettering", &self.metrics, stop, || {
+                dlq.send(letters.clone())
+            })
+            .await?;
         }
         if rows.is_empty() {
             self.prune();
@@ -271,14 +317,25 @@ impl<W: UsageWriter> Processor<W> {
         pairs.dedup();
         if !pairs.is_empty() {
             let writer = self.writer.clone();
-            let loaded = retry("loading rollups", &self.metrics, stop, || writer.load_rollups(pairs.clone())).await?;
+            let loaded = retry("loading rollups", &self.metrics, stop, || {
+                writer.load_rollups(pairs.clone())
+            })
+            .await?;
             self.rollups.extend(loaded);
             self.loaded_pairs.extend(pairs);
         }
         let mut touched: HashMap<RollupKey, RollupValue> = HashMap::new();
         for r in &rows {
-            let key = RollupKey { customer: r.customer.clone(), meter: r.meter.clone(), hour: hour_of(r.time), app: r.app.clone(), dims: r.dims.clone() };
-            let v = touched.entry(key).or_insert_with_key(|k| self.rollups.get(k).cloned().unwrap_or_default());
+            let key = RollupKey {
+                customer: r.customer.clone(),
+                meter: r.meter.clone(),
+                hour: hour_of(r.time),
+                app: r.app.clone(),
+                dims: r.dims.clone(),
+            };
+            let v = touched
+                .entry(key)
+                .or_insert_with_key(|k| self.rollups.get(k).cloned().unwrap_or_default());
             v.add(r.time, r.quantity);
             v.partition = r.partition;
             v.version = written_max[&(r.partition as i32)];
@@ -287,9 +344,18 @@ impl<W: UsageWriter> Processor<W> {
         // 5b. Raw rows (atomic), then rollups (idempotent).
         let n = new_keys.len() as u64;
         let writer = self.writer.clone();
-        retry("writing raw usage", &self.metrics, stop, || writer.write_raw(rows.clone())).await?;
-        let rollup_rows: Vec<(RollupKey, RollupValue)> = touched.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        retry("writing rollups", &self.metrics, stop, || writer.write_rollups(rollup_rows.clone())).await?;
+        retry("writing raw usage", &self.metrics, stop, || {
+            writer.write_raw(rows.clone())
+        })
+        .await?;
+        let rollup_rows: Vec<(RollupKey, RollupValue)> = touched
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        retry("writing rollups", &self.metrics, stop, || {
+            writer.write_rollups(rollup_rows.clone())
+        })
+        .await?;
 
         // 6. Durable: now remember it.
         self.rollups.extend(touched);
@@ -330,7 +396,11 @@ pub fn producer(brokers: &str) -> anyhow::Result<FutureProducer> {
 
 impl KafkaDeadLetters {
     pub fn new(brokers: &str, topic: &str, source_topic: &str) -> anyhow::Result<Self> {
-        Ok(Self { producer: producer(brokers)?, topic: topic.to_owned(), source_topic: source_topic.to_owned() })
+        Ok(Self {
+            producer: producer(brokers)?,
+            topic: topic.to_owned(),
+            source_topic: source_topic.to_owned(),
+        })
     }
 }
 
@@ -339,14 +409,33 @@ impl DeadLetterSink for KafkaDeadLetters {
         Box::pin(async move {
             let mut futs = Vec::new();
             for l in &letters {
-                let (p, o) = (l.message.partition.to_string(), l.message.offset.to_string());
+                let (p, o) = (
+                    l.message.partition.to_string(),
+                    l.message.offset.to_string(),
+                );
                 let headers = OwnedHeaders::new()
-                    .insert(Header { key: DLQ_CODE, value: Some(l.code.as_str()) })
-                    .insert(Header { key: DLQ_REASON, value: Some(l.reason.as_str()) })
-                    .insert(Header { key: DLQ_SOURCE_TOPIC, value: Some(self.source_topic.as_str()) })
-                    .insert(Header { key: DLQ_SOURCE_PARTITION, value: Some(p.as_str()) })
-                    .insert(Header { key: DLQ_SOURCE_OFFSET, value: Some(o.as_str()) });
-                let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.topic).headers(headers);
+                    .insert(Header {
+                        key: DLQ_CODE,
+                        value: Some(l.code.as_str()),
+                    })
+                    .insert(Header {
+                        key: DLQ_REASON,
+                        value: Some(l.reason.as_str()),
+                    })
+                    .insert(Header {
+                        key: DLQ_SOURCE_TOPIC,
+                        value: Some(self.source_topic.as_str()),
+                    })
+                    .insert(Header {
+                        key: DLQ_SOURCE_PARTITION,
+                        value: Some(p.as_str()),
+                    })
+                    .insert(Header {
+                        key: DLQ_SOURCE_OFFSET,
+                        value: Some(o.as_str()),
+                    });
+                let mut rec: FutureRecord<'_, [u8], [u8]> =
+                    FutureRecord::to(&self.topic).headers(headers);
                 if let Some(k) = &l.message.key {
                     rec = rec.key(k.as_slice());
                 }
@@ -379,7 +468,11 @@ impl ConsumerContext for RebalanceContext {
             tracing::info!(partitions = ?tpl.elements().iter().map(|e| e.partition()).collect::<Vec<_>>(), "partitions revoked");
         }
     }
-    fn post_rebalance(&self, _c: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(
+        &self,
+        _c: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &Rebalance<'_>,
+    ) {
         if let Rebalance::Assign(tpl) = rebalance {
             tracing::info!(partitions = ?tpl.elements().iter().map(|e| e.partition()).collect::<Vec<_>>(), "partitions assigned");
         }
@@ -423,9 +516,20 @@ pub fn consumer(cfg: &PipelineConfig) -> anyhow::Result<StreamConsumer<Rebalance
 
 /// Runs the consumer loop until `shutdown` turns true. On shutdown the batch
 /// in hand is finished and committed first.
-pub async fn run<W: UsageWriter>(cfg: PipelineConfig, writer: Arc<W>, meters: Arc<MeterCatalog>, metrics: Metrics, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+pub async fn run<W: UsageWriter>(
+    cfg: PipelineConfig,
+    writer: Arc<W>,
+    meters: Arc<MeterCatalog>,
+    metrics: Metrics,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     for t in [&cfg.topic, &cfg.dlq_topic] {
-        ensure_topic(&cfg.brokers, t, if t == &cfg.topic { cfg.partitions } else { 1 }).await?;
+        ensure_topic(
+            &cfg.brokers,
+            t,
+            if t == &cfg.topic { cfg.partitions } else { 1 },
+        )
+        .await?;
     }
     let consumer = consumer(&cfg)?;
     let dlq = KafkaDeadLetters::new(&cfg.brokers, &cfg.dlq_topic, &cfg.topic)?;
@@ -491,15 +595,24 @@ pub async fn run<W: UsageWriter>(cfg: PipelineConfig, writer: Arc<W>, meters: Ar
 }
 
 fn report_lag(consumer: &StreamConsumer<RebalanceContext>, topic: &str, metrics: &Metrics) {
-    let Ok(assignment) = consumer.assignment() else { return };
-    let Ok(committed) = consumer.committed_offsets(assignment, Duration::from_millis(500)) else { return };
+    let Ok(assignment) = consumer.assignment() else {
+        return;
+    };
+    let Ok(committed) = consumer.committed_offsets(assignment, Duration::from_millis(500)) else {
+        return;
+    };
     for e in committed.elements() {
-        if let Ok((_, high)) = consumer.fetch_watermarks(topic, e.partition(), Duration::from_millis(500)) {
+        if let Ok((_, high)) =
+            consumer.fetch_watermarks(topic, e.partition(), Duration::from_millis(500))
+        {
             let pos = match e.offset() {
                 Offset::Offset(o) => o,
                 _ => 0,
             };
-            metrics.consumer_lag.with_label_values(&[&e.partition().to_string()]).set((high - pos).max(0));
+            metrics
+                .consumer_lag
+                .with_label_values(&[&e.partition().to_string()])
+                .set((high - pos).max(0));
         }
     }
 }
@@ -509,9 +622,17 @@ pub async fn ensure_topic(brokers: &str, topic: &str, partitions: i32) -> anyhow
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     use rdkafka::client::DefaultClientContext;
     use rdkafka::error::RDKafkaErrorCode;
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", brokers).create()?;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
     let t = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
-    for r in admin.create_topics([&t], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)))).await? {
+    for r in admin
+        .create_topics(
+            [&t],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await?
+    {
         match r {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((name, code)) => anyhow::bail!("creating topic {name}: {code}"),
@@ -522,5 +643,8 @@ pub async fn ensure_topic(brokers: &str, topic: &str, partitions: i32) -> anyhow
 
 /// Reads a header as UTF-8.
 pub fn header<'a>(h: &'a rdkafka::message::BorrowedHeaders, name: &str) -> Option<&'a str> {
-    h.iter().find(|x| x.key == name).and_then(|x| x.value).and_then(|v| std::str::from_utf8(v).ok())
+    h.iter()
+        .find(|x| x.key == name)
+        .and_then(|x| x.value)
+        .and_then(|v| std::str::from_utf8(v).ok())
 }

@@ -29,7 +29,11 @@ pub struct RollupValue {
 
 impl RollupValue {
     pub fn add(&mut self, time: DateTime<Utc>, quantity: Decimal) {
-        self.max = if self.events == 0 { quantity } else { self.max.max(quantity) };
+        self.max = if self.events == 0 {
+            quantity
+        } else {
+            self.max.max(quantity)
+        };
         self.events += 1;
         self.sum += quantity;
         let cand = (time.timestamp(), quantity);
@@ -56,7 +60,15 @@ mod tests {
         v.add(t(10), Decimal::from(5));
         v.add(t(20), Decimal::from(2));
         v.add(t(20), Decimal::from(3));
-        assert_eq!((v.events, v.sum, v.max, v.latest), (3, Decimal::from(10), Decimal::from(5), (20, Decimal::from(3))));
+        assert_eq!(
+            (v.events, v.sum, v.max, v.latest),
+            (
+                3,
+                Decimal::from(10),
+                Decimal::from(5),
+                (20, Decimal::from(3))
+            )
+        );
         assert_eq!(hour_of(t(7250)), 7200);
     }
 }

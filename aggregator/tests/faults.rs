@@ -67,10 +67,20 @@ async fn exact_totals_through_kills_and_restarts() {
     // Require the shared services too, so a missing setup fails loudly.
     let _ = env("TALLY_KAFKA_BROKERS");
     let base = Env::new("faults");
-    let svc = Services { dir: base.dir.join("services"), kafka: free_port(), ch_http: free_port(), ch_tcp: free_port(), ch_inter: free_port() };
+    let svc = Services {
+        dir: base.dir.join("services"),
+        kafka: free_port(),
+        ch_http: free_port(),
+        ch_tcp: free_port(),
+        ch_inter: free_port(),
+    };
     svc.ops("start", "kafka");
     svc.ops("start", "clickhouse");
-    let env = Env::with_services("faults", format!("127.0.0.1:{}", svc.kafka), format!("http://127.0.0.1:{}", svc.ch_http));
+    let env = Env::with_services(
+        "faults",
+        format!("127.0.0.1:{}", svc.kafka),
+        format!("http://127.0.0.1:{}", svc.ch_http),
+    );
 
     let (cfg, port) = env.collector_config("", 1500);
     let url = format!("http://127.0.0.1:{port}");
@@ -79,8 +89,18 @@ async fn exact_totals_through_kills_and_restarts() {
 
     let now = Utc::now().timestamp();
     let from = chrono::DateTime::from_timestamp(now - now % 3600 - 3 * 3600, 0).unwrap();
-    let events = Workload { customers: 8, apps_per_customer: 3, seed: 99 }.events(from, from + CDuration::minutes(150), 60);
-    let extra = Workload { customers: 2, apps_per_customer: 1, seed: 1234 }.events(from, from + CDuration::minutes(10), 60);
+    let events = Workload {
+        customers: 8,
+        apps_per_customer: 3,
+        seed: 99,
+    }
+    .events(from, from + CDuration::minutes(150), 60);
+    let extra = Workload {
+        customers: 2,
+        apps_per_customer: 1,
+        seed: 1234,
+    }
+    .events(from, from + CDuration::minutes(10), 60);
     let mut all = events.clone();
     all.extend(extra.iter().cloned());
     let truth = ground_truth(&all, &MeterCatalog::default_catalog());
@@ -116,7 +136,10 @@ async fn exact_totals_through_kills_and_restarts() {
     // The collector recovers by itself: whatever it spooled meanwhile drains.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while metric(&format!("{url}/metrics"), "tally_collector_spool_events").await > 0.0 {
-        assert!(std::time::Instant::now() < deadline, "spool did not drain after the broker came back");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "spool did not drain after the broker came back"
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     tokio::time::sleep(pause(700, 2000)).await;
@@ -132,7 +155,10 @@ async fn exact_totals_through_kills_and_restarts() {
     svc.ops("stop", "kafka");
     post_all(&url, &extra, 100).await;
     let spooled = metric(&format!("{url}/metrics"), "tally_collector_spool_events").await;
-    assert!(spooled > 0.0, "the collector should hold spooled events while the broker is down");
+    assert!(
+        spooled > 0.0,
+        "the collector should hold spooled events while the broker is down"
+    );
     collector.kill9();
     svc.ops("start", "kafka");
     collector = env.spawn_collector(&cfg, port);

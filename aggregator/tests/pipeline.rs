@@ -17,10 +17,20 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 use support::*;
 
-fn workload_events(customers: usize, apps: usize, minutes: i64, seed: u64) -> Vec<schemas::RawEvent> {
+fn workload_events(
+    customers: usize,
+    apps: usize,
+    minutes: i64,
+    seed: u64,
+) -> Vec<schemas::RawEvent> {
     let now = Utc::now().timestamp();
     let from = chrono::DateTime::from_timestamp(now - now % 3600 - 3600, 0).unwrap();
-    Workload { customers, apps_per_customer: apps, seed }.events(from, from + CDuration::minutes(minutes), 60)
+    Workload {
+        customers,
+        apps_per_customer: apps,
+        seed,
+    }
+    .events(from, from + CDuration::minutes(minutes), 60)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -34,7 +44,11 @@ async fn simulator_to_clickhouse_totals_equal_ground_truth() {
     assert!(truth.len() >= 30, "workload too small: {}", truth.len());
     post_all(&format!("http://127.0.0.1:{port}"), &events, 250).await;
     env.wait_totals(&truth, Duration::from_secs(90)).await;
-    assert_eq!(env.raw_count().await, events.len() as u64, "one raw row per event");
+    assert_eq!(
+        env.raw_count().await,
+        events.len() as u64,
+        "one raw row per event"
+    );
     // Graceful shutdown on SIGTERM: both exit cleanly.
     for p in [&mut collector, &mut agg] {
         p.terminate();
@@ -61,7 +75,8 @@ async fn every_event_sent_twice_is_counted_once() {
         .iter()
         .map(|e| {
             let mut e = e.clone();
-            let t = chrono::DateTime::parse_from_rfc3339(e["time"].as_str().unwrap()).unwrap() + CDuration::minutes(7);
+            let t = chrono::DateTime::parse_from_rfc3339(e["time"].as_str().unwrap()).unwrap()
+                + CDuration::minutes(7);
             e.insert("time".into(), json!(t.to_rfc3339()));
             e
         })
@@ -71,7 +86,10 @@ async fn every_event_sent_twice_is_counted_once() {
     let dup_url = format!("http://127.0.0.1:{metrics_port}/metrics");
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while metric(&dup_url, "tally_aggregator_events_duplicate_total").await < events.len() as f64 {
-        assert!(std::time::Instant::now() < deadline, "duplicates were not all consumed");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "duplicates were not all consumed"
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     env.wait_totals(&truth, Duration::from_secs(10)).await;
@@ -92,35 +110,151 @@ async fn bad_input_gets_clear_4xx_and_writes_nothing() {
     let http = reqwest::Client::new();
     let good = ev("good-1", "tally.requests", json!({"app":"web","count":5}));
     let big_string = "x".repeat(300_000);
-    let many: Vec<_> = (0..1001).map(|i| ev(&format!("m{i}"), "tally.requests", json!({"app":"web","count":1}))).collect();
+    let many: Vec<_> = (0..1001)
+        .map(|i| {
+            ev(
+                &format!("m{i}"),
+                "tally.requests",
+                json!({"app":"web","count":1}),
+            )
+        })
+        .collect();
     let single = "application/cloudevents+json";
     let batch = "application/cloudevents-batch+json";
-    let cases: Vec<(&str, Option<&str>, &str, String, u16, &str)> = vec![
-        ("no key", None, single, good.to_string(), 401, "unauthorized"),
-        ("wrong key", Some("nope"), single, good.to_string(), 401, "unauthorized"),
-        ("malformed json", Some(INGEST_KEY), single, "{\"id\": ".into(), 400, "malformed_json"),
-        ("array as single", Some(INGEST_KEY), single, "[1]".into(), 400, "wrong_shape"),
-        ("empty batch", Some(INGEST_KEY), batch, "[]".into(), 400, "empty_batch"),
-        ("wrong content type", Some(INGEST_KEY), "text/plain", good.to_string(), 415, "unsupported_media_type"),
-        ("wrong types", Some(INGEST_KEY), single, ev("b1", "tally.requests", json!({"app":7,"count":"many"})).to_string(), 400, "invalid_event"),
-        ("missing fields", Some(INGEST_KEY), single, json!({"specversion":"1.0","type":"tally.requests","data":{}}).to_string(), 400, "invalid_event"),
-        ("unknown event type", Some(INGEST_KEY), single, ev("b2", "tally.gpu", json!({"app":"web"})).to_string(), 400, "invalid_event"),
-        ("negative quantity", Some(INGEST_KEY), single, ev("b3", "tally.requests", json!({"app":"web","count":-3})).to_string(), 400, "invalid_event"),
-        ("far future", Some(INGEST_KEY), single, {
-            let mut e = ev("b4", "tally.requests", json!({"app":"web","count":1}));
-            e["time"] = json!((Utc::now() + CDuration::days(2)).to_rfc3339());
-            e.to_string()
-        }, 400, "invalid_event"),
-        ("before retention window", Some(INGEST_KEY), single, {
-            let mut e = ev("b5", "tally.requests", json!({"app":"web","count":1}));
-            e["time"] = json!((Utc::now() - CDuration::days(70)).to_rfc3339());
-            e.to_string()
-        }, 400, "invalid_event"),
-        ("oversized body", Some(INGEST_KEY), single, ev("b6", "tally.requests", json!({"app":"web","count":1,"pad":big_string})).to_string(), 413, "payload_too_large"),
-        ("batch too large", Some(INGEST_KEY), batch, serde_json::to_string(&many).unwrap(), 413, "batch_too_large"),
+    // (name, key, content type, body, status, code)
+    type Case<'a> = (&'a str, Option<&'a str>, &'a str, String, u16, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            "no key",
+            None,
+            single,
+            good.to_string(),
+            401,
+            "unauthorized",
+        ),
+        (
+            "wrong key",
+            Some("nope"),
+            single,
+            good.to_string(),
+            401,
+            "unauthorized",
+        ),
+        (
+            "malformed json",
+            Some(INGEST_KEY),
+            single,
+            "{\"id\": ".into(),
+            400,
+            "malformed_json",
+        ),
+        (
+            "array as single",
+            Some(INGEST_KEY),
+            single,
+            "[1]".into(),
+            400,
+            "wrong_shape",
+        ),
+        (
+            "empty batch",
+            Some(INGEST_KEY),
+            batch,
+            "[]".into(),
+            400,
+            "empty_batch",
+        ),
+        (
+            "wrong content type",
+            Some(INGEST_KEY),
+            "text/plain",
+            good.to_string(),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            "wrong types",
+            Some(INGEST_KEY),
+            single,
+            ev("b1", "tally.requests", json!({"app":7,"count":"many"})).to_string(),
+            400,
+            "invalid_event",
+        ),
+        (
+            "missing fields",
+            Some(INGEST_KEY),
+            single,
+            json!({"specversion":"1.0","type":"tally.requests","data":{}}).to_string(),
+            400,
+            "invalid_event",
+        ),
+        (
+            "unknown event type",
+            Some(INGEST_KEY),
+            single,
+            ev("b2", "tally.gpu", json!({"app":"web"})).to_string(),
+            400,
+            "invalid_event",
+        ),
+        (
+            "negative quantity",
+            Some(INGEST_KEY),
+            single,
+            ev("b3", "tally.requests", json!({"app":"web","count":-3})).to_string(),
+            400,
+            "invalid_event",
+        ),
+        (
+            "far future",
+            Some(INGEST_KEY),
+            single,
+            {
+                let mut e = ev("b4", "tally.requests", json!({"app":"web","count":1}));
+                e["time"] = json!((Utc::now() + CDuration::days(2)).to_rfc3339());
+                e.to_string()
+            },
+            400,
+            "invalid_event",
+        ),
+        (
+            "before retention window",
+            Some(INGEST_KEY),
+            single,
+            {
+                let mut e = ev("b5", "tally.requests", json!({"app":"web","count":1}));
+                e["time"] = json!((Utc::now() - CDuration::days(70)).to_rfc3339());
+                e.to_string()
+            },
+            400,
+            "invalid_event",
+        ),
+        (
+            "oversized body",
+            Some(INGEST_KEY),
+            single,
+            ev(
+                "b6",
+                "tally.requests",
+                json!({"app":"web","count":1,"pad":big_string}),
+            )
+            .to_string(),
+            413,
+            "payload_too_large",
+        ),
+        (
+            "batch too large",
+            Some(INGEST_KEY),
+            batch,
+            serde_json::to_string(&many).unwrap(),
+            413,
+            "batch_too_large",
+        ),
     ];
     for (name, key, ctype, body, status, code) in &cases {
-        let mut req = http.post(&url).header("content-type", *ctype).body(body.clone());
+        let mut req = http
+            .post(&url)
+            .header("content-type", *ctype)
+            .body(body.clone());
         if let Some(k) = key {
             req = req.bearer_auth(k);
         }
@@ -129,32 +263,66 @@ async fn bad_input_gets_clear_4xx_and_writes_nothing() {
         let body: serde_json::Value = resp.json().await.unwrap_or(json!({}));
         assert_eq!(got, *status, "{name}: {body}");
         assert_eq!(body["code"], *code, "{name}: {body}");
-        assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()), "{name}: no human message: {body}");
+        assert!(
+            body["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{name}: no human message: {body}"
+        );
     }
     // Field-level reasons name the field.
-    let resp = http.post(&url).bearer_auth(INGEST_KEY).header("content-type", single)
-        .body(ev("b3", "tally.requests", json!({"app":"web","count":-3})).to_string()).send().await.unwrap();
+    let resp = http
+        .post(&url)
+        .bearer_auth(INGEST_KEY)
+        .header("content-type", single)
+        .body(ev("b3", "tally.requests", json!({"app":"web","count":-3})).to_string())
+        .send()
+        .await
+        .unwrap();
     let body: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(body["errors"][0]["field"], "data.count");
     assert_eq!(body["errors"][0]["code"], "negative_quantity");
     // A mixed batch: valid events accepted (207), invalid ones itemised.
-    let mixed = json!([good, ev("bad-in-batch", "tally.requests", json!({"app":"web"})), ev("good-2", "tally.egress", json!({"app":"web","bytes":10}))]);
-    let resp = http.post(&url).bearer_auth(INGEST_KEY).header("content-type", batch).body(mixed.to_string()).send().await.unwrap();
+    let mixed = json!([
+        good,
+        ev("bad-in-batch", "tally.requests", json!({"app":"web"})),
+        ev("good-2", "tally.egress", json!({"app":"web","bytes":10}))
+    ]);
+    let resp = http
+        .post(&url)
+        .bearer_auth(INGEST_KEY)
+        .header("content-type", batch)
+        .body(mixed.to_string())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status().as_u16(), 207);
     let body: serde_json::Value = resp.json().await.unwrap();
-    assert_eq!((body["accepted"].as_u64(), body["rejected"].as_u64()), (Some(2), Some(1)), "{body}");
+    assert_eq!(
+        (body["accepted"].as_u64(), body["rejected"].as_u64()),
+        (Some(2), Some(1)),
+        "{body}"
+    );
     assert_eq!(body["errors"][0]["index"], 1);
     assert_eq!(body["errors"][0]["field"], "data.count");
-    let want = BTreeMap::from([("cus_bad/web/requests".to_string(), Decimal::from(5)), ("cus_bad/web/egress".to_string(), Decimal::from(10))]);
+    let want = BTreeMap::from([
+        ("cus_bad/web/requests".to_string(), Decimal::from(5)),
+        ("cus_bad/web/egress".to_string(), Decimal::from(10)),
+    ]);
     env.wait_totals(&want, Duration::from_secs(60)).await;
-    assert_eq!(env.raw_count().await, 2, "only the two valid events were written");
+    assert_eq!(
+        env.raw_count().await,
+        2,
+        "only the two valid events were written"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_message_goes_to_dead_letters_and_replays_after_a_fix() {
     let env = Env::new("dlq");
     let _agg = env.spawn_aggregator(free_port(), None);
-    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &env.brokers).create().unwrap();
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &env.brokers)
+        .create()
+        .unwrap();
     // Let the aggregator create the topics and join the group.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let send = |payload: Vec<u8>| {
@@ -162,15 +330,37 @@ async fn poison_message_goes_to_dead_letters_and_replays_after_a_fix() {
         let topic = env.topic.clone();
         async move {
             producer
-                .send(FutureRecord::to(&topic).key("cus_p").payload(&payload).partition(0), Duration::from_secs(10))
+                .send(
+                    FutureRecord::to(&topic)
+                        .key("cus_p")
+                        .payload(&payload)
+                        .partition(0),
+                    Duration::from_secs(10),
+                )
                 .await
                 .unwrap();
         }
     };
     send(b"\x00\x01 not json".to_vec()).await;
-    send(ev("gpu-1", "tally.gpu", json!({"app":"ml","gpu_seconds":30})).to_string().replace("cus_bad", "cus_p").into_bytes()).await;
+    send(
+        ev("gpu-1", "tally.gpu", json!({"app":"ml","gpu_seconds":30}))
+            .to_string()
+            .replace("cus_bad", "cus_p")
+            .into_bytes(),
+    )
+    .await;
     for i in 0..5 {
-        send(ev(&format!("ok-{i}"), "tally.requests", json!({"app":"web","count":2})).to_string().replace("cus_bad", "cus_p").into_bytes()).await;
+        send(
+            ev(
+                &format!("ok-{i}"),
+                "tally.requests",
+                json!({"app":"web","count":2}),
+            )
+            .to_string()
+            .replace("cus_bad", "cus_p")
+            .into_bytes(),
+        )
+        .await;
     }
     let want = BTreeMap::from([("cus_p/web/requests".to_string(), Decimal::from(10))]);
     env.wait_totals(&want, Duration::from_secs(60)).await;
@@ -185,11 +375,22 @@ async fn poison_message_goes_to_dead_letters_and_replays_after_a_fix() {
     consumer.subscribe(&[&env.dlq_topic()]).unwrap();
     let mut codes = Vec::new();
     while codes.len() < 2 {
-        let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await.expect("dead letters arrive").unwrap();
+        let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+            .await
+            .expect("dead letters arrive")
+            .unwrap();
         let h = m.headers().expect("dead letters carry headers");
-        let code = aggregator::pipeline::header(h, aggregator::pipeline::DLQ_CODE).unwrap().to_string();
-        assert!(aggregator::pipeline::header(h, aggregator::pipeline::DLQ_REASON).is_some_and(|r| !r.is_empty()));
-        assert_eq!(aggregator::pipeline::header(h, aggregator::pipeline::DLQ_SOURCE_PARTITION), Some("0"));
+        let code = aggregator::pipeline::header(h, aggregator::pipeline::DLQ_CODE)
+            .unwrap()
+            .to_string();
+        assert!(
+            aggregator::pipeline::header(h, aggregator::pipeline::DLQ_REASON)
+                .is_some_and(|r| !r.is_empty())
+        );
+        assert_eq!(
+            aggregator::pipeline::header(h, aggregator::pipeline::DLQ_SOURCE_PARTITION),
+            Some("0")
+        );
         codes.push(code);
     }
     codes.sort();
@@ -204,9 +405,14 @@ async fn poison_message_goes_to_dead_letters_and_replays_after_a_fix() {
     let meters = env.dir.join("meters.json");
     std::fs::write(&meters, serde_json::to_string(&cat).unwrap()).unwrap();
     let _agg2 = env.spawn_aggregator(free_port(), Some(&meters));
-    let report: serde_json::Value = serde_json::from_str(&env.aggregator_cmd(&["dlq-replay", "--idle-secs", "3"], None)).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&env.aggregator_cmd(&["dlq-replay", "--idle-secs", "3"], None))
+            .unwrap();
     assert_eq!(report["replayed"], 2, "{report}");
-    let want = BTreeMap::from([("cus_p/web/requests".to_string(), Decimal::from(10)), ("cus_p/ml/gpu".to_string(), Decimal::from(30))]);
+    let want = BTreeMap::from([
+        ("cus_p/web/requests".to_string(), Decimal::from(10)),
+        ("cus_p/ml/gpu".to_string(), Decimal::from(30)),
+    ]);
     env.wait_totals(&want, Duration::from_secs(60)).await;
 }
 
@@ -216,10 +422,13 @@ async fn inventory_server(doc: std::sync::Arc<std::sync::Mutex<serde_json::Value
     use axum::routing::get;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let app = axum::Router::new().route("/v1/inventory", get(move || {
-        let doc = doc.clone();
-        async move { axum::Json(doc.lock().unwrap().clone()) }
-    }));
+    let app = axum::Router::new().route(
+        "/v1/inventory",
+        get(move || {
+            let doc = doc.clone();
+            async move { axum::Json(doc.lock().unwrap().clone()) }
+        }),
+    );
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     port
 }
@@ -252,11 +461,16 @@ async fn gauges_bill_exact_time_across_collector_restart_and_resize() {
         d["instances"][0]["stopped_at"] = json!(at(95));
         d["volumes"][0]["deleted_at"] = json!(at(80));
     }
-    let wait = (t0 + CDuration::seconds(97) - Utc::now()).num_milliseconds().max(0) as u64;
+    let wait = (t0 + CDuration::seconds(97) - Utc::now())
+        .num_milliseconds()
+        .max(0) as u64;
     tokio::time::sleep(Duration::from_millis(wait)).await;
     let want = BTreeMap::from([
         ("cus_g/web/compute".to_string(), Decimal::from(95)),
-        ("cus_g/db/disk".to_string(), Decimal::from(10 * 60 + 25 * 20)),
+        (
+            "cus_g/db/disk".to_string(),
+            Decimal::from(10 * 60 + 25 * 20),
+        ),
     ]);
     env.wait_totals(&want, Duration::from_secs(60)).await;
 }

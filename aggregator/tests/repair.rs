@@ -31,7 +31,12 @@ impl DeadLetterSink for Letters {
 fn msg(offset: i64, count: u64) -> Message {
     let ev = json!({"specversion":"1.0","id":format!("r{offset}"),"source":"repair","type":"tally.requests",
         "subject":"cus_r","time":Utc::now().to_rfc3339(),"data":{"app":"web","count":count}});
-    Message { partition: 0, offset, key: Some(b"cus_r".to_vec()), payload: Some(ev.to_string().into_bytes()) }
+    Message {
+        partition: 0,
+        offset,
+        key: Some(b"cus_r".to_vec()),
+        payload: Some(ev.to_string().into_bytes()),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -45,7 +50,9 @@ async fn interrupted_batch_is_repaired_on_restart() {
 
     // Batch 1 (offsets 0..5) completes.
     let mut p = Processor::new(store.clone(), meters.clone(), Metrics::new());
-    p.process((0..5).map(|o| msg(o, 10)).collect(), &dlq, &stop).await.unwrap();
+    p.process((0..5).map(|o| msg(o, 10)).collect(), &dlq, &stop)
+        .await
+        .unwrap();
 
     // Batch 2 (offsets 5..10): the raw insert lands, then the process dies
     // before its rollup insert.
@@ -73,10 +80,25 @@ async fn interrupted_batch_is_repaired_on_restart() {
     // repaired, and 10..13 counted.
     let metrics = Metrics::new();
     let mut p = Processor::new(store.clone(), meters, metrics.clone());
-    p.process((5..13).map(|o| msg(o, if o < 10 { 100 } else { 1 })).collect(), &dlq, &stop).await.unwrap();
-    assert_eq!(metrics.rollup_repairs.get(), 1, "one rollup key recomputed from raw rows");
+    p.process(
+        (5..13)
+            .map(|o| msg(o, if o < 10 { 100 } else { 1 }))
+            .collect(),
+        &dlq,
+        &stop,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        metrics.rollup_repairs.get(),
+        1,
+        "one rollup key recomputed from raw rows"
+    );
     assert_eq!(metrics.messages_skipped_stored.get(), 5);
-    let want = BTreeMap::from([("cus_r/web/requests".to_string(), Decimal::from(5 * 10 + 5 * 100 + 3))]);
+    let want = BTreeMap::from([(
+        "cus_r/web/requests".to_string(),
+        Decimal::from(5 * 10 + 5 * 100 + 3),
+    )]);
     env.wait_totals(&want, Duration::from_secs(10)).await;
     assert!(dlq.0.lock().unwrap().is_empty());
 }

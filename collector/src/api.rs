@@ -51,16 +51,31 @@ pub fn router(state: IngestState) -> Router {
 }
 
 async fn metrics(State(st): State<IngestState>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], st.metrics.render()).into_response()
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        st.metrics.render(),
+    )
+        .into_response()
 }
 
 pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
-    (status, Json(json!({"code": code, "message": message.into()}))).into_response()
+    (
+        status,
+        Json(json!({"code": code, "message": message.into()})),
+    )
+        .into_response()
 }
 
 fn too_large(st: &IngestState) -> Response {
-    st.metrics.events_rejected.with_label_values(&["payload_too_large"]).inc();
-    error(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", format!("body exceeds {} bytes", st.max_body_bytes))
+    st.metrics
+        .events_rejected
+        .with_label_values(&["payload_too_large"])
+        .inc();
+    error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        format!("body exceeds {} bytes", st.max_body_bytes),
+    )
 }
 
 #[derive(Serialize)]
@@ -71,13 +86,25 @@ struct EventResult {
     message: String,
 }
 
-/// Validates a parsed body into envelopes and per-event errors.
+/// A request body after validation.
+pub struct ValidatedBody {
+    /// The valid events, ready for the sink.
+    pub envelopes: Vec<Envelope>,
+    /// Every problem, with the index of its event.
+    pub errors: Vec<(usize, FieldError)>,
+    /// Events in the body.
+    pub total: usize,
+}
+
+/// Validates a parsed body into envelopes and per-event errors; a body that
+/// is not an event or batch at all becomes the error response.
+#[allow(clippy::result_large_err)]
 pub fn validate_body(
     body: &[u8],
     batch: bool,
     meters: &MeterCatalog,
     window: &AcceptWindow,
-) -> Result<(Vec<Envelope>, Vec<(usize, FieldError)>, usize), Response> {
+) -> Result<ValidatedBody, Response> {
     let raws = if batch {
         parse_batch(body)
     } else {
@@ -99,12 +126,28 @@ pub fn validate_body(
             },
         }
     }
-    Ok((envelopes, errors, total))
+    Ok(ValidatedBody {
+        envelopes,
+        errors,
+        total,
+    })
 }
 
-async fn ingest(State(st): State<IngestState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
-    if !st.keys.check_header(headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok())) {
-        return error(StatusCode::UNAUTHORIZED, "unauthorized", "a valid `Authorization: Bearer <key>` is required");
+async fn ingest(
+    State(st): State<IngestState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    if !st.keys.check_header(
+        headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok()),
+    ) {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid `Authorization: Bearer <key>` is required",
+        );
     }
     let body = match body {
         Ok(b) if b.len() <= st.max_body_bytes => b,
@@ -112,8 +155,16 @@ async fn ingest(State(st): State<IngestState>, headers: HeaderMap, body: Result<
         Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => return too_large(&st),
         Err(r) => return error(StatusCode::BAD_REQUEST, "unreadable_body", r.body_text()),
     };
-    let ctype = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
-    let mime = ctype.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let ctype = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mime = ctype
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     let batch = match mime.as_str() {
         "application/cloudevents-batch+json" => true,
         "application/cloudevents+json" => false,
@@ -127,30 +178,59 @@ async fn ingest(State(st): State<IngestState>, headers: HeaderMap, body: Result<
         }
     };
     let window = AcceptWindow::at(Utc::now());
-    let (envelopes, errors, total) = match validate_body(&body, batch, &st.meters, &window) {
+    let ValidatedBody {
+        envelopes,
+        errors,
+        total,
+    } = match validate_body(&body, batch, &st.meters, &window) {
         Ok(v) => v,
         Err(resp) => {
-            st.metrics.events_rejected.with_label_values(&["malformed_body"]).inc();
+            st.metrics
+                .events_rejected
+                .with_label_values(&["malformed_body"])
+                .inc();
             return resp;
         }
     };
     st.metrics.events_received.inc_by(total as u64);
     if total > st.max_batch_events {
-        st.metrics.events_rejected.with_label_values(&["batch_too_large"]).inc_by(total as u64);
-        return error(StatusCode::PAYLOAD_TOO_LARGE, "batch_too_large", format!("batch holds {total} events; the limit is {}", st.max_batch_events));
+        st.metrics
+            .events_rejected
+            .with_label_values(&["batch_too_large"])
+            .inc_by(total as u64);
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "batch_too_large",
+            format!(
+                "batch holds {total} events; the limit is {}",
+                st.max_batch_events
+            ),
+        );
     }
     let mut rejected_idx: Vec<usize> = errors.iter().map(|(i, _)| *i).collect();
     rejected_idx.dedup();
     for (_, e) in &errors {
-        st.metrics.events_rejected.with_label_values(&[e.code]).inc();
+        st.metrics
+            .events_rejected
+            .with_label_values(&[e.code])
+            .inc();
     }
     let results: Vec<EventResult> = errors
         .into_iter()
-        .map(|(index, e)| EventResult { index, field: e.field, code: e.code, message: e.message })
+        .map(|(index, e)| EventResult {
+            index,
+            field: e.field,
+            code: e.code,
+            message: e.message,
+        })
         .collect();
     let accepted = envelopes.len();
     if accepted == 0 {
-        let msg = if batch { "no event in the batch is valid" } else { "the event is invalid" };
+        let msg = if batch {
+            "no event in the batch is valid"
+        } else {
+            "the event is invalid"
+        };
         return (
             StatusCode::BAD_REQUEST,
             Json(json!({"code": "invalid_event", "message": msg, "accepted": 0, "rejected": rejected_idx.len(), "errors": results})),
@@ -161,11 +241,22 @@ async fn ingest(State(st): State<IngestState>, headers: HeaderMap, body: Result<
         Ok(d) => d,
         Err(e) => {
             tracing::error!(error = %e, "could not make events durable");
-            return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "events could not be stored; nothing was accepted, retry");
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "events could not be stored; nothing was accepted, retry",
+            );
         }
     };
-    st.metrics.events_accepted.with_label_values(&[delivery.as_str()]).inc_by(accepted as u64);
-    let status = if results.is_empty() { StatusCode::OK } else { StatusCode::MULTI_STATUS };
+    st.metrics
+        .events_accepted
+        .with_label_values(&[delivery.as_str()])
+        .inc_by(accepted as u64);
+    let status = if results.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::MULTI_STATUS
+    };
     (
         status,
         Json(json!({"accepted": accepted, "rejected": rejected_idx.len(), "delivery": delivery.as_str(), "errors": results})),

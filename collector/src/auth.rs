@@ -18,8 +18,11 @@ impl KeySet {
     pub fn from_hex(hex_hashes: &[String]) -> Result<Self, String> {
         let mut hashes = Vec::new();
         for (i, h) in hex_hashes.iter().enumerate() {
-            let bytes = hex::decode(h).map_err(|e| format!("auth.key_sha256[{i}]: not hex: {e}"))?;
-            let arr: [u8; 32] = bytes.try_into().map_err(|_| format!("auth.key_sha256[{i}]: must be 32 bytes (64 hex chars)"))?;
+            let bytes =
+                hex::decode(h).map_err(|e| format!("auth.key_sha256[{i}]: not hex: {e}"))?;
+            let arr: [u8; 32] = bytes
+                .try_into()
+                .map_err(|_| format!("auth.key_sha256[{i}]: must be 32 bytes (64 hex chars)"))?;
             hashes.push(arr);
         }
         Ok(Self { hashes })
@@ -28,7 +31,9 @@ impl KeySet {
     /// Whether the `Authorization` header value carries a known key. Every
     /// stored hash is compared, so timing does not reveal which matched.
     pub fn check_header(&self, header: Option<&str>) -> bool {
-        let Some(key) = header.and_then(|h| h.strip_prefix("Bearer ")) else { return false };
+        let Some(key) = header.and_then(|h| h.strip_prefix("Bearer ")) else {
+            return false;
+        };
         let h = hash_key(key.trim());
         let mut ok = 0u8;
         for stored in &self.hashes {

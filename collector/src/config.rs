@@ -82,7 +82,10 @@ fn default_batch() -> usize {
 }
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_body_bytes: default_body(), max_batch_events: default_batch() }
+        Self {
+            max_body_bytes: default_body(),
+            max_batch_events: default_batch(),
+        }
     }
 }
 
@@ -111,7 +114,8 @@ impl Config {
     }
 
     pub fn load(path: &std::path::Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
         Self::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
     }
 
@@ -195,7 +199,13 @@ mod tests {
         c.listen = "nope".into();
         c.auth.key_sha256 = vec!["abc".into()];
         let err = c.validate().unwrap_err().to_string();
-        assert!(err.contains("listen:") && err.contains("auth.key_sha256[0]"), "{err}");
-        assert!(toml::from_str::<Config>(&format!("{text}\nbogus = 1\n")).is_err(), "unknown fields are rejected");
+        assert!(
+            err.contains("listen:") && err.contains("auth.key_sha256[0]"),
+            "{err}"
+        );
+        assert!(
+            toml::from_str::<Config>(&format!("{text}\nbogus = 1\n")).is_err(),
+            "unknown fields are rejected"
+        );
     }
 }

@@ -6,7 +6,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(name = "collector", version, about = "Tally collector: ingest API, usage sources, Kafka sink with spool")]
+#[command(
+    name = "collector",
+    version,
+    about = "Tally collector: ingest API, usage sources, Kafka sink with spool"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -48,9 +52,12 @@ enum Command {
 }
 
 fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     let json = std::env::var("TALLY_LOG_FORMAT").is_ok_and(|v| v == "json");
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         b.json().init()
     } else {
@@ -76,12 +83,26 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", hex::encode(collector::auth::hash_key(&key)));
             Ok(())
         }
-        Command::Simulate { customers, apps, seed, from, minutes, step_secs, post, key, batch } => {
+        Command::Simulate {
+            customers,
+            apps,
+            seed,
+            from,
+            minutes,
+            step_secs,
+            post,
+            key,
+            batch,
+        } => {
             let from = from.unwrap_or_else(|| {
                 let now = Utc::now().timestamp();
                 DateTime::from_timestamp(now - now % 3600 - 3600, 0).unwrap()
             });
-            let w = Workload { customers, apps_per_customer: apps, seed };
+            let w = Workload {
+                customers,
+                apps_per_customer: apps,
+                seed,
+            };
             let events = w.events(from, from + CDuration::minutes(minutes), step_secs);
             if let Some(url) = post {
                 post_events(&url, &key, &events, batch).await?;
@@ -95,7 +116,12 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// Posts in batches, retrying connection errors and 5xx with backoff.
-async fn post_events(url: &str, key: &str, events: &[schemas::RawEvent], batch: usize) -> anyhow::Result<()> {
+async fn post_events(
+    url: &str,
+    key: &str,
+    events: &[schemas::RawEvent],
+    batch: usize,
+) -> anyhow::Result<()> {
     let http = reqwest::Client::new();
     let endpoint = format!("{}/v1/events", url.trim_end_matches('/'));
     for chunk in events.chunks(batch.max(1)) {
@@ -113,7 +139,10 @@ async fn post_events(url: &str, key: &str, events: &[schemas::RawEvent], batch: 
                 Ok(r) if r.status().is_success() => break,
                 Ok(r) if r.status().is_client_error() => {
                     let status = r.status();
-                    anyhow::bail!("collector rejected a batch: {status} {}", r.text().await.unwrap_or_default())
+                    anyhow::bail!(
+                        "collector rejected a batch: {status} {}",
+                        r.text().await.unwrap_or_default()
+                    )
                 }
                 Ok(r) => eprintln!("collector answered {}; retrying", r.status()),
                 Err(e) => eprintln!("post failed: {e}; retrying"),
@@ -126,7 +155,8 @@ async fn post_events(url: &str, key: &str, events: &[schemas::RawEvent], batch: 
 }
 
 async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("signal handler");
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}

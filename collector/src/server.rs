@@ -22,7 +22,8 @@ use tokio::sync::watch;
 
 pub fn load_meters(cfg: &Config) -> anyhow::Result<MeterCatalog> {
     match &cfg.meters_file {
-        Some(p) => MeterCatalog::from_json(&std::fs::read_to_string(p)?).map_err(|e| anyhow::anyhow!("{}: {e}", p.display())),
+        Some(p) => MeterCatalog::from_json(&std::fs::read_to_string(p)?)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", p.display())),
         None => Ok(MeterCatalog::default_catalog()),
     }
 }
@@ -63,7 +64,13 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
     let replayer = tokio::spawn(kafka.clone().run_replayer(bg_rx.clone()));
     let mut source_tasks = Vec::new();
     for src in build_sources(&cfg) {
-        let runner = SourceRunner::new(src, &cfg.checkpoint_dir, sink.clone(), meters.clone(), metrics.clone());
+        let runner = SourceRunner::new(
+            src,
+            &cfg.checkpoint_dir,
+            sink.clone(),
+            meters.clone(),
+            metrics.clone(),
+        );
         source_tasks.push(tokio::spawn(runner.run(bg_rx.clone())));
     }
 

@@ -58,10 +58,16 @@ pub struct KafkaSettings {
 
 /// Creates the topic if it is missing (idempotent).
 pub async fn ensure_topic(brokers: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", brokers).create()?;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
     let t = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
-    let res = admin.create_topics([&t], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)))).await?;
+    let res = admin
+        .create_topics(
+            [&t],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await?;
     for r in res {
         match r {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
@@ -71,7 +77,8 @@ pub async fn ensure_topic(brokers: &str, topic: &str, partitions: i32) -> anyhow
     Ok(())
 }
 
-fn new_producer(s: &KafkaSettings) -> anyhow::Result<FutureProducer> {
+/// The producer the collector uses: idempotent, `acks=all`, lz4.
+pub fn new_producer(s: &KafkaSettings) -> anyhow::Result<FutureProducer> {
     Ok(ClientConfig::new()
         .set("bootstrap.servers", &s.brokers)
         .set("enable.idempotence", "true")
@@ -80,7 +87,10 @@ fn new_producer(s: &KafkaSettings) -> anyhow::Result<FutureProducer> {
         .set("linger.ms", "5")
         .set("batch.num.messages", "10000")
         .set("queue.buffering.max.messages", "1000000")
-        .set("message.timeout.ms", s.delivery_timeout.as_millis().to_string())
+        .set(
+            "message.timeout.ms",
+            s.delivery_timeout.as_millis().to_string(),
+        )
         .create()?)
 }
 
@@ -100,7 +110,11 @@ pub struct KafkaSink {
 const COOLDOWN: Duration = Duration::from_secs(2);
 
 impl KafkaSink {
-    pub fn new(settings: KafkaSettings, spool: Arc<Spool>, metrics: Metrics) -> anyhow::Result<Arc<Self>> {
+    pub fn new(
+        settings: KafkaSettings,
+        spool: Arc<Spool>,
+        metrics: Metrics,
+    ) -> anyhow::Result<Arc<Self>> {
         let producer = Mutex::new(Arc::new(new_producer(&settings)?));
         let sink = Arc::new(Self {
             settings,
@@ -151,7 +165,8 @@ impl KafkaSink {
 
     fn skip_kafka(&self) -> bool {
         self.kafka_down.load(Ordering::SeqCst)
-            && self.now_ms() - self.down_since_ms.load(Ordering::SeqCst) < COOLDOWN.as_millis() as i64
+            && self.now_ms() - self.down_since_ms.load(Ordering::SeqCst)
+                < COOLDOWN.as_millis() as i64
     }
 
     /// Produces every envelope and waits for all acknowledgements. Returns
@@ -164,7 +179,9 @@ impl KafkaSink {
         let mut failed = Vec::new();
         let mut broker_rejected = false;
         for env in batch {
-            let rec = FutureRecord::to(&self.settings.topic).key(&env.key).payload(&env.payload);
+            let rec = FutureRecord::to(&self.settings.topic)
+                .key(&env.key)
+                .payload(&env.payload);
             match producer.send_result(rec) {
                 Ok(f) => {
                     futures.push(f);
@@ -181,13 +198,16 @@ impl KafkaSink {
                 Ok(Ok(_)) => {}
                 Ok(Err((e, _))) => {
                     tracing::debug!(error = %e, "kafka delivery failed");
-                    broker_rejected |= e.rdkafka_error_code() != Some(RDKafkaErrorCode::MessageTimedOut);
+                    broker_rejected |=
+                        e.rdkafka_error_code() != Some(RDKafkaErrorCode::MessageTimedOut);
                     failed.push(env.clone());
                 }
                 Err(_) => failed.push(env.clone()),
             }
         }
-        self.metrics.produce_duration.observe(start.elapsed().as_secs_f64());
+        self.metrics
+            .produce_duration
+            .observe(start.elapsed().as_secs_f64());
         if !failed.is_empty() {
             self.replace_if_broken(&producer, broker_rejected);
         }
@@ -227,7 +247,9 @@ impl KafkaSink {
             let has = self.spool.pending().map(|p| !p.is_empty()).unwrap_or(false);
             if has {
                 match self.replay_spool().await {
-                    Ok(_) if !self.kafka_down.load(Ordering::SeqCst) => backoff = Duration::from_millis(250),
+                    Ok(_) if !self.kafka_down.load(Ordering::SeqCst) => {
+                        backoff = Duration::from_millis(250)
+                    }
                     Ok(_) => backoff = (backoff * 2).min(Duration::from_secs(5)),
                     Err(e) => {
                         tracing::error!(error = %e, "spool replay failed");
@@ -252,7 +274,11 @@ impl EventSink for KafkaSink {
     fn send(&self, batch: Vec<Envelope>) -> BoxFuture<'_, anyhow::Result<Delivery>> {
         Box::pin(async move {
             let n = batch.len();
-            let failed = if self.skip_kafka() { batch } else { self.produce_all(batch).await };
+            let failed = if self.skip_kafka() {
+                batch
+            } else {
+                self.produce_all(batch).await
+            };
             if failed.is_empty() {
                 return Ok(Delivery::Kafka);
             }

@@ -33,7 +33,13 @@ pub struct SpoolFile {
 }
 
 fn encode(records: &[Envelope]) -> Vec<u8> {
-    let mut buf = Vec::with_capacity(records.iter().map(|r| r.key.len() + r.payload.len() + 8).sum::<usize>() + 4);
+    let mut buf = Vec::with_capacity(
+        records
+            .iter()
+            .map(|r| r.key.len() + r.payload.len() + 8)
+            .sum::<usize>()
+            + 4,
+    );
     for r in records {
         buf.extend_from_slice(&(r.key.len() as u32).to_le_bytes());
         buf.extend_from_slice(r.key.as_bytes());
@@ -60,8 +66,7 @@ fn decode(bytes: &[u8]) -> Option<Vec<Envelope>> {
         at += n;
         Some(s)
     };
-    loop {
-        let Some(klen) = take(4) else { break };
+    while let Some(klen) = take(4) {
         let klen = u32::from_le_bytes(klen.try_into().ok()?) as usize;
         let key = String::from_utf8(take(klen)?.to_vec()).ok()?;
         let vlen = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
@@ -83,11 +88,17 @@ impl Spool {
                 // A write that never completed was never acknowledged.
                 let _ = fs::remove_file(dir.join(name.as_ref()));
                 let _ = n;
-            } else if let Some(n) = name.strip_suffix(".batch").and_then(|n| n.parse::<u64>().ok()) {
+            } else if let Some(n) = name
+                .strip_suffix(".batch")
+                .and_then(|n| n.parse::<u64>().ok())
+            {
                 max = max.max(n);
             }
         }
-        Ok(Self { dir, next_seq: AtomicU64::new(max + 1) })
+        Ok(Self {
+            dir,
+            next_seq: AtomicU64::new(max + 1),
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -151,25 +162,38 @@ mod tests {
     use super::*;
 
     fn env(k: &str, v: &str) -> Envelope {
-        Envelope { key: k.into(), payload: v.as_bytes().to_vec() }
+        Envelope {
+            key: k.into(),
+            payload: v.as_bytes().to_vec(),
+        }
     }
 
     #[test]
     fn append_read_remove_roundtrip_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let s = Spool::open(dir.path()).unwrap();
-        s.append(&[env("c1", "{}"), env("c2", "{\"a\":1}")]).unwrap();
+        s.append(&[env("c1", "{}"), env("c2", "{\"a\":1}")])
+            .unwrap();
         s.append(&[env("c3", "x")]).unwrap();
         drop(s);
         let s = Spool::open(dir.path()).unwrap();
         let files = s.pending().unwrap();
         assert_eq!(files.len(), 2);
-        assert_eq!(files[0].records, vec![env("c1", "{}"), env("c2", "{\"a\":1}")]);
+        assert_eq!(
+            files[0].records,
+            vec![env("c1", "{}"), env("c2", "{\"a\":1}")]
+        );
         assert_eq!(s.depth().unwrap(), 3);
         s.remove(&files[0]).unwrap();
         s.append(&[env("c4", "y")]).unwrap();
         let files = s.pending().unwrap();
-        assert_eq!(files.iter().map(|f| f.records[0].key.as_str()).collect::<Vec<_>>(), vec!["c3", "c4"]);
+        assert_eq!(
+            files
+                .iter()
+                .map(|f| f.records[0].key.as_str())
+                .collect::<Vec<_>>(),
+            vec!["c3", "c4"]
+        );
     }
 
     #[test]

@@ -38,7 +38,11 @@ pub struct FieldError {
 
 impl FieldError {
     fn new(field: impl Into<String>, code: &'static str, message: impl Into<String>) -> Self {
-        Self { field: field.into(), code, message: message.into() }
+        Self {
+            field: field.into(),
+            code,
+            message: message.into(),
+        }
     }
 }
 
@@ -48,7 +52,10 @@ pub enum EventError {
     #[error("body is not valid JSON: {0}")]
     MalformedJson(String),
     #[error("expected {expected}, got {got}")]
-    WrongShape { expected: &'static str, got: &'static str },
+    WrongShape {
+        expected: &'static str,
+        got: &'static str,
+    },
     #[error("batch is empty")]
     EmptyBatch,
 }
@@ -81,7 +88,10 @@ fn kind(v: &Value) -> &'static str {
 pub fn parse_single(body: &[u8]) -> Result<RawEvent, EventError> {
     match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(m)) => Ok(m),
-        Ok(other) => Err(EventError::WrongShape { expected: "a JSON object", got: kind(&other) }),
+        Ok(other) => Err(EventError::WrongShape {
+            expected: "a JSON object",
+            got: kind(&other),
+        }),
         Err(e) => Err(EventError::MalformedJson(e.to_string())),
     }
 }
@@ -103,7 +113,10 @@ pub fn parse_batch(body: &[u8]) -> Result<Vec<Result<RawEvent, FieldError>>, Eve
                 )),
             })
             .collect()),
-        Ok(other) => Err(EventError::WrongShape { expected: "a JSON array", got: kind(&other) }),
+        Ok(other) => Err(EventError::WrongShape {
+            expected: "a JSON array",
+            got: kind(&other),
+        }),
         Err(e) => Err(EventError::MalformedJson(e.to_string())),
     }
 }
@@ -124,20 +137,32 @@ pub struct AcceptWindow {
 
 impl AcceptWindow {
     pub fn at(now: DateTime<Utc>) -> Self {
-        Self { not_before: previous_month_start(now), not_after: now + Duration::seconds(FUTURE_TOLERANCE_SECS) }
+        Self {
+            not_before: previous_month_start(now),
+            not_after: now + Duration::seconds(FUTURE_TOLERANCE_SECS),
+        }
     }
 
     /// No bounds: used when re-validating stored events whose window was
     /// checked on arrival.
     pub fn unbounded() -> Self {
-        Self { not_before: DateTime::<Utc>::MIN_UTC, not_after: DateTime::<Utc>::MAX_UTC }
+        Self {
+            not_before: DateTime::<Utc>::MIN_UTC,
+            not_after: DateTime::<Utc>::MAX_UTC,
+        }
     }
 }
 
 /// First instant of the calendar month before the one containing `t` (UTC).
 pub fn previous_month_start(t: DateTime<Utc>) -> DateTime<Utc> {
-    let (y, m) = if t.month() == 1 { (t.year() - 1, 12) } else { (t.year(), t.month() - 1) };
-    Utc.with_ymd_and_hms(y, m, 1, 0, 0, 0).single().expect("valid month start")
+    let (y, m) = if t.month() == 1 {
+        (t.year() - 1, 12)
+    } else {
+        (t.year(), t.month() - 1)
+    };
+    Utc.with_ymd_and_hms(y, m, 1, 0, 0, 0)
+        .single()
+        .expect("valid month start")
 }
 
 /// What one event contributes to one meter.
@@ -175,27 +200,52 @@ pub struct UsageEvent {
     pub records: Vec<UsageRecord>,
 }
 
-fn str_field<'a>(ev: &'a RawEvent, name: &str, max: usize, errs: &mut Vec<FieldError>) -> Option<&'a str> {
+fn str_field<'a>(
+    ev: &'a RawEvent,
+    name: &str,
+    max: usize,
+    errs: &mut Vec<FieldError>,
+) -> Option<&'a str> {
     match ev.get(name) {
         None | Some(Value::Null) => {
-            errs.push(FieldError::new(name, "missing_field", format!("`{name}` is required")));
+            errs.push(FieldError::new(
+                name,
+                "missing_field",
+                format!("`{name}` is required"),
+            ));
             None
         }
         Some(Value::String(s)) if s.is_empty() => {
-            errs.push(FieldError::new(name, "invalid_value", format!("`{name}` must not be empty")));
+            errs.push(FieldError::new(
+                name,
+                "invalid_value",
+                format!("`{name}` must not be empty"),
+            ));
             None
         }
         Some(Value::String(s)) if s.len() > max => {
-            errs.push(FieldError::new(name, "invalid_value", format!("`{name}` is longer than {max} bytes")));
+            errs.push(FieldError::new(
+                name,
+                "invalid_value",
+                format!("`{name}` is longer than {max} bytes"),
+            ));
             None
         }
         Some(Value::String(s)) if s.chars().any(|c| c.is_control()) => {
-            errs.push(FieldError::new(name, "invalid_value", format!("`{name}` contains control characters")));
+            errs.push(FieldError::new(
+                name,
+                "invalid_value",
+                format!("`{name}` contains control characters"),
+            ));
             None
         }
         Some(Value::String(s)) => Some(s),
         Some(other) => {
-            errs.push(FieldError::new(name, "wrong_type", format!("`{name}` must be a string, got {}", kind(other))));
+            errs.push(FieldError::new(
+                name,
+                "wrong_type",
+                format!("`{name}` must be a string, got {}", kind(other)),
+            ));
             None
         }
     }
@@ -223,27 +273,49 @@ pub fn parse_quantity(v: &Value) -> Result<Decimal, (&'static str, String)> {
                 let s = n.to_string();
                 Decimal::from_str(&s)
                     .or_else(|_| Decimal::from_scientific(&s))
-                    .map_err(|_| ("invalid_value", format!("quantity {s} is not a representable decimal")))?
+                    .map_err(|_| {
+                        (
+                            "invalid_value",
+                            format!("quantity {s} is not a representable decimal"),
+                        )
+                    })?
             }
         }
         Value::String(s) => {
             let ok = !s.is_empty()
                 && s.trim_start_matches('-').split('.').count() <= 2
-                && s.trim_start_matches('-').chars().all(|c| c.is_ascii_digit() || c == '.')
+                && s.trim_start_matches('-')
+                    .chars()
+                    .all(|c| c.is_ascii_digit() || c == '.')
                 && !s.trim_start_matches('-').starts_with('.')
                 && !s.ends_with('.');
             if !ok {
-                return Err(("invalid_value", format!("quantity {s:?} is not a decimal number")));
+                return Err((
+                    "invalid_value",
+                    format!("quantity {s:?} is not a decimal number"),
+                ));
             }
-            Decimal::from_str(s).map_err(|_| ("invalid_value", format!("quantity {s:?} is out of range")))?
+            Decimal::from_str(s)
+                .map_err(|_| ("invalid_value", format!("quantity {s:?} is out of range")))?
         }
-        other => return Err(("wrong_type", format!("quantity must be a number or decimal string, got {}", kind(other)))),
+        other => {
+            return Err((
+                "wrong_type",
+                format!(
+                    "quantity must be a number or decimal string, got {}",
+                    kind(other)
+                ),
+            ))
+        }
     };
     if d.is_sign_negative() && !d.is_zero() {
         return Err(("negative_quantity", format!("quantity {d} is negative")));
     }
     if d.scale() > QUANTITY_SCALE && d.normalize().scale() > QUANTITY_SCALE {
-        return Err(("invalid_value", format!("quantity {d} has more than {QUANTITY_SCALE} decimal places")));
+        return Err((
+            "invalid_value",
+            format!("quantity {d} has more than {QUANTITY_SCALE} decimal places"),
+        ));
     }
     if d.trunc() >= Decimal::from_i128_with_scale(10i128.pow(QUANTITY_MAX_INTEGER_DIGITS), 0) {
         return Err(("invalid_value", format!("quantity {d} is too large")));
@@ -253,24 +325,42 @@ pub fn parse_quantity(v: &Value) -> Result<Decimal, (&'static str, String)> {
 
 fn dim_value(v: &Value) -> Option<String> {
     match v {
-        Value::String(s) if !s.is_empty() && s.len() <= 256 && !s.chars().any(|c| c.is_control()) => Some(s.clone()),
+        Value::String(s)
+            if !s.is_empty() && s.len() <= 256 && !s.chars().any(|c| c.is_control()) =>
+        {
+            Some(s.clone())
+        }
         _ => None,
     }
 }
 
 fn is_customer_id(s: &str) -> bool {
-    s.len() <= 128 && s.chars().all(|c| c.is_ascii_alphanumeric() || "._:@-".contains(c))
+    s.len() <= 128
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._:@-".contains(c))
 }
 
 impl UsageEvent {
     /// Validates one event against the meter catalog and the time window.
     /// Returns every problem found, not just the first.
-    pub fn validate(ev: &RawEvent, meters: &MeterCatalog, window: &AcceptWindow) -> Result<UsageEvent, Vec<FieldError>> {
+    pub fn validate(
+        ev: &RawEvent,
+        meters: &MeterCatalog,
+        window: &AcceptWindow,
+    ) -> Result<UsageEvent, Vec<FieldError>> {
         let mut errs = Vec::new();
         match ev.get("specversion") {
             Some(Value::String(s)) if s == "1.0" => {}
-            None => errs.push(FieldError::new("specversion", "missing_field", "`specversion` is required")),
-            Some(v) => errs.push(FieldError::new("specversion", "invalid_value", format!("`specversion` must be \"1.0\", got {v}"))),
+            None => errs.push(FieldError::new(
+                "specversion",
+                "missing_field",
+                "`specversion` is required",
+            )),
+            Some(v) => errs.push(FieldError::new(
+                "specversion",
+                "invalid_value",
+                format!("`specversion` must be \"1.0\", got {v}"),
+            )),
         }
         let id = str_field(ev, "id", 256, &mut errs);
         let source = str_field(ev, "source", 512, &mut errs);
@@ -278,36 +368,70 @@ impl UsageEvent {
         let subject = str_field(ev, "subject", 128, &mut errs);
         if let Some(s) = subject {
             if !is_customer_id(s) {
-                errs.push(FieldError::new("subject", "invalid_value", "`subject` (the customer id) may hold only letters, digits and ._:@-"));
+                errs.push(FieldError::new(
+                    "subject",
+                    "invalid_value",
+                    "`subject` (the customer id) may hold only letters, digits and ._:@-",
+                ));
             }
         }
-        let time = str_field(ev, "time", 64, &mut errs).and_then(|t| match DateTime::parse_from_rfc3339(t) {
-            Ok(t) => Some(t.with_timezone(&Utc)),
-            Err(e) => {
-                errs.push(FieldError::new("time", "invalid_value", format!("`time` is not RFC 3339: {e}")));
-                None
+        let time = str_field(ev, "time", 64, &mut errs).and_then(|t| {
+            match DateTime::parse_from_rfc3339(t) {
+                Ok(t) => Some(t.with_timezone(&Utc)),
+                Err(e) => {
+                    errs.push(FieldError::new(
+                        "time",
+                        "invalid_value",
+                        format!("`time` is not RFC 3339: {e}"),
+                    ));
+                    None
+                }
             }
         });
         if let Some(t) = time {
             if t > window.not_after {
-                errs.push(FieldError::new("time", "time_in_future", format!("`time` {t} is after {}", window.not_after)));
+                errs.push(FieldError::new(
+                    "time",
+                    "time_in_future",
+                    format!("`time` {t} is after {}", window.not_after),
+                ));
             } else if t < window.not_before {
-                errs.push(FieldError::new("time", "time_before_window", format!("`time` {t} is before the retention window, which starts {}", window.not_before)));
+                errs.push(FieldError::new(
+                    "time",
+                    "time_before_window",
+                    format!(
+                        "`time` {t} is before the retention window, which starts {}",
+                        window.not_before
+                    ),
+                ));
             }
         }
         match ev.get("datacontenttype") {
             None | Some(Value::Null) => {}
-            Some(Value::String(s)) if s == "application/json" || s.starts_with("application/json;") => {}
-            Some(v) => errs.push(FieldError::new("datacontenttype", "invalid_value", format!("`datacontenttype` must be application/json, got {v}"))),
+            Some(Value::String(s))
+                if s == "application/json" || s.starts_with("application/json;") => {}
+            Some(v) => errs.push(FieldError::new(
+                "datacontenttype",
+                "invalid_value",
+                format!("`datacontenttype` must be application/json, got {v}"),
+            )),
         }
         let data = match ev.get("data") {
             Some(Value::Object(d)) => Some(d),
             None | Some(Value::Null) => {
-                errs.push(FieldError::new("data", "missing_field", "`data` is required"));
+                errs.push(FieldError::new(
+                    "data",
+                    "missing_field",
+                    "`data` is required",
+                ));
                 None
             }
             Some(v) => {
-                errs.push(FieldError::new("data", "wrong_type", format!("`data` must be an object, got {}", kind(v))));
+                errs.push(FieldError::new(
+                    "data",
+                    "wrong_type",
+                    format!("`data` must be an object, got {}", kind(v)),
+                ));
                 None
             }
         };
@@ -315,7 +439,11 @@ impl UsageEvent {
         if let Some(t) = event_type {
             let defs: Vec<&MeterDef> = meters.for_type(t).collect();
             if defs.is_empty() {
-                errs.push(FieldError::new("type", "unknown_event_type", format!("no meter reads events of type {t:?}")));
+                errs.push(FieldError::new(
+                    "type",
+                    "unknown_event_type",
+                    format!("no meter reads events of type {t:?}"),
+                ));
             } else if let Some(data) = data {
                 for def in defs {
                     if let Some(r) = Self::record(def, data, &mut errs) {
@@ -337,23 +465,36 @@ impl UsageEvent {
         })
     }
 
-    fn record(def: &MeterDef, data: &Map<String, Value>, errs: &mut Vec<FieldError>) -> Option<UsageRecord> {
+    fn record(
+        def: &MeterDef,
+        data: &Map<String, Value>,
+        errs: &mut Vec<FieldError>,
+    ) -> Option<UsageRecord> {
         let before = errs.len();
         let mut app = String::new();
         let mut dims = BTreeMap::new();
         for d in &def.dimensions {
             let field = format!("data.{}", d.path);
             match lookup(data, &d.path) {
-                None | Some(Value::Null) if d.required => {
-                    errs.push(FieldError::new(field, "missing_field", format!("dimension `{}` is required by meter {}", d.name, def.key)))
-                }
+                None | Some(Value::Null) if d.required => errs.push(FieldError::new(
+                    field,
+                    "missing_field",
+                    format!("dimension `{}` is required by meter {}", d.name, def.key),
+                )),
                 None | Some(Value::Null) => {}
                 Some(v) => match dim_value(v) {
                     Some(s) if d.name == APP_DIMENSION => app = s,
                     Some(s) => {
                         dims.insert(d.name.clone(), s);
                     }
-                    None => errs.push(FieldError::new(field, "wrong_type", format!("dimension `{}` must be a non-empty string of at most 256 bytes", d.name))),
+                    None => errs.push(FieldError::new(
+                        field,
+                        "wrong_type",
+                        format!(
+                            "dimension `{}` must be a non-empty string of at most 256 bytes",
+                            d.name
+                        ),
+                    )),
                 },
             }
         }
@@ -363,17 +504,23 @@ impl UsageEvent {
                 let field = format!("data.{path}");
                 match lookup(data, path) {
                     None | Some(Value::Null) => {
-                        errs.push(FieldError::new(field, "missing_field", format!("`{path}` is required by meter {}", def.key)));
+                        errs.push(FieldError::new(
+                            field,
+                            "missing_field",
+                            format!("`{path}` is required by meter {}", def.key),
+                        ));
                         (Decimal::ZERO, None)
                     }
-                    Some(v) if agg == Aggregation::UniqueCount => match v {
-                        Value::String(s) if !s.is_empty() => (Decimal::ONE, Some(s.clone())),
-                        Value::Number(n) => (Decimal::ONE, Some(n.to_string())),
-                        other => {
-                            errs.push(FieldError::new(field, "wrong_type", format!("unique value must be a non-empty string or a number, got {}", kind(other))));
-                            (Decimal::ZERO, None)
+                    Some(v) if agg == Aggregation::UniqueCount => {
+                        match v {
+                            Value::String(s) if !s.is_empty() => (Decimal::ONE, Some(s.clone())),
+                            Value::Number(n) => (Decimal::ONE, Some(n.to_string())),
+                            other => {
+                                errs.push(FieldError::new(field, "wrong_type", format!("unique value must be a non-empty string or a number, got {}", kind(other))));
+                                (Decimal::ZERO, None)
+                            }
                         }
-                    },
+                    }
                     Some(v) => match parse_quantity(v) {
                         Ok(q) => (q, None),
                         Err((code, msg)) => {
@@ -385,7 +532,13 @@ impl UsageEvent {
             }
             (_, None) => unreachable!("catalog validation requires value_path"),
         };
-        (errs.len() == before).then(|| UsageRecord { meter: def.key.clone(), quantity, app, dims, unique_value })
+        (errs.len() == before).then(|| UsageRecord {
+            meter: def.key.clone(),
+            quantity,
+            app,
+            dims,
+            unique_value,
+        })
     }
 }
 
@@ -400,7 +553,11 @@ mod tests {
 
     fn validate(v: Value) -> Result<UsageEvent, Vec<FieldError>> {
         let m = v.as_object().unwrap().clone();
-        UsageEvent::validate(&m, &MeterCatalog::default_catalog(), &AcceptWindow::at(now()))
+        UsageEvent::validate(
+            &m,
+            &MeterCatalog::default_catalog(),
+            &AcceptWindow::at(now()),
+        )
     }
 
     fn compute(q: Value) -> Value {
@@ -417,7 +574,10 @@ mod tests {
         let r = &e.records[0];
         assert_eq!((r.meter.as_str(), r.app.as_str()), ("compute", "web"));
         assert_eq!(r.quantity, Decimal::from(60));
-        assert_eq!(r.dims_json(), r#"{"instance_type":"t4g.nano","region":"fra"}"#);
+        assert_eq!(
+            r.dims_json(),
+            r#"{"instance_type":"t4g.nano","region":"fra"}"#
+        );
     }
 
     #[test]
@@ -430,8 +590,10 @@ mod tests {
 
     #[test]
     fn every_problem_is_reported() {
-        let errs = validate(json!({"specversion":"0.3","id":5,"type":"tally.compute","subject":"c",
-            "time":"2027-01-01T00:00:00Z","data":{"app":"web","instance_seconds":-1}}))
+        let errs = validate(
+            json!({"specversion":"0.3","id":5,"type":"tally.compute","subject":"c",
+            "time":"2027-01-01T00:00:00Z","data":{"app":"web","instance_seconds":-1}}),
+        )
         .unwrap_err();
         let codes: Vec<(&str, &str)> = errs.iter().map(|e| (e.field.as_str(), e.code)).collect();
         for want in [
@@ -449,9 +611,15 @@ mod tests {
     #[test]
     fn window_bounds() {
         let w = AcceptWindow::at(now());
-        assert_eq!(w.not_before, Utc.with_ymd_and_hms(2026, 10, 1, 0, 0, 0).unwrap());
+        assert_eq!(
+            w.not_before,
+            Utc.with_ymd_and_hms(2026, 10, 1, 0, 0, 0).unwrap()
+        );
         let jan = Utc.with_ymd_and_hms(2027, 1, 10, 0, 0, 0).unwrap();
-        assert_eq!(previous_month_start(jan), Utc.with_ymd_and_hms(2026, 12, 1, 0, 0, 0).unwrap());
+        assert_eq!(
+            previous_month_start(jan),
+            Utc.with_ymd_and_hms(2026, 12, 1, 0, 0, 0).unwrap()
+        );
         let mut old = compute(json!(1));
         old["time"] = json!("2026-09-30T23:59:59Z");
         assert_eq!(validate(old).unwrap_err()[0].code, "time_before_window");
@@ -462,7 +630,12 @@ mod tests {
         let mut e = compute(json!(1));
         e["type"] = json!("tally.gpu");
         assert_eq!(validate(e).unwrap_err()[0].code, "unknown_event_type");
-        for (q, code) in [(json!("1e5"), "invalid_value"), (json!(true), "wrong_type"), (json!("0.0000000000001"), "invalid_value"), (json!("1.2.3"), "invalid_value")] {
+        for (q, code) in [
+            (json!("1e5"), "invalid_value"),
+            (json!(true), "wrong_type"),
+            (json!("0.0000000000001"), "invalid_value"),
+            (json!("1.2.3"), "invalid_value"),
+        ] {
             let errs = validate(compute(q.clone())).unwrap_err();
             assert_eq!(errs[0].code, code, "{q}");
         }

@@ -26,7 +26,10 @@ mod tests {
 
     #[test]
     fn separation_matters() {
-        assert_ne!(deterministic_id(&["ab", "c"]), deterministic_id(&["a", "bc"]));
+        assert_ne!(
+            deterministic_id(&["ab", "c"]),
+            deterministic_id(&["a", "bc"])
+        );
         assert_eq!(deterministic_id(&["a", "b"]), deterministic_id(&["a", "b"]));
         assert_eq!(deterministic_id(&["x"]).len(), 32);
     }

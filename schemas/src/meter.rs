@@ -68,8 +68,7 @@ impl MeterCatalog {
     }
 
     pub fn from_json(text: &str) -> Result<Self, String> {
-        let cat: MeterCatalog =
-            serde_json::from_str(text).map_err(|e| format!("meters: {e}"))?;
+        let cat: MeterCatalog = serde_json::from_str(text).map_err(|e| format!("meters: {e}"))?;
         cat.validate()?;
         Ok(cat)
     }
@@ -123,7 +122,9 @@ impl MeterCatalog {
 
     /// Meters reading events of this type.
     pub fn for_type<'a>(&'a self, event_type: &'a str) -> impl Iterator<Item = &'a MeterDef> + 'a {
-        self.meters.iter().filter(move |m| m.event_type == event_type)
+        self.meters
+            .iter()
+            .filter(move |m| m.event_type == event_type)
     }
 }
 

@@ -18,7 +18,11 @@ pub const CLICKHOUSE_MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema
 
 /// ClickHouse migrations in order.
 pub const CLICKHOUSE: &[Migration] = &[
-    Migration { version: 1, name: "usage_events", sql: include_str!("../migrations/clickhouse/0001_usage_events.sql") },
+    Migration {
+        version: 1,
+        name: "usage_events",
+        sql: include_str!("../migrations/clickhouse/0001_usage_events.sql"),
+    },
     Migration {
         version: 2,
         name: "usage_rollups_hourly",
@@ -34,13 +38,25 @@ mod tests {
     fn versions_are_dense_and_match_file_names() {
         for (i, m) in CLICKHOUSE.iter().enumerate() {
             assert_eq!(m.version as usize, i + 1);
-            assert!(m.sql.contains("IF NOT EXISTS"), "migration {} must be idempotent", m.name);
+            assert!(
+                m.sql.contains("IF NOT EXISTS"),
+                "migration {} must be idempotent",
+                m.name
+            );
         }
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/clickhouse");
-        let mut files: Vec<String> =
-            std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        let mut files: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
         files.sort();
-        let expected: Vec<String> = CLICKHOUSE.iter().map(|m| format!("{:04}_{}.sql", m.version, m.name)).collect();
-        assert_eq!(files, expected, "every migration file must be listed in CLICKHOUSE");
+        let expected: Vec<String> = CLICKHOUSE
+            .iter()
+            .map(|m| format!("{:04}_{}.sql", m.version, m.name))
+            .collect();
+        assert_eq!(
+            files, expected,
+            "every migration file must be listed in CLICKHOUSE"
+        );
     }
 }

@@ -21,9 +21,23 @@ fn schema_and_rust_validation_agree_on_corpus() {
         let event = &case["event"];
         let by_schema = validator.is_valid(event);
         let by_rust = UsageEvent::validate(event.as_object().unwrap(), &meters, &window);
-        assert_eq!(by_schema, expected, "schema disagrees with corpus on {name:?}");
-        assert_eq!(by_rust.is_ok(), expected, "rust disagrees with corpus on {name:?}: {by_rust:?}");
-        if expected { valid += 1 } else { invalid += 1 }
+        assert_eq!(
+            by_schema, expected,
+            "schema disagrees with corpus on {name:?}"
+        );
+        assert_eq!(
+            by_rust.is_ok(),
+            expected,
+            "rust disagrees with corpus on {name:?}: {by_rust:?}"
+        );
+        if expected {
+            valid += 1
+        } else {
+            invalid += 1
+        }
     }
-    assert!(valid >= 5 && invalid >= 15, "corpus too small: {valid} valid, {invalid} invalid");
+    assert!(
+        valid >= 5 && invalid >= 15,
+        "corpus too small: {valid} valid, {invalid} invalid"
+    );
 }

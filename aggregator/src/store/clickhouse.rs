@@ -19,7 +19,10 @@
 //!
 //! The SQL stays within what ClickHouse 18.16 accepts.
 
-use super::{group_cells, split_hours, Cell, Partial, PartitionState, RawRow, UsageQuery, UsageRow, UsageStore, UsageWriter};
+use super::{
+    group_cells, split_hours, Cell, Partial, PartitionState, RawRow, UsageQuery, UsageRow,
+    UsageStore, UsageWriter,
+};
 use crate::rollup::{RollupKey, RollupValue};
 use anyhow::Context;
 use chrono::{DateTime, TimeZone, Utc};
@@ -35,7 +38,11 @@ const SCALE: u32 = 12;
 
 /// A quantity as the i128 mantissa of `Decimal(38, 12)`.
 pub fn to_ch(d: Decimal) -> i128 {
-    let d = if d.scale() > SCALE { d.round_dp(SCALE) } else { d };
+    let d = if d.scale() > SCALE {
+        d.round_dp(SCALE)
+    } else {
+        d
+    };
     d.mantissa() * 10i128.pow(SCALE - d.scale())
 }
 
@@ -47,7 +54,8 @@ pub fn from_ch(mut v: i128) -> anyhow::Result<Decimal> {
         v /= 10;
         scale -= 1;
     }
-    Decimal::try_from_i128_with_scale(v, scale).map_err(|e| anyhow::anyhow!("stored quantity out of range: {e}"))
+    Decimal::try_from_i128_with_scale(v, scale)
+        .map_err(|e| anyhow::anyhow!("stored quantity out of range: {e}"))
 }
 
 fn quote(s: &str) -> String {
@@ -128,7 +136,8 @@ struct SourceId {
 }
 
 /// Columns of a rollup row, computed from raw rows (used by repair).
-const ROLLUP_FROM_RAW: &str = "customer, meter, toStartOfHour(time) AS hour, app, dims, count() AS events, \
+const ROLLUP_FROM_RAW: &str =
+    "customer, meter, toStartOfHour(time) AS hour, app, dims, count() AS events, \
      sum(quantity), max(quantity), max(time), argMax(quantity, tuple(time, quantity))";
 
 #[derive(Clone)]
@@ -147,7 +156,12 @@ impl ClickHouseStore {
             // ClickHouse 18.16 has no RowBinaryWithNamesAndTypes.
             .with_validation(false)
             .with_compression(Compression::None);
-        Self { client, url: url.to_owned(), database: database.to_owned(), metrics: None }
+        Self {
+            client,
+            url: url.to_owned(),
+            database: database.to_owned(),
+            metrics: None,
+        }
     }
 
     pub fn client(&self) -> &Client {
@@ -156,27 +170,44 @@ impl ClickHouseStore {
 
     fn observe(&self, table: &str, start: Instant) {
         if let Some(m) = &self.metrics {
-            m.insert_duration.with_label_values(&[table]).observe(start.elapsed().as_secs_f64());
+            m.insert_duration
+                .with_label_values(&[table])
+                .observe(start.elapsed().as_secs_f64());
         }
     }
 
     async fn exec(&self, sql: &str) -> anyhow::Result<()> {
-        self.client.query(sql).execute().await.with_context(|| format!("clickhouse: {sql}"))
+        self.client
+            .query(sql)
+            .execute()
+            .await
+            .with_context(|| format!("clickhouse: {sql}"))
     }
 
     /// Creates the database if missing (uses a client without database).
     pub async fn create_database(&self) -> anyhow::Result<()> {
-        let c = Client::default().with_url(&self.url).with_validation(false).with_compression(Compression::None);
-        c.query(&format!("CREATE DATABASE IF NOT EXISTS `{}`", self.database.replace('`', "")))
-            .execute()
-            .await
-            .context("creating clickhouse database")
+        let c = Client::default()
+            .with_url(&self.url)
+            .with_validation(false)
+            .with_compression(Compression::None);
+        c.query(&format!(
+            "CREATE DATABASE IF NOT EXISTS `{}`",
+            self.database.replace('`', "")
+        ))
+        .execute()
+        .await
+        .context("creating clickhouse database")
     }
 
     pub async fn apply_migrations(&self) -> anyhow::Result<()> {
         self.create_database().await?;
-        self.exec(schemas::migrations::CLICKHOUSE_MIGRATIONS_TABLE).await?;
-        let applied: Vec<u32> = self.client.query("SELECT version FROM schema_migrations").fetch_all().await?;
+        self.exec(schemas::migrations::CLICKHOUSE_MIGRATIONS_TABLE)
+            .await?;
+        let applied: Vec<u32> = self
+            .client
+            .query("SELECT version FROM schema_migrations")
+            .fetch_all()
+            .await?;
         for m in schemas::migrations::CLICKHOUSE {
             if applied.contains(&m.version) {
                 continue;
@@ -188,19 +219,30 @@ impl ClickHouseStore {
                 quote(m.name)
             ))
             .await?;
-            tracing::info!(version = m.version, name = m.name, "applied clickhouse migration");
+            tracing::info!(
+                version = m.version,
+                name = m.name,
+                "applied clickhouse migration"
+            );
         }
         Ok(())
     }
 
-    async fn partition_state(&self, partition: u32, window_start: DateTime<Utc>) -> anyhow::Result<PartitionState> {
+    async fn partition_state(
+        &self,
+        partition: u32,
+        window_start: DateTime<Utc>,
+    ) -> anyhow::Result<PartitionState> {
         let raw: MaxCount = self
             .client
             .query("SELECT max(kafka_offset), count() FROM usage_events WHERE kafka_partition = ?")
             .bind(partition)
             .fetch_one()
             .await?;
-        let mut st = PartitionState { max_offset: (raw.count > 0).then_some(raw.max), ..Default::default() };
+        let mut st = PartitionState {
+            max_offset: (raw.count > 0).then_some(raw.max),
+            ..Default::default()
+        };
         if raw.count > 0 {
             let roll: MaxCount = self
                 .client
@@ -209,11 +251,21 @@ impl ClickHouseStore {
                 .fetch_one()
                 .await?;
             if roll.count == 0 || roll.max < raw.max {
-                let after = if roll.count == 0 { String::new() } else { format!(" AND kafka_offset > {}", roll.max) };
+                let after = if roll.count == 0 {
+                    String::new()
+                } else {
+                    format!(" AND kafka_offset > {}", roll.max)
+                };
                 let touched = format!(
                     "SELECT customer, meter, toStartOfHour(time), app, dims FROM usage_events WHERE kafka_partition = {partition}{after}"
                 );
-                let n: u64 = self.client.query(&format!("SELECT count() FROM (SELECT DISTINCT * FROM ({touched}))")).fetch_one().await?;
+                let n: u64 = self
+                    .client
+                    .query(&format!(
+                        "SELECT count() FROM (SELECT DISTINCT * FROM ({touched}))"
+                    ))
+                    .fetch_one()
+                    .await?;
                 self.exec(&format!(
                     "INSERT INTO usage_rollups_hourly SELECT {ROLLUP_FROM_RAW}, {partition} AS kafka_partition, {max} AS version \
                      FROM usage_events WHERE (customer, meter, toStartOfHour(time), app, dims) IN ({touched}) \
@@ -222,7 +274,11 @@ impl ClickHouseStore {
                 ))
                 .await?;
                 st.repaired_keys = n as usize;
-                tracing::warn!(partition, keys = n, "repaired rollups after an interrupted batch");
+                tracing::warn!(
+                    partition,
+                    keys = n,
+                    "repaired rollups after an interrupted batch"
+                );
             }
             let seen: Vec<SourceId> = self
                 .client
@@ -231,7 +287,10 @@ impl ClickHouseStore {
                 .bind(window_start.timestamp() as u32)
                 .fetch_all()
                 .await?;
-            st.seen = seen.into_iter().map(|s| (s.source, s.id, s.time as i64)).collect();
+            st.seen = seen
+                .into_iter()
+                .map(|s| (s.source, s.id, s.time as i64))
+                .collect();
         }
         Ok(st)
     }
@@ -239,17 +298,27 @@ impl ClickHouseStore {
     fn bucket_sql(col: &str, q: &UsageQuery) -> String {
         match q.granularity {
             None => "toUInt32(0)".into(),
-            Some(super::Granularity::Hour) => format!("toUInt32(intDiv(toUInt32({col}), 3600) * 3600)"),
+            Some(super::Granularity::Hour) => {
+                format!("toUInt32(intDiv(toUInt32({col}), 3600) * 3600)")
+            }
             // Months are bucketed from days in Rust (group_cells).
             Some(_) => format!("toUInt32(intDiv(toUInt32({col}), 86400) * 86400)"),
         }
     }
 
     async fn cells(&self, meter: &MeterDef, q: &UsageQuery) -> anyhow::Result<Vec<Cell>> {
-        let filter = format!("customer = {} AND meter = {}", quote(&q.customer), quote(&meter.key));
+        let filter = format!(
+            "customer = {} AND meter = {}",
+            quote(&q.customer),
+            quote(&meter.key)
+        );
         let mut sqls = Vec::new();
         let raw_sql = |from: i64, to: i64| {
-            let uniques = if meter.aggregation == Aggregation::UniqueCount { "groupUniqArray(unique_value)" } else { "emptyArrayString()" };
+            let uniques = if meter.aggregation == Aggregation::UniqueCount {
+                "groupUniqArray(unique_value)"
+            } else {
+                "emptyArrayString()"
+            };
             format!(
                 "SELECT {b} AS bucket, app, dims, count(), sum(quantity), max(quantity), toUInt32(max(time)), \
                  argMax(quantity, tuple(time, quantity)), {uniques} FROM usage_events \
@@ -278,7 +347,12 @@ impl ClickHouseStore {
         }
         let mut cells = Vec::new();
         for sql in sqls {
-            let rows: Vec<CellCh> = self.client.query(&sql).fetch_all().await.with_context(|| format!("clickhouse: {sql}"))?;
+            let rows: Vec<CellCh> = self
+                .client
+                .query(&sql)
+                .fetch_all()
+                .await
+                .with_context(|| format!("clickhouse: {sql}"))?;
             for r in rows {
                 let latest_q = from_ch(r.latest_quantity)?;
                 cells.push(Cell {
@@ -298,29 +372,27 @@ impl ClickHouseStore {
         Ok(cells)
     }
 
-    /// Totals per `customer/app/meter` over everything stored; used by tests
-    /// and the `aggregator totals` command to compare with a ground truth.
+    /// Totals per `customer/app/meter` over everything stored, from the
+    /// rollups; used by tests and `aggregator totals` to compare with a
+    /// ground truth.
     pub async fn totals(&self) -> anyhow::Result<std::collections::BTreeMap<String, Decimal>> {
-        #[derive(Row, Deserialize)]
-        struct T {
-            customer: String,
-            app: String,
-            meter: String,
-            sum: i128,
-        }
-        let rows: Vec<T> = self
-            .client
-            .query(
-                "SELECT customer, app, meter, sum(s) FROM (SELECT customer, meter, hour, app, dims, argMax(quantity_sum, version) AS s \
-                 FROM usage_rollups_hourly GROUP BY customer, meter, hour, app, dims) GROUP BY customer, app, meter",
-            )
-            .fetch_all()
-            .await?;
-        rows.into_iter().map(|r| Ok((format!("{}/{}/{}", r.customer, r.app, r.meter), from_ch(r.sum)?))).collect()
+        self.totals_from(
+            "SELECT customer, app, meter, sum(s) FROM (SELECT customer, meter, hour, app, dims, argMax(quantity_sum, version) AS s \
+             FROM usage_rollups_hourly GROUP BY customer, meter, hour, app, dims) GROUP BY customer, app, meter",
+        )
+        .await
     }
 
-    /// Totals computed from raw rows (must always equal [`Self::totals`]).
+    /// The same totals computed from raw rows (must always equal
+    /// [`Self::totals`]).
     pub async fn raw_totals(&self) -> anyhow::Result<std::collections::BTreeMap<String, Decimal>> {
+        self.totals_from("SELECT customer, app, meter, sum(quantity) FROM usage_events GROUP BY customer, app, meter").await
+    }
+
+    async fn totals_from(
+        &self,
+        sql: &str,
+    ) -> anyhow::Result<std::collections::BTreeMap<String, Decimal>> {
         #[derive(Row, Deserialize)]
         struct T {
             customer: String,
@@ -328,9 +400,15 @@ impl ClickHouseStore {
             meter: String,
             sum: i128,
         }
-        let rows: Vec<T> =
-            self.client.query("SELECT customer, app, meter, sum(quantity) FROM usage_events GROUP BY customer, app, meter").fetch_all().await?;
-        rows.into_iter().map(|r| Ok((format!("{}/{}/{}", r.customer, r.app, r.meter), from_ch(r.sum)?))).collect()
+        let rows: Vec<T> = self.client.query(sql).fetch_all().await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok((
+                    format!("{}/{}/{}", r.customer, r.app, r.meter),
+                    from_ch(r.sum)?,
+                ))
+            })
+            .collect()
     }
 }
 
@@ -339,7 +417,11 @@ impl UsageWriter for ClickHouseStore {
         Box::pin(self.apply_migrations())
     }
 
-    fn load_partition(&self, partition: u32, window_start: DateTime<Utc>) -> BoxFuture<'_, anyhow::Result<PartitionState>> {
+    fn load_partition(
+        &self,
+        partition: u32,
+        window_start: DateTime<Utc>,
+    ) -> BoxFuture<'_, anyhow::Result<PartitionState>> {
         Box::pin(self.partition_state(partition, window_start))
     }
 
@@ -372,12 +454,18 @@ impl UsageWriter for ClickHouseStore {
         })
     }
 
-    fn load_rollups(&self, pairs: Vec<(String, i64)>) -> BoxFuture<'_, anyhow::Result<Vec<(RollupKey, RollupValue)>>> {
+    fn load_rollups(
+        &self,
+        pairs: Vec<(String, i64)>,
+    ) -> BoxFuture<'_, anyhow::Result<Vec<(RollupKey, RollupValue)>>> {
         Box::pin(async move {
             if pairs.is_empty() {
                 return Ok(vec![]);
             }
-            let list: Vec<String> = pairs.iter().map(|(c, h)| format!("({}, {h})", quote(c))).collect();
+            let list: Vec<String> = pairs
+                .iter()
+                .map(|(c, h)| format!("({}, {h})", quote(c)))
+                .collect();
             let sql = format!(
                 "SELECT customer, meter, toUInt32(hour), app, dims, argMax(events, version), argMax(quantity_sum, version), \
                  argMax(quantity_max, version), toUInt32(argMax(latest_time, version)), argMax(latest_quantity, version), \
@@ -385,11 +473,22 @@ impl UsageWriter for ClickHouseStore {
                  GROUP BY customer, meter, hour, app, dims",
                 list.join(", ")
             );
-            let rows: Vec<RollupCh> = self.client.query(&sql).fetch_all().await.context("loading rollups")?;
+            let rows: Vec<RollupCh> = self
+                .client
+                .query(&sql)
+                .fetch_all()
+                .await
+                .context("loading rollups")?;
             rows.into_iter()
                 .map(|r| {
                     Ok((
-                        RollupKey { customer: r.customer, meter: r.meter, hour: r.hour as i64, app: r.app, dims: r.dims },
+                        RollupKey {
+                            customer: r.customer,
+                            meter: r.meter,
+                            hour: r.hour as i64,
+                            app: r.app,
+                            dims: r.dims,
+                        },
                         RollupValue {
                             events: r.events,
                             sum: from_ch(r.quantity_sum)?,
@@ -404,13 +503,19 @@ impl UsageWriter for ClickHouseStore {
         })
     }
 
-    fn write_rollups(&self, rows: Vec<(RollupKey, RollupValue)>) -> BoxFuture<'_, anyhow::Result<()>> {
+    fn write_rollups(
+        &self,
+        rows: Vec<(RollupKey, RollupValue)>,
+    ) -> BoxFuture<'_, anyhow::Result<()>> {
         Box::pin(async move {
             if rows.is_empty() {
                 return Ok(());
             }
             let start = Instant::now();
-            let mut ins = self.client.insert::<RollupCh>("usage_rollups_hourly").await?;
+            let mut ins = self
+                .client
+                .insert::<RollupCh>("usage_rollups_hourly")
+                .await?;
             for (k, v) in rows {
                 ins.write(&RollupCh {
                     customer: k.customer,
@@ -436,7 +541,11 @@ impl UsageWriter for ClickHouseStore {
 }
 
 impl UsageStore for ClickHouseStore {
-    fn query<'a>(&'a self, meter: &'a MeterDef, q: &'a UsageQuery) -> BoxFuture<'a, anyhow::Result<Vec<UsageRow>>> {
+    fn query<'a>(
+        &'a self,
+        meter: &'a MeterDef,
+        q: &'a UsageQuery,
+    ) -> BoxFuture<'a, anyhow::Result<Vec<UsageRow>>> {
         Box::pin(async move {
             let cells = self.cells(meter, q).await?;
             Ok(group_cells(meter, q, cells))
@@ -450,7 +559,14 @@ mod tests {
 
     #[test]
     fn decimal_roundtrip() {
-        for s in ["0", "1", "0.000000000001", "123456789.5", "9999999999999999.999999999999", "100000000000000000000"] {
+        for s in [
+            "0",
+            "1",
+            "0.000000000001",
+            "123456789.5",
+            "9999999999999999.999999999999",
+            "100000000000000000000",
+        ] {
             let d: Decimal = s.parse().unwrap();
             assert_eq!(from_ch(to_ch(d)).unwrap(), d, "{s}");
         }

@@ -53,13 +53,23 @@ pub trait UsageWriter: Send + Sync + 'static {
     fn migrate(&self) -> BoxFuture<'_, anyhow::Result<()>>;
     /// Loads the resume state of a partition and repairs its rollups if the
     /// last batch's rollup write did not happen.
-    fn load_partition(&self, partition: u32, window_start: DateTime<Utc>) -> BoxFuture<'_, anyhow::Result<PartitionState>>;
+    fn load_partition(
+        &self,
+        partition: u32,
+        window_start: DateTime<Utc>,
+    ) -> BoxFuture<'_, anyhow::Result<PartitionState>>;
     /// Writes raw rows in one atomic operation.
     fn write_raw(&self, rows: Vec<RawRow>) -> BoxFuture<'_, anyhow::Result<()>>;
     /// Current rollup values of every key of these (customer, hour) pairs.
-    fn load_rollups(&self, pairs: Vec<(String, i64)>) -> BoxFuture<'_, anyhow::Result<Vec<(RollupKey, RollupValue)>>>;
+    fn load_rollups(
+        &self,
+        pairs: Vec<(String, i64)>,
+    ) -> BoxFuture<'_, anyhow::Result<Vec<(RollupKey, RollupValue)>>>;
     /// Writes cumulative rollup values (idempotent: same version, same row).
-    fn write_rollups(&self, rows: Vec<(RollupKey, RollupValue)>) -> BoxFuture<'_, anyhow::Result<()>>;
+    fn write_rollups(
+        &self,
+        rows: Vec<(RollupKey, RollupValue)>,
+    ) -> BoxFuture<'_, anyhow::Result<()>>;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,7 +86,9 @@ impl Granularity {
         match self {
             Granularity::Hour => Utc.timestamp_opt(ts - ts.rem_euclid(3600), 0).unwrap(),
             Granularity::Day => Utc.timestamp_opt(ts - ts.rem_euclid(86400), 0).unwrap(),
-            Granularity::Month => Utc.with_ymd_and_hms(t.year(), t.month(), 1, 0, 0, 0).unwrap(),
+            Granularity::Month => Utc
+                .with_ymd_and_hms(t.year(), t.month(), 1, 0, 0, 0)
+                .unwrap(),
         }
     }
 }
@@ -109,7 +121,11 @@ pub struct UsageRow {
 
 /// The read path billing uses.
 pub trait UsageStore: Send + Sync + 'static {
-    fn query<'a>(&'a self, meter: &'a MeterDef, q: &'a UsageQuery) -> BoxFuture<'a, anyhow::Result<Vec<UsageRow>>>;
+    fn query<'a>(
+        &'a self,
+        meter: &'a MeterDef,
+        q: &'a UsageQuery,
+    ) -> BoxFuture<'a, anyhow::Result<Vec<UsageRow>>>;
 }
 
 /// A mergeable partial aggregate of one (bucket, app, dims) cell.
@@ -164,13 +180,20 @@ pub struct Cell {
 /// Groups cells into answer rows: the one place where grouping and
 /// bucketing rules live, shared by every store.
 pub fn group_cells(meter: &MeterDef, q: &UsageQuery, cells: Vec<Cell>) -> Vec<UsageRow> {
-    let mut groups: BTreeMap<(Option<DateTime<Utc>>, BTreeMap<String, String>), Partial> = BTreeMap::new();
+    type GroupKey = (Option<DateTime<Utc>>, BTreeMap<String, String>);
+    let mut groups: BTreeMap<GroupKey, Partial> = BTreeMap::new();
     let mut dims_cache: HashMap<String, BTreeMap<String, String>> = HashMap::new();
     for c in cells {
-        let dims = dims_cache.entry(c.dims.clone()).or_insert_with(|| serde_json::from_str(&c.dims).unwrap_or_default());
+        let dims = dims_cache
+            .entry(c.dims.clone())
+            .or_insert_with(|| serde_json::from_str(&c.dims).unwrap_or_default());
         let mut group = BTreeMap::new();
         for g in &q.group_by {
-            let v = if g == schemas::meter::APP_DIMENSION { Some(c.app.clone()) } else { dims.get(g).cloned() };
+            let v = if g == schemas::meter::APP_DIMENSION {
+                Some(c.app.clone())
+            } else {
+                dims.get(g).cloned()
+            };
             group.insert(g.clone(), v.unwrap_or_default());
         }
         let bucket = q.granularity.map(|g| g.bucket(c.time));
@@ -178,13 +201,24 @@ pub fn group_cells(meter: &MeterDef, q: &UsageQuery, cells: Vec<Cell>) -> Vec<Us
     }
     groups
         .into_iter()
-        .map(|((bucket, group), p)| UsageRow { bucket, group, events: p.events, value: p.value(meter.aggregation) })
+        .map(|((bucket, group), p)| UsageRow {
+            bucket,
+            group,
+            events: p.events,
+            value: p.value(meter.aggregation),
+        })
         .collect()
 }
 
+/// A half-open range of unix seconds.
+pub type SecondsRange = (i64, i64);
+
 /// Splits `[from, to)` into whole hours (served by rollups) and the partial
 /// hours at its edges (served by raw rows).
-pub fn split_hours(from: DateTime<Utc>, to: DateTime<Utc>) -> (Option<(i64, i64)>, Vec<(i64, i64)>) {
+pub fn split_hours(
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> (Option<SecondsRange>, Vec<SecondsRange>) {
     let (f, t) = (from.timestamp(), to.timestamp());
     if f >= t {
         return (None, vec![]);
@@ -213,22 +247,41 @@ mod tests {
         let h = |x: i64| x * 3600;
         let d = |s: i64| Utc.timestamp_opt(s, 0).unwrap();
         assert_eq!(split_hours(d(h(1)), d(h(3))), (Some((h(1), h(3))), vec![]));
-        assert_eq!(split_hours(d(h(1) + 5), d(h(3) + 7)), (Some((h(2), h(3))), vec![(h(1) + 5, h(2)), (h(3), h(3) + 7)]));
-        assert_eq!(split_hours(d(h(1) + 5), d(h(1) + 9)), (None, vec![(h(1) + 5, h(1) + 9)]));
+        assert_eq!(
+            split_hours(d(h(1) + 5), d(h(3) + 7)),
+            (Some((h(2), h(3))), vec![(h(1) + 5, h(2)), (h(3), h(3) + 7)])
+        );
+        assert_eq!(
+            split_hours(d(h(1) + 5), d(h(1) + 9)),
+            (None, vec![(h(1) + 5, h(1) + 9)])
+        );
         assert_eq!(split_hours(d(h(2)), d(h(1))), (None, vec![]));
     }
 
     #[test]
     fn grouping_buckets_and_aggregates() {
-        let meter = schemas::MeterCatalog::default_catalog().get("compute").unwrap().clone();
+        let meter = schemas::MeterCatalog::default_catalog()
+            .get("compute")
+            .unwrap()
+            .clone();
         let t = |h: u32| Utc.with_ymd_and_hms(2026, 11, 10, h, 0, 0).unwrap();
         let cell = |h, app: &str, it: &str, q: i64| Cell {
             time: t(h),
             app: app.into(),
             dims: format!(r#"{{"instance_type":"{it}","region":"fra"}}"#),
-            partial: Partial { events: 1, sum: Decimal::from(q), max: Decimal::from(q), latest: Some((t(h).timestamp(), Decimal::from(q))), ..Default::default() },
+            partial: Partial {
+                events: 1,
+                sum: Decimal::from(q),
+                max: Decimal::from(q),
+                latest: Some((t(h).timestamp(), Decimal::from(q))),
+                ..Default::default()
+            },
         };
-        let cells = vec![cell(1, "web", "a", 10), cell(2, "web", "b", 5), cell(2, "api", "a", 7)];
+        let cells = vec![
+            cell(1, "web", "a", 10),
+            cell(2, "web", "b", 5),
+            cell(2, "api", "a", 7),
+        ];
         let q = UsageQuery {
             customer: "c".into(),
             meter: "compute".into(),
@@ -239,11 +292,38 @@ mod tests {
         };
         let rows = group_cells(&meter, &q, cells);
         assert_eq!(rows.len(), 2);
-        assert_eq!((rows[0].group["instance_type"].as_str(), rows[0].value, rows[0].events), ("a", Decimal::from(17), 2));
-        assert_eq!(rows[0].bucket, Some(Utc.with_ymd_and_hms(2026, 11, 10, 0, 0, 0).unwrap()));
+        assert_eq!(
+            (
+                rows[0].group["instance_type"].as_str(),
+                rows[0].value,
+                rows[0].events
+            ),
+            ("a", Decimal::from(17), 2)
+        );
+        assert_eq!(
+            rows[0].bucket,
+            Some(Utc.with_ymd_and_hms(2026, 11, 10, 0, 0, 0).unwrap())
+        );
         let mut p = Partial::default();
-        p.merge(Partial { events: 1, max: Decimal::from(3), latest: Some((5, Decimal::from(3))), ..Default::default() });
-        p.merge(Partial { events: 1, max: Decimal::from(9), latest: Some((4, Decimal::from(9))), ..Default::default() });
-        assert_eq!((p.value(Aggregation::Max), p.value(Aggregation::Latest), p.value(Aggregation::Count)), (Decimal::from(9), Decimal::from(3), Decimal::from(2)));
+        p.merge(Partial {
+            events: 1,
+            max: Decimal::from(3),
+            latest: Some((5, Decimal::from(3))),
+            ..Default::default()
+        });
+        p.merge(Partial {
+            events: 1,
+            max: Decimal::from(9),
+            latest: Some((4, Decimal::from(9))),
+            ..Default::default()
+        });
+        assert_eq!(
+            (
+                p.value(Aggregation::Max),
+                p.value(Aggregation::Latest),
+                p.value(Aggregation::Count)
+            ),
+            (Decimal::from(9), Decimal::from(3), Decimal::from(2))
+        );
     }
 }

@@ -20,17 +20,29 @@ pub fn env(name: &str) -> String {
 }
 
 pub fn unique(prefix: &str) -> String {
-    format!("{prefix}_{}_{:08x}", std::process::id(), rand::random::<u32>())
+    format!(
+        "{prefix}_{}_{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn bin(name: &str) -> PathBuf {
     let agg = PathBuf::from(env!("CARGO_BIN_EXE_aggregator"));
     let p = agg.parent().unwrap().join(name);
-    assert!(p.exists(), "{} not built: run `cargo build --workspace` (ops/test.sh does)", p.display());
+    assert!(
+        p.exists(),
+        "{} not built: run `cargo build --workspace` (ops/test.sh does)",
+        p.display()
+    );
     p
 }
 
@@ -46,7 +58,10 @@ impl Proc {
         let _ = self.child.wait();
     }
     pub fn terminate(&mut self) {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -77,14 +92,25 @@ pub struct Env {
 
 impl Env {
     pub fn new(test: &str) -> Self {
-        Self::with_services(test, env("TALLY_KAFKA_BROKERS"), env("TALLY_CLICKHOUSE_URL"))
+        Self::with_services(
+            test,
+            env("TALLY_KAFKA_BROKERS"),
+            env("TALLY_CLICKHOUSE_URL"),
+        )
     }
 
     pub fn with_services(test: &str, brokers: String, clickhouse_url: String) -> Self {
         let id = unique(test);
         let dir = std::env::temp_dir().join("tally-tests").join(&id);
         std::fs::create_dir_all(&dir).unwrap();
-        Self { brokers, clickhouse_url, database: id.clone(), topic: format!("usage-{id}"), group: format!("agg-{id}"), dir }
+        Self {
+            brokers,
+            clickhouse_url,
+            database: id.clone(),
+            topic: format!("usage-{id}"),
+            group: format!("agg-{id}"),
+            dir,
+        }
     }
 
     pub fn store(&self) -> ClickHouseStore {
@@ -115,7 +141,11 @@ impl Env {
     }
 
     pub fn spawn_collector(&self, config: &Path, port: u16) -> Proc {
-        let log = std::fs::File::create(self.dir.join(format!("collector-{}.log", rand::random::<u16>()))).unwrap();
+        let log = std::fs::File::create(
+            self.dir
+                .join(format!("collector-{}.log", rand::random::<u16>())),
+        )
+        .unwrap();
         let child = Command::new(bin("collector"))
             .args(["serve", "--config"])
             .arg(config)
@@ -129,32 +159,56 @@ impl Env {
             .stderr(log)
             .spawn()
             .unwrap();
-        wait_http(&format!("http://127.0.0.1:{port}/healthz"), Duration::from_secs(30));
-        Proc { child, name: "collector".into() }
+        wait_http(
+            &format!("http://127.0.0.1:{port}/healthz"),
+            Duration::from_secs(30),
+        );
+        Proc {
+            child,
+            name: "collector".into(),
+        }
     }
 
     pub fn spawn_aggregator(&self, metrics_port: u16, meters_file: Option<&Path>) -> Proc {
         self.spawn_aggregator_with(metrics_port, meters_file, &[])
     }
 
-    pub fn spawn_aggregator_with(&self, metrics_port: u16, meters_file: Option<&Path>, extra: &[&str]) -> Proc {
-        let log = std::fs::File::create(self.dir.join(format!("aggregator-{}.log", rand::random::<u16>()))).unwrap();
+    pub fn spawn_aggregator_with(
+        &self,
+        metrics_port: u16,
+        meters_file: Option<&Path>,
+        extra: &[&str],
+    ) -> Proc {
+        let log = std::fs::File::create(
+            self.dir
+                .join(format!("aggregator-{}.log", rand::random::<u16>())),
+        )
+        .unwrap();
         let mut cmd = Command::new(bin("aggregator"));
-        cmd.args(["run", "--batch-max-wait-ms", "100", "--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
-            .args(extra)
-            .env("TALLY_KAFKA_BROKERS", &self.brokers)
-            .env("TALLY_KAFKA_TOPIC", &self.topic)
-            .env("TALLY_KAFKA_DLQ_TOPIC", self.dlq_topic())
-            .env("TALLY_CLICKHOUSE_URL", &self.clickhouse_url)
-            .env("TALLY_CLICKHOUSE_DATABASE", &self.database)
-            .env("TALLY_AGGREGATOR_GROUP", &self.group)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log);
+        cmd.args([
+            "run",
+            "--batch-max-wait-ms",
+            "100",
+            "--metrics-listen",
+            &format!("127.0.0.1:{metrics_port}"),
+        ])
+        .args(extra)
+        .env("TALLY_KAFKA_BROKERS", &self.brokers)
+        .env("TALLY_KAFKA_TOPIC", &self.topic)
+        .env("TALLY_KAFKA_DLQ_TOPIC", self.dlq_topic())
+        .env("TALLY_CLICKHOUSE_URL", &self.clickhouse_url)
+        .env("TALLY_CLICKHOUSE_DATABASE", &self.database)
+        .env("TALLY_AGGREGATOR_GROUP", &self.group)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log);
         if let Some(m) = meters_file {
             cmd.env("TALLY_METERS_FILE", m);
         }
-        Proc { child: cmd.spawn().unwrap(), name: "aggregator".into() }
+        Proc {
+            child: cmd.spawn().unwrap(),
+            name: "aggregator".into(),
+        }
     }
 
     /// Runs an aggregator subcommand to completion; returns stdout.
@@ -170,7 +224,11 @@ impl Env {
             cmd.env("TALLY_METERS_FILE", m);
         }
         let out = cmd.output().unwrap();
-        assert!(out.status.success(), "aggregator {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "aggregator {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap()
     }
 
@@ -183,16 +241,30 @@ impl Env {
         while Instant::now() < deadline {
             match (store.totals().await, store.raw_totals().await) {
                 (Ok(roll), Ok(raw)) if &roll == want && &raw == want => return,
-                (r, w) => last = Some(format!("rollups: {:?}\nraw: {:?}", r.map(|m| diff(want, &m)), w.map(|m| diff(want, &m)))),
+                (r, w) => {
+                    last = Some(format!(
+                        "rollups: {:?}\nraw: {:?}",
+                        r.map(|m| diff(want, &m)),
+                        w.map(|m| diff(want, &m))
+                    ))
+                }
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        panic!("totals never matched the ground truth; differences (key: want vs got):\n{}", last.unwrap_or_default());
+        panic!(
+            "totals never matched the ground truth; differences (key: want vs got):\n{}",
+            last.unwrap_or_default()
+        );
     }
 
     /// Number of raw rows stored.
     pub async fn raw_count(&self) -> u64 {
-        self.store().client().query("SELECT count() FROM usage_events").fetch_one::<u64>().await.unwrap_or(0)
+        self.store()
+            .client()
+            .query("SELECT count() FROM usage_events")
+            .fetch_one::<u64>()
+            .await
+            .unwrap_or(0)
     }
 }
 
@@ -209,13 +281,19 @@ pub fn diff(want: &BTreeMap<String, Decimal>, got: &BTreeMap<String, Decimal>) -
 
 pub fn hex_sha256(s: &str) -> String {
     use sha2::Digest;
-    sha2::Sha256::digest(s.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    sha2::Sha256::digest(s.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 pub fn wait_http(url: &str, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
-        if let Ok(resp) = std::process::Command::new("curl").args(["-sf", "-o", "/dev/null", url]).status() {
+        if let Ok(resp) = std::process::Command::new("curl")
+            .args(["-sf", "-o", "/dev/null", url])
+            .status()
+        {
             if resp.success() {
                 return;
             }
@@ -228,7 +306,10 @@ pub fn wait_http(url: &str, timeout: Duration) {
 /// Posts events in batches, retrying transport errors and 5xx until each
 /// batch is accepted (as a well-behaved client does).
 pub async fn post_all(url: &str, events: &[schemas::RawEvent], batch: usize) {
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
     for chunk in events.chunks(batch) {
         let body = serde_json::to_vec(chunk).unwrap();
         let mut attempts = 0;
@@ -243,7 +324,11 @@ pub async fn post_all(url: &str, events: &[schemas::RawEvent], batch: usize) {
                 .await;
             match r {
                 Ok(r) if r.status().as_u16() == 200 => break,
-                Ok(r) if r.status().is_client_error() => panic!("batch rejected: {} {}", r.status(), r.text().await.unwrap_or_default()),
+                Ok(r) if r.status().is_client_error() => panic!(
+                    "batch rejected: {} {}",
+                    r.status(),
+                    r.text().await.unwrap_or_default()
+                ),
                 _ => {
                     assert!(attempts < 600, "collector never accepted a batch");
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -257,7 +342,10 @@ pub async fn post_all(url: &str, events: &[schemas::RawEvent], batch: usize) {
 pub async fn metric(url: &str, name: &str) -> f64 {
     let text = reqwest::get(url).await.unwrap().text().await.unwrap();
     text.lines()
-        .filter(|l| l.starts_with(name) && (l[name.len()..].starts_with(' ') || l[name.len()..].starts_with('{')))
+        .filter(|l| {
+            l.starts_with(name)
+                && (l[name.len()..].starts_with(' ') || l[name.len()..].starts_with('{'))
+        })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }

@@ -60,7 +60,10 @@ fn default_window() -> i64 {
 impl InventoryConfig {
     pub fn validate(&self) -> Result<(), String> {
         if self.window_secs <= 0 || 3600 % self.window_secs != 0 {
-            return Err(format!("window_secs: {} must divide 3600", self.window_secs));
+            return Err(format!(
+                "window_secs: {} must divide 3600",
+                self.window_secs
+            ));
         }
         if self.interval_secs == 0 {
             return Err("interval_secs: must be positive".into());
@@ -153,15 +156,37 @@ pub struct Sampler {
 
 impl Sampler {
     pub fn new(source: impl Into<String>, window_secs: i64) -> Self {
-        Self { source: source.into(), window_secs, state: SamplerState::default() }
+        Self {
+            source: source.into(),
+            window_secs,
+            state: SamplerState::default(),
+        }
     }
 
     pub fn observe(&mut self, inv: &Inventory, now: DateTime<Utc>) -> Vec<RawEvent> {
         let mut seen = std::collections::BTreeSet::new();
         for i in &inv.instances {
-            let key = format!("instance/{}/{}", i.instance_id, i.started_at.timestamp_millis());
-            let attrs = BTreeMap::from([("instance_type".into(), i.instance_type.clone()), ("region".into(), i.region.clone())]);
-            self.upsert(key.clone(), Kind::Instance, &i.instance_id, &i.customer, &i.app, attrs, Decimal::ONE, i.started_at, i.stopped_at, now);
+            let key = format!(
+                "instance/{}/{}",
+                i.instance_id,
+                i.started_at.timestamp_millis()
+            );
+            let attrs = BTreeMap::from([
+                ("instance_type".into(), i.instance_type.clone()),
+                ("region".into(), i.region.clone()),
+            ]);
+            self.upsert(
+                key.clone(),
+                Kind::Instance,
+                &i.instance_id,
+                &i.customer,
+                &i.app,
+                attrs,
+                Decimal::ONE,
+                i.started_at,
+                i.stopped_at,
+                now,
+            );
             seen.insert(key);
         }
         for v in &inv.volumes {
@@ -170,7 +195,9 @@ impl Sampler {
                 .state
                 .segments
                 .iter()
-                .find(|(_, s)| s.kind == Kind::Volume && s.resource_id == v.volume_id && s.end.is_none())
+                .find(|(_, s)| {
+                    s.kind == Kind::Volume && s.resource_id == v.volume_id && s.end.is_none()
+                })
                 .map(|(k, s)| (k.clone(), s.rate, s.start));
             let start = match (v.size_since, &open) {
                 (Some(t), _) => t,
@@ -186,7 +213,18 @@ impl Sampler {
                     }
                 }
             }
-            self.upsert(key.clone(), Kind::Volume, &v.volume_id, &v.customer, &v.app, BTreeMap::new(), v.size_gb, start, v.deleted_at, now);
+            self.upsert(
+                key.clone(),
+                Kind::Volume,
+                &v.volume_id,
+                &v.customer,
+                &v.app,
+                BTreeMap::new(),
+                v.size_gb,
+                start,
+                v.deleted_at,
+                now,
+            );
             seen.insert(key);
         }
         // Vanished without a reported end: billed until last seen.
@@ -300,7 +338,10 @@ pub struct InventorySource {
 impl InventorySource {
     pub fn new(cfg: InventoryConfig) -> Self {
         let sampler = Sampler::new(format!("tally-collector/{}", cfg.name), cfg.window_secs);
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("http client");
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .expect("http client");
         Self { cfg, sampler, http }
     }
 }
@@ -321,7 +362,14 @@ impl Source for InventorySource {
     }
     fn poll(&mut self, now: DateTime<Utc>) -> BoxFuture<'_, anyhow::Result<Vec<RawEvent>>> {
         Box::pin(async move {
-            let inv: Inventory = self.http.get(&self.cfg.url).send().await?.error_for_status()?.json().await?;
+            let inv: Inventory = self
+                .http
+                .get(&self.cfg.url)
+                .send()
+                .await?
+                .error_for_status()?
+                .json()
+                .await?;
             Ok(self.sampler.observe(&inv, now))
         })
     }
@@ -348,24 +396,42 @@ mod tests {
     }
 
     fn total(events: &[RawEvent], field: &str) -> Decimal {
-        events.iter().map(|e| e["data"][field].as_str().unwrap().parse::<Decimal>().unwrap()).sum()
+        events
+            .iter()
+            .map(|e| {
+                e["data"][field]
+                    .as_str()
+                    .unwrap()
+                    .parse::<Decimal>()
+                    .unwrap()
+            })
+            .sum()
     }
 
     #[test]
     fn instance_of_95s_across_restart_is_95_seconds() {
         let mut s = Sampler::new("inv", 10);
-        let inv = Inventory { instances: vec![inst(3, None)], volumes: vec![] };
+        let inv = Inventory {
+            instances: vec![inst(3, None)],
+            volumes: vec![],
+        };
         let mut events = s.observe(&inv, t(20));
         events.extend(s.observe(&inv, t(47)));
         // Restart: a new sampler from the saved state.
         let saved = serde_json::to_value(&s.state).unwrap();
         let mut s = Sampler::new("inv", 10);
         s.state = serde_json::from_value(saved).unwrap();
-        let stopped = Inventory { instances: vec![inst(3, Some(98))], volumes: vec![] };
+        let stopped = Inventory {
+            instances: vec![inst(3, Some(98))],
+            volumes: vec![],
+        };
         events.extend(s.observe(&stopped, t(130)));
         events.extend(s.observe(&Inventory::default(), t(140)));
         assert_eq!(total(&events, "instance_seconds"), Decimal::from(95));
-        let mut ids: Vec<_> = events.iter().map(|e| e["id"].as_str().unwrap().to_string()).collect();
+        let mut ids: Vec<_> = events
+            .iter()
+            .map(|e| e["id"].as_str().unwrap().to_string())
+            .collect();
         ids.sort();
         ids.dedup();
         assert_eq!(ids.len(), events.len(), "no window is emitted twice");
@@ -373,15 +439,26 @@ mod tests {
 
     #[test]
     fn overlapping_samplers_emit_identical_events() {
-        let stopped = Inventory { instances: vec![inst(3, Some(98))], volumes: vec![] };
+        let stopped = Inventory {
+            instances: vec![inst(3, Some(98))],
+            volumes: vec![],
+        };
         let mut a = Sampler::new("inv", 10);
         let mut b = Sampler::new("inv", 10);
-        let running = Inventory { instances: vec![inst(3, None)], volumes: vec![] };
+        let running = Inventory {
+            instances: vec![inst(3, None)],
+            volumes: vec![],
+        };
         let mut ea = a.observe(&running, t(31));
         ea.extend(a.observe(&stopped, t(100)));
         let mut eb = b.observe(&running, t(57));
         eb.extend(b.observe(&stopped, t(200)));
-        let key = |e: &RawEvent| (e["id"].as_str().unwrap().to_string(), e["data"]["instance_seconds"].as_str().unwrap().to_string());
+        let key = |e: &RawEvent| {
+            (
+                e["id"].as_str().unwrap().to_string(),
+                e["data"]["instance_seconds"].as_str().unwrap().to_string(),
+            )
+        };
         let mut ka: Vec<_> = ea.iter().map(key).collect();
         let mut kb: Vec<_> = eb.iter().map(key).collect();
         ka.sort();
@@ -400,20 +477,44 @@ mod tests {
             deleted_at: None,
         };
         let mut s = Sampler::new("inv", 60);
-        let mut events = s.observe(&Inventory { instances: vec![], volumes: vec![vol(10, 0)] }, t(600));
+        let mut events = s.observe(
+            &Inventory {
+                instances: vec![],
+                volumes: vec![vol(10, 0)],
+            },
+            t(600),
+        );
         // Resized to 25 GB at +1000 s; the sampler sees it at +1300 s.
-        events.extend(s.observe(&Inventory { instances: vec![], volumes: vec![vol(25, 1000)] }, t(1300)));
+        events.extend(s.observe(
+            &Inventory {
+                instances: vec![],
+                volumes: vec![vol(25, 1000)],
+            },
+            t(1300),
+        ));
         let mut deleted = vol(25, 1000);
         deleted.deleted_at = Some(t(1800));
-        events.extend(s.observe(&Inventory { instances: vec![], volumes: vec![deleted] }, t(1900)));
-        assert_eq!(total(&events, "gb_seconds"), Decimal::from(10 * 1000 + 25 * 800));
+        events.extend(s.observe(
+            &Inventory {
+                instances: vec![],
+                volumes: vec![deleted],
+            },
+            t(1900),
+        ));
+        assert_eq!(
+            total(&events, "gb_seconds"),
+            Decimal::from(10 * 1000 + 25 * 800)
+        );
         assert!(s.state.segments.is_empty());
     }
 
     #[test]
     fn missed_polls_are_covered_and_vanished_resources_billed_to_last_seen() {
         let mut s = Sampler::new("inv", 60);
-        let running = Inventory { instances: vec![inst(0, None)], volumes: vec![] };
+        let running = Inventory {
+            instances: vec![inst(0, None)],
+            volumes: vec![],
+        };
         let mut events = s.observe(&running, t(30));
         events.extend(s.observe(&running, t(3630))); // an hour of missed polls
         assert_eq!(total(&events, "instance_seconds"), Decimal::from(3600));
@@ -423,7 +524,12 @@ mod tests {
 
     #[test]
     fn window_must_divide_an_hour() {
-        let c = InventoryConfig { name: "i".into(), url: "http://x".into(), interval_secs: 1, window_secs: 7 };
+        let c = InventoryConfig {
+            name: "i".into(),
+            url: "http://x".into(),
+            interval_secs: 1,
+            window_secs: 7,
+        };
         assert!(c.validate().unwrap_err().contains("window_secs"));
     }
 }

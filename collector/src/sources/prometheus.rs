@@ -103,7 +103,10 @@ fn parse_line(line: &str) -> Option<Sample> {
                         other => val.push(other),
                     },
                     '"' => {
-                        labels.insert(std::mem::take(&mut key).trim().to_string(), std::mem::take(&mut val));
+                        labels.insert(
+                            std::mem::take(&mut key).trim().to_string(),
+                            std::mem::take(&mut val),
+                        );
                         in_val = false;
                     }
                     _ => val.push(c),
@@ -128,8 +131,14 @@ fn parse_line(line: &str) -> Option<Sample> {
         rest = &rest[end?..];
     }
     let value = rest.split_whitespace().next()?;
-    let value = Decimal::from_str(value).or_else(|_| Decimal::from_scientific(value)).ok()?;
-    Some(Sample { name, labels, value })
+    let value = Decimal::from_str(value)
+        .or_else(|_| Decimal::from_scientific(value))
+        .ok()?;
+    Some(Sample {
+        name,
+        labels,
+        value,
+    })
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -162,24 +171,46 @@ impl Scraper {
             } else {
                 continue;
             };
-            let (Some(customer), Some(app)) = (s.labels.get(&self.cfg.customer_label), s.labels.get(&self.cfg.app_label)) else {
+            let (Some(customer), Some(app)) = (
+                s.labels.get(&self.cfg.customer_label),
+                s.labels.get(&self.cfg.app_label),
+            ) else {
                 continue;
             };
-            let key = format!("{}{}", s.name, serde_json::to_string(&s.labels).expect("labels serialize"));
+            let key = format!(
+                "{}{}",
+                s.name,
+                serde_json::to_string(&s.labels).expect("labels serialize")
+            );
             let initialized = self.state.initialized;
-            let series = self.state.series.entry(key.clone()).or_insert_with(|| Series {
-                // New series: from zero, unless this is the baseline scrape.
-                last: if initialized { Decimal::ZERO } else { s.value },
-                seq: 0,
-            });
-            let delta = if s.value >= series.last { s.value - series.last } else { s.value };
+            let series = self
+                .state
+                .series
+                .entry(key.clone())
+                .or_insert_with(|| Series {
+                    // New series: from zero, unless this is the baseline scrape.
+                    last: if initialized { Decimal::ZERO } else { s.value },
+                    seq: 0,
+                });
+            let delta = if s.value >= series.last {
+                s.value - series.last
+            } else {
+                s.value
+            };
             series.last = s.value;
             if delta.is_zero() {
                 continue;
             }
             series.seq += 1;
             let id = deterministic_id(&[&source, &key, &series.seq.to_string()]);
-            out.push(cloud_event(id, &source, ty, customer, now, json!({"app": app, field: delta.normalize().to_string()})));
+            out.push(cloud_event(
+                id,
+                &source,
+                ty,
+                customer,
+                now,
+                json!({"app": app, field: delta.normalize().to_string()}),
+            ));
         }
         self.state.initialized = true;
         out
@@ -193,8 +224,17 @@ pub struct PrometheusSource {
 
 impl PrometheusSource {
     pub fn new(cfg: PrometheusConfig) -> Self {
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("http client");
-        Self { scraper: Scraper { cfg, state: ScraperState::default() }, http }
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .expect("http client");
+        Self {
+            scraper: Scraper {
+                cfg,
+                state: ScraperState::default(),
+            },
+            http,
+        }
     }
 }
 
@@ -214,7 +254,14 @@ impl Source for PrometheusSource {
     }
     fn poll(&mut self, now: DateTime<Utc>) -> BoxFuture<'_, anyhow::Result<Vec<RawEvent>>> {
         Box::pin(async move {
-            let text = self.http.get(&self.scraper.cfg.url).send().await?.error_for_status()?.text().await?;
+            let text = self
+                .http
+                .get(&self.scraper.cfg.url)
+                .send()
+                .await?
+                .error_for_status()?
+                .text()
+                .await?;
             Ok(self.scraper.observe(&parse_text(&text), now))
         })
     }
@@ -239,7 +286,11 @@ mod tests {
     }
 
     fn sum(events: &[RawEvent], field: &str) -> Decimal {
-        events.iter().filter_map(|e| e["data"][field].as_str()).map(|v| v.parse::<Decimal>().unwrap()).sum()
+        events
+            .iter()
+            .filter_map(|e| e["data"][field].as_str())
+            .map(|v| v.parse::<Decimal>().unwrap())
+            .sum()
     }
 
     #[test]
@@ -253,16 +304,39 @@ mod tests {
     #[test]
     fn deltas_and_resets() {
         let now = Utc.with_ymd_and_hms(2026, 11, 10, 0, 0, 0).unwrap();
-        let mut s = Scraper { cfg: cfg(), state: ScraperState::default() };
-        assert!(s.observe(&parse_text(&scrape("100", "1000")), now).is_empty(), "first scrape is the baseline");
+        let mut s = Scraper {
+            cfg: cfg(),
+            state: ScraperState::default(),
+        };
+        assert!(
+            s.observe(&parse_text(&scrape("100", "1000")), now)
+                .is_empty(),
+            "first scrape is the baseline"
+        );
         let e = s.observe(&parse_text(&scrape("150", "1500")), now);
-        assert_eq!((sum(&e, "count"), sum(&e, "bytes")), (Decimal::from(50), Decimal::from(500)));
+        assert_eq!(
+            (sum(&e, "count"), sum(&e, "bytes")),
+            (Decimal::from(50), Decimal::from(500))
+        );
         // Router restarted: counters reset and grew to 20 / 300.
         let e = s.observe(&parse_text(&scrape("20", "300")), now);
-        assert_eq!((sum(&e, "count"), sum(&e, "bytes")), (Decimal::from(20), Decimal::from(300)));
+        assert_eq!(
+            (sum(&e, "count"), sum(&e, "bytes")),
+            (Decimal::from(20), Decimal::from(300))
+        );
         assert!(s.observe(&parse_text(&scrape("20", "300")), now).is_empty());
-        let e = s.observe(&parse_text(&format!("{}router_requests_total{{customer=\"c2\",app=\"api\"}} 7\n", scrape("20", "300"))), now);
-        assert_eq!(sum(&e, "count"), Decimal::from(7), "a new series counts from zero");
+        let e = s.observe(
+            &parse_text(&format!(
+                "{}router_requests_total{{customer=\"c2\",app=\"api\"}} 7\n",
+                scrape("20", "300")
+            )),
+            now,
+        );
+        assert_eq!(
+            sum(&e, "count"),
+            Decimal::from(7),
+            "a new series counts from zero"
+        );
         assert_eq!(e[0]["subject"], "c2");
     }
 }

@@ -85,7 +85,12 @@ pub fn customer_id(i: usize) -> String {
 
 impl Workload {
     pub fn profile(&self, customer: usize, app: usize) -> Profile {
-        let mut r = rng_for(&[&self.seed.to_string(), &customer.to_string(), &app.to_string(), "profile"]);
+        let mut r = rng_for(&[
+            &self.seed.to_string(),
+            &customer.to_string(),
+            &app.to_string(),
+            "profile",
+        ]);
         match r.random_range(0..10) {
             0..=4 => Profile::Toy,
             5..=7 => Profile::AlwaysOn,
@@ -122,14 +127,30 @@ impl Workload {
             Profile::Toy => ("t4g.nano", 1, r.random_range(0..20), 2_000, None),
             Profile::AlwaysOn => {
                 let n = (2.0 + 2.0 * diurnal).round() as usize;
-                ("c6g.large", n, (r.random_range(1000..5000) as f64 * diurnal) as u64, 20_000, None)
+                (
+                    "c6g.large",
+                    n,
+                    (r.random_range(1000..5000) as f64 * diurnal) as u64,
+                    20_000,
+                    None,
+                )
             }
             Profile::Stateful => {
                 let gb = 10 + (c * 7 + a * 13) as u64 % 41;
                 ("t4g.small", 1, r.random_range(50..300), 8_000, Some(gb))
             }
         };
-        let id = |kind: &str, n: usize| deterministic_id(&[SIMULATOR_SOURCE, &seed, &cust, &app, kind, &n.to_string(), &ts]);
+        let id = |kind: &str, n: usize| {
+            deterministic_id(&[
+                SIMULATOR_SOURCE,
+                &seed,
+                &cust,
+                &app,
+                kind,
+                &n.to_string(),
+                &ts,
+            ])
+        };
         for n in 0..instances {
             out.push(cloud_event(
                 id("compute", n),
@@ -152,9 +173,23 @@ impl Workload {
         }
         let requests = per_min * step as u64 / 60;
         if requests > 0 {
-            out.push(cloud_event(id("requests", 0), SIMULATOR_SOURCE, "tally.requests", &cust, t, json!({"app": app, "count": requests})));
+            out.push(cloud_event(
+                id("requests", 0),
+                SIMULATOR_SOURCE,
+                "tally.requests",
+                &cust,
+                t,
+                json!({"app": app, "count": requests}),
+            ));
             let bytes = requests * bytes_per_req + r.random_range(0..1000);
-            out.push(cloud_event(id("egress", 0), SIMULATOR_SOURCE, "tally.egress", &cust, t, json!({"app": app, "bytes": bytes})));
+            out.push(cloud_event(
+                id("egress", 0),
+                SIMULATOR_SOURCE,
+                "tally.egress",
+                &cust,
+                t,
+                json!({"app": app, "bytes": bytes}),
+            ));
         }
     }
 }
@@ -164,9 +199,12 @@ impl Workload {
 pub fn ground_truth(events: &[RawEvent], meters: &MeterCatalog) -> BTreeMap<String, Decimal> {
     let mut truth = BTreeMap::new();
     for ev in events {
-        let v = UsageEvent::validate(ev, meters, &schemas::AcceptWindow::unbounded()).expect("simulated events are valid");
+        let v = UsageEvent::validate(ev, meters, &schemas::AcceptWindow::unbounded())
+            .expect("simulated events are valid");
         for r in v.records {
-            *truth.entry(format!("{}/{}/{}", v.customer, r.app, r.meter)).or_insert(Decimal::ZERO) += r.quantity;
+            *truth
+                .entry(format!("{}/{}/{}", v.customer, r.app, r.meter))
+                .or_insert(Decimal::ZERO) += r.quantity;
         }
     }
     truth
@@ -187,8 +225,16 @@ pub struct SimulatorSource {
 
 impl SimulatorSource {
     pub fn new(cfg: SimulatorConfig) -> Self {
-        let workload = Workload { customers: cfg.customers, apps_per_customer: cfg.apps_per_customer, seed: cfg.seed };
-        Self { cfg, workload, state: SimState::default() }
+        let workload = Workload {
+            customers: cfg.customers,
+            apps_per_customer: cfg.apps_per_customer,
+            seed: cfg.seed,
+        };
+        Self {
+            cfg,
+            workload,
+            state: SimState::default(),
+        }
     }
 }
 
@@ -224,15 +270,24 @@ mod tests {
 
     #[test]
     fn deterministic_valid_and_varied() {
-        let w = Workload { customers: 4, apps_per_customer: 3, seed: 7 };
+        let w = Workload {
+            customers: 4,
+            apps_per_customer: 3,
+            seed: 7,
+        };
         let from = Utc.with_ymd_and_hms(2026, 11, 10, 0, 0, 0).unwrap();
         let a = w.events(from, from + CDuration::minutes(10), 60);
         let b = w.events(from, from + CDuration::minutes(10), 60);
         assert_eq!(a, b);
         let truth = ground_truth(&a, &MeterCatalog::default_catalog());
-        assert!(truth.keys().any(|k| k.ends_with("/compute")) && truth.keys().any(|k| k.ends_with("/requests")));
-        let profiles: std::collections::BTreeSet<_> =
-            (0..4).flat_map(|c| (0..3).map(move |a| (c, a))).map(|(c, a)| format!("{:?}", w.profile(c, a))).collect();
+        assert!(
+            truth.keys().any(|k| k.ends_with("/compute"))
+                && truth.keys().any(|k| k.ends_with("/requests"))
+        );
+        let profiles: std::collections::BTreeSet<_> = (0..4)
+            .flat_map(|c| (0..3).map(move |a| (c, a)))
+            .map(|(c, a)| format!("{:?}", w.profile(c, a)))
+            .collect();
         assert!(profiles.len() >= 2, "{profiles:?}");
         let mut ids: Vec<_> = a.iter().map(|e| e["id"].as_str().unwrap()).collect();
         ids.sort();

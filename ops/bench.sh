@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Benchmarks (release builds) against private services; results in
+# bench-results/*.json and on stdout. Copy the figures into BENCHMARKS.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH:/usr/sbin:/sbin"
+bash ops/install.sh
+bash ops/services.sh start kafka
+bash ops/services.sh start clickhouse
+eval "$(bash ops/services.sh env)"
+# The benchmark spawns the release binaries next to it.
+cargo build --release -p collector -p aggregator
+cargo bench -p aggregator --bench pipeline
