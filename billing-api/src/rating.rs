@@ -1,0 +1,394 @@
+//! The rating engine: turns plan segments, usage and seat history into
+//! invoice lines. Pure and deterministic: no I/O, no clock.
+//!
+//! Rules (`shared/BILLING-EXAMPLES.md` pins them down):
+//!
+//! - A period is `[start, end)`; a segment `[s, e)` inside it has the
+//!   fraction `f = (e − s) / (end − start)` in whole seconds. `f` multiplies
+//!   the flat fee, every tier bound, every per-tier flat price, the minimum
+//!   and the maximum; never unit prices or package sizes.
+//! - Seats: `Σ seats × seat_fee × interval / period` over the seat intervals
+//!   inside the segment.
+//! - Graduated: each tier's units at its price, plus the flat price of every
+//!   tier reached (quantity above its lower bound). Volume: all units at the
+//!   price of the tier the total falls in (a total equal to `up_to` is in
+//!   that tier), plus that tier's flat price. Package:
+//!   `⌈quantity / package_size⌉ × price`. Zero usage costs nothing.
+//! - Each line is computed exactly and rounded once, to the currency's minor
+//!   unit with the plan's rounding (half-even by default). Subtotals and the
+//!   total are sums of rounded lines.
+//! - Minimum per segment: a true-up line when the rounded subtotal is below
+//!   `minimum × f`; maximum: a negative cap line when above `maximum × f`.
+//! - Adjacent segments on the same plan version are merged first, so a
+//!   switch to the plan a customer is already on never changes the bill.
+//!
+//! Exactness: sums and products are exact decimals. Proration multiplies
+//! first and divides by the period length last, and a price stated `per` N
+//! base units divides by N last; those divisions carry 28 significant
+//! digits, far below the rounding unit.
+
+use crate::catalog::{MeterPrice, PlanVersion, PriceModel};
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Period {
+    pub start: DateTime<Utc>,
+    pub end: DateTime<Utc>,
+}
+
+/// Usage of one meter with one set of dimension values, in base units.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageItem {
+    pub meter: String,
+    #[serde(default)]
+    pub dims: BTreeMap<String, String>,
+    pub quantity: Decimal,
+    pub events: u64,
+}
+
+/// A span of the period rated by one plan version.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Segment {
+    pub plan: PlanVersion,
+    pub start: DateTime<Utc>,
+    pub end: DateTime<Utc>,
+    /// Usage whose event time falls in `[start, end)`.
+    pub usage: Vec<UsageItem>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeatInterval {
+    pub start: DateTime<Utc>,
+    pub end: DateTime<Utc>,
+    pub seats: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LineKind {
+    FlatFee,
+    SeatFee,
+    Usage,
+    MinimumTrueUp,
+    MaximumCap,
+}
+
+/// How one tier contributed to a usage line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TierCharge {
+    pub tier: usize,
+    /// Units in this tier, in price units.
+    pub quantity: Decimal,
+    pub unit_price: Decimal,
+    /// Flat price charged for reaching the tier (already prorated).
+    pub flat_price: Decimal,
+}
+
+/// One invoice line with its evidence.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Line {
+    pub kind: LineKind,
+    pub description: String,
+    pub plan: String,
+    pub plan_version: u32,
+    pub segment_start: DateTime<Utc>,
+    pub segment_end: DateTime<Utc>,
+    pub meter: Option<String>,
+    #[serde(default)]
+    pub filter: BTreeMap<String, String>,
+    /// Events behind a usage line.
+    pub events: u64,
+    /// Quantity in the meter's base units (seat-seconds for seat lines).
+    pub quantity: Decimal,
+    /// Quantity in price units.
+    pub price_quantity: Decimal,
+    pub unit_price: Option<Decimal>,
+    pub tiers: Vec<TierCharge>,
+    /// Exact amount before rounding.
+    pub amount_exact: Decimal,
+    /// Rounded once, to the currency's minor unit.
+    pub amount: Decimal,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rated {
+    pub currency: String,
+    pub lines: Vec<Line>,
+    /// Sum of the rounded lines.
+    pub total: Decimal,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RatingError {
+    #[error("the period is empty or reversed")]
+    EmptyPeriod,
+    #[error("segment {0} lies outside the period, is empty, or overlaps the previous one")]
+    BadSegment(usize),
+    #[error("segments use different currencies ({0} and {1})")]
+    MixedCurrencies(String, String),
+}
+
+/// `f = num / den` in whole seconds.
+#[derive(Debug, Clone, Copy)]
+struct Frac {
+    num: Decimal,
+    den: Decimal,
+}
+
+impl Frac {
+    fn of(&self, x: Decimal) -> Decimal {
+        x * self.num / self.den
+    }
+}
+
+fn secs(a: DateTime<Utc>, b: DateTime<Utc>) -> i64 {
+    (b - a).num_seconds()
+}
+
+/// Amount of usage `q` (base units) under a price, with the segment's `f`.
+fn price_amount(
+    p: &MeterPrice,
+    q: Decimal,
+    f: Frac,
+) -> (Decimal, Option<Decimal>, Vec<TierCharge>) {
+    if q.is_zero() {
+        return (Decimal::ZERO, None, vec![]);
+    }
+    match &p.model {
+        PriceModel::PerUnit {
+            unit_price,
+            package_size: None,
+        } => (q * unit_price / p.per, Some(*unit_price), vec![]),
+        PriceModel::PerUnit {
+            unit_price,
+            package_size: Some(size),
+        } => {
+            let packages = (q / (size * p.per)).ceil();
+            (packages * unit_price, Some(*unit_price), vec![])
+        }
+        PriceModel::Graduated { tiers } => {
+            let mut amount = Decimal::ZERO;
+            let mut charges = Vec::new();
+            let mut lower = Decimal::ZERO;
+            for (i, t) in tiers.iter().enumerate() {
+                if q <= lower {
+                    break;
+                }
+                let upper = t.up_to.map(|u| f.of(u * p.per));
+                let in_tier = match upper {
+                    Some(u) => q.min(u) - lower,
+                    None => q - lower,
+                };
+                let flat = f.of(t.flat_price);
+                amount += in_tier * t.unit_price / p.per + flat;
+                charges.push(TierCharge {
+                    tier: i,
+                    quantity: in_tier / p.per,
+                    unit_price: t.unit_price,
+                    flat_price: flat,
+                });
+                match upper {
+                    Some(u) => lower = u,
+                    None => break,
+                }
+            }
+            (amount, None, charges)
+        }
+        PriceModel::Volume { tiers } => {
+            let (i, t) = tiers
+                .iter()
+                .enumerate()
+                .find(|(_, t)| t.up_to.is_none_or(|u| q <= f.of(u * p.per)))
+                .expect("validated tiers end unbounded");
+            let flat = f.of(t.flat_price);
+            let charge = TierCharge {
+                tier: i,
+                quantity: q / p.per,
+                unit_price: t.unit_price,
+                flat_price: flat,
+            };
+            (
+                q * t.unit_price / p.per + flat,
+                Some(t.unit_price),
+                vec![charge],
+            )
+        }
+    }
+}
+
+fn matches(p: &MeterPrice, u: &UsageItem) -> bool {
+    p.meter == u.meter && p.filter.iter().all(|(k, v)| u.dims.get(k) == Some(v))
+}
+
+/// Rates a period. Segments must be in order, inside the period and not
+/// overlapping; they may leave gaps (no subscription then).
+pub fn rate(
+    period: &Period,
+    segments: &[Segment],
+    seats: &[SeatInterval],
+) -> Result<Rated, RatingError> {
+    let period_secs = secs(period.start, period.end);
+    if period_secs <= 0 {
+        return Err(RatingError::EmptyPeriod);
+    }
+    let mut prev_end = period.start;
+    for (i, s) in segments.iter().enumerate() {
+        if s.start < prev_end || s.end <= s.start || s.end > period.end {
+            return Err(RatingError::BadSegment(i));
+        }
+        prev_end = s.end;
+        if s.plan.currency != segments[0].plan.currency {
+            return Err(RatingError::MixedCurrencies(
+                segments[0].plan.currency.clone(),
+                s.plan.currency.clone(),
+            ));
+        }
+    }
+    // Merge adjacent segments on the same plan version.
+    let mut merged: Vec<Segment> = Vec::new();
+    for s in segments {
+        match merged.last_mut() {
+            Some(m) if m.end == s.start && m.plan == s.plan => {
+                m.end = s.end;
+                m.usage.extend(s.usage.iter().cloned());
+            }
+            _ => merged.push(s.clone()),
+        }
+    }
+    let den = Decimal::from(period_secs);
+    let mut lines = Vec::new();
+    for s in &merged {
+        let plan = &s.plan;
+        let f = Frac {
+            num: Decimal::from(secs(s.start, s.end)),
+            den,
+        };
+        let round =
+            |x: Decimal| x.round_dp_with_strategy(plan.minor_units, plan.rounding.strategy());
+        let line = |kind, description: String| Line {
+            kind,
+            description,
+            plan: plan.plan.clone(),
+            plan_version: plan.version,
+            segment_start: s.start,
+            segment_end: s.end,
+            meter: None,
+            filter: BTreeMap::new(),
+            events: 0,
+            quantity: Decimal::ZERO,
+            price_quantity: Decimal::ZERO,
+            unit_price: None,
+            tiers: vec![],
+            amount_exact: Decimal::ZERO,
+            amount: Decimal::ZERO,
+        };
+        let mut seg_lines = Vec::new();
+        if !plan.flat_fee.is_zero() {
+            let exact = f.of(plan.flat_fee);
+            seg_lines.push(Line {
+                quantity: f.num,
+                price_quantity: f.num / den,
+                unit_price: Some(plan.flat_fee),
+                amount_exact: exact,
+                amount: round(exact),
+                ..line(LineKind::FlatFee, format!("{} flat fee", plan.name))
+            });
+        }
+        if !plan.seat_fee.is_zero() {
+            let seat_secs: i64 = seats
+                .iter()
+                .map(|iv| {
+                    let (a, b) = (iv.start.max(s.start), iv.end.min(s.end));
+                    if b > a {
+                        iv.seats as i64 * secs(a, b)
+                    } else {
+                        0
+                    }
+                })
+                .sum();
+            if seat_secs > 0 {
+                let q = Decimal::from(seat_secs);
+                let exact = q * plan.seat_fee / den;
+                seg_lines.push(Line {
+                    quantity: q,
+                    price_quantity: q / den,
+                    unit_price: Some(plan.seat_fee),
+                    amount_exact: exact,
+                    amount: round(exact),
+                    ..line(LineKind::SeatFee, format!("{} seats", plan.name))
+                });
+            }
+        }
+        let mut used = vec![false; s.usage.len()];
+        for p in &plan.prices {
+            let (mut q, mut events) = (Decimal::ZERO, 0u64);
+            for (i, u) in s.usage.iter().enumerate() {
+                if !used[i] && matches(p, u) {
+                    used[i] = true;
+                    q += u.quantity;
+                    events += u.events;
+                }
+            }
+            if q.is_zero() {
+                continue;
+            }
+            let (exact, unit_price, tiers) = price_amount(p, q, f);
+            let what = p.filter.values().cloned().collect::<Vec<_>>().join(", ");
+            let description = if what.is_empty() {
+                p.meter.clone()
+            } else {
+                format!("{} ({what})", p.meter)
+            };
+            seg_lines.push(Line {
+                meter: Some(p.meter.clone()),
+                filter: p.filter.clone(),
+                events,
+                quantity: q,
+                price_quantity: q / p.per,
+                unit_price,
+                tiers,
+                amount_exact: exact,
+                amount: round(exact),
+                ..line(LineKind::Usage, description)
+            });
+        }
+        let subtotal: Decimal = seg_lines.iter().map(|l| l.amount).sum();
+        if let Some(min) = plan.minimum.map(|m| f.of(m)) {
+            if subtotal < min {
+                let exact = min - subtotal;
+                seg_lines.push(Line {
+                    amount_exact: exact,
+                    amount: round(exact),
+                    ..line(
+                        LineKind::MinimumTrueUp,
+                        format!("{} minimum spend", plan.name),
+                    )
+                });
+            }
+        }
+        if let Some(max) = plan.maximum.map(|m| f.of(m)) {
+            if subtotal > max {
+                let exact = max - subtotal;
+                seg_lines.push(Line {
+                    amount_exact: exact,
+                    amount: round(exact),
+                    ..line(LineKind::MaximumCap, format!("{} spending cap", plan.name))
+                });
+            }
+        }
+        lines.extend(seg_lines);
+    }
+    let total = lines.iter().map(|l| l.amount).sum();
+    let currency = segments
+        .first()
+        .map(|s| s.plan.currency.clone())
+        .unwrap_or_default();
+    Ok(Rated {
+        currency,
+        lines,
+        total,
+    })
+}

@@ -1,0 +1,373 @@
+//! Hand-computed rating cases: every example of BILLING-EXAMPLES.md and one
+//! case per rule of the rating engine.
+
+use billing_api::catalog::PlanVersion;
+use billing_api::rating::{rate, LineKind, Period, Rated, SeatInterval, Segment, UsageItem};
+use chrono::{DateTime, TimeZone, Utc};
+use rust_decimal::Decimal;
+use serde_json::json;
+
+fn d(s: &str) -> Decimal {
+    s.parse().unwrap()
+}
+
+fn nov(day: u32) -> DateTime<Utc> {
+    if day == 31 {
+        Utc.with_ymd_and_hms(2026, 12, 1, 0, 0, 0).unwrap()
+    } else {
+        Utc.with_ymd_and_hms(2026, 11, day, 0, 0, 0).unwrap()
+    }
+}
+
+const NOV: Period = Period {
+    start: DateTime::from_timestamp(1793491200, 0).unwrap(), // 2026-11-01
+    end: DateTime::from_timestamp(1796083200, 0).unwrap(),   // 2026-12-01
+};
+
+fn plan(v: serde_json::Value) -> PlanVersion {
+    let mut base = json!({"plan":"p","version":1,"name":"Plan","currency":"USD"});
+    base.as_object_mut()
+        .unwrap()
+        .extend(v.as_object().unwrap().clone());
+    let p: PlanVersion = serde_json::from_value(base).unwrap();
+    p.validate(&schemas::MeterCatalog::default_catalog())
+        .unwrap();
+    p
+}
+
+fn usage(meter: &str, q: &str) -> UsageItem {
+    UsageItem {
+        meter: meter.into(),
+        dims: Default::default(),
+        quantity: d(q),
+        events: 1,
+    }
+}
+
+fn one(p: PlanVersion, start: u32, end: u32, u: Vec<UsageItem>) -> Rated {
+    rate(
+        &NOV,
+        &[Segment {
+            plan: p,
+            start: nov(start),
+            end: nov(end),
+            usage: u,
+        }],
+        &[],
+    )
+    .unwrap()
+}
+
+fn amounts(r: &Rated) -> Vec<(LineKind, Decimal)> {
+    r.lines.iter().map(|l| (l.kind, l.amount)).collect()
+}
+
+fn allowance_plan() -> PlanVersion {
+    plan(
+        json!({"prices":[{"meter":"requests","model":"graduated","tiers":[{"up_to":"100","unit_price":"0"},{"unit_price":"0.50"}]}]}),
+    )
+}
+
+#[test]
+fn example_1_free_allowance_full_and_half_period() {
+    let full = one(allowance_plan(), 1, 31, vec![usage("requests", "150")]);
+    assert_eq!(full.total, d("25.00"));
+    let half = one(allowance_plan(), 1, 16, vec![usage("requests", "150")]);
+    assert_eq!(half.total, d("50.00"), "allowance prorated to 50");
+    assert_eq!(half.lines[0].tiers[1].quantity, d("100"));
+}
+
+#[test]
+fn example_2_volume_crossing() {
+    let p = plan(
+        json!({"prices":[{"meter":"requests","model":"volume","tiers":[{"up_to":"1000","unit_price":"0.10"},{"unit_price":"0.08"}]}]}),
+    );
+    assert_eq!(
+        one(p.clone(), 1, 31, vec![usage("requests", "1000")]).total,
+        d("100.00")
+    );
+    assert_eq!(
+        one(p, 1, 31, vec![usage("requests", "1001")]).total,
+        d("80.08")
+    );
+}
+
+#[test]
+fn example_3_package() {
+    let p = plan(
+        json!({"prices":[{"meter":"requests","model":"per_unit","unit_price":"0.90","package_size":"10"}]}),
+    );
+    assert_eq!(
+        one(p, 1, 31, vec![usage("requests", "10.0001")]).total,
+        d("1.80")
+    );
+}
+
+#[test]
+fn example_4_mid_month_switch_payg_to_team_with_seats() {
+    let payg = plan(
+        json!({"plan":"payg","name":"Pay as you go","prices":[{"meter":"requests","model":"per_unit","unit_price":"0.0000004"}]}),
+    );
+    let team = plan(
+        json!({"plan":"team","name":"Team","seat_fee":"15","prices":[{"meter":"requests","model":"graduated",
+        "tiers":[{"up_to":"1000000","unit_price":"0"},{"unit_price":"0.0000003"}]}]}),
+    );
+    let seats = [
+        SeatInterval {
+            start: nov(16),
+            end: nov(21),
+            seats: 2,
+        },
+        SeatInterval {
+            start: nov(21),
+            end: nov(31),
+            seats: 3,
+        },
+    ];
+    let r = rate(
+        &NOV,
+        &[
+            Segment {
+                plan: payg,
+                start: nov(1),
+                end: nov(16),
+                usage: vec![usage("requests", "12345678")],
+            },
+            Segment {
+                plan: team,
+                start: nov(16),
+                end: nov(31),
+                usage: vec![usage("requests", "3000000")],
+            },
+        ],
+        &seats,
+    )
+    .unwrap();
+    assert_eq!(
+        amounts(&r),
+        vec![
+            (LineKind::Usage, d("4.94")),
+            (LineKind::SeatFee, d("20.00")),
+            (LineKind::Usage, d("0.75"))
+        ]
+    );
+    assert_eq!(r.lines[0].amount_exact, d("4.9382712"));
+    assert_eq!(r.total, d("25.69"));
+}
+
+#[test]
+fn example_5_minimum_true_up_and_maximum_cap() {
+    let min = plan(
+        json!({"minimum":"10","prices":[{"meter":"requests","model":"per_unit","unit_price":"1"}]}),
+    );
+    let r = one(min, 1, 31, vec![usage("requests", "3.333")]);
+    assert_eq!(
+        amounts(&r),
+        vec![
+            (LineKind::Usage, d("3.33")),
+            (LineKind::MinimumTrueUp, d("6.67"))
+        ]
+    );
+    assert_eq!(r.total, d("10.00"));
+    let max = plan(
+        json!({"maximum":"2","prices":[{"meter":"requests","model":"per_unit","unit_price":"1"}]}),
+    );
+    let r = one(max, 1, 31, vec![usage("requests", "3.333")]);
+    assert_eq!(
+        amounts(&r),
+        vec![
+            (LineKind::Usage, d("3.33")),
+            (LineKind::MaximumCap, d("-1.33"))
+        ]
+    );
+    assert_eq!(r.total, d("2.00"));
+}
+
+#[test]
+fn example_6_half_even() {
+    let p = plan(json!({"prices":[{"meter":"requests","model":"per_unit","unit_price":"0.125"}]}));
+    assert_eq!(one(p, 1, 31, vec![usage("requests", "1")]).total, d("0.12"));
+    let p = plan(json!({"prices":[{"meter":"requests","model":"per_unit","unit_price":"0.135"}]}));
+    assert_eq!(one(p, 1, 31, vec![usage("requests", "1")]).total, d("0.14"));
+    let up = plan(
+        json!({"rounding":"half_up","prices":[{"meter":"requests","model":"per_unit","unit_price":"0.125"}]}),
+    );
+    assert_eq!(
+        one(up, 1, 31, vec![usage("requests", "1")]).total,
+        d("0.13"),
+        "rounding is configurable per plan"
+    );
+}
+
+#[test]
+fn graduated_with_per_tier_flat_fees_prorated() {
+    let p = plan(
+        json!({"prices":[{"meter":"requests","model":"graduated","tiers":[
+        {"up_to":"10","unit_price":"1","flat_price":"5"},{"up_to":"20","unit_price":"0.5","flat_price":"3"},{"unit_price":"0.1","flat_price":"100"}]}]}),
+    );
+    // Full period, 15 units: tier 1 (10 × 1 + 5) + tier 2 (5 × 0.5 + 3) = 20.50; tier 3 not reached.
+    assert_eq!(
+        one(p.clone(), 1, 31, vec![usage("requests", "15")]).total,
+        d("20.50")
+    );
+    // Exactly at a bound: tier 2 is not reached.
+    assert_eq!(
+        one(p.clone(), 1, 31, vec![usage("requests", "10")]).total,
+        d("15.00")
+    );
+    // Zero usage reaches no tier.
+    assert_eq!(
+        one(p.clone(), 1, 31, vec![usage("requests", "0")]).total,
+        d("0")
+    );
+    // A 6-day segment (f = 1/5): bounds 2 and 4, flats 1, 0.6, 20. 5 units:
+    // 2 × 1 + 1 + 2 × 0.5 + 0.6 + 1 × 0.1 + 20 = 24.70.
+    assert_eq!(one(p, 1, 7, vec![usage("requests", "5")]).total, d("24.70"));
+}
+
+#[test]
+fn flat_fee_and_seats_prorated_to_the_second() {
+    let p = plan(json!({"flat_fee":"299","seat_fee":"15"}));
+    let start = nov(1);
+    let switch = Utc.with_ymd_and_hms(2026, 11, 10, 13, 27, 41).unwrap();
+    let seats = [SeatInterval {
+        start,
+        end: nov(31),
+        seats: 4,
+    }];
+    let r = rate(
+        &NOV,
+        &[Segment {
+            plan: p,
+            start: switch,
+            end: nov(31),
+            usage: vec![],
+        }],
+        &seats,
+    )
+    .unwrap();
+    let secs = (nov(31) - switch).num_seconds();
+    let f = Decimal::from(secs) / Decimal::from(30 * 86400);
+    assert_eq!(r.lines[0].amount, (d("299") * f).round_dp(2));
+    assert_eq!(r.lines[1].amount, (d("60") * f).round_dp(2));
+    assert_eq!(r.lines[0].amount, d("203.71"));
+    assert_eq!(r.lines[1].amount, d("40.88"));
+}
+
+#[test]
+fn sub_cent_unit_prices_over_millions_of_requests() {
+    let p = plan(
+        json!({"prices":[{"meter":"requests","model":"per_unit","unit_price":"0.000000123456"}]}),
+    );
+    let r = one(p, 1, 31, vec![usage("requests", "987654321")]);
+    assert_eq!(r.lines[0].amount_exact, d("121.931851853376"));
+    assert_eq!(r.total, d("121.93"));
+}
+
+#[test]
+fn per_unit_prices_by_dimension_and_price_units() {
+    // Compute priced per instance-hour by instance type; egress per GB.
+    let p = plan(json!({"prices":[
+        {"meter":"compute","filter":{"instance_type":"t4g.nano"},"per":"3600","unit_name":"instance-hour","model":"per_unit","unit_price":"0.0042"},
+        {"meter":"compute","filter":{"instance_type":"c6g.2xlarge"},"per":"3600","model":"per_unit","unit_price":"0.272"},
+        {"meter":"egress","per":"1000000000","model":"per_unit","unit_price":"0.09"}]}));
+    let dims = |t: &str| {
+        [("instance_type".to_string(), t.to_string())]
+            .into_iter()
+            .collect()
+    };
+    let u = vec![
+        UsageItem {
+            meter: "compute".into(),
+            dims: dims("t4g.nano"),
+            quantity: d("2592000"),
+            events: 720,
+        },
+        UsageItem {
+            meter: "compute".into(),
+            dims: dims("c6g.2xlarge"),
+            quantity: d("36000"),
+            events: 10,
+        },
+        UsageItem {
+            meter: "compute".into(),
+            dims: dims("m5.large"),
+            quantity: d("3600"),
+            events: 1,
+        },
+        usage("egress", "12500000000"),
+    ];
+    let r = one(p, 1, 31, u);
+    assert_eq!(
+        amounts(&r),
+        vec![
+            (LineKind::Usage, d("3.02")),
+            (LineKind::Usage, d("2.72")),
+            (LineKind::Usage, d("1.12"))
+        ]
+    );
+    assert_eq!(
+        (r.lines[0].events, r.lines[0].price_quantity),
+        (720, d("720")),
+        "evidence: events and hours"
+    );
+    assert_eq!(
+        r.total,
+        d("6.86"),
+        "an unpriced instance type is not charged"
+    );
+}
+
+#[test]
+fn a_switch_to_the_same_plan_version_changes_nothing() {
+    let p = allowance_plan();
+    let whole = one(p.clone(), 1, 31, vec![usage("requests", "150")]);
+    let split = rate(
+        &NOV,
+        &[
+            Segment {
+                plan: p.clone(),
+                start: nov(1),
+                end: nov(9),
+                usage: vec![usage("requests", "150")],
+            },
+            Segment {
+                plan: p,
+                start: nov(9),
+                end: nov(31),
+                usage: vec![],
+            },
+        ],
+        &[],
+    )
+    .unwrap();
+    assert_eq!(split.total, whole.total);
+}
+
+#[test]
+fn bad_segments_are_errors() {
+    let p = allowance_plan();
+    let seg = |a, b| Segment {
+        plan: p.clone(),
+        start: nov(a),
+        end: nov(b),
+        usage: vec![],
+    };
+    assert!(
+        rate(&NOV, &[seg(5, 10), seg(9, 12)], &[]).is_err(),
+        "overlap"
+    );
+    assert!(rate(&NOV, &[seg(5, 5)], &[]).is_err(), "empty");
+    assert!(
+        rate(
+            &Period {
+                start: nov(2),
+                end: nov(1)
+            },
+            &[],
+            &[]
+        )
+        .is_err(),
+        "reversed period"
+    );
+}
