@@ -19,9 +19,7 @@ use aggregator::store::clickhouse::ClickHouseStore;
 use aggregator::store::{RawRow, UsageWriter};
 use chrono::{Duration as CDuration, Utc};
 use collector::sources::simulator::Workload;
-use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::FutureRecord;
-use rdkafka::ClientConfig;
 use rust_decimal::Decimal;
 use serde_json::json;
 use std::time::{Duration, Instant};
@@ -167,14 +165,19 @@ async fn main() {
 
     // 2. Raw consume + raw bulk insert baseline vs the aggregator, on the
     // n messages the collector just wrote.
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &env.brokers)
-        .set("group.id", unique("bench-raw-consumer"))
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[&env.topic]).unwrap();
+    // The aggregator's own consumer configuration, so the ratio isolates
+    // its work (decode, validate, dedup, roll up, insert) from the broker.
+    let consumer = aggregator::pipeline::consumer(&aggregator::pipeline::PipelineConfig {
+        brokers: env.brokers.clone(),
+        topic: env.topic.clone(),
+        dlq_topic: env.dlq_topic(),
+        group_id: unique("bench-raw-consumer"),
+        partitions: 4,
+        batch_max_events: 20_000,
+        batch_max_wait: Duration::from_millis(100),
+        static_partitions: None,
+    })
+    .unwrap();
     let start = Instant::now();
     let mut got = 0usize;
     while got < n {
