@@ -78,6 +78,11 @@ pub struct MeterPrice {
     /// Name of the price unit on invoices, e.g. `instance-hour`.
     #[serde(default)]
     pub unit_name: Option<String>,
+    /// Free price units per seat per period (team plans): the segment's
+    /// allowance is `allowance_per_seat × Σ seats × interval / period`, taken
+    /// off the quantity before the price model applies.
+    #[serde(default)]
+    pub allowance_per_seat: Option<Decimal>,
     #[serde(flatten)]
     pub model: PriceModel,
 }
@@ -190,6 +195,15 @@ impl PlanVersion {
                     format!("no meter {:?} in the meter catalog", p.meter),
                 );
             }
+            if p.allowance_per_seat
+                .is_some_and(|a| a.is_sign_negative() && !a.is_zero())
+            {
+                err(
+                    format!("{at}.allowance_per_seat"),
+                    "invalid_value",
+                    "allowance_per_seat must not be negative".into(),
+                );
+            }
             if p.per <= Decimal::ZERO {
                 err(
                     format!("{at}.per"),
@@ -271,6 +285,54 @@ impl PlanVersion {
         } else {
             Err(errs)
         }
+    }
+}
+
+/// A set of plan versions, as loaded from a catalog file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Catalog {
+    pub plans: Vec<PlanVersion>,
+}
+
+impl Catalog {
+    /// The default catalog a PaaS can start from (`billing-api/catalog.json`).
+    pub fn default_catalog() -> Self {
+        serde_json::from_str(include_str!("../catalog.json")).expect("built-in catalog.json parses")
+    }
+
+    /// Validates every plan and that (plan, version) pairs are unique.
+    pub fn validate(&self, meters: &MeterCatalog) -> Result<(), Vec<CatalogError>> {
+        let mut errs = Vec::new();
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, p) in self.plans.iter().enumerate() {
+            if !seen.insert((p.plan.clone(), p.version)) {
+                errs.push(CatalogError {
+                    field: format!("plans[{i}].version"),
+                    code: "duplicate_version",
+                    message: format!("plan {} version {} appears twice", p.plan, p.version),
+                });
+            }
+            if let Err(e) = p.validate(meters) {
+                errs.extend(e.into_iter().map(|e| CatalogError {
+                    field: format!("plans[{i}].{}", e.field),
+                    ..e
+                }));
+            }
+        }
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(errs)
+        }
+    }
+
+    /// The latest version of a plan.
+    pub fn latest(&self, plan: &str) -> Option<&PlanVersion> {
+        self.plans
+            .iter()
+            .filter(|p| p.plan == plan)
+            .max_by_key(|p| p.version)
     }
 }
 

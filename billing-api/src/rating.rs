@@ -8,7 +8,9 @@
 //!   the flat fee, every tier bound, every per-tier flat price, the minimum
 //!   and the maximum; never unit prices or package sizes.
 //! - Seats: `Σ seats × seat_fee × interval / period` over the seat intervals
-//!   inside the segment.
+//!   inside the segment. A price's per-seat allowance frees
+//!   `allowance_per_seat × Σ seats × interval / period` units before its
+//!   model applies.
 //! - Graduated: each tier's units at its price, plus the flat price of every
 //!   tier reached (quantity above its lower bound). Volume: all units at the
 //!   price of the tier the total falls in (a total equal to `up_to` is in
@@ -297,30 +299,29 @@ pub fn rate(
                 ..line(LineKind::FlatFee, format!("{} flat fee", plan.name))
             });
         }
-        if !plan.seat_fee.is_zero() {
-            let seat_secs: i64 = seats
-                .iter()
-                .map(|iv| {
-                    let (a, b) = (iv.start.max(s.start), iv.end.min(s.end));
-                    if b > a {
-                        iv.seats as i64 * secs(a, b)
-                    } else {
-                        0
-                    }
-                })
-                .sum();
-            if seat_secs > 0 {
-                let q = Decimal::from(seat_secs);
-                let exact = q * plan.seat_fee / den;
-                seg_lines.push(Line {
-                    quantity: q,
-                    price_quantity: q / den,
-                    unit_price: Some(plan.seat_fee),
-                    amount_exact: exact,
-                    amount: round(exact),
-                    ..line(LineKind::SeatFee, format!("{} seats", plan.name))
-                });
-            }
+        // Seat-seconds inside the segment: seat fees and per-seat allowances.
+        let seat_secs: i64 = seats
+            .iter()
+            .map(|iv| {
+                let (a, b) = (iv.start.max(s.start), iv.end.min(s.end));
+                if b > a {
+                    iv.seats as i64 * secs(a, b)
+                } else {
+                    0
+                }
+            })
+            .sum();
+        if !plan.seat_fee.is_zero() && seat_secs > 0 {
+            let q = Decimal::from(seat_secs);
+            let exact = q * plan.seat_fee / den;
+            seg_lines.push(Line {
+                quantity: q,
+                price_quantity: q / den,
+                unit_price: Some(plan.seat_fee),
+                amount_exact: exact,
+                amount: round(exact),
+                ..line(LineKind::SeatFee, format!("{} seats", plan.name))
+            });
         }
         let mut used = vec![false; s.usage.len()];
         for p in &plan.prices {
@@ -335,7 +336,11 @@ pub fn rate(
             if q.is_zero() {
                 continue;
             }
-            let (exact, unit_price, tiers) = price_amount(p, q, f);
+            let allowance = p
+                .allowance_per_seat
+                .map(|a| a * p.per * Decimal::from(seat_secs) / den)
+                .unwrap_or_default();
+            let (exact, unit_price, tiers) = price_amount(p, (q - allowance).max(Decimal::ZERO), f);
             let what = p.filter.values().cloned().collect::<Vec<_>>().join(", ");
             let description = if what.is_empty() {
                 p.meter.clone()
