@@ -249,21 +249,28 @@ pub fn rate(
             ));
         }
     }
-    // Merge adjacent segments on the same plan version.
-    let mut merged: Vec<Segment> = Vec::new();
+    // Merge adjacent segments on the same plan version (by reference: no
+    // plan or usage is copied).
+    struct Merged<'a> {
+        plan: &'a PlanVersion,
+        start: DateTime<Utc>,
+        end: DateTime<Utc>,
+        usage: Vec<&'a UsageItem>,
+    }
+    let mut merged: Vec<Merged<'_>> = Vec::with_capacity(segments.len());
     for s in segments {
         match merged.last_mut() {
-            Some(m) if m.end == s.start && m.plan == s.plan => {
+            Some(m) if m.end == s.start && *m.plan == s.plan => {
                 m.end = s.end;
-                m.usage.extend(s.usage.iter().cloned());
+                m.usage.extend(s.usage.iter());
             }
-            _ => merged.push(s.clone()),
+            _ => merged.push(Merged { plan: &s.plan, start: s.start, end: s.end, usage: s.usage.iter().collect() }),
         }
     }
     let den = Decimal::from(period_secs);
     let mut lines = Vec::new();
     for s in &merged {
-        let plan = &s.plan;
+        let plan = s.plan;
         let f = Frac {
             num: Decimal::from(secs(s.start, s.end)),
             den,
