@@ -1,4 +1,5 @@
 #![doc = include_str!("../README.md")]
 
+pub mod adjust;
 pub mod catalog;
 pub mod rating;

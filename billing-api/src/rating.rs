@@ -68,7 +68,7 @@ pub struct SeatInterval {
     pub seats: u32,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LineKind {
     FlatFee,
@@ -264,7 +264,12 @@ pub fn rate(
                 m.end = s.end;
                 m.usage.extend(s.usage.iter());
             }
-            _ => merged.push(Merged { plan: &s.plan, start: s.start, end: s.end, usage: s.usage.iter().collect() }),
+            _ => merged.push(Merged {
+                plan: &s.plan,
+                start: s.start,
+                end: s.end,
+                usage: s.usage.iter().collect(),
+            }),
         }
     }
     let den = Decimal::from(period_secs);

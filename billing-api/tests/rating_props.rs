@@ -99,3 +99,20 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    /// Adjustment lines for late usage add up exactly to the change of the
+    /// period's total, whatever the prices and quantities.
+    #[test]
+    fn adjustments_sum_to_the_change_in_total(bounds in sorted_bounds(), prices in prop::collection::vec(0u32..2000, 4), q in 0u64..3_000_000, late in 0u64..3_000_000, volume: bool) {
+        use billing_api::adjust::{adjustments, OriginalInvoice};
+        let p = period();
+        let pl = tiered(if volume { "volume" } else { "graduated" }, &bounds, &prices);
+        let seg = |u: Vec<UsageItem>| vec![Segment { plan: pl.clone(), start: p.start, end: p.end, usage: u }];
+        let billed = rate(&p, &seg(vec![req(q)]), &[]).unwrap();
+        let rerated = rate(&p, &seg(vec![req(q), req(late)]), &[]).unwrap();
+        let adj = adjustments(&billed, &rerated, &OriginalInvoice { number: "T-1".into(), period: p });
+        let sum: Decimal = adj.iter().map(|a| a.amount).sum();
+        prop_assert_eq!(sum, rerated.total - billed.total);
+    }
+}
