@@ -3,3 +3,4 @@
 pub mod adjust;
 pub mod catalog;
 pub mod rating;
+pub mod usage;

@@ -27,13 +27,26 @@
 //! Exactness: sums and products are exact decimals. Proration multiplies
 //! first and divides by the period length last, and a price stated `per` N
 //! base units divides by N last; those divisions carry 28 significant
-//! digits, far below the rounding unit.
+//! digits. Before its one rounding, each line's amount is snapped to 20
+//! decimal places ([`SNAP_DP`]): the division residue (below 1e-21 for any
+//! amount under $10^6) disappears, so an amount that is exactly a half-cent
+//! tie, like 36.41666…M requests × $0.30/M = $10.925, rounds as the tie it
+//! is; and no true amount moves across a rounding boundary, because the
+//! engine's amounts are rationals with denominators at most `per` × the
+//! period's seconds, whose distance from a tie, when not zero, exceeds 1e-18.
 
 use crate::catalog::{MeterPrice, PlanVersion, PriceModel};
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+
+/// Decimal places an exact amount is snapped to before rounding.
+pub const SNAP_DP: u32 = 20;
+
+fn snap(x: Decimal) -> Decimal {
+    x.round_dp(SNAP_DP)
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Period {
@@ -109,7 +122,7 @@ pub struct Line {
     pub price_quantity: Decimal,
     pub unit_price: Option<Decimal>,
     pub tiers: Vec<TierCharge>,
-    /// Exact amount before rounding.
+    /// Exact amount before rounding (snapped to [`SNAP_DP`] places).
     pub amount_exact: Decimal,
     /// Rounded once, to the currency's minor unit.
     pub amount: Decimal,
@@ -281,7 +294,7 @@ pub fn rate(
             den,
         };
         let round =
-            |x: Decimal| x.round_dp_with_strategy(plan.minor_units, plan.rounding.strategy());
+            |x: Decimal| snap(x).round_dp_with_strategy(plan.minor_units, plan.rounding.strategy());
         let line = |kind, description: String| Line {
             kind,
             description,
@@ -306,7 +319,7 @@ pub fn rate(
                 quantity: f.num,
                 price_quantity: f.num / den,
                 unit_price: Some(plan.flat_fee),
-                amount_exact: exact,
+                amount_exact: snap(exact),
                 amount: round(exact),
                 ..line(LineKind::FlatFee, format!("{} flat fee", plan.name))
             });
@@ -330,7 +343,7 @@ pub fn rate(
                 quantity: q,
                 price_quantity: q / den,
                 unit_price: Some(plan.seat_fee),
-                amount_exact: exact,
+                amount_exact: snap(exact),
                 amount: round(exact),
                 ..line(LineKind::SeatFee, format!("{} seats", plan.name))
             });
@@ -367,7 +380,7 @@ pub fn rate(
                 price_quantity: q / p.per,
                 unit_price,
                 tiers,
-                amount_exact: exact,
+                amount_exact: snap(exact),
                 amount: round(exact),
                 ..line(LineKind::Usage, description)
             });
@@ -377,7 +390,7 @@ pub fn rate(
             if subtotal < min {
                 let exact = min - subtotal;
                 seg_lines.push(Line {
-                    amount_exact: exact,
+                    amount_exact: snap(exact),
                     amount: round(exact),
                     ..line(
                         LineKind::MinimumTrueUp,
@@ -390,7 +403,7 @@ pub fn rate(
             if subtotal > max {
                 let exact = max - subtotal;
                 seg_lines.push(Line {
-                    amount_exact: exact,
+                    amount_exact: snap(exact),
                     amount: round(exact),
                     ..line(LineKind::MaximumCap, format!("{} spending cap", plan.name))
                 });

@@ -371,3 +371,25 @@ fn bad_segments_are_errors() {
         "reversed period"
     );
 }
+
+#[test]
+fn a_prorated_allowance_that_makes_an_exact_half_cent_tie_rounds_as_a_tie() {
+    // 283 of 600 minutes on a plan with 50 M requests included, 60 M used:
+    // 60 − 50 × 283/600 = 36.41666… M at $0.30/M = $10.925 exactly → $10.92.
+    let p = plan(
+        json!({"prices":[{"meter":"requests","per":"1000000","model":"graduated","tiers":[{"up_to":"50","unit_price":"0"},{"unit_price":"0.30"}]}]}),
+    );
+    let period = Period {
+        start: nov(1),
+        end: nov(1) + chrono::Duration::minutes(600),
+    };
+    let seg = Segment {
+        plan: p,
+        start: nov(1),
+        end: nov(1) + chrono::Duration::minutes(283),
+        usage: vec![usage("requests", "60000000")],
+    };
+    let r = rate(&period, &[seg], &[]).unwrap();
+    assert_eq!(r.lines[0].amount_exact, d("10.925"));
+    assert_eq!(r.total, d("10.92"));
+}
