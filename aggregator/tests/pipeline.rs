@@ -474,3 +474,70 @@ async fn gauges_bill_exact_time_across_collector_restart_and_resize() {
     ]);
     env.wait_totals(&want, Duration::from_secs(60)).await;
 }
+
+/// A router stand-in serving Prometheus counters that the test changes.
+async fn metrics_server(text: std::sync::Arc<std::sync::Mutex<String>>) -> u16 {
+    use axum::routing::get;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let app = axum::Router::new().route(
+        "/metrics",
+        get(move || {
+            let text = text.clone();
+            async move { text.lock().unwrap().clone() }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_counters_are_scraped_across_a_reset() {
+    let env = Env::new("prom");
+    let _agg = env.spawn_aggregator(free_port(), None);
+    let counters = |req: u64, bytes: u64| {
+        format!(
+            "# TYPE router_requests_total counter\nrouter_requests_total{{customer=\"cus_r\",app=\"web\",code=\"200\"}} {req}\n\
+             # TYPE router_egress_bytes_total counter\nrouter_egress_bytes_total{{customer=\"cus_r\",app=\"web\"}} {bytes}\n"
+        )
+    };
+    let text = std::sync::Arc::new(std::sync::Mutex::new(counters(1000, 50_000)));
+    let port = metrics_server(text.clone()).await;
+    let source = format!("[[sources]]\nkind = \"prometheus\"\nname = \"router\"\nurl = \"http://127.0.0.1:{port}/metrics\"\ninterval_secs = 1\n");
+    let (cfg, cport) = env.collector_config(&source, 5000);
+    let _collector = env.spawn_collector(&cfg, cport);
+    let scrapes = format!("http://127.0.0.1:{cport}/metrics");
+    // Wait for the baseline scrape, then grow, reset (router restart) and grow.
+    let wait_polls = |n: f64| {
+        let scrapes = scrapes.clone();
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            let start = metric(&scrapes, "tally_collector_source_events_total").await;
+            while metric(&scrapes, "tally_collector_source_events_total").await < start + n {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "scraper made no progress"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    tokio::time::sleep(Duration::from_millis(2500)).await; // baseline taken: 1000 / 50,000
+    *text.lock().unwrap() = counters(1600, 80_000);
+    wait_polls(2.0).await; // +600 requests, +30,000 bytes
+    *text.lock().unwrap() = counters(250, 9_000); // reset: counts since restart
+    wait_polls(2.0).await;
+    *text.lock().unwrap() = counters(400, 10_000);
+    wait_polls(2.0).await;
+    let want = BTreeMap::from([
+        (
+            "cus_r/web/requests".to_string(),
+            Decimal::from(600 + 250 + 150),
+        ),
+        (
+            "cus_r/web/egress".to_string(),
+            Decimal::from(30_000 + 9_000 + 1_000),
+        ),
+    ]);
+    env.wait_totals(&want, Duration::from_secs(60)).await;
+}
