@@ -3,4 +3,5 @@
 pub mod adjust;
 pub mod catalog;
 pub mod rating;
+pub mod state;
 pub mod usage;

@@ -30,33 +30,43 @@ pub const CLICKHOUSE: &[Migration] = &[
     },
 ];
 
+/// PostgreSQL migrations (billing state), in order. Each file may hold
+/// several statements and is applied in one transaction.
+pub const POSTGRES: &[Migration] = &[Migration {
+    version: 1,
+    name: "billing_state",
+    sql: include_str!("../migrations/postgres/0001_billing_state.sql"),
+}];
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn versions_are_dense_and_match_file_names() {
-        for (i, m) in CLICKHOUSE.iter().enumerate() {
-            assert_eq!(m.version as usize, i + 1);
-            assert!(
-                m.sql.contains("IF NOT EXISTS"),
-                "migration {} must be idempotent",
-                m.name
-            );
+    fn versions_are_dense_idempotent_and_match_file_names() {
+        for (dir, list) in [
+            ("migrations/clickhouse", CLICKHOUSE),
+            ("migrations/postgres", POSTGRES),
+        ] {
+            for (i, m) in list.iter().enumerate() {
+                assert_eq!(m.version as usize, i + 1);
+                assert!(
+                    m.sql.contains("IF NOT EXISTS"),
+                    "migration {} must be idempotent",
+                    m.name
+                );
+            }
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
+            let mut files: Vec<String> = std::fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            files.sort();
+            let expected: Vec<String> = list
+                .iter()
+                .map(|m| format!("{:04}_{}.sql", m.version, m.name))
+                .collect();
+            assert_eq!(files, expected, "every migration file must be listed");
         }
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/clickhouse");
-        let mut files: Vec<String> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        files.sort();
-        let expected: Vec<String> = CLICKHOUSE
-            .iter()
-            .map(|m| format!("{:04}_{}.sql", m.version, m.name))
-            .collect();
-        assert_eq!(
-            files, expected,
-            "every migration file must be listed in CLICKHOUSE"
-        );
     }
 }
