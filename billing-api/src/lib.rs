@@ -2,6 +2,7 @@
 
 pub mod adjust;
 pub mod catalog;
+pub mod invoice;
 pub mod rating;
 pub mod state;
 pub mod usage;
