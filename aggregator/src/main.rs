@@ -277,6 +277,7 @@ async fn main() -> anyhow::Result<()> {
                 to,
                 group_by,
                 granularity,
+                raw: false,
             };
             println!(
                 "{}",

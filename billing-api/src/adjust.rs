@@ -16,13 +16,13 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// The finalized invoice the late usage belongs to.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct OriginalInvoice {
     pub number: String,
     pub period: Period,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AdjustmentLine {
     pub description: String,
     pub original_invoice: String,

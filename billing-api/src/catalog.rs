@@ -13,7 +13,7 @@ use schemas::MeterCatalog;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Rounding {
     /// Banker's rounding, the default: $0.125 → $0.12, $0.135 → $0.14.
@@ -32,7 +32,7 @@ impl Rounding {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Tier {
     /// Upper bound in price units (inclusive); `None` for the last tier.
@@ -45,7 +45,7 @@ pub struct Tier {
     pub flat_price: Decimal,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "model", rename_all = "snake_case", deny_unknown_fields)]
 pub enum PriceModel {
     /// `quantity × unit_price`, or with `package_size`:
@@ -65,7 +65,7 @@ pub enum PriceModel {
 
 /// (Unknown keys are rejected by the flattened `PriceModel`, which receives
 /// every key this struct does not consume.)
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MeterPrice {
     pub meter: String,
     /// Only usage whose dimensions have these values (e.g.
@@ -91,7 +91,7 @@ fn one() -> Decimal {
     Decimal::ONE
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PlanVersion {
     pub plan: String,
@@ -121,7 +121,7 @@ fn two() -> u32 {
 }
 
 /// One problem in a catalog, naming the field.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct CatalogError {
     pub field: String,
     pub code: &'static str,
@@ -289,7 +289,7 @@ impl PlanVersion {
 }
 
 /// A set of plan versions, as loaded from a catalog file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Catalog {
     pub plans: Vec<PlanVersion>,

@@ -1,8 +1,14 @@
 #![doc = include_str!("../README.md")]
 
 pub mod adjust;
+pub mod api;
 pub mod catalog;
+pub mod finalize;
 pub mod invoice;
+pub mod metrics;
 pub mod rating;
+pub mod service;
 pub mod state;
+pub mod stripe_sync;
 pub mod usage;
+pub mod webhook;

@@ -48,14 +48,14 @@ fn snap(x: Decimal) -> Decimal {
     x.round_dp(SNAP_DP)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Period {
     pub start: DateTime<Utc>,
     pub end: DateTime<Utc>,
 }
 
 /// Usage of one meter with one set of dimension values, in base units.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct UsageItem {
     pub meter: String,
     #[serde(default)]
@@ -74,14 +74,16 @@ pub struct Segment {
     pub usage: Vec<UsageItem>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SeatInterval {
     pub start: DateTime<Utc>,
     pub end: DateTime<Utc>,
     pub seats: u32,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum LineKind {
     FlatFee,
@@ -92,7 +94,7 @@ pub enum LineKind {
 }
 
 /// How one tier contributed to a usage line.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TierCharge {
     pub tier: usize,
     /// Units in this tier, in price units.
@@ -103,7 +105,7 @@ pub struct TierCharge {
 }
 
 /// One invoice line with its evidence.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Line {
     pub kind: LineKind,
     pub description: String,
@@ -128,7 +130,7 @@ pub struct Line {
     pub amount: Decimal,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Rated {
     pub currency: String,
     pub lines: Vec<Line>,

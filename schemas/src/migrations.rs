@@ -32,11 +32,18 @@ pub const CLICKHOUSE: &[Migration] = &[
 
 /// PostgreSQL migrations (billing state), in order. Each file may hold
 /// several statements and is applied in one transaction.
-pub const POSTGRES: &[Migration] = &[Migration {
-    version: 1,
-    name: "billing_state",
-    sql: include_str!("../migrations/postgres/0001_billing_state.sql"),
-}];
+pub const POSTGRES: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "billing_state",
+        sql: include_str!("../migrations/postgres/0001_billing_state.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "invoices",
+        sql: include_str!("../migrations/postgres/0002_invoices.sql"),
+    },
+];
 
 #[cfg(test)]
 mod tests {

@@ -31,6 +31,7 @@ use futures::future::BoxFuture;
 use rust_decimal::Decimal;
 use schemas::{Aggregation, MeterDef};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::time::Instant;
 
 /// Scale of `Decimal(38, 12)` columns.
@@ -111,6 +112,7 @@ struct RollupCh {
 
 #[derive(Debug, Row, Deserialize)]
 struct CellCh {
+    customer: String,
     bucket: u32,
     app: String,
     dims: String,
@@ -306,12 +308,28 @@ impl ClickHouseStore {
         }
     }
 
-    async fn cells(&self, meter: &MeterDef, q: &UsageQuery) -> anyhow::Result<Vec<Cell>> {
-        let filter = format!(
-            "customer = {} AND meter = {}",
-            quote(&q.customer),
-            quote(&meter.key)
-        );
+    /// Cells of one customer (`all == false`, `q.customer`) or of every
+    /// customer (`all == true`), each with its customer. Whole hours come
+    /// from the rollups, the partial hours at the edges from raw rows. The
+    /// one-customer path takes the newest version per key with `argMax`;
+    /// the every-customer path (billing's finalization run, millions of
+    /// keys) with `FINAL`, which merges in key order instead of holding
+    /// every key in a hash table. Both pick the row with the highest version.
+    async fn cells(
+        &self,
+        meter: &MeterDef,
+        q: &UsageQuery,
+        all: bool,
+    ) -> anyhow::Result<Vec<(String, Cell)>> {
+        let filter = if all {
+            format!("meter = {}", quote(&meter.key))
+        } else {
+            format!(
+                "customer = {} AND meter = {}",
+                quote(&q.customer),
+                quote(&meter.key)
+            )
+        };
         let mut sqls = Vec::new();
         let raw_sql = |from: i64, to: i64| {
             let uniques = if meter.aggregation == Aggregation::UniqueCount {
@@ -320,26 +338,35 @@ impl ClickHouseStore {
                 "emptyArrayString()"
             };
             format!(
-                "SELECT {b} AS bucket, app, dims, count(), sum(quantity), max(quantity), toUInt32(max(time)), \
+                "SELECT customer, {b} AS bucket, app, dims, count(), sum(quantity), max(quantity), toUInt32(max(time)), \
                  argMax(quantity, tuple(time, quantity)), {uniques} FROM usage_events \
-                 WHERE {filter} AND time >= toDateTime({from}) AND time < toDateTime({to}) GROUP BY bucket, app, dims",
+                 WHERE {filter} AND time >= toDateTime({from}) AND time < toDateTime({to}) GROUP BY customer, bucket, app, dims",
                 b = Self::bucket_sql("time", q)
             )
         };
-        if meter.aggregation == Aggregation::UniqueCount {
+        if meter.aggregation == Aggregation::UniqueCount || q.raw {
             // Distinct counts do not roll up: answer from raw rows.
             sqls.push(raw_sql(q.from.timestamp(), q.to.timestamp()));
         } else {
             let (full, edges) = split_hours(q.from, q.to);
             if let Some((f, t)) = full {
-                sqls.push(format!(
-                    "SELECT {b} AS bucket, app, dims, sum(ev), sum(s), max(m), toUInt32(max(lt)), argMax(lq, tuple(lt, lq)), emptyArrayString() FROM (\
-                       SELECT hour, app, dims, argMax(events, version) AS ev, argMax(quantity_sum, version) AS s, \
-                              argMax(quantity_max, version) AS m, argMax(latest_time, version) AS lt, argMax(latest_quantity, version) AS lq \
-                       FROM usage_rollups_hourly WHERE {filter} AND hour >= toDateTime({f}) AND hour < toDateTime({t}) \
-                       GROUP BY hour, app, dims) GROUP BY bucket, app, dims",
-                    b = Self::bucket_sql("hour", q)
-                ));
+                let b = Self::bucket_sql("hour", q);
+                sqls.push(if all {
+                    format!(
+                        "SELECT customer, {b} AS bucket, app, dims, sum(events), sum(quantity_sum), max(quantity_max), \
+                           toUInt32(max(latest_time)), argMax(latest_quantity, tuple(latest_time, latest_quantity)), emptyArrayString() \
+                         FROM usage_rollups_hourly FINAL WHERE {filter} AND hour >= toDateTime({f}) AND hour < toDateTime({t}) \
+                         GROUP BY customer, bucket, app, dims"
+                    )
+                } else {
+                    format!(
+                        "SELECT customer, {b} AS bucket, app, dims, sum(ev), sum(s), max(m), toUInt32(max(lt)), argMax(lq, tuple(lt, lq)), emptyArrayString() FROM (\
+                           SELECT customer, hour, app, dims, argMax(events, version) AS ev, argMax(quantity_sum, version) AS s, \
+                                  argMax(quantity_max, version) AS m, argMax(latest_time, version) AS lt, argMax(latest_quantity, version) AS lq \
+                           FROM usage_rollups_hourly WHERE {filter} AND hour >= toDateTime({f}) AND hour < toDateTime({t}) \
+                           GROUP BY customer, hour, app, dims) GROUP BY customer, bucket, app, dims"
+                    )
+                });
             }
             for (f, t) in edges {
                 sqls.push(raw_sql(f, t));
@@ -355,18 +382,21 @@ impl ClickHouseStore {
                 .with_context(|| format!("clickhouse: {sql}"))?;
             for r in rows {
                 let latest_q = from_ch(r.latest_quantity)?;
-                cells.push(Cell {
-                    time: ts(r.bucket as i64),
-                    app: r.app,
-                    dims: r.dims,
-                    partial: Partial {
-                        events: r.events,
-                        sum: from_ch(r.sum)?,
-                        max: from_ch(r.max)?,
-                        latest: (r.events > 0).then_some((r.latest_time as i64, latest_q)),
-                        uniques: r.uniques.into_iter().collect(),
+                cells.push((
+                    r.customer,
+                    Cell {
+                        time: ts(r.bucket as i64),
+                        app: r.app,
+                        dims: r.dims,
+                        partial: Partial {
+                            events: r.events,
+                            sum: from_ch(r.sum)?,
+                            max: from_ch(r.max)?,
+                            latest: (r.events > 0).then_some((r.latest_time as i64, latest_q)),
+                            uniques: r.uniques.into_iter().collect(),
+                        },
                     },
-                });
+                ));
             }
         }
         Ok(cells)
@@ -547,8 +577,25 @@ impl UsageStore for ClickHouseStore {
         q: &'a UsageQuery,
     ) -> BoxFuture<'a, anyhow::Result<Vec<UsageRow>>> {
         Box::pin(async move {
-            let cells = self.cells(meter, q).await?;
-            Ok(group_cells(meter, q, cells))
+            let cells = self.cells(meter, q, false).await?;
+            Ok(group_cells(meter, q, cells.into_iter().map(|(_, c)| c)))
+        })
+    }
+
+    fn query_all<'a>(
+        &'a self,
+        meter: &'a MeterDef,
+        q: &'a UsageQuery,
+    ) -> BoxFuture<'a, anyhow::Result<HashMap<String, Vec<UsageRow>>>> {
+        Box::pin(async move {
+            let mut per: HashMap<String, Vec<Cell>> = HashMap::new();
+            for (customer, cell) in self.cells(meter, q, true).await? {
+                per.entry(customer).or_default().push(cell);
+            }
+            Ok(per
+                .into_iter()
+                .map(|(c, cells)| (c, group_cells(meter, q, cells)))
+                .collect())
         })
     }
 }

@@ -106,6 +106,10 @@ pub struct UsageQuery {
     pub group_by: Vec<String>,
     #[serde(default)]
     pub granularity: Option<Granularity>,
+    /// Answer from raw events only, never from rollups (slower; used to
+    /// re-derive an invoice from raw events as evidence).
+    #[serde(default)]
+    pub raw: bool,
 }
 
 /// One answer row. `value` is the meter's aggregate (sum, count, max,
@@ -126,6 +130,14 @@ pub trait UsageStore: Send + Sync + 'static {
         meter: &'a MeterDef,
         q: &'a UsageQuery,
     ) -> BoxFuture<'a, anyhow::Result<Vec<UsageRow>>>;
+    /// The same question asked of every customer at once (`q.customer` is
+    /// ignored): billing's finalization run uses it to read a whole period
+    /// in one pass. Rows per customer; customers without usage are absent.
+    fn query_all<'a>(
+        &'a self,
+        meter: &'a MeterDef,
+        q: &'a UsageQuery,
+    ) -> BoxFuture<'a, anyhow::Result<HashMap<String, Vec<UsageRow>>>>;
 }
 
 /// A mergeable partial aggregate of one (bucket, app, dims) cell.
@@ -179,7 +191,11 @@ pub struct Cell {
 
 /// Groups cells into answer rows: the one place where grouping and
 /// bucketing rules live, shared by every store.
-pub fn group_cells(meter: &MeterDef, q: &UsageQuery, cells: Vec<Cell>) -> Vec<UsageRow> {
+pub fn group_cells(
+    meter: &MeterDef,
+    q: &UsageQuery,
+    cells: impl IntoIterator<Item = Cell>,
+) -> Vec<UsageRow> {
     type GroupKey = (Option<DateTime<Utc>>, BTreeMap<String, String>);
     let mut groups: BTreeMap<GroupKey, Partial> = BTreeMap::new();
     let mut dims_cache: HashMap<String, BTreeMap<String, String>> = HashMap::new();
@@ -289,6 +305,7 @@ mod tests {
             to: t(5),
             group_by: vec!["instance_type".into()],
             granularity: Some(Granularity::Day),
+            raw: false,
         };
         let rows = group_cells(&meter, &q, cells);
         assert_eq!(rows.len(), 2);

@@ -35,9 +35,12 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-fn bin(name: &str) -> PathBuf {
-    let agg = PathBuf::from(env!("CARGO_BIN_EXE_aggregator"));
-    let p = agg.parent().unwrap().join(name);
+/// A workspace binary next to this test's (`target/<profile>/`); any crate's
+/// tests can include this module.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test>-<hash> → target/<profile>/<name>
+    let p = exe.parent().unwrap().parent().unwrap().join(name);
     assert!(
         p.exists(),
         "{} not built: run `cargo build --workspace` (ops/test.sh does)",

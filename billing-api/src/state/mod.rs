@@ -9,10 +9,13 @@
 pub mod postgres;
 
 use crate::catalog::PlanVersion;
+use crate::invoice::{InvoiceBody, NewInvoice};
 use crate::rating::{Period, SeatInterval};
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
+use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -40,7 +43,7 @@ impl StateError {
 
 pub type StateResult<T> = Result<T, StateError>;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Customer {
     pub id: String,
     pub external_id: String,
@@ -48,7 +51,7 @@ pub struct Customer {
 }
 
 /// A span of a customer's plan history, clipped to the asked period.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PlanSegment {
     pub plan: String,
     pub version: u32,
@@ -56,7 +59,7 @@ pub struct PlanSegment {
     pub end: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuditEntry {
     pub id: i64,
     pub at: DateTime<Utc>,
@@ -65,6 +68,57 @@ pub struct AuditEntry {
     pub subject: String,
     pub before: Option<serde_json::Value>,
     pub after: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct App {
+    pub customer_id: String,
+    pub app: String,
+    pub name: String,
+}
+
+/// A published plan version and whether it is retired (retired versions
+/// keep billing their current subscribers but take no new ones).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PublishedPlan {
+    pub plan: PlanVersion,
+    pub retired: bool,
+}
+
+/// Delivery of a finalized invoice to the payment provider.
+pub mod sync_status {
+    /// Waiting to be sent to Stripe (or Stripe sync is off).
+    pub const PENDING: &str = "pending";
+    pub const SYNCED: &str = "synced";
+    /// Below the minimum charge: not sent, added to the next invoice.
+    pub const CARRIED_FORWARD: &str = "carried_forward";
+    /// Total zero: nothing to send.
+    pub const NOTHING_DUE: &str = "nothing_due";
+    /// Sent but Stripe's total disagrees, or Stripe refused it; needs a human.
+    pub const FAILED: &str = "failed";
+}
+
+/// A finalized invoice: immutable except for its status fields.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Invoice {
+    pub id: String,
+    pub seq: i64,
+    pub number: String,
+    pub customer_id: String,
+    pub period: Period,
+    pub currency: String,
+    pub subtotal: Decimal,
+    pub adjustments_total: Decimal,
+    pub carried_in: Decimal,
+    pub total: Decimal,
+    pub body: InvoiceBody,
+    pub finalized_at: DateTime<Utc>,
+    pub sync_status: String,
+    pub stripe_invoice_id: Option<String>,
+    pub carried_to: Option<String>,
+    /// `open`, `paid`, `payment_failed` or `void` (from Stripe's webhooks).
+    pub payment_status: String,
+    pub sync_error: Option<String>,
 }
 
 pub trait StateStore: Send + Sync + 'static {
@@ -128,6 +182,91 @@ pub trait StateStore: Send + Sync + 'static {
         period: Period,
     ) -> BoxFuture<'a, StateResult<Vec<SeatInterval>>>;
     fn audit_log<'a>(&'a self, subject: &'a str) -> BoxFuture<'a, StateResult<Vec<AuditEntry>>>;
+
+    // Catalog administration.
+    fn list_plans(&self) -> BoxFuture<'_, StateResult<Vec<PublishedPlan>>>;
+    fn retire_plan<'a>(
+        &'a self,
+        plan: &'a str,
+        version: u32,
+        actor: &'a str,
+    ) -> BoxFuture<'a, StateResult<()>>;
+
+    // Customers and apps.
+    fn customer<'a>(&'a self, id: &'a str) -> BoxFuture<'a, StateResult<Customer>>;
+    /// Customers ordered by id, after `after`, at most `limit`.
+    fn list_customers<'a>(
+        &'a self,
+        after: Option<&'a str>,
+        limit: u32,
+    ) -> BoxFuture<'a, StateResult<Vec<Customer>>>;
+    fn create_app<'a>(&'a self, app: &'a App, actor: &'a str) -> BoxFuture<'a, StateResult<()>>;
+    fn apps<'a>(&'a self, customer: &'a str) -> BoxFuture<'a, StateResult<Vec<App>>>;
+
+    // Bulk reads for the finalization run.
+    /// Plan segments of every customer inside the period.
+    fn plan_segments_all(
+        &self,
+        period: Period,
+    ) -> BoxFuture<'_, StateResult<HashMap<String, Vec<PlanSegment>>>>;
+    /// Seat intervals of every customer inside the period.
+    fn seat_intervals_all(
+        &self,
+        period: Period,
+    ) -> BoxFuture<'_, StateResult<HashMap<String, Vec<SeatInterval>>>>;
+    /// Start of the earliest subscription, if any.
+    fn billing_start(&self) -> BoxFuture<'_, StateResult<Option<DateTime<Utc>>>>;
+    /// Finalized invoices whose period starts at `start`, by customer.
+    fn invoices_in_period(
+        &self,
+        start: DateTime<Utc>,
+    ) -> BoxFuture<'_, StateResult<HashMap<String, Invoice>>>;
+    /// Invoices carried forward and not yet added to a later invoice, by customer.
+    fn open_carried(&self) -> BoxFuture<'_, StateResult<HashMap<String, Vec<Invoice>>>>;
+
+    // Invoices.
+    /// Finalizes invoices in one transaction: numbers them from the gapless
+    /// counter, marks the invoices they carry in, and skips (without using a
+    /// number) any whose customer and period already has an invoice.
+    /// Returns the invoices written.
+    fn insert_invoices(
+        &self,
+        new: Vec<NewInvoice>,
+        finalized_at: DateTime<Utc>,
+    ) -> BoxFuture<'_, StateResult<Vec<Invoice>>>;
+    fn invoice<'a>(&'a self, id: &'a str) -> BoxFuture<'a, StateResult<Invoice>>;
+    fn invoices_of<'a>(&'a self, customer: &'a str) -> BoxFuture<'a, StateResult<Vec<Invoice>>>;
+    /// Invoices waiting for Stripe, oldest first.
+    fn pending_sync(&self, limit: u32) -> BoxFuture<'_, StateResult<Vec<Invoice>>>;
+
+    // Stripe mapping and status.
+    fn stripe_customer<'a>(
+        &'a self,
+        customer: &'a str,
+    ) -> BoxFuture<'a, StateResult<Option<String>>>;
+    fn set_stripe_customer<'a>(
+        &'a self,
+        customer: &'a str,
+        stripe_id: &'a str,
+    ) -> BoxFuture<'a, StateResult<()>>;
+    fn set_stripe_invoice<'a>(
+        &'a self,
+        invoice: &'a str,
+        stripe_id: &'a str,
+    ) -> BoxFuture<'a, StateResult<()>>;
+    fn set_sync_status<'a>(
+        &'a self,
+        invoice: &'a str,
+        status: &'a str,
+        error: Option<&'a str>,
+    ) -> BoxFuture<'a, StateResult<()>>;
+    /// Sets the payment status of the invoice with this Stripe id; false
+    /// when no invoice has it.
+    fn set_payment_status<'a>(
+        &'a self,
+        stripe_invoice_id: &'a str,
+        status: &'a str,
+    ) -> BoxFuture<'a, StateResult<bool>>;
 }
 
 /// Clips `[start, end?)` spans to a period, dropping the ones outside it.

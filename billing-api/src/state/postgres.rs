@@ -5,13 +5,56 @@
 //! partial unique index allows one open subscription per customer, so two
 //! concurrent switches cannot interleave into overlapping segments.
 
-use super::{clip, AuditEntry, Customer, PlanSegment, StateError, StateResult, StateStore};
+use super::{
+    clip, sync_status, App, AuditEntry, Customer, Invoice, PlanSegment, PublishedPlan, StateError,
+    StateResult, StateStore,
+};
 use crate::catalog::PlanVersion;
+use crate::invoice::NewInvoice;
 use crate::rating::{Period, SeatInterval};
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
 use sqlx::{Executor, Postgres, Row, Transaction};
+use std::collections::HashMap;
+
+const INVOICE_COLUMNS: &str = "id, seq, number, customer_id, period_start, period_end, currency, subtotal, \
+    adjustments_total, carried_in, total, body, finalized_at, sync_status, stripe_invoice_id, carried_to, \
+    payment_status, sync_error";
+
+fn invoice_from(r: &PgRow) -> StateResult<Invoice> {
+    Ok(Invoice {
+        id: r.get("id"),
+        seq: r.get("seq"),
+        number: r.get("number"),
+        customer_id: r.get("customer_id"),
+        period: Period {
+            start: r.get("period_start"),
+            end: r.get("period_end"),
+        },
+        currency: r.get("currency"),
+        subtotal: r.get("subtotal"),
+        adjustments_total: r.get("adjustments_total"),
+        carried_in: r.get("carried_in"),
+        total: r.get("total"),
+        body: serde_json::from_value(r.get("body"))
+            .map_err(|e| StateError::Invalid(format!("stored invoice body: {e}")))?,
+        finalized_at: r.get("finalized_at"),
+        sync_status: r.get("sync_status"),
+        stripe_invoice_id: r.get("stripe_invoice_id"),
+        carried_to: r.get("carried_to"),
+        payment_status: r.get("payment_status"),
+        sync_error: r.get("sync_error"),
+    })
+}
+
+fn customer_from(r: &PgRow) -> Customer {
+    Customer {
+        id: r.get("id"),
+        external_id: r.get("external_id"),
+        name: r.get("name"),
+    }
+}
 
 #[derive(Clone)]
 pub struct PgState {
@@ -114,6 +157,88 @@ impl PgState {
             tx.commit().await?;
         }
         Ok(())
+    }
+}
+
+impl PgState {
+    /// Plan segments inside the period, of one customer or of all.
+    async fn segments(
+        &self,
+        customer: Option<&str>,
+        period: Period,
+    ) -> StateResult<HashMap<String, Vec<PlanSegment>>> {
+        let rows = sqlx::query(
+            "SELECT customer_id, plan, version, starts_at, ends_at FROM subscriptions \
+             WHERE ($1::text IS NULL OR customer_id = $1) \
+             AND starts_at < $3 AND (ends_at IS NULL OR ends_at > $2) ORDER BY customer_id, starts_at",
+        )
+        .bind(customer)
+        .bind(period.start)
+        .bind(period.end)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out: HashMap<String, Vec<PlanSegment>> = HashMap::new();
+        for r in &rows {
+            if let Some((start, end)) = clip([(r.get("starts_at"), r.get("ends_at"))], period).pop()
+            {
+                out.entry(r.get("customer_id"))
+                    .or_default()
+                    .push(PlanSegment {
+                        plan: r.get("plan"),
+                        version: r.get::<i32, _>("version") as u32,
+                        start,
+                        end,
+                    });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Seat intervals inside the period, of one customer or of all.
+    async fn seats(
+        &self,
+        customer: Option<&str>,
+        period: Period,
+    ) -> StateResult<HashMap<String, Vec<SeatInterval>>> {
+        let rows = sqlx::query(
+            "SELECT customer_id, effective_at, seats FROM seat_changes \
+             WHERE ($1::text IS NULL OR customer_id = $1) AND effective_at < $2 ORDER BY customer_id, effective_at",
+        )
+        .bind(customer)
+        .bind(period.end)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut changes: HashMap<String, Vec<(DateTime<Utc>, u32)>> = HashMap::new();
+        for r in &rows {
+            changes
+                .entry(r.get("customer_id"))
+                .or_default()
+                .push((r.get("effective_at"), r.get::<i32, _>("seats") as u32));
+        }
+        let mut out = HashMap::new();
+        for (c, changes) in changes {
+            let mut ivs = Vec::new();
+            for (i, (at, seats)) in changes.iter().enumerate() {
+                let until = changes.get(i + 1).map(|c| c.0);
+                if let Some((start, end)) = clip([(*at, until)], period).pop() {
+                    if *seats > 0 {
+                        ivs.push(SeatInterval {
+                            start,
+                            end,
+                            seats: *seats,
+                        });
+                    }
+                }
+            }
+            out.insert(c, ivs);
+        }
+        Ok(out)
+    }
+
+    async fn invoices_where(&self, filter: &str, arg: Option<&str>) -> StateResult<Vec<Invoice>> {
+        let sql = format!("SELECT {INVOICE_COLUMNS} FROM invoices WHERE {filter} ORDER BY seq");
+        let rows = sqlx::query(&sql).bind(arg).fetch_all(&self.pool).await?;
+        rows.iter().map(invoice_from).collect()
     }
 }
 
@@ -377,28 +502,11 @@ impl StateStore for PgState {
         period: Period,
     ) -> BoxFuture<'a, StateResult<Vec<PlanSegment>>> {
         Box::pin(async move {
-            let rows = sqlx::query(
-                "SELECT plan, version, starts_at, ends_at FROM subscriptions WHERE customer_id = $1 \
-                 AND starts_at < $3 AND (ends_at IS NULL OR ends_at > $2) ORDER BY starts_at",
-            )
-            .bind(customer)
-            .bind(period.start)
-            .bind(period.end)
-            .fetch_all(&self.pool)
-            .await?;
-            Ok(rows
-                .iter()
-                .filter_map(|r| {
-                    let (start, end) =
-                        clip([(r.get("starts_at"), r.get("ends_at"))], period).pop()?;
-                    Some(PlanSegment {
-                        plan: r.get("plan"),
-                        version: r.get::<i32, _>("version") as u32,
-                        start,
-                        end,
-                    })
-                })
-                .collect())
+            Ok(self
+                .segments(Some(customer), period)
+                .await?
+                .remove(customer)
+                .unwrap_or_default())
         })
     }
 
@@ -408,29 +516,11 @@ impl StateStore for PgState {
         period: Period,
     ) -> BoxFuture<'a, StateResult<Vec<SeatInterval>>> {
         Box::pin(async move {
-            let rows = sqlx::query("SELECT effective_at, seats FROM seat_changes WHERE customer_id = $1 AND effective_at < $2 ORDER BY effective_at")
-                .bind(customer)
-                .bind(period.end)
-                .fetch_all(&self.pool)
-                .await?;
-            let changes: Vec<(DateTime<Utc>, u32)> = rows
-                .iter()
-                .map(|r| (r.get("effective_at"), r.get::<i32, _>("seats") as u32))
-                .collect();
-            let mut out = Vec::new();
-            for (i, (at, seats)) in changes.iter().enumerate() {
-                let until = changes.get(i + 1).map(|c| c.0);
-                if let Some((start, end)) = clip([(*at, until)], period).pop() {
-                    if *seats > 0 {
-                        out.push(SeatInterval {
-                            start,
-                            end,
-                            seats: *seats,
-                        });
-                    }
-                }
-            }
-            Ok(out)
+            Ok(self
+                .seats(Some(customer), period)
+                .await?
+                .remove(customer)
+                .unwrap_or_default())
         })
     }
 
@@ -452,6 +542,374 @@ impl StateStore for PgState {
                     after: r.get("after"),
                 })
                 .collect())
+        })
+    }
+
+    fn list_plans(&self) -> BoxFuture<'_, StateResult<Vec<PublishedPlan>>> {
+        Box::pin(async move {
+            let rows = sqlx::query("SELECT body, retired_at IS NOT NULL AS retired FROM plan_versions ORDER BY plan, version")
+                .fetch_all(&self.pool)
+                .await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(PublishedPlan {
+                        plan: serde_json::from_value(r.get("body"))
+                            .map_err(|e| StateError::Invalid(format!("stored plan: {e}")))?,
+                        retired: r.get("retired"),
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn retire_plan<'a>(
+        &'a self,
+        plan: &'a str,
+        version: u32,
+        actor: &'a str,
+    ) -> BoxFuture<'a, StateResult<()>> {
+        Box::pin(async move {
+            let mut tx = self.pool.begin().await?;
+            let n = sqlx::query("UPDATE plan_versions SET retired_at = now() WHERE plan = $1 AND version = $2 AND retired_at IS NULL")
+                .bind(plan)
+                .bind(version as i32)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            if n == 0 {
+                let exists =
+                    sqlx::query("SELECT 1 FROM plan_versions WHERE plan = $1 AND version = $2")
+                        .bind(plan)
+                        .bind(version as i32)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                return Err(match exists {
+                    Some(_) => StateError::Conflict(format!(
+                        "plan {plan} version {version} is already retired"
+                    )),
+                    None => StateError::NotFound(format!("plan {plan} version {version}")),
+                });
+            }
+            audit(
+                &mut tx,
+                actor,
+                "plan.retire",
+                &format!("plan:{plan}"),
+                Some(serde_json::json!({"version": version, "retired": false})),
+                Some(serde_json::json!({"version": version, "retired": true})),
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    fn customer<'a>(&'a self, id: &'a str) -> BoxFuture<'a, StateResult<Customer>> {
+        Box::pin(async move {
+            let row = sqlx::query("SELECT id, external_id, name FROM customers WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?
+                .ok_or_else(|| StateError::NotFound(format!("customer {id}")))?;
+            Ok(customer_from(&row))
+        })
+    }
+
+    fn list_customers<'a>(
+        &'a self,
+        after: Option<&'a str>,
+        limit: u32,
+    ) -> BoxFuture<'a, StateResult<Vec<Customer>>> {
+        Box::pin(async move {
+            let rows = sqlx::query("SELECT id, external_id, name FROM customers WHERE ($1::text IS NULL OR id > $1) ORDER BY id LIMIT $2")
+                .bind(after)
+                .bind(limit as i64)
+                .fetch_all(&self.pool)
+                .await?;
+            Ok(rows.iter().map(customer_from).collect())
+        })
+    }
+
+    fn create_app<'a>(&'a self, app: &'a App, actor: &'a str) -> BoxFuture<'a, StateResult<()>> {
+        Box::pin(async move {
+            let mut tx = self.pool.begin().await?;
+            lock_customer(&mut tx, &app.customer_id).await?;
+            sqlx::query("INSERT INTO apps (customer_id, app, name) VALUES ($1, $2, $3)")
+                .bind(&app.customer_id)
+                .bind(&app.app)
+                .bind(&app.name)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| conflict_or(e, format!("app {} exists", app.app)))?;
+            audit(
+                &mut tx,
+                actor,
+                "app.create",
+                &format!("customer:{}", app.customer_id),
+                None,
+                Some(serde_json::to_value(app).unwrap()),
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    fn apps<'a>(&'a self, customer: &'a str) -> BoxFuture<'a, StateResult<Vec<App>>> {
+        Box::pin(async move {
+            let rows = sqlx::query(
+                "SELECT customer_id, app, name FROM apps WHERE customer_id = $1 ORDER BY app",
+            )
+            .bind(customer)
+            .fetch_all(&self.pool)
+            .await?;
+            Ok(rows
+                .iter()
+                .map(|r| App {
+                    customer_id: r.get("customer_id"),
+                    app: r.get("app"),
+                    name: r.get("name"),
+                })
+                .collect())
+        })
+    }
+
+    fn plan_segments_all(
+        &self,
+        period: Period,
+    ) -> BoxFuture<'_, StateResult<HashMap<String, Vec<PlanSegment>>>> {
+        Box::pin(self.segments(None, period))
+    }
+
+    fn seat_intervals_all(
+        &self,
+        period: Period,
+    ) -> BoxFuture<'_, StateResult<HashMap<String, Vec<SeatInterval>>>> {
+        Box::pin(self.seats(None, period))
+    }
+
+    fn billing_start(&self) -> BoxFuture<'_, StateResult<Option<DateTime<Utc>>>> {
+        Box::pin(async move {
+            Ok(sqlx::query("SELECT min(starts_at) AS s FROM subscriptions")
+                .fetch_one(&self.pool)
+                .await?
+                .get("s"))
+        })
+    }
+
+    fn invoices_in_period(
+        &self,
+        start: DateTime<Utc>,
+    ) -> BoxFuture<'_, StateResult<HashMap<String, Invoice>>> {
+        Box::pin(async move {
+            let sql = format!("SELECT {INVOICE_COLUMNS} FROM invoices WHERE period_start = $1");
+            let rows = sqlx::query(&sql).bind(start).fetch_all(&self.pool).await?;
+            rows.iter()
+                .map(|r| invoice_from(r).map(|i| (i.customer_id.clone(), i)))
+                .collect()
+        })
+    }
+
+    fn open_carried(&self) -> BoxFuture<'_, StateResult<HashMap<String, Vec<Invoice>>>> {
+        Box::pin(async move {
+            let mut out: HashMap<String, Vec<Invoice>> = HashMap::new();
+            for i in self
+                .invoices_where(
+                    "sync_status = 'carried_forward' AND carried_to IS NULL AND ($1::text IS NULL OR true)",
+                    None,
+                )
+                .await?
+            {
+                out.entry(i.customer_id.clone()).or_default().push(i);
+            }
+            Ok(out)
+        })
+    }
+
+    fn insert_invoices(
+        &self,
+        new: Vec<NewInvoice>,
+        finalized_at: DateTime<Utc>,
+    ) -> BoxFuture<'_, StateResult<Vec<Invoice>>> {
+        Box::pin(async move {
+            let mut tx = self.pool.begin().await?;
+            // The counter row lock serializes finalizers until commit.
+            let mut last: i64 = sqlx::query("SELECT last FROM invoice_numbers WHERE id FOR UPDATE")
+                .fetch_one(&mut *tx)
+                .await?
+                .get("last");
+            let mut written = Vec::with_capacity(new.len());
+            for n in new {
+                let exists = sqlx::query(
+                    "SELECT 1 FROM invoices WHERE customer_id = $1 AND period_start = $2",
+                )
+                .bind(&n.customer_id)
+                .bind(n.period.start)
+                .fetch_optional(&mut *tx)
+                .await?;
+                if exists.is_some() {
+                    continue;
+                }
+                last += 1;
+                let number = crate::invoice::invoice_number(last);
+                let body = serde_json::to_value(&n.body)
+                    .map_err(|e| StateError::Invalid(e.to_string()))?;
+                let sql = format!(
+                    "INSERT INTO invoices (id, seq, number, customer_id, period_start, period_end, currency, subtotal, \
+                     adjustments_total, carried_in, total, body, finalized_at, sync_status) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) RETURNING {INVOICE_COLUMNS}"
+                );
+                let row = sqlx::query(&sql)
+                    .bind(&n.id)
+                    .bind(last)
+                    .bind(&number)
+                    .bind(&n.customer_id)
+                    .bind(n.period.start)
+                    .bind(n.period.end)
+                    .bind(&n.currency)
+                    .bind(n.subtotal)
+                    .bind(n.adjustments_total)
+                    .bind(n.carried_in)
+                    .bind(n.total)
+                    .bind(body)
+                    .bind(finalized_at)
+                    .bind(&n.sync_status)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                let carried: Vec<String> = n
+                    .body
+                    .carried
+                    .iter()
+                    .map(|c| c.invoice_id.clone())
+                    .collect();
+                if !carried.is_empty() {
+                    let moved = sqlx::query("UPDATE invoices SET carried_to = $1 WHERE id = ANY($2) AND customer_id = $3 AND carried_to IS NULL AND sync_status = 'carried_forward'")
+                        .bind(&n.id)
+                        .bind(&carried)
+                        .bind(&n.customer_id)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                    if moved as usize != carried.len() {
+                        return Err(StateError::Conflict(format!(
+                            "invoices carried into {} changed during finalization; retry",
+                            n.id
+                        )));
+                    }
+                }
+                written.push(invoice_from(&row)?);
+            }
+            sqlx::query("UPDATE invoice_numbers SET last = $1 WHERE id")
+                .bind(last)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(written)
+        })
+    }
+
+    fn invoice<'a>(&'a self, id: &'a str) -> BoxFuture<'a, StateResult<Invoice>> {
+        Box::pin(async move {
+            self.invoices_where("id = $1", Some(id))
+                .await?
+                .pop()
+                .ok_or_else(|| StateError::NotFound(format!("invoice {id}")))
+        })
+    }
+
+    fn invoices_of<'a>(&'a self, customer: &'a str) -> BoxFuture<'a, StateResult<Vec<Invoice>>> {
+        Box::pin(self.invoices_where("customer_id = $1", Some(customer)))
+    }
+
+    fn pending_sync(&self, limit: u32) -> BoxFuture<'_, StateResult<Vec<Invoice>>> {
+        Box::pin(async move {
+            let sql = format!(
+                "SELECT {INVOICE_COLUMNS} FROM invoices WHERE sync_status = '{}' ORDER BY seq LIMIT $1",
+                sync_status::PENDING
+            );
+            let rows = sqlx::query(&sql)
+                .bind(limit as i64)
+                .fetch_all(&self.pool)
+                .await?;
+            rows.iter().map(invoice_from).collect()
+        })
+    }
+
+    fn stripe_customer<'a>(
+        &'a self,
+        customer: &'a str,
+    ) -> BoxFuture<'a, StateResult<Option<String>>> {
+        Box::pin(async move {
+            let row = sqlx::query("SELECT stripe_customer_id FROM customers WHERE id = $1")
+                .bind(customer)
+                .fetch_optional(&self.pool)
+                .await?
+                .ok_or_else(|| StateError::NotFound(format!("customer {customer}")))?;
+            Ok(row.get("stripe_customer_id"))
+        })
+    }
+
+    fn set_stripe_customer<'a>(
+        &'a self,
+        customer: &'a str,
+        stripe_id: &'a str,
+    ) -> BoxFuture<'a, StateResult<()>> {
+        Box::pin(async move {
+            sqlx::query("UPDATE customers SET stripe_customer_id = $2 WHERE id = $1")
+                .bind(customer)
+                .bind(stripe_id)
+                .execute(&self.pool)
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn set_stripe_invoice<'a>(
+        &'a self,
+        invoice: &'a str,
+        stripe_id: &'a str,
+    ) -> BoxFuture<'a, StateResult<()>> {
+        Box::pin(async move {
+            sqlx::query("UPDATE invoices SET stripe_invoice_id = $2 WHERE id = $1")
+                .bind(invoice)
+                .bind(stripe_id)
+                .execute(&self.pool)
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn set_sync_status<'a>(
+        &'a self,
+        invoice: &'a str,
+        status: &'a str,
+        error: Option<&'a str>,
+    ) -> BoxFuture<'a, StateResult<()>> {
+        Box::pin(async move {
+            sqlx::query("UPDATE invoices SET sync_status = $2, sync_error = $3 WHERE id = $1")
+                .bind(invoice)
+                .bind(status)
+                .bind(error)
+                .execute(&self.pool)
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn set_payment_status<'a>(
+        &'a self,
+        stripe_invoice_id: &'a str,
+        status: &'a str,
+    ) -> BoxFuture<'a, StateResult<bool>> {
+        Box::pin(async move {
+            let n =
+                sqlx::query("UPDATE invoices SET payment_status = $2 WHERE stripe_invoice_id = $1")
+                    .bind(stripe_invoice_id)
+                    .bind(status)
+                    .execute(&self.pool)
+                    .await?
+                    .rows_affected();
+            Ok(n > 0)
         })
     }
 }

@@ -1,0 +1,865 @@
+//! The billing HTTP API: versioned `/v1` JSON for staff tools (catalog,
+//! customers, apps, subscriptions, seats, plan switches with preview,
+//! invoices, the audit log) and Stripe's webhooks. The OpenAPI document is
+//! generated from these handlers ([`ApiDoc`]) and checked in as
+//! `schemas/openapi.json`.
+//!
+//! Errors are `{"code": "...", "message": "...", "details": [...]?}` with a
+//! 4xx status for anything the caller can fix: `malformed_json` (400),
+//! `invalid_body` / `invalid` (422, with per-field `details` where there are
+//! several problems), `unauthorized` (401), `not_found` (404), `conflict` and
+//! `period_finalized` (409), `body_too_large` (413),
+//! `unsupported_media_type` (415). A rejected request changes nothing.
+//!
+//! Authentication: `/v1` (except the webhook) takes `Authorization: Bearer
+//! <admin key>`; keys are configured as SHA-256 hashes and compared in
+//! constant time. The audit log records the actor as `admin:<first 8 hex of
+//! the key hash>`, followed by `/<name>` when an `X-Tally-Actor` header names
+//! the person. The webhook is authenticated by its Stripe signature.
+
+use crate::catalog::{CatalogError, PlanVersion};
+use crate::invoice::{self, month_of, NewInvoice, PlannedSwitch};
+use crate::metrics::Metrics;
+use crate::rating::{Period, Rated};
+use crate::state::{App, AuditEntry, Customer, Invoice, PublishedPlan, StateError, StateStore};
+use crate::webhook;
+use aggregator::UsageStore;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use schemas::MeterCatalog;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+use subtle::ConstantTimeEq;
+use utoipa::{OpenApi, ToSchema};
+
+/// Largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 256 * 1024;
+
+pub struct ApiState {
+    pub state: Arc<dyn StateStore>,
+    pub usage: Arc<dyn UsageStore>,
+    pub meters: Arc<MeterCatalog>,
+    pub metrics: Metrics,
+    /// SHA-256 of each admin key.
+    pub admin_keys: Vec<[u8; 32]>,
+    pub webhook_secret: Option<String>,
+    pub min_charge: Decimal,
+}
+
+/// The error envelope.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// Machine-readable code.
+    pub code: String,
+    /// For humans.
+    pub message: String,
+    /// One entry per problem, when a body had several.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub details: Option<Vec<CatalogError>>,
+}
+
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    body: ErrorBody,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            body: ErrorBody {
+                code: code.into(),
+                message: message.into(),
+                details: None,
+            },
+        }
+    }
+
+    fn invalid(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body)).into_response()
+    }
+}
+
+impl From<StateError> for ApiError {
+    fn from(e: StateError) -> Self {
+        let status = match &e {
+            StateError::NotFound(_) => StatusCode::NOT_FOUND,
+            StateError::Conflict(_) => StatusCode::CONFLICT,
+            StateError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            StateError::Db(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if status.is_server_error() {
+            tracing::error!(error = %e, "state store error");
+            return Self::new(status, "internal", "internal error");
+        }
+        Self::new(status, e.code(), e.to_string())
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> Self {
+        if let Some(s) = e.downcast_ref::<StateError>() {
+            if !matches!(s, StateError::Db(_)) {
+                return Self::new(
+                    match s {
+                        StateError::NotFound(_) => StatusCode::NOT_FOUND,
+                        StateError::Conflict(_) => StatusCode::CONFLICT,
+                        _ => StatusCode::UNPROCESSABLE_ENTITY,
+                    },
+                    s.code(),
+                    s.to_string(),
+                );
+            }
+        }
+        tracing::error!(error = %format!("{e:#}"), "request failed");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error",
+        )
+    }
+}
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+/// A JSON body whose rejections use the error envelope.
+pub struct Body<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Body(v)),
+            Err(JsonRejection::JsonDataError(e)) => Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_body",
+                e.body_text(),
+            )),
+            Err(JsonRejection::JsonSyntaxError(e)) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "malformed_json",
+                e.body_text(),
+            )),
+            Err(JsonRejection::MissingJsonContentType(_)) => Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "expected Content-Type: application/json",
+            )),
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("request bodies are limited to {MAX_BODY_BYTES} bytes"),
+            )),
+            Err(e) => Err(ApiError::new(e.status(), "bad_request", e.body_text())),
+        }
+    }
+}
+
+/// Who made an admin call, for the audit log.
+#[derive(Clone)]
+pub struct Actor(pub String);
+
+fn valid_id(field: &str, v: &str) -> Result<(), ApiError> {
+    let ok = !v.is_empty()
+        && v.len() <= 128
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.:@".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(format!(
+            "{field}: 1 to 128 characters of A-Z a-z 0-9 _ - . : @"
+        )))
+    }
+}
+
+fn valid_name(field: &str, v: &str) -> Result<(), ApiError> {
+    if v.trim().is_empty() || v.chars().count() > 200 || v.chars().any(char::is_control) {
+        return Err(ApiError::invalid(format!(
+            "{field}: 1 to 200 printable characters"
+        )));
+    }
+    Ok(())
+}
+
+async fn require_admin(State(app): State<Arc<ApiState>>, mut req: Request, next: Next) -> Response {
+    let key = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|k| Sha256::digest(k.trim().as_bytes()));
+    let Some(hash) = key else {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing bearer key",
+        )
+        .into_response();
+    };
+    let matched = app
+        .admin_keys
+        .iter()
+        .fold(0u8, |acc, k| acc | k.ct_eq(hash.as_slice()).unwrap_u8());
+    if matched == 0 {
+        return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "unknown key")
+            .into_response();
+    }
+    let mut actor = format!("admin:{}", &hex::encode(hash)[..8]);
+    if let Some(name) = req
+        .headers()
+        .get("x-tally-actor")
+        .and_then(|v| v.to_str().ok())
+        .filter(|n| !n.is_empty() && n.len() <= 64)
+    {
+        actor.push('/');
+        actor.push_str(name);
+    }
+    req.extensions_mut().insert(Actor(actor));
+    next.run(req).await
+}
+
+pub fn router(app: Arc<ApiState>) -> Router {
+    let admin = Router::new()
+        .route("/v1/plans", get(list_plans).post(publish_plan))
+        .route(
+            "/v1/plans/{plan}/versions/{version}/retire",
+            post(retire_plan),
+        )
+        .route("/v1/customers", get(list_customers).post(create_customer))
+        .route("/v1/customers/{id}", get(get_customer))
+        .route("/v1/customers/{id}/apps", get(list_apps).post(create_app))
+        .route("/v1/customers/{id}/subscription", post(subscribe))
+        .route("/v1/customers/{id}/seats", put(set_seats))
+        .route(
+            "/v1/customers/{id}/plan-switch/preview",
+            post(preview_switch),
+        )
+        .route("/v1/customers/{id}/plan-switch", post(switch_plan))
+        .route("/v1/customers/{id}/invoices", get(list_invoices))
+        .route("/v1/customers/{id}/invoices/draft", get(draft_invoice))
+        .route("/v1/invoices/{id}", get(get_invoice))
+        .route("/v1/invoices/{id}/rerate", get(rerate_invoice))
+        .route("/v1/audit", get(audit_log))
+        .route_layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            require_admin,
+        ));
+    Router::new()
+        .merge(admin)
+        .route("/v1/stripe/webhook", post(stripe_webhook))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+        })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(app)
+}
+
+async fn metrics(State(app): State<Arc<ApiState>>) -> impl IntoResponse {
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        app.metrics.render(),
+    )
+}
+
+// ---------------------------------------------------------------- catalog
+
+/// Every published plan version.
+#[utoipa::path(get, path = "/v1/plans", responses((status = 200, body = Vec<PublishedPlan>)))]
+async fn list_plans(State(app): State<Arc<ApiState>>) -> ApiResult<Vec<PublishedPlan>> {
+    Ok(Json(app.state.list_plans().await?))
+}
+
+/// Publishes a plan version (immutable once published).
+#[utoipa::path(post, path = "/v1/plans", request_body = PlanVersion,
+    responses((status = 201, body = PlanVersion), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn publish_plan(
+    State(app): State<Arc<ApiState>>,
+    axum::Extension(actor): axum::Extension<Actor>,
+    Body(plan): Body<PlanVersion>,
+) -> Result<(StatusCode, Json<PlanVersion>), ApiError> {
+    if let Err(errors) = plan.validate(&app.meters) {
+        let mut e = ApiError::invalid(format!(
+            "plan {} version {} has {} problem(s)",
+            plan.plan,
+            plan.version,
+            errors.len()
+        ));
+        e.body.details = Some(errors);
+        return Err(e);
+    }
+    app.state.publish_plan(&plan, &actor.0).await?;
+    Ok((StatusCode::CREATED, Json(plan)))
+}
+
+/// Retires a plan version: no new subscriptions; current ones keep it.
+#[utoipa::path(post, path = "/v1/plans/{plan}/versions/{version}/retire",
+    params(("plan" = String, Path), ("version" = u32, Path)),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn retire_plan(
+    State(app): State<Arc<ApiState>>,
+    axum::Extension(actor): axum::Extension<Actor>,
+    Path((plan, version)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let version: u32 = version
+        .parse()
+        .map_err(|_| ApiError::invalid("version: a positive integer"))?;
+    app.state.retire_plan(&plan, version, &actor.0).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// -------------------------------------------------------------- customers
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ListCustomers {
+    /// Return customers with ids after this one.
+    pub after: Option<String>,
+    /// 1..=1000, default 100.
+    pub limit: Option<u32>,
+    /// Find the customer with this external id.
+    pub external_id: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/customers",
+    params(("after" = Option<String>, Query), ("limit" = Option<u32>, Query), ("external_id" = Option<String>, Query)),
+    responses((status = 200, body = Vec<Customer>), (status = 400, body = ErrorBody)))]
+async fn list_customers(
+    State(app): State<Arc<ApiState>>,
+    q: Result<Query<ListCustomers>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Vec<Customer>> {
+    let Query(q) =
+        q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_query", e.body_text()))?;
+    if let Some(ext) = q.external_id {
+        return Ok(Json(match app.state.customer_by_external_id(&ext).await {
+            Ok(c) => vec![c],
+            Err(StateError::NotFound(_)) => vec![],
+            Err(e) => return Err(e.into()),
+        }));
+    }
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+            "limit: 1 to 1000",
+        ));
+    }
+    Ok(Json(
+        app.state.list_customers(q.after.as_deref(), limit).await?,
+    ))
+}
+
+#[utoipa::path(post, path = "/v1/customers", request_body = Customer,
+    responses((status = 201, body = Customer), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn create_customer(
+    State(app): State<Arc<ApiState>>,
+    axum::Extension(actor): axum::Extension<Actor>,
+    Body(c): Body<Customer>,
+) -> Result<(StatusCode, Json<Customer>), ApiError> {
+    valid_id("id", &c.id)?;
+    valid_id("external_id", &c.external_id)?;
+    valid_name("name", &c.name)?;
+    app.state.create_customer(&c, &actor.0).await?;
+    Ok((StatusCode::CREATED, Json(c)))
+}
+
+#[utoipa::path(get, path = "/v1/customers/{id}", params(("id" = String, Path)),
+    responses((status = 200, body = Customer), (status = 404, body = ErrorBody)))]
+async fn get_customer(
+    State(app): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+) -> ApiResult<Customer> {
+    Ok(Json(app.state.customer(&id).await?))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateApp {
+    /// The `app` dimension of the customer's usage events.
+    pub app: String,
+    pub name: String,
+}
+
+#[utoipa::path(get, path = "/v1/customers/{id}/apps", params(("id" = String, Path)),
+    responses((status = 200, body = Vec<App>), (status = 404, body = ErrorBody)))]
+async fn list_apps(
+    State(app): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+) -> ApiResult<Vec<App>> {
+    app.state.customer(&id).await?;
+    Ok(Json(app.state.apps(&id).await?))
+}
+
+#[utoipa::path(post, path = "/v1/customers/{id}/apps", params(("id" = String, Path)), request_body = CreateApp,
+    responses((status = 201, body = App), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn create_app(
+    State(app): State<Arc<ApiState>>,
+    axum::Extension(actor): axum::Extension<Actor>,
+    Path(id): Path<String>,
+    Body(req): Body<CreateApp>,
+) -> Result<(StatusCode, Json<App>), ApiError> {
+    valid_id("app", &req.app)?;
+    valid_name("name", &req.name)?;
+    let a = App {
+        customer_id: id,
+        app: req.app,
+        name: req.name,
+    };
+    app.state.create_app(&a, &actor.0).await?;
+    Ok((StatusCode::CREATED, Json(a)))
+}
+
+// ---------------------------------------------------------- subscriptions
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Subscribe {
+    pub plan: String,
+    /// Default: the latest version that is not retired.
+    pub version: Option<u32>,
+    /// Default: now.
+    pub starts_at: Option<DateTime<Utc>>,
+}
+
+/// The resolved plan version.
+async fn resolve_plan(app: &ApiState, plan: &str, version: Option<u32>) -> Result<u32, ApiError> {
+    if let Some(v) = version {
+        return Ok(v);
+    }
+    app.state
+        .list_plans()
+        .await?
+        .into_iter()
+        .filter(|p| p.plan.plan == plan && !p.retired)
+        .map(|p| p.plan.version)
+        .max()
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("plan {plan} has no active version"),
+            )
+        })
+}
+
+/// Refuses a change effective inside a period that is already invoiced.
+async fn require_open(app: &ApiState, customer: &str, at: DateTime<Utc>) -> Result<(), ApiError> {
+    if let Some(last) = app.state.invoices_of(customer).await?.last() {
+        if at < last.period.end {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "period_finalized",
+                format!(
+                    "{at} falls in a period already invoiced ({}); changes take effect from {} on",
+                    last.number, last.period.end
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[utoipa::path(post, path = "/v1/customers/{id}/subscription", params(("id" = String, Path)), request_body = Subscribe,
+    responses((status = 201, body = PlanSwitchResult), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn subscribe(
+    State(app): State<Arc<ApiState>>,
+    axum::Extension(actor): axum::Extension<Actor>,
+    Path(id): Path<String>,
+    Body(req): Body<Subscribe>,
+) -> Result<(StatusCode, Json<PlanSwitchResult>), ApiError> {
+    let version = resolve_plan(&app, &req.plan, req.version).await?;
+    let at = req.starts_at.unwrap_or_else(Utc::now);
+    require_open(&app, &id, at).await?;
+    app.state
+        .subscribe(&id, &req.plan, version, at, &actor.0)
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(PlanSwitchResult {
+            plan: req.plan,
+            version,
+            effective_at: at,
+        }),
+    ))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetSeats {
+    pub seats: u32,
+    /// Default: now.
+    pub at: Option<DateTime<Utc>>,
+}
+
+#[utoipa::path(put, path = "/v1/customers/{id}/seats", params(("id" = String, Path)), request_body = SetSeats,
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn set_seats(
+    State(app): State<Arc<ApiState>>,
+    axum::Extension(actor): axum::Extension<Actor>,
+    Path(id): Path<String>,
+    Body(req): Body<SetSeats>,
+) -> Result<StatusCode, ApiError> {
+    if req.seats > 100_000 {
+        return Err(ApiError::invalid("seats: 0 to 100000"));
+    }
+    let at = req.at.unwrap_or_else(Utc::now);
+    require_open(&app, &id, at).await?;
+    app.state.set_seats(&id, req.seats, at, &actor.0).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Effective {
+    Now,
+    PeriodEnd,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchRequest {
+    pub plan: String,
+    /// Default: the latest version that is not retired.
+    pub version: Option<u32>,
+    /// `now` (default) or `period_end`.
+    pub effective: Option<Effective>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SwitchPreview {
+    pub effective_at: DateTime<Utc>,
+    pub period: Period,
+    /// The open period as things stand.
+    pub current: Rated,
+    /// The open period with the switch applied.
+    pub with_switch: Rated,
+    /// `with_switch.total − current.total` for usage so far.
+    pub difference: Decimal,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PlanSwitchResult {
+    pub plan: String,
+    pub version: u32,
+    pub effective_at: DateTime<Utc>,
+}
+
+async fn planned(app: &ApiState, req: &SwitchRequest) -> Result<PlannedSwitch, ApiError> {
+    let version = resolve_plan(app, &req.plan, req.version).await?;
+    // Refuse retired or unknown versions before anything else.
+    let listed = app.state.list_plans().await?;
+    match listed
+        .iter()
+        .find(|p| p.plan.plan == req.plan && p.plan.version == version)
+    {
+        None => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("plan {} version {version} not found", req.plan),
+            ))
+        }
+        Some(p) if p.retired => {
+            return Err(ApiError::invalid(format!(
+                "plan {} version {version} is retired",
+                req.plan
+            )))
+        }
+        _ => {}
+    }
+    let now = Utc::now();
+    let at = match req.effective.unwrap_or(Effective::Now) {
+        Effective::Now => now,
+        Effective::PeriodEnd => month_of(now).end,
+    };
+    Ok(PlannedSwitch {
+        plan: req.plan.clone(),
+        version,
+        at,
+    })
+}
+
+/// The open period's lines as they are and with the switch, before confirming.
+#[utoipa::path(post, path = "/v1/customers/{id}/plan-switch/preview", params(("id" = String, Path)), request_body = SwitchRequest,
+    responses((status = 200, body = SwitchPreview), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn preview_switch(
+    State(app): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    Body(req): Body<SwitchRequest>,
+) -> ApiResult<SwitchPreview> {
+    app.state.customer(&id).await?;
+    let sw = planned(&app, &req).await?;
+    let period = month_of(Utc::now());
+    let (s, u, m) = (app.state.as_ref(), app.usage.as_ref(), app.meters.as_ref());
+    let current = invoice::rate_period(s, u, m, &id, period, None).await?;
+    let with_switch = invoice::rate_period(s, u, m, &id, period, Some(&sw)).await?;
+    Ok(Json(SwitchPreview {
+        effective_at: sw.at,
+        period,
+        difference: with_switch.total - current.total,
+        current,
+        with_switch,
+    }))
+}
+
+/// Switches the plan now or at the end of the period.
+#[utoipa::path(post, path = "/v1/customers/{id}/plan-switch", params(("id" = String, Path)), request_body = SwitchRequest,
+    responses((status = 200, body = PlanSwitchResult), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn switch_plan(
+    State(app): State<Arc<ApiState>>,
+    axum::Extension(actor): axum::Extension<Actor>,
+    Path(id): Path<String>,
+    Body(req): Body<SwitchRequest>,
+) -> ApiResult<PlanSwitchResult> {
+    app.state.customer(&id).await?;
+    let sw = planned(&app, &req).await?;
+    require_open(&app, &id, sw.at).await?;
+    app.state
+        .switch_plan(&id, &sw.plan, sw.version, sw.at, &actor.0)
+        .await?;
+    Ok(Json(PlanSwitchResult {
+        plan: sw.plan,
+        version: sw.version,
+        effective_at: sw.at,
+    }))
+}
+
+// --------------------------------------------------------------- invoices
+
+#[utoipa::path(get, path = "/v1/customers/{id}/invoices", params(("id" = String, Path)),
+    responses((status = 200, body = Vec<Invoice>), (status = 404, body = ErrorBody)))]
+async fn list_invoices(
+    State(app): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+) -> ApiResult<Vec<Invoice>> {
+    app.state.customer(&id).await?;
+    Ok(Json(app.state.invoices_of(&id).await?))
+}
+
+/// The open period's invoice as it would be if finalized now.
+#[utoipa::path(get, path = "/v1/customers/{id}/invoices/draft", params(("id" = String, Path)),
+    responses((status = 200, body = NewInvoice), (status = 404, body = ErrorBody)))]
+async fn draft_invoice(
+    State(app): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+) -> ApiResult<NewInvoice> {
+    app.state.customer(&id).await?;
+    let d = invoice::draft(
+        app.state.as_ref(),
+        app.usage.as_ref(),
+        &app.meters,
+        &id,
+        month_of(Utc::now()),
+        app.min_charge,
+    )
+    .await?;
+    app.metrics.invoices_drafted.inc();
+    Ok(Json(d))
+}
+
+#[utoipa::path(get, path = "/v1/invoices/{id}", params(("id" = String, Path)),
+    responses((status = 200, body = Invoice), (status = 404, body = ErrorBody)))]
+async fn get_invoice(
+    State(app): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+) -> ApiResult<Invoice> {
+    Ok(Json(app.state.invoice(&id).await?))
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct RerateReport {
+    pub invoice: String,
+    pub period: Period,
+    /// The period rated again from raw events.
+    pub rerated: Rated,
+    /// True when every line (evidence and amount) and the subtotal equal
+    /// the invoice's.
+    pub reproduces: bool,
+    /// Lines that differ (late usage since finalization shows up here and
+    /// on the next invoice as adjustments).
+    pub differences: Vec<crate::adjust::AdjustmentLine>,
+}
+
+/// Re-rates a finalized invoice from raw events and compares.
+#[utoipa::path(get, path = "/v1/invoices/{id}/rerate", params(("id" = String, Path)),
+    responses((status = 200, body = RerateReport), (status = 404, body = ErrorBody)))]
+async fn rerate_invoice(
+    State(app): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+) -> ApiResult<RerateReport> {
+    let inv = app.state.invoice(&id).await?;
+    let rerated =
+        invoice::rerate(app.state.as_ref(), app.usage.as_ref(), &app.meters, &inv).await?;
+    let billed = invoice::billed(&inv);
+    let original = crate::adjust::OriginalInvoice {
+        number: inv.number.clone(),
+        period: inv.period,
+    };
+    let differences = crate::adjust::adjustments(&billed, &rerated, &original);
+    Ok(Json(RerateReport {
+        invoice: inv.number,
+        period: inv.period,
+        reproduces: rerated == billed,
+        rerated,
+        differences,
+    }))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
+    /// `customer:<id>` or `plan:<plan>`.
+    pub subject: String,
+}
+
+#[utoipa::path(get, path = "/v1/audit", params(("subject" = String, Query)),
+    responses((status = 200, body = Vec<AuditEntry>), (status = 400, body = ErrorBody)))]
+async fn audit_log(
+    State(app): State<Arc<ApiState>>,
+    q: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Vec<AuditEntry>> {
+    let Query(q) =
+        q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_query", e.body_text()))?;
+    Ok(Json(app.state.audit_log(&q.subject).await?))
+}
+
+// ---------------------------------------------------------------- webhook
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct WebhookAck {
+    pub received: bool,
+    /// False when the event type or invoice is not one Tally tracks.
+    pub applied: bool,
+}
+
+/// Stripe's webhook: `invoice.paid`, `invoice.payment_failed`,
+/// `invoice.voided` update the invoice's payment status.
+#[utoipa::path(post, path = "/v1/stripe/webhook", request_body = String,
+    params(("Stripe-Signature" = String, Header)),
+    responses((status = 200, body = WebhookAck), (status = 400, body = ErrorBody)))]
+async fn stripe_webhook(
+    State(app): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<WebhookAck>, ApiError> {
+    let Some(secret) = &app.webhook_secret else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "webhooks are not configured",
+        ));
+    };
+    let sig = headers
+        .get("stripe-signature")
+        .and_then(|v| v.to_str().ok());
+    if let Err(e) = webhook::verify(
+        secret,
+        &body,
+        sig,
+        Utc::now().timestamp(),
+        webhook::DEFAULT_TOLERANCE_SECS,
+    ) {
+        app.metrics
+            .webhooks
+            .with_label_values(&["unknown", "bad_signature"])
+            .inc();
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_signature",
+            e.to_string(),
+        ));
+    }
+    #[derive(Deserialize)]
+    struct Event {
+        #[serde(rename = "type")]
+        kind: String,
+        data: EventData,
+    }
+    #[derive(Deserialize)]
+    struct EventData {
+        object: EventObject,
+    }
+    #[derive(Deserialize)]
+    struct EventObject {
+        id: String,
+    }
+    let ev: Event = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+            format!("event: {e}"),
+        )
+    })?;
+    let label = webhook::payment_status(&ev.kind).map_or("other", |_| ev.kind.as_str());
+    let applied = match webhook::payment_status(&ev.kind) {
+        Some(status) => {
+            app.state
+                .set_payment_status(&ev.data.object.id, status)
+                .await?
+        }
+        None => false,
+    };
+    app.metrics
+        .webhooks
+        .with_label_values(&[label, if applied { "applied" } else { "ignored" }])
+        .inc();
+    Ok(Json(WebhookAck {
+        received: true,
+        applied,
+    }))
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Tally billing API",
+        version = "1",
+        description = "Catalog, customers, subscriptions, plan switches, invoices and Stripe webhooks. Errors: {code, message, details?}."
+    ),
+    paths(
+        list_plans,
+        publish_plan,
+        retire_plan,
+        list_customers,
+        create_customer,
+        get_customer,
+        list_apps,
+        create_app,
+        subscribe,
+        set_seats,
+        preview_switch,
+        switch_plan,
+        list_invoices,
+        draft_invoice,
+        get_invoice,
+        rerate_invoice,
+        audit_log,
+        stripe_webhook
+    ),
+    components(schemas(ErrorBody, CatalogError, Effective))
+)]
+pub struct ApiDoc;
+
+/// The OpenAPI document as checked into `schemas/openapi.json`.
+pub fn openapi_json() -> String {
+    ApiDoc::openapi().to_pretty_json().expect("serializable") + "\n"
+}

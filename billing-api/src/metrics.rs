@@ -1,0 +1,105 @@
+//! Billing metrics. Naming: `tally_billing_<what>_<unit>`, `_total` for
+//! counters; labels from bounded sets (Stripe operations, error kinds,
+//! webhook event types).
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
+};
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub invoices_drafted: IntCounter,
+    pub invoices_finalized: IntCounter,
+    pub invoices_synced: IntCounter,
+    pub invoices_sync_failed: IntCounter,
+    pub stripe_request_duration: HistogramVec,
+    pub stripe_errors: IntCounterVec,
+    pub rating_seconds: Histogram,
+    pub webhooks: IntCounterVec,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let counter = |name: &str, help: &str| IntCounter::new(name, help).unwrap();
+        let m = Self {
+            registry: Registry::new(),
+            invoices_drafted: counter(
+                "tally_billing_invoices_drafted_total",
+                "Draft invoices computed (estimates of open periods)",
+            ),
+            invoices_finalized: counter(
+                "tally_billing_invoices_finalized_total",
+                "Invoices finalized and numbered",
+            ),
+            invoices_synced: counter(
+                "tally_billing_invoices_synced_total",
+                "Invoices created and finalized in Stripe",
+            ),
+            invoices_sync_failed: counter(
+                "tally_billing_invoices_sync_failed_total",
+                "Invoice syncs that failed (retried on the next run unless marked failed)",
+            ),
+            stripe_request_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "tally_billing_stripe_request_duration_seconds",
+                    "Duration of one Stripe API call, retries included, by operation",
+                )
+                .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+                &["operation"],
+            )
+            .unwrap(),
+            stripe_errors: IntCounterVec::new(
+                Opts::new(
+                    "tally_billing_stripe_errors_total",
+                    "Failed Stripe API attempts, by operation and kind (rate_limited, server, client, transport)",
+                ),
+                &["operation", "kind"],
+            )
+            .unwrap(),
+            rating_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "tally_billing_rating_duration_seconds",
+                    "Time to rate one customer's period (usage already fetched)",
+                )
+                .buckets(vec![0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5]),
+            )
+            .unwrap(),
+            webhooks: IntCounterVec::new(
+                Opts::new(
+                    "tally_billing_webhooks_total",
+                    "Stripe webhooks received, by event type and outcome",
+                ),
+                &["type", "outcome"],
+            )
+            .unwrap(),
+        };
+        let r = &m.registry;
+        r.register(Box::new(m.invoices_drafted.clone())).unwrap();
+        r.register(Box::new(m.invoices_finalized.clone())).unwrap();
+        r.register(Box::new(m.invoices_synced.clone())).unwrap();
+        r.register(Box::new(m.invoices_sync_failed.clone()))
+            .unwrap();
+        r.register(Box::new(m.stripe_request_duration.clone()))
+            .unwrap();
+        r.register(Box::new(m.stripe_errors.clone())).unwrap();
+        r.register(Box::new(m.rating_seconds.clone())).unwrap();
+        r.register(Box::new(m.webhooks.clone())).unwrap();
+        m
+    }
+
+    pub fn render(&self) -> String {
+        use prometheus::Encoder;
+        let mut buf = Vec::new();
+        prometheus::TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding");
+        String::from_utf8(buf).expect("utf-8")
+    }
+}
