@@ -51,6 +51,9 @@ struct Common {
     /// Grace window after a period's end before its invoices are finalized.
     #[arg(long, env = "TALLY_GRACE_SECS", default_value_t = 3600)]
     grace_secs: u64,
+    /// Invoices written per transaction by a finalization run.
+    #[arg(long, env = "TALLY_FINALIZE_BATCH", default_value_t = 500)]
+    finalize_batch: usize,
     /// Smallest invoice total sent to Stripe; smaller totals are carried forward.
     #[arg(long, env = "TALLY_MIN_CHARGE", default_value = "0.50")]
     min_charge: Decimal,
@@ -155,7 +158,7 @@ async fn setup(c: &Common) -> anyhow::Result<Parts> {
         config: FinalizeConfig {
             grace: Duration::from_secs(c.grace_secs),
             min_charge: c.min_charge,
-            ..FinalizeConfig::default()
+            batch: c.finalize_batch.max(1),
         },
         metrics: metrics.clone(),
     });

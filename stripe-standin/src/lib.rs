@@ -8,9 +8,11 @@
 //! parameters gets the saved response (same status, same body); the same key
 //! with other parameters (or another path) is refused with 400
 //! `idempotency_error`. Keys are kept for the stand-in's lifetime (Stripe
-//! keeps them 24 hours).
+//! keeps them 24 hours). Successful responses are saved; a request that
+//! failed validation is not (it can be retried with the same key).
 //!
-//! Faults ([`Fault`]) apply to the next `POST`s in order:
+//! Faults ([`Fault`]) apply to the next `POST`s in order (replays of a
+//! saved key do not consume one; [`Fault::Pass`] is a request without fault):
 //! [`Fault::RateLimit`] and [`Fault::ServerError`] answer 429/500 without
 //! executing anything (not saved under the key, like Stripe's 429s);
 //! [`Fault::LoseResponse`] executes and saves the request, then answers 500
@@ -30,6 +32,8 @@ use std::sync::{Arc, Mutex};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
+    /// No fault for this request (to place a fault further down the queue).
+    Pass,
     RateLimit,
     ServerError,
     LoseResponse,
@@ -124,6 +128,10 @@ impl StandIn {
 
     pub fn inject(&self, faults: impl IntoIterator<Item = Fault>) {
         self.inner.lock().unwrap().faults.extend(faults);
+    }
+
+    pub fn clear_faults(&self) {
+        self.inner.lock().unwrap().faults.clear();
     }
 
     pub fn invoices(&self) -> Vec<Invoice> {

@@ -1,0 +1,122 @@
+//! A finalization run SIGKILLed at random moments and restarted: every
+//! customer ends with exactly one invoice for the period, numbers run
+//! 1..=N without gaps or repeats, and totals are right.
+
+mod support;
+
+use billing_api::invoice::{month_of, previous};
+use chrono::{Duration, Utc};
+use rand::Rng;
+use rust_decimal::Decimal;
+use std::process::{Command, Stdio};
+use support::*;
+
+const CUSTOMERS: i64 = 2000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finalization_killed_and_restarted_invoices_each_customer_once() {
+    let (url, st, pool) = pg("fincrash").await;
+    let (ch, db, usage) = clickhouse("fincrash").await;
+    default_catalog(st.as_ref()).await;
+    let q = previous(month_of(Utc::now()));
+    sqlx::query(
+        "INSERT INTO customers (id, external_id, name) \
+         SELECT 'c' || lpad(i::text, 5, '0'), 'x' || i, 'Customer ' || i FROM generate_series(1, $1) i",
+    )
+    .bind(CUSTOMERS)
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO subscriptions (customer_id, plan, version, starts_at) \
+         SELECT 'c' || lpad(i::text, 5, '0'), 'payg', 1, $2 FROM generate_series(1, $1) i",
+    )
+    .bind(CUSTOMERS)
+    .bind(q.start)
+    .execute(&pool)
+    .await
+    .unwrap();
+    // Customer i made i million requests: $0.40 × i.
+    let ids: Vec<String> = (1..=CUSTOMERS).map(|i| format!("c{i:05}")).collect();
+    let t = q.start + Duration::days(9);
+    let events: Vec<_> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            (
+                format!("e{i}"),
+                c.as_str(),
+                t,
+                "tally.requests",
+                requests("web", (i as i64 + 1) * 1_000_000),
+            )
+        })
+        .collect();
+    Writer::new(usage).write(&events).await;
+
+    let exe = env!("CARGO_BIN_EXE_billing-api");
+    let count = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM invoices")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    let (mut mid_run_kills, mut runs) = (0, 0);
+    let mut rng = rand::rng();
+    loop {
+        runs += 1;
+        assert!(runs < 200, "finalization never completed");
+        let mut child = Command::new(exe)
+            .args([
+                "finalize",
+                "--now",
+                &(q.end + Duration::hours(2)).to_rfc3339(),
+            ])
+            .env("TALLY_DATABASE_URL", &url)
+            .env("TALLY_CLICKHOUSE_URL", &ch)
+            .env("TALLY_CLICKHOUSE_DATABASE", &db)
+            .env("TALLY_FINALIZE_BATCH", "20")
+            .env_remove("STRIPE_SECRET_KEY")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let wait = rng.random_range(100..900);
+        tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success());
+            break;
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let n = count().await;
+        if n > 0 && n < CUSTOMERS {
+            mid_run_kills += 1;
+        }
+    }
+    assert!(mid_run_kills >= 1, "no kill landed in the middle of a run");
+    assert_eq!(count().await, CUSTOMERS);
+    let seqs: Vec<i64> = sqlx::query_scalar("SELECT seq FROM invoices ORDER BY seq")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(seqs, (1..=CUSTOMERS).collect::<Vec<_>>(), "gapless");
+    let per_customer: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT customer_id) FROM invoices WHERE period_start = $1",
+    )
+    .bind(q.start)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(per_customer, CUSTOMERS);
+    let total: Decimal = sqlx::query_scalar("SELECT sum(total) FROM invoices")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    // 0.40 × (1 + … + N)
+    assert_eq!(
+        total,
+        Decimal::new(40, 2) * Decimal::from(CUSTOMERS * (CUSTOMERS + 1) / 2)
+    );
+    println!("{runs} runs, {mid_run_kills} killed mid-run");
+}

@@ -1,0 +1,239 @@
+//! Invoices pushed to the local Stripe stand-in: idempotency keys, retries
+//! through injected faults (429, 500, a response lost after the write),
+//! paginated read-back, totals to the cent; and a billing process killed in
+//! the middle of a sync, restarted, leaving each invoice exactly once.
+
+mod support;
+
+use billing_api::invoice::{month_of, previous};
+use billing_api::metrics::Metrics;
+use billing_api::state::{sync_status, Customer, StateStore};
+use billing_api::stripe_sync::{minor_units, stripe_lines, StripeConfig, StripeSync};
+use chrono::{Duration, Utc};
+use std::collections::BTreeMap;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Instant;
+use stripe_standin::{Fault, StandIn};
+use support::*;
+
+/// Three customers with last month's usage, finalized; returns the state.
+async fn finalized(
+    test: &str,
+) -> (
+    String,
+    String,
+    String,
+    Arc<billing_api::state::postgres::PgState>,
+) {
+    let (url, st, _pool) = pg(test).await;
+    let (ch, db, usage) = clickhouse(test).await;
+    default_catalog(st.as_ref()).await;
+    let q = previous(month_of(Utc::now()));
+    let t = q.start + Duration::days(3);
+    let mut w = Writer::new(usage.clone());
+    for (i, (id, plan)) in [("cus_x", "payg"), ("cus_y", "business"), ("cus_z", "team")]
+        .into_iter()
+        .enumerate()
+    {
+        st.create_customer(
+            &Customer {
+                id: id.into(),
+                external_id: format!("ext-{id}"),
+                name: format!("Customer {id}"),
+            },
+            "test",
+        )
+        .await
+        .unwrap();
+        st.subscribe(id, plan, 1, q.start, "test").await.unwrap();
+        let mut evs = Vec::new();
+        for (j, ty) in [
+            "t4g.nano",
+            "t4g.small",
+            "m6g.large",
+            "c6g.xlarge",
+            "c6g.2xlarge",
+        ]
+        .iter()
+        .enumerate()
+        {
+            evs.push((
+                format!("{id}-c{j}"),
+                id,
+                t,
+                "tally.compute",
+                compute("web", ty, 3600 * (10 + 7 * j as i64 + i as i64)),
+            ));
+        }
+        evs.push((
+            format!("{id}-r"),
+            id,
+            t,
+            "tally.requests",
+            requests("web", 77_777_777),
+        ));
+        w.write(&evs).await;
+    }
+    st.set_seats("cus_z", 3, q.start, "test").await.unwrap();
+    let f = finalizer(st.clone(), usage, 100);
+    assert_eq!(
+        f.run_once(q.end + Duration::hours(2))
+            .await
+            .unwrap()
+            .finalized,
+        3
+    );
+    (url, ch, db, st)
+}
+
+fn config(standin: &StandIn) -> StripeConfig {
+    let mut c = StripeConfig::new(standin.url(), "sk_test_standin");
+    c.backoff = std::time::Duration::from_millis(10);
+    c.page_size = 2; // several pages per invoice
+    c
+}
+
+/// Each Tally invoice exists once in the stand-in, with its lines once,
+/// finalized, and the same total to the cent.
+async fn assert_exactly_once(st: &dyn StateStore, standin: &StandIn) {
+    let mut tally_total = 0;
+    let invoices = standin.invoices();
+    let mut by_tally: BTreeMap<String, usize> = BTreeMap::new();
+    for i in &invoices {
+        *by_tally
+            .entry(i.metadata["tally_invoice"].clone())
+            .or_default() += 1;
+    }
+    for c in ["cus_x", "cus_y", "cus_z"] {
+        for inv in st.invoices_of(c).await.unwrap() {
+            assert_eq!(inv.sync_status, sync_status::SYNCED, "{}", inv.number);
+            assert_eq!(by_tally.get(&inv.id), Some(&1), "{} in Stripe", inv.number);
+            let sid = inv.stripe_invoice_id.clone().unwrap();
+            let s = invoices.iter().find(|i| i.id == sid).unwrap();
+            assert_eq!(s.status, "open");
+            assert_eq!(s.lines.len(), stripe_lines(&inv).len());
+            let cents = minor_units(inv.total, &inv.currency).unwrap();
+            assert_eq!(standin.invoice_total(&sid), Some(cents), "{}", inv.number);
+            tally_total += cents;
+        }
+    }
+    assert_eq!(invoices.len(), 3);
+    assert_eq!(standin.customers().len(), 3);
+    // No stray invoice items.
+    let items = standin.items();
+    assert!(items.iter().all(|i| i.invoice.is_some()));
+    assert_eq!(items.iter().map(|i| i.amount).sum::<i64>(), tally_total);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_retries_through_faults_and_matches_to_the_cent() {
+    let (_url, _ch, _db, st) = finalized("sync").await;
+    let standin = StandIn::start(0).await.unwrap();
+    standin.inject([
+        Fault::RateLimit,
+        Fault::ServerError,
+        Fault::LoseResponse, // the customer is created, the answer is lost
+        Fault::Pass,
+        Fault::LoseResponse, // the invoice is created, the answer is lost
+        Fault::Pass,
+        Fault::RateLimit,
+        Fault::LoseResponse, // an item
+    ]);
+    let metrics = Metrics::new();
+    let sync = StripeSync::new(config(&standin), st.clone(), metrics.clone());
+    assert_eq!(sync.run_once().await.unwrap(), (3, 0));
+    assert_exactly_once(st.as_ref(), &standin).await;
+    assert!(
+        metrics
+            .stripe_errors
+            .with_label_values(&["create_customer", "rate_limited"])
+            .get()
+            >= 1
+    );
+    assert_eq!(metrics.invoices_synced.get(), 3);
+    // A second run has nothing to send and sends nothing.
+    let posts = standin.posts_executed();
+    assert_eq!(sync.run_once().await.unwrap(), (0, 0));
+    assert_eq!(standin.posts_executed(), posts);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standin_treats_idempotency_keys_as_stripe_does() {
+    let standin = StandIn::start(0).await.unwrap();
+    let c = reqwest::Client::new();
+    let post = |key: &str, name: &str| {
+        c.post(format!("{}v1/customers", standin.url()))
+            .bearer_auth("sk_test_x")
+            .header("Idempotency-Key", key)
+            .form(&[("name", name)])
+            .send()
+    };
+    let a: serde_json::Value = post("k1", "Ada").await.unwrap().json().await.unwrap();
+    let b: serde_json::Value = post("k1", "Ada").await.unwrap().json().await.unwrap();
+    assert_eq!(a, b, "same key, same parameters: the same response");
+    assert_eq!(standin.customers().len(), 1);
+    let r = post("k1", "Grace").await.unwrap();
+    assert_eq!(r.status(), 400);
+    let e: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["type"], "idempotency_error");
+    assert_eq!(standin.customers().len(), 1);
+    post("k2", "Grace").await.unwrap();
+    assert_eq!(standin.customers().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn billing_killed_mid_sync_leaves_each_invoice_once() {
+    let (url, ch, db, st) = finalized("synckill").await;
+    let standin = StandIn::start(0).await.unwrap();
+    let exe = env!("CARGO_BIN_EXE_billing-api");
+    let run = || {
+        Command::new(exe)
+            .arg("finalize")
+            .env("TALLY_DATABASE_URL", &url)
+            .env("TALLY_CLICKHOUSE_URL", &ch)
+            .env("TALLY_CLICKHOUSE_DATABASE", &db)
+            .env("STRIPE_SECRET_KEY", "sk_test_standin")
+            .env("TALLY_STRIPE_API_BASE", standin.url())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    // Kill the process while Stripe holds its k-th POST (already executed:
+    // the write happened, the answer never comes), at several points of the
+    // flow: customer, invoice, items, finalize.
+    let mut kills = 0;
+    for k in [1, 3, 6, 10, 16, 21] {
+        let hung = standin.hung();
+        let mut q = vec![Fault::Pass; k - 1];
+        q.push(Fault::Hang);
+        standin.inject(q);
+        let mut child = run();
+        let deadline = Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            if standin.hung() > hung {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                kills += 1;
+                break;
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                // Finished before reaching the k-th new POST.
+                assert!(status.success());
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "billing-api neither hung nor finished"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        // Drop whatever faults were not consumed.
+        standin.clear_faults();
+    }
+    assert!(kills >= 4, "only {kills} kills landed mid-sync");
+    let status = run().wait().unwrap();
+    assert!(status.success());
+    assert_exactly_once(st.as_ref(), &standin).await;
+}
