@@ -5,9 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH:/usr/sbin:/sbin"
 bash ops/install.sh
-bash ops/services.sh start kafka
-bash ops/services.sh start clickhouse
+bash ops/services.sh start all
 eval "$(bash ops/services.sh env)"
 # The benchmark spawns the release binaries next to it.
 cargo build --release -p collector -p aggregator
 cargo bench -p aggregator --bench pipeline
+# Billing: the rating engine (criterion) and a finalization run of
+# 10,000 customers x 20 series over a month of hourly rollups.
+cargo bench -p billing-api --bench rating
+cargo bench -p billing-api --bench finalize

@@ -118,15 +118,21 @@ impl Finalizer {
         for (plan, v) in &versions {
             used.push(plans.get(state, plan, *v).await?.clone());
         }
-        let usage = PeriodUsage::fetch(self.usage.as_ref(), &self.meters, &used, p).await?;
+        let mut customers: Vec<String> = segments.keys().cloned().collect();
+        customers.sort();
+        let usage =
+            PeriodUsage::fetch(self.usage.as_ref(), &self.meters, &used, p, &customers).await?;
         let prev_usage = if prev_segments.is_empty() {
             None
         } else {
-            Some(PeriodUsage::fetch(self.usage.as_ref(), &self.meters, &used, prev).await?)
+            let mut with_prev: Vec<String> = prev_segments.keys().cloned().collect();
+            with_prev.sort();
+            Some(
+                PeriodUsage::fetch(self.usage.as_ref(), &self.meters, &used, prev, &with_prev)
+                    .await?,
+            )
         };
-
-        let mut customers: Vec<String> = segments.keys().cloned().collect();
-        customers.sort();
+        let fetched = started.elapsed();
         let mut written = 0;
         for chunk in customers.chunks(self.config.batch.max(1)) {
             let mut batch = Vec::with_capacity(chunk.len());
@@ -187,6 +193,7 @@ impl Finalizer {
             period = %p.start.format("%Y-%m"),
             invoices = written,
             seconds = started.elapsed().as_secs_f64(),
+            usage_read_seconds = fetched.as_secs_f64(),
             "finalized period"
         );
         Ok(written)

@@ -94,18 +94,31 @@ pub struct PeriodUsage {
 }
 
 impl PeriodUsage {
+    /// Customers per usage-store read: bounds each read's memory; two
+    /// reads run at a time (the store merges rows in key order, one core
+    /// per read).
+    pub const CHUNK: usize = 2500;
+
+    /// Reads the period's usage of `customers` (sorted ids) for every
+    /// question the plans ask, one pass per chunk of customers.
     pub async fn fetch<'a>(
         store: &dyn UsageStore,
         meters: &MeterCatalog,
         plans: impl IntoIterator<Item = &'a PlanVersion>,
         period: Period,
+        customers: &[String],
     ) -> anyhow::Result<Self> {
-        let questions: BTreeSet<(String, Vec<String>)> =
-            plans.into_iter().flat_map(price_groups).collect();
-        let mut rows = HashMap::new();
-        for (meter, group_by) in questions {
+        use futures::StreamExt;
+        let keys: Vec<(String, Vec<String>)> = plans
+            .into_iter()
+            .flat_map(price_groups)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let mut questions = Vec::with_capacity(keys.len());
+        for (meter, group_by) in &keys {
             let def = meters
-                .get(&meter)
+                .get(meter)
                 .ok_or_else(|| anyhow::anyhow!("a plan prices unknown meter {meter}"))?;
             let q = UsageQuery {
                 customer: String::new(),
@@ -116,7 +129,24 @@ impl PeriodUsage {
                 granularity: None,
                 raw: false,
             };
-            rows.insert((meter, group_by), store.query_all(def, &q).await?);
+            questions.push((def.clone(), q));
+        }
+        let mut rows: HashMap<(String, Vec<String>), HashMap<String, Vec<UsageRow>>> =
+            keys.iter().map(|k| (k.clone(), HashMap::new())).collect();
+        if questions.is_empty() || customers.is_empty() {
+            return Ok(Self { period, rows });
+        }
+        let questions = &questions;
+        let mut pending = Vec::new();
+        for c in customers.chunks(Self::CHUNK) {
+            let range = (c[0].as_str(), c[c.len() - 1].as_str());
+            pending.push(store.query_all(questions, Some(range)));
+        }
+        let mut reads = futures::stream::iter(pending).buffer_unordered(2);
+        while let Some(answers) = reads.next().await {
+            for (key, answer) in keys.iter().zip(answers?) {
+                rows.get_mut(key).expect("key").extend(answer);
+            }
         }
         Ok(Self { period, rows })
     }

@@ -66,7 +66,10 @@ async fn collector_to_stripe_totals_match_to_the_cent() {
     let usage = Arc::new(env.store());
     let f = support::finalizer(st.clone(), usage, 100);
     assert_eq!(
-        f.run_once(q.end + Duration::hours(2)).await.unwrap().finalized,
+        f.run_once(q.end + Duration::hours(2))
+            .await
+            .unwrap()
+            .finalized,
         4
     );
 

@@ -20,6 +20,9 @@
 //! executes and saves it, then never answers (the caller is expected to be
 //! killed, as in a crash test).
 
+// Handlers return ready-made error responses; their size does not matter here.
+#![allow(clippy::result_large_err)]
+
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};

@@ -113,6 +113,7 @@ struct RollupCh {
 #[derive(Debug, Row, Deserialize)]
 struct CellCh {
     customer: String,
+    meter: String,
     bucket: u32,
     app: String,
     dims: String,
@@ -308,71 +309,93 @@ impl ClickHouseStore {
         }
     }
 
-    /// Cells of one customer (`all == false`, `q.customer`) or of every
-    /// customer (`all == true`), each with its customer. Whole hours come
-    /// from the rollups, the partial hours at the edges from raw rows. The
-    /// one-customer path takes the newest version per key with `argMax`;
-    /// the every-customer path (billing's finalization run, millions of
-    /// keys) with `FINAL`, which merges in key order instead of holding
-    /// every key in a hash table. Both pick the row with the highest version.
+    /// Cells of `meters` over `q`'s range, each with its customer and
+    /// meter: of one customer ([`Scope::One`]) or of every customer in an
+    /// optional id range ([`Scope::All`]). Whole hours come from the
+    /// rollups, the partial hours at the edges (and unique counts) from raw
+    /// rows. The one-customer path takes the newest version per key with
+    /// `argMax`; the every-customer path (billing's finalization run,
+    /// millions of keys) with `FINAL`, which merges in key order instead of
+    /// holding every key in a hash table. Both pick the highest version.
     async fn cells(
         &self,
-        meter: &MeterDef,
+        meters: &[&MeterDef],
         q: &UsageQuery,
-        all: bool,
-    ) -> anyhow::Result<Vec<(String, Cell)>> {
-        let filter = if all {
-            format!("meter = {}", quote(&meter.key))
-        } else {
-            format!(
-                "customer = {} AND meter = {}",
-                quote(&q.customer),
-                quote(&meter.key)
-            )
+        scope: Scope<'_>,
+    ) -> anyhow::Result<Vec<(String, String, Cell)>> {
+        let mut cells = Vec::new();
+        let (uniques, rolled): (Vec<&MeterDef>, Vec<&MeterDef>) = meters
+            .iter()
+            .partition(|m| m.aggregation == Aggregation::UniqueCount || q.raw);
+        let who = match scope {
+            Scope::One(c) => format!("customer = {}", quote(c)),
+            Scope::All(None) => "1".into(),
+            Scope::All(Some((lo, hi))) => {
+                format!("customer >= {} AND customer <= {}", quote(lo), quote(hi))
+            }
         };
-        let mut sqls = Vec::new();
-        let raw_sql = |from: i64, to: i64| {
-            let uniques = if meter.aggregation == Aggregation::UniqueCount {
+        let meter_in = |ms: &[&MeterDef]| {
+            let list: Vec<String> = ms.iter().map(|m| quote(&m.key)).collect();
+            format!("meter IN ({})", list.join(", "))
+        };
+        let raw_sql = |ms: &[&MeterDef], from: i64, to: i64, distinct: bool| {
+            let uniques = if distinct {
                 "groupUniqArray(unique_value)"
             } else {
                 "emptyArrayString()"
             };
             format!(
-                "SELECT customer, {b} AS bucket, app, dims, count(), sum(quantity), max(quantity), toUInt32(max(time)), \
+                "SELECT customer, meter, {b} AS bucket, app, dims, count(), sum(quantity), max(quantity), toUInt32(max(time)), \
                  argMax(quantity, tuple(time, quantity)), {uniques} FROM usage_events \
-                 WHERE {filter} AND time >= toDateTime({from}) AND time < toDateTime({to}) GROUP BY customer, bucket, app, dims",
-                b = Self::bucket_sql("time", q)
+                 WHERE {who} AND {m} AND time >= toDateTime({from}) AND time < toDateTime({to}) GROUP BY customer, meter, bucket, app, dims",
+                b = Self::bucket_sql("time", q),
+                m = meter_in(ms),
             )
         };
-        if meter.aggregation == Aggregation::UniqueCount || q.raw {
+        let mut sqls = Vec::new();
+        for m in &uniques {
             // Distinct counts do not roll up: answer from raw rows.
-            sqls.push(raw_sql(q.from.timestamp(), q.to.timestamp()));
-        } else {
+            let distinct = m.aggregation == Aggregation::UniqueCount;
+            sqls.push(raw_sql(
+                &[m],
+                q.from.timestamp(),
+                q.to.timestamp(),
+                distinct,
+            ));
+        }
+        if !rolled.is_empty() {
             let (full, edges) = split_hours(q.from, q.to);
             if let Some((f, t)) = full {
                 let b = Self::bucket_sql("hour", q);
-                sqls.push(if all {
-                    format!(
-                        "SELECT customer, {b} AS bucket, app, dims, sum(events), sum(quantity_sum), max(quantity_max), \
-                           toUInt32(max(latest_time)), argMax(latest_quantity, tuple(latest_time, latest_quantity)), emptyArrayString() \
-                         FROM usage_rollups_hourly FINAL WHERE {filter} AND hour >= toDateTime({f}) AND hour < toDateTime({t}) \
-                         GROUP BY customer, bucket, app, dims"
-                    )
+                let filter = format!("{who} AND {}", meter_in(&rolled));
+                // Sums and counts need neither the maximum nor the latest value.
+                let extremes = if rolled
+                    .iter()
+                    .all(|m| matches!(m.aggregation, Aggregation::Sum | Aggregation::Count))
+                {
+                    "toDecimal128(0, 12), toUInt32(0), toDecimal128(0, 12)"
                 } else {
-                    format!(
-                        "SELECT customer, {b} AS bucket, app, dims, sum(ev), sum(s), max(m), toUInt32(max(lt)), argMax(lq, tuple(lt, lq)), emptyArrayString() FROM (\
-                           SELECT customer, hour, app, dims, argMax(events, version) AS ev, argMax(quantity_sum, version) AS s, \
+                    "max(quantity_max), toUInt32(max(latest_time)), argMax(latest_quantity, tuple(latest_time, latest_quantity))"
+                };
+                sqls.push(match scope {
+                    Scope::All(_) => format!(
+                        "SELECT customer, meter, {b} AS bucket, app, dims, sum(events), sum(quantity_sum), {extremes}, emptyArrayString() \
+                         FROM usage_rollups_hourly FINAL WHERE {filter} AND hour >= toDateTime({f}) AND hour < toDateTime({t}) \
+                         GROUP BY customer, meter, bucket, app, dims"
+                    ),
+                    Scope::One(_) => format!(
+                        "SELECT customer, meter, {b} AS bucket, app, dims, sum(ev), sum(s), max(m), toUInt32(max(lt)), argMax(lq, tuple(lt, lq)), emptyArrayString() FROM (\
+                           SELECT customer, meter, hour, app, dims, argMax(events, version) AS ev, argMax(quantity_sum, version) AS s, \
                                   argMax(quantity_max, version) AS m, argMax(latest_time, version) AS lt, argMax(latest_quantity, version) AS lq \
                            FROM usage_rollups_hourly WHERE {filter} AND hour >= toDateTime({f}) AND hour < toDateTime({t}) \
-                           GROUP BY customer, hour, app, dims) GROUP BY customer, bucket, app, dims"
-                    )
+                           GROUP BY customer, meter, hour, app, dims) GROUP BY customer, meter, bucket, app, dims"
+                    ),
                 });
             }
             for (f, t) in edges {
-                sqls.push(raw_sql(f, t));
+                sqls.push(raw_sql(&rolled, f, t, false));
             }
         }
-        let mut cells = Vec::new();
         for sql in sqls {
             let rows: Vec<CellCh> = self
                 .client
@@ -384,6 +407,7 @@ impl ClickHouseStore {
                 let latest_q = from_ch(r.latest_quantity)?;
                 cells.push((
                     r.customer,
+                    r.meter,
                     Cell {
                         time: ts(r.bucket as i64),
                         app: r.app,
@@ -577,27 +601,69 @@ impl UsageStore for ClickHouseStore {
         q: &'a UsageQuery,
     ) -> BoxFuture<'a, anyhow::Result<Vec<UsageRow>>> {
         Box::pin(async move {
-            let cells = self.cells(meter, q, false).await?;
-            Ok(group_cells(meter, q, cells.into_iter().map(|(_, c)| c)))
+            let cells = self.cells(&[meter], q, Scope::One(&q.customer)).await?;
+            Ok(group_cells(meter, q, cells.into_iter().map(|(_, _, c)| c)))
         })
     }
 
     fn query_all<'a>(
         &'a self,
-        meter: &'a MeterDef,
-        q: &'a UsageQuery,
-    ) -> BoxFuture<'a, anyhow::Result<HashMap<String, Vec<UsageRow>>>> {
+        questions: &'a [(MeterDef, UsageQuery)],
+        customers: Option<(&'a str, &'a str)>,
+    ) -> BoxFuture<'a, anyhow::Result<Vec<super::PerCustomer>>> {
         Box::pin(async move {
-            let mut per: HashMap<String, Vec<Cell>> = HashMap::new();
-            for (customer, cell) in self.cells(meter, q, true).await? {
-                per.entry(customer).or_default().push(cell);
+            let Some((_, first)) = questions.first() else {
+                return Ok(vec![]);
+            };
+            anyhow::ensure!(
+                questions
+                    .iter()
+                    .all(|(_, q)| (q.from, q.to, q.raw, q.granularity)
+                        == (first.from, first.to, first.raw, first.granularity)),
+                "query_all: every question must cover the same range"
+            );
+            let mut meters: Vec<&MeterDef> = Vec::new();
+            for (m, _) in questions {
+                if !meters.iter().any(|x| x.key == m.key) {
+                    meters.push(m);
+                }
             }
-            Ok(per
-                .into_iter()
-                .map(|(c, cells)| (c, group_cells(meter, q, cells)))
+            // One pass over the store; cells by meter, then by customer.
+            let mut by_meter: HashMap<String, HashMap<String, Vec<Cell>>> = HashMap::new();
+            for (customer, meter, cell) in self.cells(&meters, first, Scope::All(customers)).await?
+            {
+                by_meter
+                    .entry(meter)
+                    .or_default()
+                    .entry(customer)
+                    .or_default()
+                    .push(cell);
+            }
+            Ok(questions
+                .iter()
+                .map(|(m, q)| {
+                    by_meter
+                        .get(&m.key)
+                        .map(|per| {
+                            per.iter()
+                                .map(|(c, cells)| {
+                                    (c.clone(), group_cells(m, q, cells.iter().cloned()))
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default()
+                })
                 .collect())
         })
     }
+}
+
+/// Whose cells to read.
+#[derive(Clone, Copy)]
+enum Scope<'a> {
+    One(&'a str),
+    /// Every customer, or those with ids in the inclusive range.
+    All(Option<(&'a str, &'a str)>),
 }
 
 #[cfg(test)]

@@ -130,15 +130,20 @@ pub trait UsageStore: Send + Sync + 'static {
         meter: &'a MeterDef,
         q: &'a UsageQuery,
     ) -> BoxFuture<'a, anyhow::Result<Vec<UsageRow>>>;
-    /// The same question asked of every customer at once (`q.customer` is
-    /// ignored): billing's finalization run uses it to read a whole period
-    /// in one pass. Rows per customer; customers without usage are absent.
+    /// Several questions over the same range, asked of every customer (or
+    /// of those with ids in the inclusive range `customers`) in one pass
+    /// (`q.customer` is ignored): billing's finalization run reads a whole
+    /// period this way. One answer per question, rows per customer;
+    /// customers without usage are absent.
     fn query_all<'a>(
         &'a self,
-        meter: &'a MeterDef,
-        q: &'a UsageQuery,
-    ) -> BoxFuture<'a, anyhow::Result<HashMap<String, Vec<UsageRow>>>>;
+        questions: &'a [(MeterDef, UsageQuery)],
+        customers: Option<(&'a str, &'a str)>,
+    ) -> BoxFuture<'a, anyhow::Result<Vec<PerCustomer>>>;
 }
+
+/// Answer rows by customer id.
+pub type PerCustomer = HashMap<String, Vec<UsageRow>>;
 
 /// A mergeable partial aggregate of one (bucket, app, dims) cell.
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -1,0 +1,217 @@
+//! Finalization run benchmark: N customers (default 10,000) × 20 usage
+//! series each (7 instance types × 2 regions, 3 volumes, requests of 2
+//! apps, egress), one rollup row per series per hour for a whole month,
+//! in ClickHouse; from ClickHouse to finalized invoices in PostgreSQL
+//! (Stripe excluded). Baseline in the same run: the raw work underneath,
+//! i.e. one ClickHouse scan aggregating the same rollups per customer and
+//! series, plus one bulk insert of N invoice rows into PostgreSQL.
+//!
+//! `TALLY_BENCH_CUSTOMERS` sets N. Needs TALLY_DATABASE_URL and
+//! TALLY_CLICKHOUSE_URL (ops/bench.sh sets them). Writes
+//! bench-results/finalize.json.
+
+use aggregator::store::clickhouse::ClickHouseStore;
+use aggregator::UsageWriter;
+use billing_api::catalog::Catalog;
+use billing_api::finalize::{FinalizeConfig, Finalizer};
+use billing_api::invoice::month_of;
+use billing_api::metrics::Metrics;
+use billing_api::service::load_catalog;
+use billing_api::state::postgres::PgState;
+use billing_api::state::StateStore;
+use chrono::{Duration, Utc};
+use schemas::MeterCatalog;
+use sqlx::Executor;
+use std::sync::Arc;
+use std::time::Instant;
+
+fn peak_rss_mib() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|k| k.parse::<f64>().ok())
+        .map_or(0.0, |k| k / 1024.0)
+}
+
+async fn ch(url: &str, sql: &str) -> String {
+    let r = reqwest::Client::new()
+        .post(url)
+        .body(sql.to_owned())
+        .send()
+        .await
+        .unwrap();
+    let ok = r.status().is_success();
+    let text = r.text().await.unwrap();
+    assert!(ok, "{sql}: {text}");
+    text
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .init();
+    let n: i64 = std::env::var("TALLY_BENCH_CUSTOMERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let pg_base = std::env::var("TALLY_DATABASE_URL").expect("TALLY_DATABASE_URL");
+    let ch_url = std::env::var("TALLY_CLICKHOUSE_URL").expect("TALLY_CLICKHOUSE_URL");
+    let tag = format!("bench_fin_{}", std::process::id());
+
+    // Last month: a whole month of hourly rollups.
+    let period = month_of(month_of(Utc::now()).start - Duration::seconds(1));
+    let hours = (period.end - period.start).num_hours();
+    let series = 20;
+
+    let store = Arc::new(ClickHouseStore::new(&ch_url, &tag));
+    store.migrate().await.unwrap();
+    let t = Instant::now();
+    let types =
+        "['t4g.nano','t4g.micro','t4g.small','t4g.medium','c6g.large','c6g.xlarge','c6g.2xlarge']";
+    ch(&ch_url, &format!(
+        "INSERT INTO {tag}.usage_rollups_hourly \
+         SELECT customer, meter, hour, app, dims, 60, q, q, hour, q, 0, 1 FROM ( \
+           SELECT concat('c', toString(1000000 + intDiv(number, {series} * {hours}))) AS customer, \
+                  intDiv(number, {hours}) % {series} AS s, \
+                  toDateTime({start} + (number % {hours}) * 3600) AS hour, \
+                  multiIf(s < 14, 'compute', s < 17, 'disk', s < 19, 'requests', 'egress') AS meter, \
+                  if(s = 18, 'api', 'web') AS app, \
+                  multiIf(s < 14, concat('{{\"instance_type\":\"', arrayElement({types}, (s % 7) + 1), '\",\"region\":\"', if(s < 7, 'fra', 'iad'), '\"}}'), \
+                          s < 17, concat('{{\"volume_id\":\"vol-', toString(s), '\"}}'), '{{}}') AS dims, \
+                  toDecimal128(multiIf(s < 14, 3600, s < 17, 36000, s < 19, 250000 + (number % 997), 120000000), 12) AS q \
+           FROM system.numbers LIMIT {rows})",
+        start = period.start.timestamp(),
+        rows = n * series * hours,
+    ))
+    .await;
+    let load_secs = t.elapsed().as_secs_f64();
+    ch(
+        &ch_url,
+        &format!("OPTIMIZE TABLE {tag}.usage_rollups_hourly FINAL"),
+    )
+    .await;
+    let rows: u64 = ch(
+        &ch_url,
+        &format!("SELECT count() FROM {tag}.usage_rollups_hourly"),
+    )
+    .await
+    .trim()
+    .parse()
+    .unwrap();
+    println!("loaded {rows} rollup rows in {load_secs:.1} s");
+
+    // PostgreSQL: customers on the pay-as-you-go plan from the period start.
+    let admin = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&pg_base)
+        .await
+        .unwrap();
+    admin
+        .execute(format!("CREATE DATABASE {tag}").as_str())
+        .await
+        .unwrap();
+    let url = format!("{}/{tag}", pg_base.rsplit_once('/').unwrap().0);
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&url)
+        .await
+        .unwrap();
+    let st = Arc::new(PgState::from_pool(pool.clone()));
+    st.migrate().await.unwrap();
+    let meters = Arc::new(MeterCatalog::default_catalog());
+    load_catalog(st.as_ref(), &Catalog::default_catalog(), &meters)
+        .await
+        .unwrap();
+    for sql in [
+        "INSERT INTO customers (id, external_id, name) SELECT 'c' || (1000000 + i - 1), 'x' || i, 'Customer ' || i FROM generate_series(1, $1) i",
+        "INSERT INTO subscriptions (customer_id, plan, version, starts_at) SELECT 'c' || (1000000 + i - 1), 'payg', 1, $2 FROM generate_series(1, $1) i",
+    ] {
+        sqlx::query(sql)
+            .bind(n)
+            .bind(period.start)
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+
+    // Baseline: the raw scan and the raw insert. The scan reads the same
+    // rows the same way the finalizer does (FINAL, in chunks of 2,500
+    // customers, two at a time) but only sums events and quantities.
+    let t = Instant::now();
+    let chunk = billing_api::usage::PeriodUsage::CHUNK as i64;
+    let mut groups = 0u64;
+    let ranges: Vec<(i64, i64)> = (0..n)
+        .step_by(chunk as usize)
+        .map(|lo| (1_000_000 + lo, 1_000_000 + (lo + chunk).min(n) - 1))
+        .collect();
+    for pair in ranges.chunks(2) {
+        let reads = pair.iter().map(|(lo, hi)| {
+            let sql = format!(
+                "SELECT count() FROM (SELECT customer, meter, app, dims, sum(events), sum(quantity_sum) \
+                 FROM {tag}.usage_rollups_hourly FINAL WHERE customer >= 'c{lo}' AND customer <= 'c{hi}' \
+                 AND hour >= toDateTime({s}) AND hour < toDateTime({e}) GROUP BY customer, meter, app, dims)",
+                s = period.start.timestamp(),
+                e = period.end.timestamp()
+            );
+            let url = ch_url.clone();
+            async move { ch(&url, &sql).await }
+        });
+        for r in futures::future::join_all(reads).await {
+            groups += r.trim().parse::<u64>().unwrap();
+        }
+    }
+    let scan_secs = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    sqlx::query("CREATE TABLE raw_invoices (id TEXT PRIMARY KEY, customer_id TEXT, total NUMERIC, body JSONB)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO raw_invoices SELECT 'r' || i, 'c' || i, i * 0.01, \
+         jsonb_build_object('lines', jsonb_build_array(jsonb_build_object('amount', i))) FROM generate_series(1, $1) i",
+    )
+    .bind(n)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let insert_secs = t.elapsed().as_secs_f64();
+    let baseline = scan_secs + insert_secs;
+
+    // The finalization run.
+    let f = Finalizer {
+        state: st.clone(),
+        usage: store,
+        meters,
+        config: FinalizeConfig::default(),
+        metrics: Metrics::new(),
+    };
+    let rss_before = peak_rss_mib();
+    let t = Instant::now();
+    let r = f.run_once(period.end + Duration::hours(2)).await.unwrap();
+    let secs = t.elapsed().as_secs_f64();
+    assert_eq!(r.finalized as i64, n);
+    let lines: i64 =
+        sqlx::query_scalar("SELECT sum(jsonb_array_length(body->'lines'))::bigint FROM invoices")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let out = serde_json::json!({
+        "customers": n, "series_per_customer": series, "hours": hours, "rollup_rows": rows,
+        "groups": groups, "invoice_lines": lines,
+        "finalize_seconds": secs, "invoices_per_second": n as f64 / secs,
+        "baseline_scan_seconds": scan_secs, "baseline_insert_seconds": insert_secs,
+        "ratio_to_baseline": baseline / secs,
+        "peak_rss_mib": peak_rss_mib(), "peak_rss_before_run_mib": rss_before,
+    });
+    println!("{}", serde_json::to_string_pretty(&out).unwrap());
+    std::fs::create_dir_all("bench-results").unwrap();
+    std::fs::write(
+        "bench-results/finalize.json",
+        serde_json::to_string_pretty(&out).unwrap(),
+    )
+    .unwrap();
+    // Leave nothing big behind.
+    ch(&ch_url, &format!("DROP DATABASE {tag}")).await;
+}
