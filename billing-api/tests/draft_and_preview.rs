@@ -3,65 +3,21 @@
 //! of a plan switch equals the draft after the switch is confirmed, line by
 //! line. Needs TALLY_CLICKHOUSE_URL and TALLY_DATABASE_URL (ops/test.sh).
 
-use aggregator::metrics::Metrics;
-use aggregator::pipeline::{DeadLetter, DeadLetterSink, Message, Processor};
-use aggregator::store::clickhouse::ClickHouseStore;
-use aggregator::UsageWriter;
+mod support;
+
 use billing_api::catalog::Catalog;
 use billing_api::invoice::{rate_period, PlannedSwitch};
 use billing_api::rating::Period;
-use billing_api::state::postgres::PgState;
 use billing_api::state::{Customer, StateStore};
 use chrono::{DateTime, Duration, Utc};
-use futures::future::BoxFuture;
 use rust_decimal::Decimal;
 use schemas::MeterCatalog;
-use serde_json::json;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::Executor;
-use std::str::FromStr;
-use std::sync::Arc;
-
-struct NoDeadLetters;
-impl DeadLetterSink for NoDeadLetters {
-    fn send(&self, letters: Vec<DeadLetter>) -> BoxFuture<'_, anyhow::Result<()>> {
-        Box::pin(async move { anyhow::bail!("unexpected dead letters: {letters:?}") })
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switch_preview_equals_the_draft_after_confirming() {
-    let ch_url = std::env::var("TALLY_CLICKHOUSE_URL")
-        .expect("TALLY_CLICKHOUSE_URL is not set: run through ops/test.sh");
-    let pg_url = std::env::var("TALLY_DATABASE_URL")
-        .expect("TALLY_DATABASE_URL is not set: run through ops/test.sh");
-    let id = format!(
-        "{}_{:08x}",
-        std::process::id(),
-        Utc::now().timestamp_subsec_nanos()
-    );
-    let usage = Arc::new(ClickHouseStore::new(&ch_url, &format!("preview_{id}")));
-    usage.migrate().await.unwrap();
-    let admin = PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&pg_url)
-        .await
-        .unwrap();
-    admin
-        .execute(format!("CREATE SCHEMA preview_{id}").as_str())
-        .await
-        .unwrap();
-    let opts = PgConnectOptions::from_str(&pg_url)
-        .unwrap()
-        .options([("search_path", format!("preview_{id}"))]);
-    let state = PgState::from_pool(
-        PgPoolOptions::new()
-            .max_connections(4)
-            .connect_with(opts)
-            .await
-            .unwrap(),
-    );
-    state.migrate().await.unwrap();
+    let (_ch, _db, usage) = support::clickhouse("preview").await;
+    let (_url, state, _pool) = support::pg("preview").await;
+    let state = state.as_ref();
 
     let now = DateTime::from_timestamp(Utc::now().timestamp() - Utc::now().timestamp() % 3600, 0)
         .unwrap();
@@ -92,31 +48,25 @@ async fn switch_preview_equals_the_draft_after_confirming() {
         .await
         .unwrap();
 
-    let meters = Arc::new(MeterCatalog::default_catalog());
-    let msg = |i: i64, t: DateTime<Utc>, count: u64| {
-        Message {
-        partition: 0,
-        offset: i,
-        key: None,
-        payload: Some(json!({"specversion":"1.0","id":format!("p{i}"),"source":"preview","type":"tally.requests","subject":"cus_p",
-            "time":t.to_rfc3339(),"data":{"app":"web","count":count}}).to_string().into_bytes()),
-    }
-    };
-    let (_tx, stop) = tokio::sync::watch::channel(false);
-    Processor::new(usage.clone(), meters.clone(), Metrics::new())
-        .process(
-            vec![
-                msg(0, now - Duration::hours(3), 3_000_000),
-                msg(1, now - Duration::hours(1), 60_000_000),
-            ],
-            &NoDeadLetters,
-            &stop,
+    let meters = MeterCatalog::default_catalog();
+    let requests = |i: i64, t: DateTime<Utc>, count: i64| {
+        (
+            format!("p{i}"),
+            "cus_p",
+            t,
+            "tally.requests",
+            support::requests("web", count),
         )
-        .await
-        .unwrap();
+    };
+    support::Writer::new(usage.clone())
+        .write(&[
+            requests(0, now - Duration::hours(3), 3_000_000),
+            requests(1, now - Duration::hours(1), 60_000_000),
+        ])
+        .await;
 
     // Draft as things stand: all on pay-as-you-go, 63 M × $0.40/M.
-    let before = rate_period(&state, usage.as_ref(), &meters, "cus_p", period, None)
+    let before = rate_period(state, usage.as_ref(), &meters, "cus_p", period, None)
         .await
         .unwrap();
     assert_eq!(before.total, "25.20".parse::<Decimal>().unwrap());
@@ -127,7 +77,7 @@ async fn switch_preview_equals_the_draft_after_confirming() {
         version: 1,
         at: now - Duration::hours(2),
     };
-    let preview = rate_period(&state, usage.as_ref(), &meters, "cus_p", period, Some(&sw))
+    let preview = rate_period(state, usage.as_ref(), &meters, "cus_p", period, Some(&sw))
         .await
         .unwrap();
     assert_eq!(
@@ -139,7 +89,7 @@ async fn switch_preview_equals_the_draft_after_confirming() {
         .switch_plan("cus_p", &sw.plan, sw.version, sw.at, "staff")
         .await
         .unwrap();
-    let after = rate_period(&state, usage.as_ref(), &meters, "cus_p", period, None)
+    let after = rate_period(state, usage.as_ref(), &meters, "cus_p", period, None)
         .await
         .unwrap();
     assert_eq!(

@@ -1,6 +1,8 @@
 //! Billing state in real PostgreSQL (TALLY_DATABASE_URL, set by
 //! ops/test.sh; the test fails, never skips, without it). Each test runs in
-//! a schema of its own, kept afterwards for inspection.
+//! a database of its own, kept afterwards for inspection.
+
+mod support;
 
 use billing_api::catalog::PlanVersion;
 use billing_api::rating::{rate, Period, Segment, UsageItem};
@@ -9,36 +11,11 @@ use billing_api::state::{Customer, PlanSegment, StateError, StateStore};
 use chrono::{DateTime, TimeZone, Utc};
 use rust_decimal::Decimal;
 use serde_json::json;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::Executor;
-use std::str::FromStr;
 
-async fn state(test: &str) -> (PgState, sqlx::PgPool) {
-    let url = std::env::var("TALLY_DATABASE_URL")
-        .expect("TALLY_DATABASE_URL is not set: run through ops/test.sh");
-    let schema = format!(
-        "t_{test}_{}_{:08x}",
-        std::process::id(),
-        Utc::now().timestamp_subsec_nanos()
-    );
-    let admin = PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&url)
-        .await
-        .unwrap();
-    admin
-        .execute(format!("CREATE SCHEMA {schema}").as_str())
-        .await
-        .unwrap();
-    let opts = PgConnectOptions::from_str(&url)
-        .unwrap()
-        .options([("search_path", schema.as_str())]);
-    let pool = PgPoolOptions::new()
-        .max_connections(4)
-        .connect_with(opts)
-        .await
-        .unwrap();
-    (PgState::from_pool(pool.clone()), pool)
+async fn state(test: &str) -> (std::sync::Arc<PgState>, sqlx::PgPool) {
+    let (_url, st, pool) = support::pg(test).await;
+    (st, pool)
 }
 
 fn nov(day: u32) -> DateTime<Utc> {

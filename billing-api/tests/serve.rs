@@ -1,0 +1,130 @@
+//! The `billing-api serve` process: loads the catalog at start, answers
+//! the API, its scheduler finalizes closed periods by itself, and SIGTERM
+//! stops it cleanly.
+
+mod support;
+
+use billing_api::invoice::{month_of, previous};
+use billing_api::state::{Customer, StateStore};
+use chrono::{Duration, Utc};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_loads_catalog_finalizes_and_stops_on_sigterm() {
+    let (url, st, _pool) = pg("serve").await;
+    let (ch, db, usage) = clickhouse("serve").await;
+    // No catalog yet: serve publishes the default one at start.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let hash = Command::new(env!("CARGO_BIN_EXE_billing-api"))
+        .args(["hash-key", "serve-key"])
+        .output()
+        .unwrap();
+    let hash = String::from_utf8(hash.stdout).unwrap().trim().to_owned();
+    let log =
+        std::fs::File::create(std::env::temp_dir().join(format!("serve-{port}.log"))).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_billing-api"))
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--finalize-every-secs",
+            "1",
+        ])
+        .env("TALLY_DATABASE_URL", &url)
+        .env("TALLY_CLICKHOUSE_URL", &ch)
+        .env("TALLY_CLICKHOUSE_DATABASE", &db)
+        .env("TALLY_ADMIN_KEY_SHA256", &hash)
+        .env_remove("STRIPE_SECRET_KEY")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    while http.get(format!("{base}/healthz")).send().await.is_err() {
+        assert!(Instant::now() < deadline, "serve did not come up");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let plans: serde_json::Value = http
+        .get(format!("{base}/v1/plans"))
+        .bearer_auth("serve-key")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        plans.as_array().unwrap().len(),
+        4,
+        "default catalog published"
+    );
+
+    // A customer with last month's usage is invoiced by the scheduler.
+    let q = previous(month_of(Utc::now()));
+    st.create_customer(
+        &Customer {
+            id: "cus_s".into(),
+            external_id: "s".into(),
+            name: "S".into(),
+        },
+        "test",
+    )
+    .await
+    .unwrap();
+    st.subscribe("cus_s", "payg", 1, q.start, "test")
+        .await
+        .unwrap();
+    Writer::new(usage)
+        .write(&[(
+            "s1".into(),
+            "cus_s",
+            q.start + Duration::days(1),
+            "tally.requests",
+            requests("web", 5_000_000),
+        )])
+        .await;
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let invs = st.invoices_of("cus_s").await.unwrap();
+        if let Some(inv) = invs.first() {
+            assert_eq!(inv.total, rust_decimal::Decimal::new(200, 2));
+            break;
+        }
+        assert!(Instant::now() < deadline, "scheduler did not finalize");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let m = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        m.contains("tally_billing_invoices_finalized_total 1"),
+        "{m}"
+    );
+
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "no exit after SIGTERM");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "exit status {status}");
+}
