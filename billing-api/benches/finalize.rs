@@ -206,9 +206,10 @@ async fn main() {
         "peak_rss_mib": peak_rss_mib(), "peak_rss_before_run_mib": rss_before,
     });
     println!("{}", serde_json::to_string_pretty(&out).unwrap());
-    std::fs::create_dir_all("bench-results").unwrap();
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../bench-results");
+    std::fs::create_dir_all(dir).unwrap();
     std::fs::write(
-        "bench-results/finalize.json",
+        format!("{dir}/finalize.json"),
         serde_json::to_string_pretty(&out).unwrap(),
     )
     .unwrap();
