@@ -11,12 +11,17 @@
 //! `period_finalized` (409), `body_too_large` (413),
 //! `unsupported_media_type` (415). A rejected request changes nothing.
 //!
-//! Authentication: `/v1` (except the webhook) takes `Authorization: Bearer
-//! <admin key>`; keys are configured as SHA-256 hashes and compared in
-//! constant time. The audit log records the actor as `admin:<first 8 hex of
-//! the key hash>`, followed by `/<name>` when an `X-Tally-Actor` header names
-//! the person. The webhook is authenticated by its Stripe signature.
+//! Authentication and roles: `/v1` (except the webhook) takes
+//! `Authorization: Bearer <key or customer session>` (`auth.rs`). Staff
+//! endpoints need an admin; a customer key or session reads only its own
+//! customer (another customer's ids answer 404, as missing ones do); the
+//! control plane mints sessions. A request with a malformed body can get
+//! its 4xx before the role check; it changes nothing either way. The audit
+//! log records the actor (`key:<id>`, or `admin:<first 8 hex of the hash>`
+//! for bootstrap keys) followed by `/<name>` when an `X-Tally-Actor` header
+//! names the person. The webhook is authenticated by its Stripe signature.
 
+use crate::auth::{self, ApiKey, Authenticator, Principal, Role};
 use crate::catalog::{CatalogError, PlanVersion};
 use crate::invoice::{self, month_of, NewInvoice, PlannedSwitch};
 use crate::metrics::Metrics;
@@ -35,9 +40,7 @@ use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use schemas::MeterCatalog;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use std::sync::Arc;
-use subtle::ConstantTimeEq;
 use utoipa::{OpenApi, ToSchema};
 
 /// Largest request body accepted.
@@ -48,8 +51,8 @@ pub struct ApiState {
     pub usage: Arc<dyn UsageStore>,
     pub meters: Arc<MeterCatalog>,
     pub metrics: Metrics,
-    /// SHA-256 of each admin key.
-    pub admin_keys: Vec<[u8; 32]>,
+    /// Keys, bootstrap admin keys and customer sessions.
+    pub auth: Arc<Authenticator>,
     pub webhook_secret: Option<String>,
     pub min_charge: Decimal,
 }
@@ -171,10 +174,6 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> 
     }
 }
 
-/// Who made an admin call, for the audit log.
-#[derive(Clone)]
-pub struct Actor(pub String);
-
 fn valid_id(field: &str, v: &str) -> Result<(), ApiError> {
     let ok = !v.is_empty()
         && v.len() <= 128
@@ -198,40 +197,41 @@ fn valid_name(field: &str, v: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-async fn require_admin(State(app): State<Arc<ApiState>>, mut req: Request, next: Next) -> Response {
-    let key = req
+/// Resolves the bearer credential into a [`Principal`] (401 without one).
+async fn authenticate(State(app): State<Arc<ApiState>>, mut req: Request, next: Next) -> Response {
+    let bearer = req
         .headers()
         .get("authorization")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|k| Sha256::digest(k.trim().as_bytes()));
-    let Some(hash) = key else {
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let Some(bearer) = bearer else {
         return ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
-            "missing bearer key",
+            "missing bearer credential",
         )
         .into_response();
     };
-    let matched = app
-        .admin_keys
-        .iter()
-        .fold(0u8, |acc, k| acc | k.ct_eq(hash.as_slice()).unwrap_u8());
-    if matched == 0 {
-        return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "unknown key")
-            .into_response();
+    let Some(mut who) = app.auth.principal(bearer, Utc::now().timestamp()) else {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "unknown, revoked or expired credential",
+        )
+        .into_response();
+    };
+    if let Principal::Admin { actor } = &mut who {
+        if let Some(name) = req
+            .headers()
+            .get("x-tally-actor")
+            .and_then(|v| v.to_str().ok())
+            .filter(|n| !n.is_empty() && n.len() <= 64)
+        {
+            actor.push('/');
+            actor.push_str(name);
+        }
     }
-    let mut actor = format!("admin:{}", &hex::encode(hash)[..8]);
-    if let Some(name) = req
-        .headers()
-        .get("x-tally-actor")
-        .and_then(|v| v.to_str().ok())
-        .filter(|n| !n.is_empty() && n.len() <= 64)
-    {
-        actor.push('/');
-        actor.push_str(name);
-    }
-    req.extensions_mut().insert(Actor(actor));
+    req.extensions_mut().insert(who);
     next.run(req).await
 }
 
@@ -257,9 +257,12 @@ pub fn router(app: Arc<ApiState>) -> Router {
         .route("/v1/invoices/{id}", get(get_invoice))
         .route("/v1/invoices/{id}/rerate", get(rerate_invoice))
         .route("/v1/audit", get(audit_log))
+        .route("/v1/keys", get(list_keys).post(create_key))
+        .route("/v1/keys/{id}/revoke", post(revoke_key))
+        .route("/v1/customers/{id}/sessions", post(create_session))
         .route_layer(axum::middleware::from_fn_with_state(
             app.clone(),
-            require_admin,
+            authenticate,
         ));
     Router::new()
         .merge(admin)
@@ -284,7 +287,11 @@ async fn metrics(State(app): State<Arc<ApiState>>) -> impl IntoResponse {
 
 /// Every published plan version.
 #[utoipa::path(get, path = "/v1/plans", responses((status = 200, body = Vec<PublishedPlan>)))]
-async fn list_plans(State(app): State<Arc<ApiState>>) -> ApiResult<Vec<PublishedPlan>> {
+async fn list_plans(
+    State(app): State<Arc<ApiState>>,
+    axum::Extension(who): axum::Extension<Principal>,
+) -> ApiResult<Vec<PublishedPlan>> {
+    who.read_catalog()?;
     Ok(Json(app.state.list_plans().await?))
 }
 
@@ -293,9 +300,10 @@ async fn list_plans(State(app): State<Arc<ApiState>>) -> ApiResult<Vec<Published
     responses((status = 201, body = PlanVersion), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
 async fn publish_plan(
     State(app): State<Arc<ApiState>>,
-    axum::Extension(actor): axum::Extension<Actor>,
+    axum::Extension(who): axum::Extension<Principal>,
     Body(plan): Body<PlanVersion>,
 ) -> Result<(StatusCode, Json<PlanVersion>), ApiError> {
+    let actor = who.admin()?;
     if let Err(errors) = plan.validate(&app.meters) {
         let mut e = ApiError::invalid(format!(
             "plan {} version {} has {} problem(s)",
@@ -306,7 +314,7 @@ async fn publish_plan(
         e.body.details = Some(errors);
         return Err(e);
     }
-    app.state.publish_plan(&plan, &actor.0).await?;
+    app.state.publish_plan(&plan, actor).await?;
     Ok((StatusCode::CREATED, Json(plan)))
 }
 
@@ -316,13 +324,14 @@ async fn publish_plan(
     responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn retire_plan(
     State(app): State<Arc<ApiState>>,
-    axum::Extension(actor): axum::Extension<Actor>,
+    axum::Extension(who): axum::Extension<Principal>,
     Path((plan, version)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
+    let actor = who.admin()?;
     let version: u32 = version
         .parse()
         .map_err(|_| ApiError::invalid("version: a positive integer"))?;
-    app.state.retire_plan(&plan, version, &actor.0).await?;
+    app.state.retire_plan(&plan, version, actor).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -344,8 +353,10 @@ pub struct ListCustomers {
     responses((status = 200, body = Vec<Customer>), (status = 400, body = ErrorBody)))]
 async fn list_customers(
     State(app): State<Arc<ApiState>>,
+    axum::Extension(who): axum::Extension<Principal>,
     q: Result<Query<ListCustomers>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Vec<Customer>> {
+    who.admin()?;
     let Query(q) =
         q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_query", e.body_text()))?;
     if let Some(ext) = q.external_id {
@@ -372,13 +383,14 @@ async fn list_customers(
     responses((status = 201, body = Customer), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
 async fn create_customer(
     State(app): State<Arc<ApiState>>,
-    axum::Extension(actor): axum::Extension<Actor>,
+    axum::Extension(who): axum::Extension<Principal>,
     Body(c): Body<Customer>,
 ) -> Result<(StatusCode, Json<Customer>), ApiError> {
+    let actor = who.admin()?;
     valid_id("id", &c.id)?;
     valid_id("external_id", &c.external_id)?;
     valid_name("name", &c.name)?;
-    app.state.create_customer(&c, &actor.0).await?;
+    app.state.create_customer(&c, actor).await?;
     Ok((StatusCode::CREATED, Json(c)))
 }
 
@@ -386,8 +398,10 @@ async fn create_customer(
     responses((status = 200, body = Customer), (status = 404, body = ErrorBody)))]
 async fn get_customer(
     State(app): State<Arc<ApiState>>,
+    axum::Extension(who): axum::Extension<Principal>,
     Path(id): Path<String>,
 ) -> ApiResult<Customer> {
+    who.read_customer(&id, &format!("customer {id}"))?;
     Ok(Json(app.state.customer(&id).await?))
 }
 
@@ -403,8 +417,10 @@ pub struct CreateApp {
     responses((status = 200, body = Vec<App>), (status = 404, body = ErrorBody)))]
 async fn list_apps(
     State(app): State<Arc<ApiState>>,
+    axum::Extension(who): axum::Extension<Principal>,
     Path(id): Path<String>,
 ) -> ApiResult<Vec<App>> {
+    who.read_customer(&id, &format!("customer {id}"))?;
     app.state.customer(&id).await?;
     Ok(Json(app.state.apps(&id).await?))
 }
@@ -413,10 +429,11 @@ async fn list_apps(
     responses((status = 201, body = App), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
 async fn create_app(
     State(app): State<Arc<ApiState>>,
-    axum::Extension(actor): axum::Extension<Actor>,
+    axum::Extension(who): axum::Extension<Principal>,
     Path(id): Path<String>,
     Body(req): Body<CreateApp>,
 ) -> Result<(StatusCode, Json<App>), ApiError> {
+    let actor = who.admin()?;
     valid_id("app", &req.app)?;
     valid_name("name", &req.name)?;
     let a = App {
@@ -424,7 +441,7 @@ async fn create_app(
         app: req.app,
         name: req.name,
     };
-    app.state.create_app(&a, &actor.0).await?;
+    app.state.create_app(&a, actor).await?;
     Ok((StatusCode::CREATED, Json(a)))
 }
 
@@ -482,15 +499,16 @@ async fn require_open(app: &ApiState, customer: &str, at: DateTime<Utc>) -> Resu
     responses((status = 201, body = PlanSwitchResult), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
 async fn subscribe(
     State(app): State<Arc<ApiState>>,
-    axum::Extension(actor): axum::Extension<Actor>,
+    axum::Extension(who): axum::Extension<Principal>,
     Path(id): Path<String>,
     Body(req): Body<Subscribe>,
 ) -> Result<(StatusCode, Json<PlanSwitchResult>), ApiError> {
+    let actor = who.admin()?;
     let version = resolve_plan(&app, &req.plan, req.version).await?;
     let at = req.starts_at.unwrap_or_else(Utc::now);
     require_open(&app, &id, at).await?;
     app.state
-        .subscribe(&id, &req.plan, version, at, &actor.0)
+        .subscribe(&id, &req.plan, version, at, actor)
         .await?;
     Ok((
         StatusCode::CREATED,
@@ -514,16 +532,17 @@ pub struct SetSeats {
     responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
 async fn set_seats(
     State(app): State<Arc<ApiState>>,
-    axum::Extension(actor): axum::Extension<Actor>,
+    axum::Extension(who): axum::Extension<Principal>,
     Path(id): Path<String>,
     Body(req): Body<SetSeats>,
 ) -> Result<StatusCode, ApiError> {
+    let actor = who.admin()?;
     if req.seats > 100_000 {
         return Err(ApiError::invalid("seats: 0 to 100000"));
     }
     let at = req.at.unwrap_or_else(Utc::now);
     require_open(&app, &id, at).await?;
-    app.state.set_seats(&id, req.seats, at, &actor.0).await?;
+    app.state.set_seats(&id, req.seats, at, actor).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -603,9 +622,11 @@ async fn planned(app: &ApiState, req: &SwitchRequest) -> Result<PlannedSwitch, A
     responses((status = 200, body = SwitchPreview), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
 async fn preview_switch(
     State(app): State<Arc<ApiState>>,
+    axum::Extension(who): axum::Extension<Principal>,
     Path(id): Path<String>,
     Body(req): Body<SwitchRequest>,
 ) -> ApiResult<SwitchPreview> {
+    who.read_customer(&id, &format!("customer {id}"))?;
     app.state.customer(&id).await?;
     let sw = planned(&app, &req).await?;
     let period = month_of(Utc::now());
@@ -626,15 +647,16 @@ async fn preview_switch(
     responses((status = 200, body = PlanSwitchResult), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
 async fn switch_plan(
     State(app): State<Arc<ApiState>>,
-    axum::Extension(actor): axum::Extension<Actor>,
+    axum::Extension(who): axum::Extension<Principal>,
     Path(id): Path<String>,
     Body(req): Body<SwitchRequest>,
 ) -> ApiResult<PlanSwitchResult> {
+    let actor = who.admin()?;
     app.state.customer(&id).await?;
     let sw = planned(&app, &req).await?;
     require_open(&app, &id, sw.at).await?;
     app.state
-        .switch_plan(&id, &sw.plan, sw.version, sw.at, &actor.0)
+        .switch_plan(&id, &sw.plan, sw.version, sw.at, actor)
         .await?;
     Ok(Json(PlanSwitchResult {
         plan: sw.plan,
@@ -649,8 +671,10 @@ async fn switch_plan(
     responses((status = 200, body = Vec<Invoice>), (status = 404, body = ErrorBody)))]
 async fn list_invoices(
     State(app): State<Arc<ApiState>>,
+    axum::Extension(who): axum::Extension<Principal>,
     Path(id): Path<String>,
 ) -> ApiResult<Vec<Invoice>> {
+    who.read_customer(&id, &format!("customer {id}"))?;
     app.state.customer(&id).await?;
     Ok(Json(app.state.invoices_of(&id).await?))
 }
@@ -660,8 +684,10 @@ async fn list_invoices(
     responses((status = 200, body = NewInvoice), (status = 404, body = ErrorBody)))]
 async fn draft_invoice(
     State(app): State<Arc<ApiState>>,
+    axum::Extension(who): axum::Extension<Principal>,
     Path(id): Path<String>,
 ) -> ApiResult<NewInvoice> {
+    who.read_customer(&id, &format!("customer {id}"))?;
     app.state.customer(&id).await?;
     let d = invoice::draft(
         app.state.as_ref(),
@@ -680,9 +706,12 @@ async fn draft_invoice(
     responses((status = 200, body = Invoice), (status = 404, body = ErrorBody)))]
 async fn get_invoice(
     State(app): State<Arc<ApiState>>,
+    axum::Extension(who): axum::Extension<Principal>,
     Path(id): Path<String>,
 ) -> ApiResult<Invoice> {
-    Ok(Json(app.state.invoice(&id).await?))
+    let inv = app.state.invoice(&id).await?;
+    who.read_customer(&inv.customer_id, &format!("invoice {id}"))?;
+    Ok(Json(inv))
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -704,8 +733,10 @@ pub struct RerateReport {
     responses((status = 200, body = RerateReport), (status = 404, body = ErrorBody)))]
 async fn rerate_invoice(
     State(app): State<Arc<ApiState>>,
+    axum::Extension(who): axum::Extension<Principal>,
     Path(id): Path<String>,
 ) -> ApiResult<RerateReport> {
+    who.admin()?;
     let inv = app.state.invoice(&id).await?;
     let rerated =
         invoice::rerate(app.state.as_ref(), app.usage.as_ref(), &app.meters, &inv).await?;
@@ -735,11 +766,129 @@ pub struct AuditQuery {
     responses((status = 200, body = Vec<AuditEntry>), (status = 400, body = ErrorBody)))]
 async fn audit_log(
     State(app): State<Arc<ApiState>>,
+    axum::Extension(who): axum::Extension<Principal>,
     q: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Vec<AuditEntry>> {
+    who.admin()?;
     let Query(q) =
         q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_query", e.body_text()))?;
     Ok(Json(app.state.audit_log(&q.subject).await?))
+}
+
+// ------------------------------------------------------- keys, sessions
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateKey {
+    pub role: Role,
+    /// Required for (and only for) `customer` keys.
+    pub customer_id: Option<String>,
+    /// What the key is for (shown in listings).
+    pub label: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct CreatedKey {
+    #[serde(flatten)]
+    pub record: ApiKey,
+    /// The key itself; shown this once, never stored.
+    pub key: String,
+}
+
+/// Creates an API key (audited). The key is in the answer only.
+#[utoipa::path(post, path = "/v1/keys", request_body = CreateKey,
+    responses((status = 201, body = CreatedKey), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn create_key(
+    State(app): State<Arc<ApiState>>,
+    axum::Extension(who): axum::Extension<Principal>,
+    Body(req): Body<CreateKey>,
+) -> Result<(StatusCode, Json<CreatedKey>), ApiError> {
+    let actor = who.admin()?;
+    valid_name("label", &req.label)?;
+    match (req.role, &req.customer_id) {
+        (Role::Customer, None) => {
+            return Err(ApiError::invalid(
+                "customer_id: required for a customer key",
+            ))
+        }
+        (Role::Customer, Some(c)) => valid_id("customer_id", c)?,
+        (_, Some(_)) => {
+            return Err(ApiError::invalid(
+                "customer_id: only customer keys have one",
+            ))
+        }
+        (_, None) => {}
+    }
+    let (record, key) = auth::new_key(req.role, req.customer_id, req.label);
+    app.state.create_api_key(&record, actor).await?;
+    app.auth.insert(record.clone());
+    Ok((StatusCode::CREATED, Json(CreatedKey { record, key })))
+}
+
+/// Every key (without secrets), newest first.
+#[utoipa::path(get, path = "/v1/keys", responses((status = 200, body = Vec<ApiKey>), (status = 403, body = ErrorBody)))]
+async fn list_keys(
+    State(app): State<Arc<ApiState>>,
+    axum::Extension(who): axum::Extension<Principal>,
+) -> ApiResult<Vec<ApiKey>> {
+    who.admin()?;
+    Ok(Json(app.state.api_keys().await?))
+}
+
+/// Revokes a key at once in this process (other replicas within 5 s).
+#[utoipa::path(post, path = "/v1/keys/{id}/revoke", params(("id" = String, Path)),
+    responses((status = 200, body = ApiKey), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn revoke_key(
+    State(app): State<Arc<ApiState>>,
+    axum::Extension(who): axum::Extension<Principal>,
+    Path(id): Path<String>,
+) -> ApiResult<ApiKey> {
+    let actor = who.admin()?;
+    let key = app.state.revoke_api_key(&id, actor).await?;
+    app.auth.remove(&id);
+    Ok(Json(key))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSession {
+    /// Lifetime in seconds, 60 to 86400; default 3600.
+    pub ttl_secs: Option<i64>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Session {
+    pub customer_id: String,
+    /// Bearer token for the customer's own endpoints and dashboard.
+    pub token: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// Mints a short-lived customer session (admin or control plane).
+#[utoipa::path(post, path = "/v1/customers/{id}/sessions", params(("id" = String, Path)), request_body = CreateSession,
+    responses((status = 201, body = Session), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn create_session(
+    State(app): State<Arc<ApiState>>,
+    axum::Extension(who): axum::Extension<Principal>,
+    Path(id): Path<String>,
+    Body(req): Body<CreateSession>,
+) -> Result<(StatusCode, Json<Session>), ApiError> {
+    who.admin_or_control_plane()?;
+    let ttl = req.ttl_secs.unwrap_or(3600);
+    if !(60..=auth::MAX_SESSION_SECS).contains(&ttl) {
+        return Err(ApiError::invalid("ttl_secs: 60 to 86400"));
+    }
+    app.state.customer(&id).await?;
+    let expires_at = Utc::now() + chrono::Duration::seconds(ttl);
+    let token = auth::mint_session(&app.auth.session_secret, &id, expires_at.timestamp());
+    Ok((
+        StatusCode::CREATED,
+        Json(Session {
+            customer_id: id,
+            token,
+            expires_at,
+        }),
+    ))
 }
 
 // ---------------------------------------------------------------- webhook

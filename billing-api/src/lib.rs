@@ -2,6 +2,7 @@
 
 pub mod adjust;
 pub mod api;
+pub mod auth;
 pub mod catalog;
 pub mod finalize;
 pub mod invoice;

@@ -1,6 +1,7 @@
 //! `billing-api`: the billing service and its admin commands.
 
 use billing_api::api::{openapi_json, ApiState};
+use billing_api::auth::Authenticator;
 use billing_api::catalog::Catalog;
 use billing_api::finalize::{FinalizeConfig, Finalizer};
 use billing_api::metrics::Metrics;
@@ -79,6 +80,11 @@ enum Command {
         /// SHA-256 (hex) of each admin API key (`billing-api hash-key`).
         #[arg(long, env = "TALLY_ADMIN_KEY_SHA256", value_delimiter = ',')]
         admin_key_sha256: Vec<String>,
+        /// Secret that signs customer session tokens (any string, 32+
+        /// characters); a random one when absent (sessions then end with
+        /// the process, and replicas do not share them).
+        #[arg(long, env = "TALLY_SESSION_SECRET", hide_env_values = true)]
+        session_secret: Option<String>,
         /// Stripe webhook endpoint secret (`whsec_…`); webhooks are refused without one.
         #[arg(long, env = "STRIPE_WEBHOOK_SECRET", hide_env_values = true)]
         stripe_webhook_secret: Option<String>,
@@ -189,6 +195,7 @@ async fn main() -> anyhow::Result<()> {
             common,
             listen,
             admin_key_sha256,
+            session_secret,
             stripe_webhook_secret,
             finalize_every_secs,
         } => {
@@ -204,15 +211,29 @@ async fn main() -> anyhow::Result<()> {
             }
             anyhow::ensure!(
                 !admin_keys.is_empty(),
-                "--admin-key-sha256 (or TALLY_ADMIN_KEY_SHA256) is required"
+                "--admin-key-sha256 (or TALLY_ADMIN_KEY_SHA256) is required: the bootstrap admin key"
             );
+            let session_secret = match session_secret {
+                Some(s) => {
+                    anyhow::ensure!(s.len() >= 32, "--session-secret: at least 32 characters");
+                    s.into_bytes()
+                }
+                None => {
+                    tracing::warn!(
+                        "TALLY_SESSION_SECRET not set: customer sessions end with this process"
+                    );
+                    rand::random::<[u8; 32]>().to_vec()
+                }
+            };
             let p = setup(&common).await?;
+            let auth = Arc::new(Authenticator::new(admin_keys, session_secret));
+            auth.load(p.state.api_keys().await?);
             let api = Arc::new(ApiState {
                 state: p.state,
                 usage: p.finalizer.usage.clone(),
                 meters: p.meters,
                 metrics: p.metrics,
-                admin_keys,
+                auth,
                 webhook_secret: stripe_webhook_secret,
                 min_charge: common.min_charge,
             });

@@ -3,6 +3,7 @@
 //! graceful shutdown.
 
 use crate::api::{router, ApiState};
+use crate::auth::KEY_REFRESH;
 use crate::catalog::Catalog;
 use crate::finalize::Finalizer;
 use crate::state::{StateError, StateStore};
@@ -93,7 +94,8 @@ pub async fn serve(
     every: Duration,
 ) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
-    let sched = tokio::spawn(scheduler(finalizer, sync, every, stop_rx));
+    let sched = tokio::spawn(scheduler(finalizer, sync, every, stop_rx.clone()));
+    tokio::spawn(refresh_keys(api.clone(), stop_rx));
     tracing::info!(addr = %listener.local_addr()?, "billing-api listening");
     axum::serve(listener, router(api))
         .with_graceful_shutdown(shutdown_signal())
@@ -102,6 +104,23 @@ pub async fn serve(
     let _ = sched.await;
     tracing::info!("billing-api stopped");
     Ok(())
+}
+
+/// Reloads API keys from the state store every [`KEY_REFRESH`], so keys
+/// created or revoked through another replica take effect here.
+async fn refresh_keys(api: Arc<ApiState>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(KEY_REFRESH) => {}
+            _ = stop.changed() => return,
+        }
+        match api.state.api_keys().await {
+            Ok(keys) => api.auth.load(keys),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not reload API keys; keeping the cached ones")
+            }
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -6,119 +6,14 @@
 
 mod support;
 
-use billing_api::api::{openapi_json, router, ApiState};
+use billing_api::api::openapi_json;
 use billing_api::invoice::{self, month_of, previous};
-use billing_api::metrics::Metrics;
 use billing_api::state::StateStore;
 use chrono::{Duration, Utc};
 use reqwest::{Method, StatusCode};
 use rust_decimal::Decimal;
-use schemas::MeterCatalog;
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
-use std::sync::Arc;
 use support::*;
-
-const KEY: &str = "test-admin-key";
-const WHSEC: &str = "whsec_test_secret";
-
-struct Api {
-    base: String,
-    http: reqwest::Client,
-    pool: sqlx::PgPool,
-    st: Arc<billing_api::state::postgres::PgState>,
-    usage: Arc<aggregator::store::clickhouse::ClickHouseStore>,
-}
-
-impl Api {
-    async fn start(test: &str) -> Api {
-        let (_url, st, pool) = pg(test).await;
-        let (_ch, _db, usage) = clickhouse(test).await;
-        default_catalog(st.as_ref()).await;
-        let app = Arc::new(ApiState {
-            state: st.clone(),
-            usage: usage.clone(),
-            meters: Arc::new(MeterCatalog::default_catalog()),
-            metrics: Metrics::new(),
-            admin_keys: vec![Sha256::digest(KEY.as_bytes()).into()],
-            webhook_secret: Some(WHSEC.into()),
-            min_charge: Decimal::new(50, 2),
-        });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, router(app)).await.unwrap() });
-        Api {
-            base,
-            http: reqwest::Client::new(),
-            pool,
-            st,
-            usage,
-        }
-    }
-
-    async fn call(&self, m: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
-        let mut r = self
-            .http
-            .request(m, format!("{}{path}", self.base))
-            .bearer_auth(KEY)
-            .header("X-Tally-Actor", "alice");
-        if let Some(b) = body {
-            r = r.json(&b);
-        }
-        let resp = r.send().await.unwrap();
-        let status = resp.status();
-        let text = resp.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
-    }
-
-    async fn raw(
-        &self,
-        m: Method,
-        path: &str,
-        ctype: Option<&str>,
-        body: Vec<u8>,
-    ) -> (StatusCode, Value) {
-        let mut r = self
-            .http
-            .request(m, format!("{}{path}", self.base))
-            .bearer_auth(KEY)
-            .body(body);
-        if let Some(c) = ctype {
-            r = r.header("content-type", c);
-        }
-        let resp = r.send().await.unwrap();
-        let status = resp.status();
-        (status, resp.json().await.unwrap_or(Value::Null))
-    }
-
-    /// Row counts of every table an admin call can change.
-    async fn snapshot(&self) -> Vec<i64> {
-        let mut out = Vec::new();
-        for t in [
-            "customers",
-            "plan_versions",
-            "subscriptions",
-            "seat_changes",
-            "apps",
-            "audit_log",
-            "invoices",
-        ] {
-            out.push(
-                sqlx::query_scalar(&format!("SELECT count(*) FROM {t}"))
-                    .fetch_one(&self.pool)
-                    .await
-                    .unwrap(),
-            );
-        }
-        let retired: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM plan_versions WHERE retired_at IS NOT NULL")
-                .fetch_one(&self.pool)
-                .await
-                .unwrap();
-        out.push(retired);
-        out
-    }
-}
 
 fn plan_v2() -> Value {
     json!({"plan":"payg","version":2,"name":"Pay as you go","currency":"USD","prices":[

@@ -43,6 +43,11 @@ pub const POSTGRES: &[Migration] = &[
         name: "invoices",
         sql: include_str!("../migrations/postgres/0002_invoices.sql"),
     },
+    Migration {
+        version: 3,
+        name: "api_keys",
+        sql: include_str!("../migrations/postgres/0003_api_keys.sql"),
+    },
 ];
 
 #[cfg(test)]

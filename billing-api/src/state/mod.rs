@@ -8,6 +8,7 @@
 
 pub mod postgres;
 
+use crate::auth::ApiKey;
 use crate::catalog::PlanVersion;
 use crate::invoice::{InvoiceBody, NewInvoice};
 use crate::rating::{Period, SeatInterval};
@@ -260,6 +261,20 @@ pub trait StateStore: Send + Sync + 'static {
         status: &'a str,
         error: Option<&'a str>,
     ) -> BoxFuture<'a, StateResult<()>>;
+    // API keys (audited).
+    fn create_api_key<'a>(
+        &'a self,
+        key: &'a ApiKey,
+        actor: &'a str,
+    ) -> BoxFuture<'a, StateResult<()>>;
+    /// Every key, revoked ones included, newest first.
+    fn api_keys(&self) -> BoxFuture<'_, StateResult<Vec<ApiKey>>>;
+    fn revoke_api_key<'a>(
+        &'a self,
+        id: &'a str,
+        actor: &'a str,
+    ) -> BoxFuture<'a, StateResult<ApiKey>>;
+
     /// Sets the payment status of the invoice with this Stripe id; false
     /// when no invoice has it.
     fn set_payment_status<'a>(

@@ -9,6 +9,7 @@ use super::{
     clip, sync_status, App, AuditEntry, Customer, Invoice, PlanSegment, PublishedPlan, StateError,
     StateResult, StateStore,
 };
+use crate::auth::{ApiKey, Role};
 use crate::catalog::PlanVersion;
 use crate::invoice::NewInvoice;
 use crate::rating::{Period, SeatInterval};
@@ -45,6 +46,20 @@ fn invoice_from(r: &PgRow) -> StateResult<Invoice> {
         carried_to: r.get("carried_to"),
         payment_status: r.get("payment_status"),
         sync_error: r.get("sync_error"),
+    })
+}
+
+fn api_key_from(r: &PgRow) -> StateResult<ApiKey> {
+    let role: String = r.get("role");
+    Ok(ApiKey {
+        id: r.get("id"),
+        role: Role::parse(&role)
+            .ok_or_else(|| StateError::Invalid(format!("stored role {role}")))?,
+        customer_id: r.get("customer_id"),
+        label: r.get("label"),
+        key_sha256: r.get("key_sha256"),
+        created_at: r.get("created_at"),
+        revoked_at: r.get("revoked_at"),
     })
 }
 
@@ -910,6 +925,77 @@ impl StateStore for PgState {
                     .await?
                     .rows_affected();
             Ok(n > 0)
+        })
+    }
+
+    fn create_api_key<'a>(
+        &'a self,
+        key: &'a ApiKey,
+        actor: &'a str,
+    ) -> BoxFuture<'a, StateResult<()>> {
+        Box::pin(async move {
+            let mut tx = self.pool.begin().await?;
+            if let Some(c) = &key.customer_id {
+                lock_customer(&mut tx, c).await?;
+            }
+            sqlx::query("INSERT INTO api_keys (id, role, customer_id, label, key_sha256, created_at) VALUES ($1, $2, $3, $4, $5, $6)")
+                .bind(&key.id)
+                .bind(key.role.as_str())
+                .bind(&key.customer_id)
+                .bind(&key.label)
+                .bind(&key.key_sha256)
+                .bind(key.created_at)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| conflict_or(e, format!("key {} exists", key.id)))?;
+            audit(
+                &mut tx,
+                actor,
+                "key.create",
+                &format!("key:{}", key.id),
+                None,
+                Some(serde_json::to_value(key).unwrap()),
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    fn api_keys(&self) -> BoxFuture<'_, StateResult<Vec<ApiKey>>> {
+        Box::pin(async move {
+            let rows = sqlx::query("SELECT id, role, customer_id, label, key_sha256, created_at, revoked_at FROM api_keys ORDER BY created_at DESC, id")
+                .fetch_all(&self.pool)
+                .await?;
+            rows.iter().map(api_key_from).collect()
+        })
+    }
+
+    fn revoke_api_key<'a>(
+        &'a self,
+        id: &'a str,
+        actor: &'a str,
+    ) -> BoxFuture<'a, StateResult<ApiKey>> {
+        Box::pin(async move {
+            let mut tx = self.pool.begin().await?;
+            let row = sqlx::query("UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL \
+                                   RETURNING id, role, customer_id, label, key_sha256, created_at, revoked_at")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or_else(|| StateError::NotFound(format!("active key {id}")))?;
+            let key = api_key_from(&row)?;
+            audit(
+                &mut tx,
+                actor,
+                "key.revoke",
+                &format!("key:{id}"),
+                Some(serde_json::json!({"revoked": false})),
+                Some(serde_json::json!({"revoked": true, "role": key.role})),
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(key)
         })
     }
 }

@@ -8,6 +8,8 @@ use aggregator::metrics::Metrics as AggMetrics;
 use aggregator::pipeline::{DeadLetter, DeadLetterSink, Message, Processor};
 use aggregator::store::clickhouse::ClickHouseStore;
 use aggregator::UsageWriter;
+use billing_api::api::{router, ApiState};
+use billing_api::auth::Authenticator;
 use billing_api::catalog::Catalog;
 use billing_api::finalize::{FinalizeConfig, Finalizer};
 use billing_api::metrics::Metrics;
@@ -16,7 +18,11 @@ use billing_api::state::postgres::PgState;
 use billing_api::state::StateStore;
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
+use reqwest::{Method, StatusCode};
+use rust_decimal::Decimal;
 use schemas::MeterCatalog;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
 use sqlx::Executor;
 use std::sync::Arc;
 
@@ -156,4 +162,123 @@ pub fn compute(app: &str, ty: &str, secs: i64) -> serde_json::Value {
 
 pub fn requests(app: &str, n: i64) -> serde_json::Value {
     serde_json::json!({"app":app,"count":n})
+}
+
+pub const KEY: &str = "test-admin-key";
+pub const WHSEC: &str = "whsec_test_secret";
+pub const SESSION_SECRET: &[u8] = b"test-session-secret-0123456789abcdef";
+
+/// billing-api's router in this process over fresh stores.
+pub struct Api {
+    pub base: String,
+    pub http: reqwest::Client,
+    pub pool: sqlx::PgPool,
+    pub st: Arc<PgState>,
+    pub usage: Arc<ClickHouseStore>,
+}
+
+impl Api {
+    pub async fn start(test: &str) -> Api {
+        let (_url, st, pool) = pg(test).await;
+        let (_ch, _db, usage) = clickhouse(test).await;
+        default_catalog(st.as_ref()).await;
+        let app = Arc::new(ApiState {
+            state: st.clone(),
+            usage: usage.clone(),
+            meters: Arc::new(MeterCatalog::default_catalog()),
+            metrics: Metrics::new(),
+            auth: Arc::new(Authenticator::new(
+                vec![Sha256::digest(KEY.as_bytes()).into()],
+                SESSION_SECRET.to_vec(),
+            )),
+            webhook_secret: Some(WHSEC.into()),
+            min_charge: Decimal::new(50, 2),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, router(app)).await.unwrap() });
+        Api {
+            base,
+            http: reqwest::Client::new(),
+            pool,
+            st,
+            usage,
+        }
+    }
+
+    pub async fn call(&self, m: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        self.call_as(KEY, m, path, body).await
+    }
+
+    /// A call with another bearer credential (`""`: none).
+    pub async fn call_as(
+        &self,
+        bearer: &str,
+        m: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut r = self
+            .http
+            .request(m, format!("{}{path}", self.base))
+            .header("X-Tally-Actor", "alice");
+        if !bearer.is_empty() {
+            r = r.bearer_auth(bearer);
+        }
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let resp = r.send().await.unwrap();
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    pub async fn raw(
+        &self,
+        m: Method,
+        path: &str,
+        ctype: Option<&str>,
+        body: Vec<u8>,
+    ) -> (StatusCode, Value) {
+        let mut r = self
+            .http
+            .request(m, format!("{}{path}", self.base))
+            .bearer_auth(KEY)
+            .body(body);
+        if let Some(c) = ctype {
+            r = r.header("content-type", c);
+        }
+        let resp = r.send().await.unwrap();
+        let status = resp.status();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Row counts of every table an admin call can change.
+    pub async fn snapshot(&self) -> Vec<i64> {
+        let mut out = Vec::new();
+        for t in [
+            "customers",
+            "plan_versions",
+            "subscriptions",
+            "seat_changes",
+            "apps",
+            "audit_log",
+            "invoices",
+        ] {
+            out.push(
+                sqlx::query_scalar(&format!("SELECT count(*) FROM {t}"))
+                    .fetch_one(&self.pool)
+                    .await
+                    .unwrap(),
+            );
+        }
+        let retired: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM plan_versions WHERE retired_at IS NOT NULL")
+                .fetch_one(&self.pool)
+                .await
+                .unwrap();
+        out.push(retired);
+        out
+    }
 }

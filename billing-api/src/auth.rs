@@ -1,0 +1,324 @@
+//! Access control: who is calling, and what they may touch.
+//!
+//! Principals and their credentials:
+//!
+//! - **API keys** with a role: `admin` (staff), `control-plane` (quota
+//!   checks, minting customer sessions), `collector` (ingest; no billing
+//!   endpoint), `customer` (scoped to one customer id). A key reads
+//!   `tk_<id>_<secret>`: `id` (16 hex digits) finds the record, the secret
+//!   (32 random bytes, hex) is never stored; only SHA-256 of the whole key
+//!   is, compared in constant time. Keys are shown once at creation,
+//!   revocable, and their creation and revocation are audited.
+//! - **Bootstrap admin keys** from the configuration
+//!   (`--admin-key-sha256`), to create the first keys.
+//! - **Customer sessions** for the dashboard: `ts1.<customer>.<expiry unix
+//!   seconds>.<hex HMAC-SHA256 of "ts1.<customer>.<expiry>">`, minted by an
+//!   admin or control-plane call for at most 24 hours, verified without a
+//!   database read; they grant exactly what a customer key grants.
+//!
+//! Keys are served from memory: the cache is refreshed from the state store
+//! every [`KEY_REFRESH`] and at once after a key is created or revoked
+//! through this process, so a revocation made through another replica takes
+//! effect here within that interval.
+//!
+//! Denials: no or unknown credentials → 401; a role the endpoint does not
+//! admit → 403; a customer principal asking for another customer's data →
+//! 404, the same answer as for an id that does not exist, so nothing about
+//! other customers leaks.
+
+use crate::api::ApiError;
+use axum::http::StatusCode;
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::sync::RwLock;
+use std::time::Duration;
+use subtle::ConstantTimeEq;
+
+/// How often the key cache is reloaded from the state store.
+pub const KEY_REFRESH: Duration = Duration::from_secs(5);
+/// Longest customer session a mint may ask for.
+pub const MAX_SESSION_SECS: i64 = 24 * 3600;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    Admin,
+    ControlPlane,
+    Collector,
+    Customer,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::ControlPlane => "control-plane",
+            Role::Collector => "collector",
+            Role::Customer => "customer",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        [
+            Role::Admin,
+            Role::ControlPlane,
+            Role::Collector,
+            Role::Customer,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == s)
+    }
+}
+
+/// A stored API key (without its secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ApiKey {
+    pub id: String,
+    pub role: Role,
+    /// Set for (and only for) customer keys.
+    pub customer_id: Option<String>,
+    pub label: String,
+    /// SHA-256 (hex) of the whole key.
+    #[serde(skip_serializing)]
+    #[schema(ignore)]
+    pub key_sha256: String,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub revoked_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// Who is calling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    /// Staff; `actor` is what the audit log records.
+    Admin {
+        actor: String,
+    },
+    ControlPlane {
+        key_id: String,
+    },
+    Collector {
+        key_id: String,
+    },
+    Customer {
+        customer_id: String,
+    },
+}
+
+fn forbidden(what: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        format!("this credential may not {what}"),
+    )
+}
+
+impl Principal {
+    /// The audit actor, for admins only.
+    pub fn admin(&self) -> Result<&str, ApiError> {
+        match self {
+            Principal::Admin { actor } => Ok(actor),
+            _ => Err(forbidden("use staff endpoints")),
+        }
+    }
+
+    /// Admins and the control plane (minting sessions, quota checks).
+    pub fn admin_or_control_plane(&self) -> Result<String, ApiError> {
+        match self {
+            Principal::Admin { actor } => Ok(actor.clone()),
+            Principal::ControlPlane { key_id } => Ok(format!("key:{key_id}")),
+            _ => Err(forbidden("use control-plane endpoints")),
+        }
+    }
+
+    /// Reading one customer's data: admins, or that customer. Another
+    /// customer gets `not_found`, exactly as for a missing id.
+    pub fn read_customer(&self, customer: &str, what: &str) -> Result<(), ApiError> {
+        match self {
+            Principal::Admin { .. } => Ok(()),
+            Principal::Customer { customer_id } if customer_id == customer => Ok(()),
+            Principal::Customer { .. } => Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("{what} not found"),
+            )),
+            _ => Err(forbidden("read customer data")),
+        }
+    }
+
+    /// Anyone authenticated except the collector (the catalog is not secret
+    /// to customers or the control plane).
+    pub fn read_catalog(&self) -> Result<(), ApiError> {
+        match self {
+            Principal::Collector { .. } => Err(forbidden("read the catalog")),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A new key: (record to store, the key to show once).
+pub fn new_key(role: Role, customer_id: Option<String>, label: String) -> (ApiKey, String) {
+    let id = hex::encode(rand::random::<[u8; 8]>());
+    let secret = hex::encode(rand::random::<[u8; 32]>());
+    let key = format!("tk_{id}_{secret}");
+    let rec = ApiKey {
+        id,
+        role,
+        customer_id,
+        label,
+        key_sha256: hex::encode(Sha256::digest(key.as_bytes())),
+        created_at: chrono::Utc::now(),
+        revoked_at: None,
+    };
+    (rec, key)
+}
+
+/// The key id of a `tk_<id>_<secret>` string.
+fn key_id(key: &str) -> Option<&str> {
+    let rest = key.strip_prefix("tk_")?;
+    let (id, secret) = rest.split_once('_')?;
+    (id.len() == 16 && !secret.is_empty()).then_some(id)
+}
+
+type HmacSha256 = Hmac<Sha256>;
+
+fn session_mac(secret: &[u8], customer: &str, expiry: i64) -> Vec<u8> {
+    let mut mac = HmacSha256::new_from_slice(secret).expect("any key size");
+    mac.update(format!("ts1.{customer}.{expiry}").as_bytes());
+    mac.finalize().into_bytes().to_vec()
+}
+
+/// Mints a customer session token valid until `expiry` (unix seconds).
+pub fn mint_session(secret: &[u8], customer: &str, expiry: i64) -> String {
+    format!(
+        "ts1.{customer}.{expiry}.{}",
+        hex::encode(session_mac(secret, customer, expiry))
+    )
+}
+
+/// The customer of a valid, unexpired session token.
+pub fn verify_session(secret: &[u8], token: &str, now: i64) -> Option<String> {
+    let rest = token.strip_prefix("ts1.")?;
+    let (rest, mac) = rest.rsplit_once('.')?;
+    let (customer, expiry) = rest.rsplit_once('.')?;
+    let expiry: i64 = expiry.parse().ok()?;
+    let mac = hex::decode(mac).ok()?;
+    let want = session_mac(secret, customer, expiry);
+    let ok: bool = mac.as_slice().ct_eq(want.as_slice()).into();
+    (ok && now < expiry).then(|| customer.to_owned())
+}
+
+/// Everything that authenticates callers.
+pub struct Authenticator {
+    /// SHA-256 of each bootstrap admin key.
+    pub bootstrap: Vec<[u8; 32]>,
+    pub session_secret: Vec<u8>,
+    keys: RwLock<HashMap<String, ApiKey>>,
+}
+
+impl Authenticator {
+    pub fn new(bootstrap: Vec<[u8; 32]>, session_secret: Vec<u8>) -> Self {
+        Self {
+            bootstrap,
+            session_secret,
+            keys: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// Replaces the cached keys (active ones only).
+    pub fn load(&self, keys: Vec<ApiKey>) {
+        let map = keys
+            .into_iter()
+            .filter(|k| k.revoked_at.is_none())
+            .map(|k| (k.id.clone(), k))
+            .collect();
+        *self.keys.write().unwrap() = map;
+    }
+
+    pub fn insert(&self, key: ApiKey) {
+        self.keys.write().unwrap().insert(key.id.clone(), key);
+    }
+
+    pub fn remove(&self, id: &str) {
+        self.keys.write().unwrap().remove(id);
+    }
+
+    /// Resolves a bearer credential; `None` for anything not valid now.
+    pub fn principal(&self, bearer: &str, now: i64) -> Option<Principal> {
+        let bearer = bearer.trim();
+        if bearer.starts_with("ts1.") {
+            return verify_session(&self.session_secret, bearer, now)
+                .map(|customer_id| Principal::Customer { customer_id });
+        }
+        let hash = Sha256::digest(bearer.as_bytes());
+        if let Some(id) = key_id(bearer) {
+            let keys = self.keys.read().unwrap();
+            let k = keys.get(id)?;
+            let want = hex::decode(&k.key_sha256).ok()?;
+            if !bool::from(want.as_slice().ct_eq(hash.as_slice())) {
+                return None;
+            }
+            return Some(match k.role {
+                Role::Admin => Principal::Admin {
+                    actor: format!("key:{}", k.id),
+                },
+                Role::ControlPlane => Principal::ControlPlane {
+                    key_id: k.id.clone(),
+                },
+                Role::Collector => Principal::Collector {
+                    key_id: k.id.clone(),
+                },
+                Role::Customer => Principal::Customer {
+                    customer_id: k.customer_id.clone()?,
+                },
+            });
+        }
+        let matched = self
+            .bootstrap
+            .iter()
+            .fold(0u8, |acc, k| acc | k.ct_eq(hash.as_slice()).unwrap_u8());
+        (matched == 1).then(|| Principal::Admin {
+            actor: format!("admin:{}", &hex::encode(hash)[..8]),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_and_sessions() {
+        let auth = Authenticator::new(vec![Sha256::digest(b"boot").into()], b"s3cret".to_vec());
+        let (rec, key) = new_key(Role::Customer, Some("cus_a".into()), "dash".into());
+        assert!(key.starts_with(&format!("tk_{}_", rec.id)));
+        assert_eq!(auth.principal(&key, 0), None, "not loaded yet");
+        auth.load(vec![rec.clone()]);
+        assert_eq!(
+            auth.principal(&key, 0),
+            Some(Principal::Customer {
+                customer_id: "cus_a".into()
+            })
+        );
+        // Same id, other secret.
+        let forged = format!("tk_{}_{}", rec.id, "0".repeat(64));
+        assert_eq!(auth.principal(&forged, 0), None);
+        auth.remove(&rec.id);
+        assert_eq!(auth.principal(&key, 0), None, "revoked");
+        assert!(matches!(
+            auth.principal("boot", 0),
+            Some(Principal::Admin { .. })
+        ));
+        assert_eq!(auth.principal("nope", 0), None);
+
+        let t = mint_session(b"s3cret", "cus_a", 100);
+        assert_eq!(verify_session(b"s3cret", &t, 99), Some("cus_a".into()));
+        assert_eq!(verify_session(b"s3cret", &t, 100), None, "expired");
+        assert_eq!(verify_session(b"other", &t, 0), None);
+        let tampered = t.replacen("cus_a", "cus_b", 1);
+        assert_eq!(verify_session(b"s3cret", &tampered, 0), None);
+        let longer = t.replacen(".100.", ".999.", 1);
+        assert_eq!(verify_session(b"s3cret", &longer, 0), None);
+    }
+}
