@@ -26,7 +26,9 @@ use crate::catalog::{CatalogError, PlanVersion};
 use crate::invoice::{self, month_of, NewInvoice, PlannedSwitch};
 use crate::metrics::Metrics;
 use crate::rating::{Period, Rated};
-use crate::state::{App, AuditEntry, Customer, Invoice, PublishedPlan, StateError, StateStore};
+use crate::state::{
+    App, AuditEntry, Customer, Invoice, PlanSegment, PublishedPlan, StateError, StateStore,
+};
 use crate::webhook;
 use aggregator::UsageStore;
 use axum::extract::rejection::JsonRejection;
@@ -245,7 +247,10 @@ pub fn router(app: Arc<ApiState>) -> Router {
         .route("/v1/customers", get(list_customers).post(create_customer))
         .route("/v1/customers/{id}", get(get_customer))
         .route("/v1/customers/{id}/apps", get(list_apps).post(create_app))
-        .route("/v1/customers/{id}/subscription", post(subscribe))
+        .route(
+            "/v1/customers/{id}/subscription",
+            get(get_subscription).post(subscribe),
+        )
         .route("/v1/customers/{id}/seats", put(set_seats))
         .route(
             "/v1/customers/{id}/plan-switch/preview",
@@ -518,6 +523,40 @@ async fn subscribe(
             effective_at: at,
         }),
     ))
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SubscriptionView {
+    /// The plan in effect now, if any.
+    pub current: Option<PlanSegment>,
+    /// Plans that start later (a switch at the period end).
+    pub scheduled: Vec<PlanSegment>,
+}
+
+/// The plan in effect now and any scheduled switch.
+#[utoipa::path(get, path = "/v1/customers/{id}/subscription", params(("id" = String, Path)),
+    responses((status = 200, body = SubscriptionView), (status = 404, body = ErrorBody)))]
+async fn get_subscription(
+    State(app): State<Arc<ApiState>>,
+    axum::Extension(who): axum::Extension<Principal>,
+    Path(id): Path<String>,
+) -> ApiResult<SubscriptionView> {
+    who.read_customer(&id, &format!("customer {id}"))?;
+    app.state.customer(&id).await?;
+    let now = Utc::now();
+    let ahead = Period {
+        start: now,
+        end: now + chrono::Duration::days(3660),
+    };
+    let mut segs = app.state.plan_segments(&id, ahead).await?.into_iter();
+    let first = segs.next();
+    let (current, mut scheduled) = match first {
+        Some(s) if s.start <= now => (Some(s), vec![]),
+        Some(s) => (None, vec![s]),
+        None => (None, vec![]),
+    };
+    scheduled.extend(segs);
+    Ok(Json(SubscriptionView { current, scheduled }))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -993,6 +1032,7 @@ async fn stripe_webhook(
         get_customer,
         list_apps,
         create_app,
+        get_subscription,
         subscribe,
         set_seats,
         preview_switch,
@@ -1002,9 +1042,13 @@ async fn stripe_webhook(
         get_invoice,
         rerate_invoice,
         audit_log,
+        create_key,
+        list_keys,
+        revoke_key,
+        create_session,
         stripe_webhook
     ),
-    components(schemas(ErrorBody, CatalogError, Effective))
+    components(schemas(ErrorBody, CatalogError, Effective, Role))
 )]
 pub struct ApiDoc;
 

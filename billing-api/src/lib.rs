@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod adjust;
+pub mod admin_cli;
 pub mod api;
 pub mod auth;
 pub mod catalog;

@@ -107,6 +107,9 @@ enum Command {
     },
     /// Print the OpenAPI document (checked in as schemas/openapi.json).
     Openapi,
+    /// Staff commands against a running billing-api: find a customer,
+    /// preview and confirm a plan switch, read the audit log.
+    Admin(billing_api::admin_cli::AdminArgs),
     /// Print the SHA-256 of an API key, for --admin-key-sha256.
     HashKey { key: String },
 }
@@ -272,6 +275,10 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Openapi => {
             print!("{}", openapi_json());
+            Ok(())
+        }
+        Command::Admin(args) => {
+            print!("{}", billing_api::admin_cli::run(&args).await?);
             Ok(())
         }
         Command::HashKey { key } => {

@@ -641,6 +641,10 @@ fn openapi_document_is_current() {
         "/v1/plans",
         "/v1/customers/{id}/plan-switch/preview",
         "/v1/invoices/{id}/rerate",
+        "/v1/keys",
+        "/v1/keys/{id}/revoke",
+        "/v1/customers/{id}/sessions",
+        "/v1/customers/{id}/subscription",
         "/v1/stripe/webhook",
     ] {
         assert!(doc["paths"].get(p).is_some(), "{p} missing");

@@ -83,7 +83,7 @@ async fn every_endpoint_by_every_role() {
     let (inv_a, inv_b) = (invoice_id("cus_a", q), invoice_id("cus_b", q));
 
     // Credentials.
-    let mut key = |role: &str, customer: Option<&str>| {
+    let key = |role: &str, customer: Option<&str>| {
         let body = json!({"role": role, "customer_id": customer, "label": format!("{role} key")});
         let api = &api;
         async move {

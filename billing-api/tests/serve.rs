@@ -1,6 +1,8 @@
 //! The `billing-api serve` process: loads the catalog at start, answers
-//! the API, its scheduler finalizes closed periods by itself, and SIGTERM
-//! stops it cleanly.
+//! the API, its scheduler finalizes closed periods by itself, the staff
+//! command line (`billing-api admin`) finds a customer, previews and
+//! confirms a switch and reads the audit log through it, and SIGTERM stops
+//! it cleanly.
 
 mod support;
 
@@ -113,6 +115,63 @@ async fn serve_loads_catalog_finalizes_and_stops_on_sigterm() {
         m.contains("tally_billing_invoices_finalized_total 1"),
         "{m}"
     );
+
+    // The staff command line, through the running API.
+    let admin = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_billing-api"))
+            .args(["admin", "--url", &base, "--as", "carol"])
+            .args(args)
+            .env("TALLY_ADMIN_KEY", "serve-key")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, out, err) = admin(&["find", "s"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("cus_s") && out.contains("plan: payg v1"),
+        "{out}"
+    );
+    let (ok, out, _) = admin(&["preview", "cus_s", "team"]);
+    assert!(
+        ok && out.contains("with the switch") && out.contains("difference so far"),
+        "{out}"
+    );
+    let (ok, out, _) = admin(&["switch", "cus_s", "team"]);
+    assert!(ok && out.contains("not switched"), "{out}");
+    assert!(
+        !st.audit_log("customer:cus_s")
+            .await
+            .unwrap()
+            .iter()
+            .any(|e| e.action == "subscription.switch"),
+        "a switch without --yes changed something"
+    );
+    let (ok, out, err) = admin(&["switch", "cus_s", "team", "--at-period-end", "--yes"]);
+    assert!(
+        ok && out.contains("switched cus_s to team v1"),
+        "{out}{err}"
+    );
+    let (_, out, _) = admin(&["find", "cus_s"]);
+    assert!(
+        out.contains("plan: payg v1") && out.contains("scheduled: team v1"),
+        "{out}"
+    );
+    let (ok, out, _) = admin(&["audit", "cus_s"]);
+    assert!(
+        ok && out.contains("subscription.switch") && out.contains("/carol"),
+        "{out}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_billing-api"))
+        .args(["admin", "--url", &base, "--key", "wrong", "find", "s"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("401 unauthorized"));
 
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
