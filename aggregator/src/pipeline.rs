@@ -566,6 +566,8 @@ pub async fn run<W: UsageWriter>(
                     Err(e) => { tracing::warn!(error = %e, "kafka consume error"); tokio::time::sleep(Duration::from_millis(200)).await; }
                 },
                 _ = tokio::time::sleep_until(deadline), if !msgs.is_empty() => break,
+                // While idle, wake up now and then to report lag.
+                _ = tokio::time::sleep(LAG_REPORT_EVERY), if msgs.is_empty() => break,
             }
         }
         let gone: Vec<i32> = std::mem::take(&mut *revoked.lock().unwrap());
@@ -594,7 +596,7 @@ pub async fn run<W: UsageWriter>(
                 tracing::warn!(error = %e, "offset commit failed");
             }
         }
-        if last_lag.elapsed() > Duration::from_secs(2) {
+        if last_lag.elapsed() >= LAG_REPORT_EVERY {
             last_lag = Instant::now();
             report_lag(&consumer, &cfg.topic, &metrics);
         }
@@ -604,6 +606,9 @@ pub async fn run<W: UsageWriter>(
         }
     }
 }
+
+/// How often consumer lag is measured, busy or idle.
+const LAG_REPORT_EVERY: Duration = Duration::from_secs(2);
 
 fn report_lag(consumer: &StreamConsumer<RebalanceContext>, topic: &str, metrics: &Metrics) {
     let Ok(assignment) = consumer.assignment() else {

@@ -541,3 +541,91 @@ async fn router_counters_are_scraped_across_a_reset() {
     ]);
     env.wait_totals(&want, Duration::from_secs(60)).await;
 }
+
+/// Every metric the pipeline's Grafana dashboard (`dashboards/pipeline.json`)
+/// queries exists in a running collector's or aggregator's `/metrics`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grafana_pipeline_dashboard_uses_real_metric_names() {
+    let env = Env::new("grafana");
+    let (cfg, port) = env.collector_config("", 5000);
+    let _collector = env.spawn_collector(&cfg, port);
+    let metrics_port = free_port();
+    let _agg = env.spawn_aggregator(metrics_port, None);
+    let url = format!("http://127.0.0.1:{port}");
+    // One good event, one rejected, one poison message on the topic.
+    let good = ev("g-1", "tally.requests", json!({"app":"web","count":3}));
+    let good: schemas::RawEvent = serde_json::from_value(good).unwrap();
+    post_all(&url, &[good], 10).await;
+    let r = reqwest::Client::new()
+        .post(format!("{url}/v1/events"))
+        .bearer_auth(INGEST_KEY)
+        .header("content-type", "application/cloudevents+json")
+        .body(r#"{"specversion":"1.0"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &env.brokers)
+        .create()
+        .unwrap();
+    producer
+        .send(
+            FutureRecord::to(&env.topic)
+                .key("cus_bad")
+                .payload(&b"not json"[..]),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    let want = BTreeMap::from([("cus_bad/web/requests".to_string(), Decimal::from(3))]);
+    env.wait_totals(&want, Duration::from_secs(60)).await;
+    let agg_url = format!("http://127.0.0.1:{metrics_port}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while metric(
+        &format!("{agg_url}/metrics"),
+        "tally_aggregator_events_dead_lettered_total",
+    )
+    .await
+        < 1.0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no dead letter counted"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let http = reqwest::Client::new();
+    let collector_text = http
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    // Lag is reported every 2 s once partitions are assigned.
+    let agg_text = loop {
+        let t = http
+            .get(format!("{agg_url}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if t.contains("tally_aggregator_consumer_lag_messages{") {
+            break t;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no consumer lag reported"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let missing = dashboard_metrics_missing("pipeline.json", &[&collector_text, &agg_text]);
+    assert!(
+        missing.is_empty(),
+        "dashboards/pipeline.json uses metrics no service exposes: {missing:?}"
+    );
+}

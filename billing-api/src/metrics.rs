@@ -6,6 +6,29 @@ use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
 };
 
+/// Stripe operations, the values of the `operation` label.
+pub const STRIPE_OPERATIONS: &[&str] = &[
+    "create_customer",
+    "create_invoice",
+    "create_invoice_item",
+    "finalize_invoice",
+    "retrieve_invoice",
+    "list_lines",
+];
+/// Kinds of failed Stripe attempts, the values of the `kind` label.
+pub const STRIPE_ERROR_KINDS: &[&str] =
+    &["rate_limited", "conflict", "server", "transport", "client"];
+/// Webhook event types counted by name (others count as `other`; a bad
+/// signature as `unknown`) and outcomes.
+pub const WEBHOOK_TYPES: &[&str] = &[
+    "invoice.paid",
+    "invoice.payment_failed",
+    "invoice.voided",
+    "other",
+    "unknown",
+];
+pub const WEBHOOK_OUTCOMES: &[&str] = &["applied", "ignored", "bad_signature"];
+
 #[derive(Clone)]
 pub struct Metrics {
     pub registry: Registry,
@@ -91,6 +114,19 @@ impl Metrics {
         r.register(Box::new(m.stripe_errors.clone())).unwrap();
         r.register(Box::new(m.rating_seconds.clone())).unwrap();
         r.register(Box::new(m.webhooks.clone())).unwrap();
+        // Every label combination exists from the start (at zero), so
+        // dashboards and alerts see a series before the first event.
+        for op in STRIPE_OPERATIONS {
+            m.stripe_request_duration.with_label_values(&[op]);
+            for kind in STRIPE_ERROR_KINDS {
+                m.stripe_errors.with_label_values(&[op, kind]);
+            }
+        }
+        for t in WEBHOOK_TYPES {
+            for o in WEBHOOK_OUTCOMES {
+                m.webhooks.with_label_values(&[t, o]);
+            }
+        }
         m
     }
 

@@ -4,6 +4,8 @@
 //! confirms a switch and reads the audit log through it, and SIGTERM stops
 //! it cleanly.
 
+#[path = "../../aggregator/tests/support/mod.rs"]
+mod pipeline;
 mod support;
 
 use billing_api::invoice::{month_of, previous};

@@ -352,3 +352,50 @@ pub async fn metric(url: &str, name: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// Metric names a Grafana dashboard (JSON under `dashboards/`) uses that
+/// none of the `/metrics` texts exposes. Histogram series (`_bucket`,
+/// `_sum`, `_count`) count as their base name.
+pub fn dashboard_metrics_missing(dashboard: &str, exposed: &[&str]) -> Vec<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("dashboards")
+        .join(dashboard);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut used = std::collections::BTreeSet::new();
+    for panel in json["panels"].as_array().unwrap() {
+        for t in panel["targets"].as_array().unwrap() {
+            let expr = t["expr"].as_str().unwrap();
+            let mut rest = expr;
+            while let Some(i) = rest.find("tally_") {
+                let name: String = rest[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                rest = &rest[i + name.len()..];
+                used.insert(name);
+            }
+        }
+    }
+    assert!(!used.is_empty(), "{dashboard} uses no tally metric");
+    let mut have = std::collections::BTreeSet::new();
+    for text in exposed {
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
+            let name: String = line
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            for suffix in ["_bucket", "_sum", "_count"] {
+                if let Some(base) = name.strip_suffix(suffix) {
+                    have.insert(base.to_owned());
+                }
+            }
+            have.insert(name);
+        }
+    }
+    used.into_iter().filter(|n| !have.contains(n)).collect()
+}
