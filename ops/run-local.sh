@@ -77,6 +77,6 @@ while sleep 15; do
   target/release/aggregator totals 2>/dev/null | head -n 12 || true
   for i in 0 1 2 3 4; do
     api http://127.0.0.1:8090/v1/customers/sim-c000$i/invoices/draft 2>/dev/null |
-      python3 -c 'import json,sys; d=json.load(sys.stdin); print(f"  draft {d[\"customer_id\"]}: {d[\"total\"]} {d[\"currency\"]} ({len(d[\"body\"][\"lines\"])} lines)")' || true
+      python3 -c 'import json,sys; d=json.load(sys.stdin); print("  draft %s: %s %s (%d lines)" % (d["customer_id"], d["total"], d["currency"], len(d["body"]["lines"])))' || true
   done
 done

@@ -114,6 +114,33 @@ pub struct PlanVersion {
     pub maximum: Option<Decimal>,
     #[serde(default)]
     pub prices: Vec<MeterPrice>,
+    /// What quota checks allow on this plan (absent: no limit).
+    #[serde(default, skip_serializing_if = "Limits::is_unlimited")]
+    pub limits: Limits,
+}
+
+/// Quota limits of a plan or pay-as-you-go tier, as catalog data.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Running instances per app.
+    #[serde(default)]
+    pub max_instances_per_app: Option<u32>,
+    /// Instance types the plan may start (absent: all it prices).
+    #[serde(default)]
+    pub instance_types: Option<Vec<String>>,
+    /// Size of one volume, in GB.
+    #[serde(default)]
+    pub max_volume_gb: Option<Decimal>,
+    /// Monthly spending cap when the customer has not set one.
+    #[serde(default)]
+    pub default_spending_cap: Option<Decimal>,
+}
+
+impl Limits {
+    pub fn is_unlimited(&self) -> bool {
+        self == &Limits::default()
+    }
 }
 
 fn two() -> u32 {
@@ -155,6 +182,38 @@ impl PlanVersion {
                     self.currency
                 ),
             );
+        }
+        if let Some(types) = &self.limits.instance_types {
+            for (i, t) in types.iter().enumerate() {
+                let priced = self
+                    .prices
+                    .iter()
+                    .any(|p| p.meter == "compute" && p.filter.get("instance_type") == Some(t));
+                if !priced {
+                    err(
+                        format!("limits.instance_types[{i}]"),
+                        "unpriced_instance_type",
+                        format!(
+                            "instance type {t} is allowed but the plan has no compute price for it"
+                        ),
+                    );
+                }
+            }
+        }
+        for (field, v) in [
+            ("limits.max_volume_gb", self.limits.max_volume_gb),
+            (
+                "limits.default_spending_cap",
+                self.limits.default_spending_cap,
+            ),
+        ] {
+            if v.is_some_and(|v| v.is_sign_negative()) {
+                err(
+                    field.into(),
+                    "negative_value",
+                    format!("{field} must not be negative"),
+                );
+            }
         }
         if self.minor_units > 4 {
             err(

@@ -118,3 +118,45 @@ fn business_flat_fee_and_volume_discounted_egress() {
     // 299 + 2,000 GB all at 0.06 = 120 + (60 − 50) M × 0.30 = 3 → 422.
     assert_eq!(r.total, d("422.00"));
 }
+
+#[test]
+fn quota_limits_are_catalog_data_and_validated() {
+    let cat = Catalog::default_catalog();
+    let free = cat.latest("free").unwrap();
+    assert_eq!(free.limits.max_instances_per_app, Some(1));
+    assert_eq!(
+        free.limits.instance_types.as_deref(),
+        Some(&["t4g.nano".to_string()][..])
+    );
+    assert_eq!(free.limits.default_spending_cap, Some(Decimal::ZERO));
+    assert_eq!(
+        cat.latest("payg").unwrap().limits.max_instances_per_app,
+        Some(5)
+    );
+    assert_eq!(
+        cat.latest("payg").unwrap().limits.instance_types,
+        None,
+        "all types"
+    );
+
+    // An allowed type the plan does not price, a negative size or cap: errors by field.
+    let meters = schemas::MeterCatalog::default_catalog();
+    let mut bad = free.clone();
+    bad.limits.instance_types = Some(vec!["c6g.large".into()]);
+    bad.limits.max_volume_gb = Some(d("-1"));
+    bad.limits.default_spending_cap = Some(d("-5"));
+    let errs = bad.validate(&meters).unwrap_err();
+    let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        [
+            "limits.instance_types[0]",
+            "limits.max_volume_gb",
+            "limits.default_spending_cap"
+        ]
+    );
+    // Unknown limit keys are refused when parsing.
+    let mut v = serde_json::to_value(free).unwrap();
+    v["limits"]["max_gpus"] = serde_json::json!(1);
+    assert!(serde_json::from_value::<billing_api::catalog::PlanVersion>(v).is_err());
+}
