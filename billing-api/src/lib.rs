@@ -8,6 +8,7 @@ pub mod catalog;
 pub mod finalize;
 pub mod invoice;
 pub mod metrics;
+pub mod quota;
 pub mod rating;
 pub mod service;
 pub mod state;

@@ -19,7 +19,7 @@ use schemas::MeterCatalog;
 use std::collections::{BTreeSet, HashMap};
 
 /// The (meter, group-by dimensions) questions a plan's prices need.
-fn price_groups(plan: &PlanVersion) -> Vec<(String, Vec<String>)> {
+pub(crate) fn price_groups(plan: &PlanVersion) -> Vec<(String, Vec<String>)> {
     let priced: BTreeSet<&str> = plan.prices.iter().map(|p| p.meter.as_str()).collect();
     priced
         .into_iter()

@@ -1,0 +1,329 @@
+//! Quota decisions: may a customer start N instances of a type for an app,
+//! or grow a volume to S GB? Pure and deterministic (no I/O, no clock): the
+//! caller supplies the customer's state. Serving these from memory over
+//! HTTP, with a snapshot for the control plane, is the rest of issue 4;
+//! this module is the rule book it will use.
+//!
+//! Checks, in order (the first that fails is the reason):
+//!
+//! 1. `account_suspended`: a suspended customer may not scale up.
+//! 2. `instance_type_not_in_tier`: the plan must price the type, and its
+//!    `limits.instance_types`, when set, must list it.
+//! 3. `tier_limit`: instances running in the app + requested ≤
+//!    `limits.max_instances_per_app`; a volume's new size ≤
+//!    `limits.max_volume_gb`.
+//! 4. `spending_cap`: the forecast month-end cost with the change must not
+//!    exceed the cap (the customer's own, else the plan's default).
+//!
+//! Scaling down (zero instances, a volume no larger than now) is always
+//! allowed.
+//!
+//! **Forecast.** The month-end usage is projected, then rated with the
+//! rating engine, so allowances, tiers, fees, minimum and maximum apply
+//! exactly as on the invoice:
+//!
+//! - gauges continue as they are now: every running instance runs, and
+//!   every volume keeps its size, until the period ends;
+//! - counters (requests, egress, …) continue at their month-to-date average
+//!   rate: `quantity × period_elapsed⁻¹ × seconds_left` more;
+//! - the change asked for is added on top (`count × seconds_left`
+//!   instance-seconds of the type; `(S − current) × seconds_left`
+//!   GB-seconds).
+//!
+//! The projected cost is the rated total of the whole period on the
+//! customer's current plan. The cap check compares the cost *before* the
+//! plan's maximum: a plan maximum (the free tier's $0) limits what is
+//! billed, not what may be used, so usage beyond the free allowance is
+//! stopped here rather than given away.
+
+use crate::catalog::PlanVersion;
+use crate::rating::{rate, LineKind, Period, SeatInterval, Segment, UsageItem};
+use crate::usage::price_groups;
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// What the control plane asks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Ask {
+    StartInstances {
+        app: String,
+        instance_type: String,
+        count: u32,
+    },
+    GrowVolume {
+        app: String,
+        volume_id: String,
+        size_gb: Decimal,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    AccountSuspended,
+    InstanceTypeNotInTier,
+    TierLimit,
+    SpendingCap,
+}
+
+/// What runs now.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Running {
+    /// (app, instance type) → instances.
+    pub instances: BTreeMap<(String, String), u32>,
+    /// (app, volume id) → size in GB.
+    pub volumes: BTreeMap<(String, String), Decimal>,
+}
+
+/// A customer as quota checks see it.
+#[derive(Debug, Clone)]
+pub struct QuotaInput<'a> {
+    pub plan: &'a PlanVersion,
+    pub period: Period,
+    pub now: DateTime<Utc>,
+    /// Usage of `[period.start, now)`, grouped as the plan's prices need.
+    pub usage_to_date: &'a [UsageItem],
+    pub seats: &'a [SeatInterval],
+    pub running: &'a Running,
+    pub suspended: bool,
+    /// The customer's own monthly cap, if set.
+    pub spending_cap: Option<Decimal>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Decision {
+    pub allow: bool,
+    pub reason: Option<Reason>,
+    /// The limit the reason refers to (instances, GB, or money for the cap).
+    pub limit: Option<Decimal>,
+    /// Current use of that limit (instances running in the app, the
+    /// volume's GB, or the month-to-date cost).
+    pub current: Decimal,
+    /// Rated cost of the usage so far.
+    pub month_to_date: Decimal,
+    /// Forecast month-end bill with the change.
+    pub projected_month_end: Decimal,
+    /// The same usage's cost before the plan's maximum (what the cap check
+    /// compares).
+    pub projected_usage_cost: Decimal,
+    pub spending_cap: Option<Decimal>,
+}
+
+const COMPUTE: &str = "compute";
+const DISK: &str = "disk";
+
+/// Dimensions of a projected item: only the ones the plan groups `meter` by.
+fn dims_for(plan: &PlanVersion, meter: &str, all: &[(&str, &str)]) -> BTreeMap<String, String> {
+    let keys: BTreeSet<String> = price_groups(plan)
+        .into_iter()
+        .filter(|(m, _)| m == meter)
+        .flat_map(|(_, g)| g)
+        .collect();
+    all.iter()
+        .filter(|(k, _)| keys.contains(*k))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn secs(a: DateTime<Utc>, b: DateTime<Utc>) -> Decimal {
+    Decimal::from((b - a).num_seconds().max(0))
+}
+
+/// (billed total, cost before the plan's maximum) of the period with `usage`.
+fn rated_total(q: &QuotaInput, usage: Vec<UsageItem>) -> anyhow::Result<(Decimal, Decimal)> {
+    let seg = Segment {
+        plan: q.plan.clone(),
+        start: q.period.start,
+        end: q.period.end,
+        usage,
+    };
+    let r = rate(&q.period, &[seg], q.seats)?;
+    let uncapped = r
+        .lines
+        .iter()
+        .filter(|l| l.kind != LineKind::MaximumCap)
+        .map(|l| l.amount)
+        .sum();
+    Ok((r.total, uncapped))
+}
+
+/// The projected month-end usage, plus `extra`.
+fn projected_usage(q: &QuotaInput, extra: Vec<UsageItem>) -> Vec<UsageItem> {
+    let left = secs(q.now.max(q.period.start), q.period.end);
+    let elapsed = secs(q.period.start, q.now.min(q.period.end));
+    let mut out: Vec<UsageItem> = q.usage_to_date.to_vec();
+    // Counters continue at their month-to-date rate.
+    if !elapsed.is_zero() {
+        for u in q
+            .usage_to_date
+            .iter()
+            .filter(|u| u.meter != COMPUTE && u.meter != DISK)
+        {
+            out.push(UsageItem {
+                quantity: u.quantity * left / elapsed,
+                events: 0,
+                ..u.clone()
+            });
+        }
+    }
+    // Gauges continue as they run now.
+    for ((app, ty), n) in &q.running.instances {
+        out.push(UsageItem {
+            meter: COMPUTE.into(),
+            dims: dims_for(q.plan, COMPUTE, &[("app", app), ("instance_type", ty)]),
+            quantity: Decimal::from(*n) * left,
+            events: 0,
+        });
+    }
+    for ((app, vol), gb) in &q.running.volumes {
+        out.push(UsageItem {
+            meter: DISK.into(),
+            dims: dims_for(q.plan, DISK, &[("app", app), ("volume_id", vol)]),
+            quantity: *gb * left,
+            events: 0,
+        });
+    }
+    out.extend(extra);
+    out
+}
+
+/// Forecast month-end bill with nothing changed.
+pub fn forecast(q: &QuotaInput) -> anyhow::Result<Decimal> {
+    Ok(rated_total(q, projected_usage(q, vec![]))?.0)
+}
+
+fn priced_type(plan: &PlanVersion, ty: &str) -> bool {
+    plan.prices
+        .iter()
+        .any(|p| p.meter == COMPUTE && p.filter.get("instance_type").is_some_and(|t| t == ty))
+}
+
+/// The decision for `ask`.
+pub fn decide(q: &QuotaInput, ask: &Ask) -> anyhow::Result<Decision> {
+    let cap = q.spending_cap.or(q.plan.limits.default_spending_cap);
+    let left = secs(q.now.max(q.period.start), q.period.end);
+    let (extra, growing) = match ask {
+        Ask::StartInstances {
+            app,
+            instance_type,
+            count,
+        } => (
+            vec![UsageItem {
+                meter: COMPUTE.into(),
+                dims: dims_for(
+                    q.plan,
+                    COMPUTE,
+                    &[("app", app), ("instance_type", instance_type)],
+                ),
+                quantity: Decimal::from(*count) * left,
+                events: 0,
+            }],
+            *count > 0,
+        ),
+        Ask::GrowVolume {
+            app,
+            volume_id,
+            size_gb,
+        } => {
+            let now_gb = q
+                .running
+                .volumes
+                .get(&(app.clone(), volume_id.clone()))
+                .copied()
+                .unwrap_or_default();
+            let more = (*size_gb - now_gb).max(Decimal::ZERO);
+            (
+                vec![UsageItem {
+                    meter: DISK.into(),
+                    dims: dims_for(q.plan, DISK, &[("app", app), ("volume_id", volume_id)]),
+                    quantity: more * left,
+                    events: 0,
+                }],
+                more > Decimal::ZERO,
+            )
+        }
+    };
+    let mtd = rated_total(q, q.usage_to_date.to_vec())?.0;
+    let (projected, usage_cost) = rated_total(q, projected_usage(q, extra))?;
+    let mut d = Decision {
+        allow: true,
+        reason: None,
+        limit: None,
+        current: Decimal::ZERO,
+        month_to_date: mtd,
+        projected_month_end: projected,
+        projected_usage_cost: usage_cost,
+        spending_cap: cap,
+    };
+    if !growing {
+        return Ok(d);
+    }
+    let mut deny = |reason, limit: Option<Decimal>, current: Decimal| {
+        d.allow = false;
+        d.reason = Some(reason);
+        d.limit = limit;
+        d.current = current;
+    };
+    if q.suspended {
+        deny(Reason::AccountSuspended, None, Decimal::ZERO);
+        return Ok(d);
+    }
+    match ask {
+        Ask::StartInstances {
+            app,
+            instance_type,
+            count,
+        } => {
+            let listed = q
+                .plan
+                .limits
+                .instance_types
+                .as_ref()
+                .is_none_or(|ts| ts.iter().any(|t| t == instance_type));
+            if !listed || !priced_type(q.plan, instance_type) {
+                deny(Reason::InstanceTypeNotInTier, None, Decimal::ZERO);
+                return Ok(d);
+            }
+            let running: u32 = q
+                .running
+                .instances
+                .iter()
+                .filter(|((a, _), _)| a == app)
+                .map(|(_, n)| n)
+                .sum();
+            if let Some(max) = q.plan.limits.max_instances_per_app {
+                if running + count > max {
+                    deny(Reason::TierLimit, Some(max.into()), running.into());
+                    return Ok(d);
+                }
+            }
+        }
+        Ask::GrowVolume {
+            app,
+            volume_id,
+            size_gb,
+        } => {
+            if let Some(max) = q.plan.limits.max_volume_gb {
+                if *size_gb > max {
+                    let now_gb = q
+                        .running
+                        .volumes
+                        .get(&(app.clone(), volume_id.clone()))
+                        .copied()
+                        .unwrap_or_default();
+                    deny(Reason::TierLimit, Some(max), now_gb);
+                    return Ok(d);
+                }
+            }
+        }
+    }
+    if let Some(cap) = cap {
+        if usage_cost > cap {
+            deny(Reason::SpendingCap, Some(cap), mtd);
+        }
+    }
+    Ok(d)
+}
