@@ -25,6 +25,8 @@ use crate::auth::{self, ApiKey, Authenticator, Principal, Role};
 use crate::catalog::{CatalogError, PlanVersion};
 use crate::invoice::{self, month_of, NewInvoice, PlannedSwitch};
 use crate::metrics::Metrics;
+use crate::quota::{Ask, Decision};
+use crate::quota_service::{QuotaService, Snapshot};
 use crate::rating::{Period, Rated};
 use crate::state::{
     App, AuditEntry, Customer, Invoice, PlanSegment, PublishedPlan, StateError, StateStore,
@@ -57,6 +59,17 @@ pub struct ApiState {
     pub auth: Arc<Authenticator>,
     pub webhook_secret: Option<String>,
     pub min_charge: Decimal,
+    pub quota: Arc<QuotaService>,
+}
+
+impl ApiState {
+    /// Reloads a customer's quota entry after a change (best effort: the
+    /// periodic refresh catches up if this fails).
+    async fn quota_changed(&self, customer: &str) {
+        if let Err(e) = self.quota.reload(customer, Utc::now()).await {
+            tracing::warn!(customer, error = %format!("{e:#}"), "quota reload failed; the next refresh will retry");
+        }
+    }
 }
 
 /// The error envelope.
@@ -262,6 +275,10 @@ pub fn router(app: Arc<ApiState>) -> Router {
         .route("/v1/invoices/{id}", get(get_invoice))
         .route("/v1/invoices/{id}/rerate", get(rerate_invoice))
         .route("/v1/audit", get(audit_log))
+        .route("/v1/quota/check", post(quota_check))
+        .route("/v1/quota/snapshot", get(quota_snapshot))
+        .route("/v1/customers/{id}/spending-cap", put(set_spending_cap))
+        .route("/v1/customers/{id}/suspension", put(set_suspension))
         .route("/v1/keys", get(list_keys).post(create_key))
         .route("/v1/keys/{id}/revoke", post(revoke_key))
         .route("/v1/customers/{id}/sessions", post(create_session))
@@ -515,6 +532,7 @@ async fn subscribe(
     app.state
         .subscribe(&id, &req.plan, version, at, actor)
         .await?;
+    app.quota_changed(&id).await;
     Ok((
         StatusCode::CREATED,
         Json(PlanSwitchResult {
@@ -582,6 +600,7 @@ async fn set_seats(
     let at = req.at.unwrap_or_else(Utc::now);
     require_open(&app, &id, at).await?;
     app.state.set_seats(&id, req.seats, at, actor).await?;
+    app.quota_changed(&id).await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -697,6 +716,7 @@ async fn switch_plan(
     app.state
         .switch_plan(&id, &sw.plan, sw.version, sw.at, actor)
         .await?;
+    app.quota_changed(&id).await;
     Ok(Json(PlanSwitchResult {
         plan: sw.plan,
         version: sw.version,
@@ -812,6 +832,151 @@ async fn audit_log(
     let Query(q) =
         q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_query", e.body_text()))?;
     Ok(Json(app.state.audit_log(&q.subject).await?))
+}
+
+// ------------------------------------------------------------------ quota
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaCheck {
+    pub customer_id: String,
+    pub ask: Ask,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct QuotaAnswer {
+    pub customer_id: String,
+    pub plan: String,
+    pub plan_version: u32,
+    /// Usage and running resources are as of this hour boundary.
+    pub as_of: DateTime<Utc>,
+    #[serde(flatten)]
+    pub decision: Decision,
+}
+
+/// May the customer start instances or grow a volume? Answered from memory.
+#[utoipa::path(post, path = "/v1/quota/check", request_body = QuotaCheck,
+    responses((status = 200, body = QuotaAnswer), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn quota_check(
+    State(app): State<Arc<ApiState>>,
+    axum::Extension(who): axum::Extension<Principal>,
+    Body(req): Body<QuotaCheck>,
+) -> ApiResult<QuotaAnswer> {
+    who.admin_or_control_plane()?;
+    let started = std::time::Instant::now();
+    if let Ask::GrowVolume { size_gb, .. } = &req.ask {
+        if size_gb.is_sign_negative() {
+            return Err(ApiError::invalid("ask.size_gb: must not be negative"));
+        }
+    }
+    let Some(entry) = app.quota.entry(&req.customer_id) else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("customer {} has no plan now", req.customer_id),
+        ));
+    };
+    let decision = app
+        .quota
+        .check(&req.customer_id, &req.ask)
+        .expect("entry exists")?;
+    let reason = decision.reason.map_or("none".to_string(), |r| {
+        serde_json::to_value(r)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default()
+    });
+    app.metrics
+        .quota_decisions
+        .with_label_values(&[if decision.allow { "allow" } else { "deny" }, &reason])
+        .inc();
+    app.metrics
+        .quota_check_duration
+        .observe(started.elapsed().as_secs_f64());
+    Ok(Json(QuotaAnswer {
+        customer_id: req.customer_id,
+        plan: entry.plan.plan.clone(),
+        plan_version: entry.plan.version,
+        as_of: entry.as_of,
+        decision,
+    }))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotQuery {
+    /// Only customers changed after this version (0 or absent: all).
+    pub since: Option<u64>,
+}
+
+/// Every customer's limits (or those changed since a version), to cache.
+#[utoipa::path(get, path = "/v1/quota/snapshot", params(("since" = Option<u64>, Query)),
+    responses((status = 200, body = Snapshot), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)))]
+async fn quota_snapshot(
+    State(app): State<Arc<ApiState>>,
+    axum::Extension(who): axum::Extension<Principal>,
+    q: Result<Query<SnapshotQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Snapshot> {
+    who.admin_or_control_plane()?;
+    let Query(q) =
+        q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_query", e.body_text()))?;
+    Ok(Json(app.quota.snapshot(q.since.unwrap_or(0))))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SpendingCap {
+    /// Monthly cap in the plan's currency; null removes it.
+    pub spending_cap: Option<Decimal>,
+}
+
+/// Sets or removes the monthly spending cap (admin or the customer).
+#[utoipa::path(put, path = "/v1/customers/{id}/spending-cap", params(("id" = String, Path)), request_body = SpendingCap,
+    responses((status = 204), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn set_spending_cap(
+    State(app): State<Arc<ApiState>>,
+    axum::Extension(who): axum::Extension<Principal>,
+    Path(id): Path<String>,
+    Body(req): Body<SpendingCap>,
+) -> Result<StatusCode, ApiError> {
+    who.read_customer(&id, &format!("customer {id}"))?;
+    let actor = match &who {
+        Principal::Admin { actor } => actor.clone(),
+        _ => format!("customer:{id}"),
+    };
+    if let Some(c) = req.spending_cap {
+        if c.is_sign_negative() || c > Decimal::from(1_000_000_000u64) || c.scale() > 4 {
+            return Err(ApiError::invalid(
+                "spending_cap: 0 to 1000000000 with at most 4 decimals",
+            ));
+        }
+    }
+    app.state
+        .set_spending_cap(&id, req.spending_cap, &actor)
+        .await?;
+    app.quota_changed(&id).await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Suspension {
+    pub suspended: bool,
+}
+
+/// Suspends or resumes an account (suspended accounts may not scale up).
+#[utoipa::path(put, path = "/v1/customers/{id}/suspension", params(("id" = String, Path)), request_body = Suspension,
+    responses((status = 204), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn set_suspension(
+    State(app): State<Arc<ApiState>>,
+    axum::Extension(who): axum::Extension<Principal>,
+    Path(id): Path<String>,
+    Body(req): Body<Suspension>,
+) -> Result<StatusCode, ApiError> {
+    let actor = who.admin()?;
+    app.state.set_suspended(&id, req.suspended, actor).await?;
+    app.quota_changed(&id).await;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 // ------------------------------------------------------- keys, sessions
@@ -1046,6 +1211,10 @@ async fn stripe_webhook(
         list_keys,
         revoke_key,
         create_session,
+        quota_check,
+        quota_snapshot,
+        set_spending_cap,
+        set_suspension,
         stripe_webhook
     ),
     components(schemas(ErrorBody, CatalogError, Effective, Role))

@@ -9,6 +9,7 @@ pub mod finalize;
 pub mod invoice;
 pub mod metrics;
 pub mod quota;
+pub mod quota_service;
 pub mod rating;
 pub mod service;
 pub mod state;

@@ -5,6 +5,7 @@ use billing_api::auth::Authenticator;
 use billing_api::catalog::Catalog;
 use billing_api::finalize::{FinalizeConfig, Finalizer};
 use billing_api::metrics::Metrics;
+use billing_api::quota_service::QuotaService;
 use billing_api::service::{load_catalog, serve};
 use billing_api::state::postgres::PgState;
 use billing_api::state::StateStore;
@@ -88,6 +89,9 @@ enum Command {
         /// Stripe webhook endpoint secret (`whsec_…`); webhooks are refused without one.
         #[arg(long, env = "STRIPE_WEBHOOK_SECRET", hide_env_values = true)]
         stripe_webhook_secret: Option<String>,
+        /// Seconds between reloads of the quota state (usage, plans, caps).
+        #[arg(long, env = "TALLY_QUOTA_REFRESH_SECS", default_value_t = 60)]
+        quota_refresh_secs: u64,
         /// Seconds between scheduler runs.
         #[arg(long, env = "TALLY_FINALIZE_EVERY_SECS", default_value_t = 60)]
         finalize_every_secs: u64,
@@ -200,6 +204,7 @@ async fn main() -> anyhow::Result<()> {
             admin_key_sha256,
             session_secret,
             stripe_webhook_secret,
+            quota_refresh_secs,
             finalize_every_secs,
         } => {
             let mut admin_keys = Vec::new();
@@ -231,10 +236,18 @@ async fn main() -> anyhow::Result<()> {
             let p = setup(&common).await?;
             let auth = Arc::new(Authenticator::new(admin_keys, session_secret));
             auth.load(p.state.api_keys().await?);
+            let quota = Arc::new(QuotaService::new(
+                p.state.clone(),
+                p.finalizer.usage.clone(),
+                p.meters.clone(),
+            ));
+            let n = quota.refresh(chrono::Utc::now()).await?;
+            tracing::info!(customers = n, "quota state loaded");
             let api = Arc::new(ApiState {
                 state: p.state,
                 usage: p.finalizer.usage.clone(),
                 meters: p.meters,
+                quota,
                 metrics: p.metrics,
                 auth,
                 webhook_secret: stripe_webhook_secret,
@@ -249,6 +262,7 @@ async fn main() -> anyhow::Result<()> {
                 p.finalizer,
                 p.sync,
                 Duration::from_secs(finalize_every_secs.max(1)),
+                Duration::from_secs(quota_refresh_secs.max(1)),
             )
             .await
         }

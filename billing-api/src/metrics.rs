@@ -40,7 +40,18 @@ pub struct Metrics {
     pub stripe_errors: IntCounterVec,
     pub rating_seconds: Histogram,
     pub webhooks: IntCounterVec,
+    pub quota_decisions: IntCounterVec,
+    pub quota_check_duration: Histogram,
 }
+
+/// Quota reasons, the values of the `reason` label (`none` when allowed).
+pub const QUOTA_REASONS: &[&str] = &[
+    "none",
+    "account_suspended",
+    "instance_type_not_in_tier",
+    "tier_limit",
+    "spending_cap",
+];
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -102,6 +113,22 @@ impl Metrics {
                 &["type", "outcome"],
             )
             .unwrap(),
+            quota_decisions: IntCounterVec::new(
+                Opts::new(
+                    "tally_billing_quota_decisions_total",
+                    "Quota checks answered, by decision (allow, deny) and reason",
+                ),
+                &["decision", "reason"],
+            )
+            .unwrap(),
+            quota_check_duration: Histogram::with_opts(
+                HistogramOpts::new(
+                    "tally_billing_quota_check_duration_seconds",
+                    "Server-side time to decide one quota check (from memory)",
+                )
+                .buckets(vec![0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01]),
+            )
+            .unwrap(),
         };
         let r = &m.registry;
         r.register(Box::new(m.invoices_drafted.clone())).unwrap();
@@ -114,6 +141,13 @@ impl Metrics {
         r.register(Box::new(m.stripe_errors.clone())).unwrap();
         r.register(Box::new(m.rating_seconds.clone())).unwrap();
         r.register(Box::new(m.webhooks.clone())).unwrap();
+        r.register(Box::new(m.quota_decisions.clone())).unwrap();
+        r.register(Box::new(m.quota_check_duration.clone()))
+            .unwrap();
+        for reason in QUOTA_REASONS {
+            let decision = if *reason == "none" { "allow" } else { "deny" };
+            m.quota_decisions.with_label_values(&[decision, reason]);
+        }
         // Every label combination exists from the start (at zero), so
         // dashboards and alerts see a series before the first event.
         for op in STRIPE_OPERATIONS {

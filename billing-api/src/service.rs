@@ -92,8 +92,10 @@ pub async fn serve(
     finalizer: Arc<Finalizer>,
     sync: Option<Arc<StripeSync>>,
     every: Duration,
+    quota_every: Duration,
 ) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(refresh_quota(api.clone(), quota_every, stop_rx.clone()));
     let sched = tokio::spawn(scheduler(finalizer, sync, every, stop_rx.clone()));
     tokio::spawn(refresh_keys(api.clone(), stop_rx));
     tracing::info!(addr = %listener.local_addr()?, "billing-api listening");
@@ -119,6 +121,19 @@ async fn refresh_keys(api: Arc<ApiState>, mut stop: watch::Receiver<bool>) {
             Err(e) => {
                 tracing::warn!(error = %e, "could not reload API keys; keeping the cached ones")
             }
+        }
+    }
+}
+
+/// Reloads the quota state of every customer every `every`.
+async fn refresh_quota(api: Arc<ApiState>, every: Duration, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.changed() => return,
+        }
+        if let Err(e) = api.quota.refresh(chrono::Utc::now()).await {
+            tracing::warn!(error = %format!("{e:#}"), "quota refresh failed; answering from the previous state");
         }
     }
 }

@@ -203,6 +203,19 @@ async fn every_endpoint_by_every_role() {
             Some(json!({})),
             Class::Mint,
         ),
+        (
+            M::POST,
+            "/v1/quota/check".into(),
+            Some(json!({"customer_id":"cus_b","ask":{"kind":"start_instances","app":"web","instance_type":"t4g.nano","count":1}})),
+            Class::Mint,
+        ),
+        (M::GET, "/v1/quota/snapshot".into(), None, Class::Mint),
+        (
+            M::PUT,
+            "/v1/customers/cus_b/suspension".into(),
+            Some(json!({"suspended": false})),
+            Class::Staff,
+        ),
     ]
     .into_iter()
     .chain(["cus_a", "cus_b"].into_iter().flat_map(|c| {
@@ -227,6 +240,13 @@ async fn every_endpoint_by_every_role() {
                 M::POST,
                 format!("/v1/customers/{c}/plan-switch/preview"),
                 Some(json!({"plan":"team"})),
+                class,
+            ),
+            (M::GET, format!("/v1/customers/{c}/subscription"), None, class),
+            (
+                M::PUT,
+                format!("/v1/customers/{c}/spending-cap"),
+                Some(json!({"spending_cap": "500"})),
                 class,
             ),
         ]

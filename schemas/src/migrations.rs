@@ -48,6 +48,11 @@ pub const POSTGRES: &[Migration] = &[
         name: "api_keys",
         sql: include_str!("../migrations/postgres/0003_api_keys.sql"),
     },
+    Migration {
+        version: 4,
+        name: "quota_settings",
+        sql: include_str!("../migrations/postgres/0004_quota_settings.sql"),
+    },
 ];
 
 #[cfg(test)]

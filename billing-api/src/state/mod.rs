@@ -44,6 +44,9 @@ impl StateError {
 
 pub type StateResult<T> = Result<T, StateError>;
 
+/// (suspended, the customer's own spending cap).
+pub type QuotaSettings = (bool, Option<Decimal>);
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Customer {
     pub id: String,
@@ -261,6 +264,23 @@ pub trait StateStore: Send + Sync + 'static {
         status: &'a str,
         error: Option<&'a str>,
     ) -> BoxFuture<'a, StateResult<()>>;
+    // Quota settings (audited).
+    /// Sets or clears (None) the customer's monthly spending cap.
+    fn set_spending_cap<'a>(
+        &'a self,
+        customer: &'a str,
+        cap: Option<Decimal>,
+        actor: &'a str,
+    ) -> BoxFuture<'a, StateResult<()>>;
+    fn set_suspended<'a>(
+        &'a self,
+        customer: &'a str,
+        suspended: bool,
+        actor: &'a str,
+    ) -> BoxFuture<'a, StateResult<()>>;
+    /// (suspended, spending cap) of every customer.
+    fn quota_settings(&self) -> BoxFuture<'_, StateResult<HashMap<String, QuotaSettings>>>;
+
     // API keys (audited).
     fn create_api_key<'a>(
         &'a self,

@@ -998,4 +998,85 @@ impl StateStore for PgState {
             Ok(key)
         })
     }
+
+    fn set_spending_cap<'a>(
+        &'a self,
+        customer: &'a str,
+        cap: Option<rust_decimal::Decimal>,
+        actor: &'a str,
+    ) -> BoxFuture<'a, StateResult<()>> {
+        Box::pin(async move {
+            let mut tx = self.pool.begin().await?;
+            lock_customer(&mut tx, customer).await?;
+            let before: Option<rust_decimal::Decimal> =
+                sqlx::query_scalar("SELECT spending_cap FROM customers WHERE id = $1")
+                    .bind(customer)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            sqlx::query("UPDATE customers SET spending_cap = $2 WHERE id = $1")
+                .bind(customer)
+                .bind(cap)
+                .execute(&mut *tx)
+                .await?;
+            audit(
+                &mut tx,
+                actor,
+                "spending_cap.set",
+                &format!("customer:{customer}"),
+                Some(serde_json::json!({ "spending_cap": before })),
+                Some(serde_json::json!({ "spending_cap": cap })),
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    fn set_suspended<'a>(
+        &'a self,
+        customer: &'a str,
+        suspended: bool,
+        actor: &'a str,
+    ) -> BoxFuture<'a, StateResult<()>> {
+        Box::pin(async move {
+            let mut tx = self.pool.begin().await?;
+            lock_customer(&mut tx, customer).await?;
+            let before: bool = sqlx::query_scalar("SELECT suspended FROM customers WHERE id = $1")
+                .bind(customer)
+                .fetch_one(&mut *tx)
+                .await?;
+            sqlx::query("UPDATE customers SET suspended = $2 WHERE id = $1")
+                .bind(customer)
+                .bind(suspended)
+                .execute(&mut *tx)
+                .await?;
+            audit(
+                &mut tx,
+                actor,
+                if suspended {
+                    "account.suspend"
+                } else {
+                    "account.resume"
+                },
+                &format!("customer:{customer}"),
+                Some(serde_json::json!({ "suspended": before })),
+                Some(serde_json::json!({ "suspended": suspended })),
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    fn quota_settings(&self) -> BoxFuture<'_, StateResult<HashMap<String, super::QuotaSettings>>> {
+        Box::pin(async move {
+            let rows = sqlx::query("SELECT id, suspended, spending_cap FROM customers")
+                .fetch_all(&self.pool)
+                .await?;
+            Ok(rows
+                .iter()
+                .map(|r| (r.get("id"), (r.get("suspended"), r.get("spending_cap"))))
+                .collect())
+        })
+    }
 }

@@ -175,6 +175,7 @@ pub struct Api {
     pub pool: sqlx::PgPool,
     pub st: Arc<PgState>,
     pub usage: Arc<ClickHouseStore>,
+    pub quota: Arc<billing_api::quota_service::QuotaService>,
 }
 
 impl Api {
@@ -182,7 +183,13 @@ impl Api {
         let (_url, st, pool) = pg(test).await;
         let (_ch, _db, usage) = clickhouse(test).await;
         default_catalog(st.as_ref()).await;
+        let quota = Arc::new(billing_api::quota_service::QuotaService::new(
+            st.clone(),
+            usage.clone(),
+            Arc::new(MeterCatalog::default_catalog()),
+        ));
         let app = Arc::new(ApiState {
+            quota: quota.clone(),
             state: st.clone(),
             usage: usage.clone(),
             meters: Arc::new(MeterCatalog::default_catalog()),
@@ -203,6 +210,7 @@ impl Api {
             pool,
             st,
             usage,
+            quota,
         }
     }
 

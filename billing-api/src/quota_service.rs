@@ -1,0 +1,374 @@
+//! Quota checks served from memory.
+//!
+//! For every customer with a plan now, the service keeps what
+//! [`crate::quota::decide`] needs: the current plan version, usage of the
+//! open period through the last complete hour (rollups), seats, what runs
+//! now (instances and volumes seen in the last complete hour: instance-
+//! seconds ÷ 3600, rounded up; GB-seconds ÷ 3600), the suspension flag and
+//! the spending cap.
+//!
+//! Staleness: everything is reloaded every `refresh` (default 60 s, one
+//! usage read for all customers, as finalization does); usage is that of
+//! complete hours, so a check sees usage at most one hour plus one refresh
+//! old. Plan switches, cap changes and suspensions made through this process
+//! reload that customer at once; made through another replica they apply
+//! within one refresh. Each customer's entry carries a version, bumped when
+//! what the control plane caches changes (plan, limits, cap, suspension), for
+//! the snapshot endpoint.
+
+use crate::catalog::{Limits, PlanVersion};
+use crate::invoice::{month_of, PlanCache};
+use crate::quota::{decide, Ask, Decision, QuotaInput, Running};
+use crate::rating::{Period, SeatInterval, UsageItem};
+use crate::state::{PlanSegment, StateStore};
+use crate::usage::{segment_usage, PeriodUsage};
+use aggregator::{UsageQuery, UsageStore};
+use chrono::{DateTime, Duration, DurationRound, Utc};
+use rust_decimal::Decimal;
+use schemas::MeterCatalog;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+/// One customer as quota checks see it.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub plan: PlanVersion,
+    pub period: Period,
+    /// Usage and gauges are through this instant (an hour boundary).
+    pub as_of: DateTime<Utc>,
+    pub usage_to_date: Vec<UsageItem>,
+    pub seats: Vec<SeatInterval>,
+    pub running: Running,
+    pub suspended: bool,
+    pub spending_cap: Option<Decimal>,
+    pub version: u64,
+}
+
+/// What the control plane may cache about a customer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct CustomerLimits {
+    pub customer_id: String,
+    pub plan: String,
+    pub plan_version: u32,
+    pub limits: Limits,
+    pub suspended: bool,
+    /// The customer's cap, else the plan's default.
+    pub spending_cap: Option<Decimal>,
+    pub version: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Snapshot {
+    /// Pass as `since` next time to get only what changed.
+    pub version: u64,
+    pub customers: Vec<CustomerLimits>,
+}
+
+#[derive(Default)]
+struct Inner {
+    entries: HashMap<String, Arc<Entry>>,
+    version: u64,
+}
+
+pub struct QuotaService {
+    pub state: Arc<dyn StateStore>,
+    pub usage: Arc<dyn UsageStore>,
+    pub meters: Arc<MeterCatalog>,
+    inner: RwLock<Inner>,
+}
+
+fn hour_floor(t: DateTime<Utc>) -> DateTime<Utc> {
+    t.duration_trunc(Duration::hours(1)).unwrap_or(t)
+}
+
+/// Same plan, limits, cap and suspension: nothing the control plane caches changed.
+fn same_limits(a: &Entry, b: &Entry) -> bool {
+    a.plan.plan == b.plan.plan
+        && a.plan.version == b.plan.version
+        && a.suspended == b.suspended
+        && a.spending_cap == b.spending_cap
+}
+
+impl QuotaService {
+    pub fn new(
+        state: Arc<dyn StateStore>,
+        usage: Arc<dyn UsageStore>,
+        meters: Arc<MeterCatalog>,
+    ) -> Self {
+        Self {
+            state,
+            usage,
+            meters,
+            inner: RwLock::new(Inner::default()),
+        }
+    }
+
+    /// Instances and volumes seen in `[from, to)`, per customer.
+    async fn running(
+        &self,
+        customer: Option<&str>,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> anyhow::Result<HashMap<String, Running>> {
+        let mut out: HashMap<String, Running> = HashMap::new();
+        let mut questions = Vec::new();
+        for (meter, group_by) in [
+            ("compute", ["app", "instance_type"]),
+            ("disk", ["app", "volume_id"]),
+        ] {
+            let Some(def) = self.meters.get(meter) else {
+                continue;
+            };
+            questions.push((
+                def.clone(),
+                UsageQuery {
+                    customer: customer.unwrap_or_default().to_owned(),
+                    meter: meter.into(),
+                    from,
+                    to,
+                    group_by: group_by.iter().map(|s| s.to_string()).collect(),
+                    granularity: None,
+                    raw: false,
+                },
+            ));
+        }
+        let secs = Decimal::from((to - from).num_seconds().max(1));
+        let answers = match customer {
+            Some(c) => {
+                let mut v = Vec::new();
+                for (def, q) in &questions {
+                    v.push(HashMap::from([(
+                        c.to_owned(),
+                        self.usage.query(def, q).await?,
+                    )]));
+                }
+                v
+            }
+            None => self.usage.query_all(&questions, None).await?,
+        };
+        for ((def, _), per) in questions.iter().zip(answers) {
+            for (c, rows) in per {
+                let r = out.entry(c).or_default();
+                for row in rows {
+                    let g = |k: &str| row.group.get(k).cloned().unwrap_or_default();
+                    if def.key == "compute" {
+                        let n = (row.value / secs).ceil();
+                        let n =
+                            u32::try_from(n.mantissa() / 10i128.pow(n.scale())).unwrap_or(u32::MAX);
+                        if n > 0 {
+                            *r.instances
+                                .entry((g("app"), g("instance_type")))
+                                .or_default() += n;
+                        }
+                    } else {
+                        r.volumes
+                            .insert((g("app"), g("volume_id")), row.value / secs);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Builds entries for `customers` (all when None) as of `now`.
+    async fn build(
+        &self,
+        only: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> anyhow::Result<HashMap<String, Entry>> {
+        let period = month_of(now);
+        let as_of = hour_floor(now);
+        let st = self.state.as_ref();
+        let segs: HashMap<String, Vec<PlanSegment>> = match only {
+            Some(c) => HashMap::from([(c.to_owned(), st.plan_segments(c, period).await?)]),
+            None => st.plan_segments_all(period).await?,
+        };
+        let seats_all = match only {
+            Some(c) => HashMap::from([(c.to_owned(), st.seat_intervals(c, period).await?)]),
+            None => st.seat_intervals_all(period).await?,
+        };
+        let settings = st.quota_settings().await?;
+        let mut plans = PlanCache::default();
+        let mut current: HashMap<String, PlanVersion> = HashMap::new();
+        for (c, ss) in &segs {
+            if let Some(s) = ss.iter().find(|s| s.start <= now && now < s.end) {
+                current.insert(c.clone(), plans.get(st, &s.plan, s.version).await?.clone());
+            }
+        }
+        let mut usage: HashMap<String, Vec<UsageItem>> = HashMap::new();
+        if as_of > period.start && !current.is_empty() {
+            let to_date = Period {
+                start: period.start,
+                end: as_of,
+            };
+            match only {
+                Some(c) => {
+                    if let Some(plan) = current.get(c) {
+                        let u = segment_usage(
+                            self.usage.as_ref(),
+                            &self.meters,
+                            plan,
+                            c,
+                            period.start,
+                            as_of,
+                        )
+                        .await?;
+                        usage.insert(c.to_owned(), u);
+                    }
+                }
+                None => {
+                    let mut ids: Vec<String> = current.keys().cloned().collect();
+                    ids.sort();
+                    let mut distinct: Vec<PlanVersion> = Vec::new();
+                    for p in current.values() {
+                        if !distinct
+                            .iter()
+                            .any(|d| d.plan == p.plan && d.version == p.version)
+                        {
+                            distinct.push(p.clone());
+                        }
+                    }
+                    let pu = PeriodUsage::fetch(
+                        self.usage.as_ref(),
+                        &self.meters,
+                        &distinct,
+                        to_date,
+                        &ids,
+                    )
+                    .await?;
+                    for (c, plan) in &current {
+                        usage.insert(c.clone(), pu.items(plan, c)?);
+                    }
+                }
+            }
+        }
+        // What runs now does not depend on the month: the last complete
+        // hour, even when it belongs to the previous period.
+        let mut running = self
+            .running(only, as_of - Duration::hours(1), as_of)
+            .await?;
+        Ok(current
+            .into_iter()
+            .map(|(c, plan)| {
+                let (suspended, cap) = settings.get(&c).cloned().unwrap_or((false, None));
+                let e = Entry {
+                    plan,
+                    period,
+                    as_of,
+                    usage_to_date: usage.remove(&c).unwrap_or_default(),
+                    seats: seats_all.get(&c).cloned().unwrap_or_default(),
+                    running: running.remove(&c).unwrap_or_default(),
+                    suspended,
+                    spending_cap: cap,
+                    version: 0,
+                };
+                (c, e)
+            })
+            .collect())
+    }
+
+    /// Installs new entries, bumping the version of those whose limits changed.
+    fn install(&self, fresh: HashMap<String, Entry>, only: Option<&str>) {
+        let mut g = self.inner.write().unwrap();
+        let mut version = g.version;
+        let mut next = |old: Option<&Arc<Entry>>, mut e: Entry| {
+            match old {
+                Some(o) if same_limits(o, &e) => e.version = o.version,
+                _ => {
+                    version += 1;
+                    e.version = version;
+                }
+            }
+            Arc::new(e)
+        };
+        match only {
+            Some(c) => {
+                let old = g.entries.get(c).cloned();
+                match fresh.into_iter().next() {
+                    Some((id, e)) => {
+                        let e = next(old.as_ref(), e);
+                        g.entries.insert(id, e);
+                    }
+                    None => {
+                        if old.is_some() {
+                            version += 1;
+                        }
+                        g.entries.remove(c);
+                    }
+                }
+            }
+            None => {
+                let mut entries = HashMap::with_capacity(fresh.len());
+                for (id, e) in fresh {
+                    let old = g.entries.get(&id).cloned();
+                    entries.insert(id, next(old.as_ref(), e));
+                }
+                g.entries = entries;
+            }
+        }
+        g.version = version;
+    }
+
+    /// Reloads every customer.
+    pub async fn refresh(&self, now: DateTime<Utc>) -> anyhow::Result<usize> {
+        let fresh = self.build(None, now).await?;
+        let n = fresh.len();
+        self.install(fresh, None);
+        Ok(n)
+    }
+
+    /// Reloads one customer (after a plan switch, cap change or suspension).
+    pub async fn reload(&self, customer: &str, now: DateTime<Utc>) -> anyhow::Result<()> {
+        let fresh = self.build(Some(customer), now).await?;
+        self.install(fresh, Some(customer));
+        Ok(())
+    }
+
+    pub fn entry(&self, customer: &str) -> Option<Arc<Entry>> {
+        self.inner.read().unwrap().entries.get(customer).cloned()
+    }
+
+    /// The decision for `ask`; None when the customer has no plan now.
+    /// The forecast runs from the entry's `as_of`: the counters' rate is that
+    /// of the usage it holds, and the rest of the period is counted from
+    /// there (a little more than is left, so the forecast errs high).
+    pub fn check(&self, customer: &str, ask: &Ask) -> Option<anyhow::Result<Decision>> {
+        let e = self.entry(customer)?;
+        let q = QuotaInput {
+            plan: &e.plan,
+            period: e.period,
+            now: e.as_of,
+            usage_to_date: &e.usage_to_date,
+            seats: &e.seats,
+            running: &e.running,
+            suspended: e.suspended,
+            spending_cap: e.spending_cap,
+        };
+        Some(decide(&q, ask))
+    }
+
+    /// Limits of every customer whose entry changed after `since`.
+    pub fn snapshot(&self, since: u64) -> Snapshot {
+        let g = self.inner.read().unwrap();
+        let mut customers: Vec<CustomerLimits> = g
+            .entries
+            .iter()
+            .filter(|(_, e)| e.version > since)
+            .map(|(c, e)| CustomerLimits {
+                customer_id: c.clone(),
+                plan: e.plan.plan.clone(),
+                plan_version: e.plan.version,
+                limits: e.plan.limits.clone(),
+                suspended: e.suspended,
+                spending_cap: e.spending_cap.or(e.plan.limits.default_spending_cap),
+                version: e.version,
+            })
+            .collect();
+        customers.sort_by(|a, b| a.customer_id.cmp(&b.customer_id));
+        Snapshot {
+            version: g.version,
+            customers,
+        }
+    }
+}
