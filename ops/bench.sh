@@ -14,3 +14,6 @@ cargo bench -p aggregator --bench pipeline
 # 10,000 customers x 20 series over a month of hourly rollups.
 cargo bench -p billing-api --bench rating
 cargo bench -p billing-api --bench finalize
+# Quota checks under wrk against a trivial axum handler.
+command -v wrk >/dev/null || apt-get install -y wrk
+cargo bench -p billing-api --bench quota

@@ -1,0 +1,231 @@
+//! Quota check latency and throughput under `wrk` on loopback: the real
+//! `/v1/quota/check` route (authentication, JSON, decision with a rating of
+//! the projected month, metrics) against a trivial axum handler measured in
+//! the same run as the baseline. 1,000 customers on pay-as-you-go with a
+//! month of usage so far; every request asks for one more instance for a
+//! customer picked at random. Server-side latency comes from the service's
+//! own histogram. Writes bench-results/quota.json.
+//!
+//! Needs TALLY_DATABASE_URL and TALLY_CLICKHOUSE_URL (ops/bench.sh) and
+//! `wrk` (Debian package).
+
+use aggregator::store::clickhouse::ClickHouseStore;
+use aggregator::UsageWriter;
+use axum::routing::post;
+use billing_api::api::{router, ApiState};
+use billing_api::auth::Authenticator;
+use billing_api::catalog::Catalog;
+use billing_api::invoice::month_of;
+use billing_api::metrics::Metrics;
+use billing_api::quota_service::QuotaService;
+use billing_api::service::load_catalog;
+use billing_api::state::postgres::PgState;
+use billing_api::state::StateStore;
+use chrono::{Duration, DurationRound, Utc};
+use rust_decimal::Decimal;
+use schemas::MeterCatalog;
+use sha2::{Digest, Sha256};
+use sqlx::Executor;
+use std::process::Command;
+use std::sync::Arc;
+
+const CUSTOMERS: i64 = 1000;
+const KEY: &str = "bench-admin-key";
+
+async fn ch(url: &str, sql: &str) {
+    let r = reqwest::Client::new()
+        .post(url)
+        .body(sql.to_owned())
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        r.status().is_success(),
+        "{sql}: {}",
+        r.text().await.unwrap()
+    );
+}
+
+/// Runs wrk against `url`; returns (requests/s, p50 ms, p99 ms).
+fn wrk(url: &str, script: &str) -> (f64, f64, f64) {
+    let out = Command::new("wrk")
+        .args(["-t2", "-c32", "-d10s", "--latency", "-s", script, url])
+        .output()
+        .expect("wrk is installed (apt-get install wrk)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    println!("{text}");
+    let ms = |label: &str| -> f64 {
+        let line = text
+            .lines()
+            .find(|l| l.trim_start().starts_with(label))
+            .unwrap_or_else(|| panic!("no {label} in wrk output"));
+        let v = line.split_whitespace().nth(1).unwrap();
+        let (num, unit) = v.split_at(v.find(|c: char| c.is_alphabetic()).unwrap());
+        let n: f64 = num.parse().unwrap();
+        match unit {
+            "us" => n / 1000.0,
+            "ms" => n,
+            "s" => n * 1000.0,
+            _ => panic!("unit {unit}"),
+        }
+    };
+    let rps: f64 = text
+        .lines()
+        .find(|l| l.starts_with("Requests/sec:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(!text.contains("Non-2xx"), "errors in the run:\n{text}");
+    (rps, ms("50%"), ms("99%"))
+}
+
+#[tokio::main]
+async fn main() {
+    let pg_base = std::env::var("TALLY_DATABASE_URL").expect("TALLY_DATABASE_URL");
+    let ch_url = std::env::var("TALLY_CLICKHOUSE_URL").expect("TALLY_CLICKHOUSE_URL");
+    let tag = format!("bench_quota_{}", std::process::id());
+    let now = Utc::now();
+    let period = month_of(now);
+    let as_of = now.duration_trunc(Duration::hours(1)).unwrap();
+
+    // Usage: each customer ran 2 t4g.small and served requests every hour so far.
+    let store = Arc::new(ClickHouseStore::new(&ch_url, &tag));
+    store.migrate().await.unwrap();
+    let hours = ((as_of - period.start).num_hours()).max(1);
+    let first = as_of - Duration::hours(hours);
+    ch(&ch_url, &format!(
+        "INSERT INTO {tag}.usage_rollups_hourly \
+         SELECT concat('q', toString(1000000 + intDiv(number, 2 * {hours}))) AS customer, \
+                if(number % 2 = 0, 'compute', 'requests') AS meter, \
+                toDateTime({start} + (intDiv(number, 2) % {hours}) * 3600) AS hour, 'web', \
+                if(number % 2 = 0, '{{\"instance_type\":\"t4g.small\",\"region\":\"fra\"}}', '{{}}'), 60, \
+                toDecimal128(if(number % 2 = 0, 7200, 250000), 12), toDecimal128(0, 12), hour, toDecimal128(0, 12), 0, 1 \
+         FROM system.numbers LIMIT {rows}",
+        start = first.timestamp(),
+        rows = CUSTOMERS * 2 * hours,
+    ))
+    .await;
+
+    let admin = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&pg_base)
+        .await
+        .unwrap();
+    admin
+        .execute(format!("CREATE DATABASE {tag}").as_str())
+        .await
+        .unwrap();
+    let url = format!("{}/{tag}", pg_base.rsplit_once('/').unwrap().0);
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&url)
+        .await
+        .unwrap();
+    let st = Arc::new(PgState::from_pool(pool.clone()));
+    st.migrate().await.unwrap();
+    let meters = Arc::new(MeterCatalog::default_catalog());
+    load_catalog(st.as_ref(), &Catalog::default_catalog(), &meters)
+        .await
+        .unwrap();
+    for sql in [
+        "INSERT INTO customers (id, external_id, name) SELECT 'q' || (1000000 + i - 1), 'x' || i, 'Customer ' || i FROM generate_series(1, $1) i",
+        "INSERT INTO subscriptions (customer_id, plan, version, starts_at) SELECT 'q' || (1000000 + i - 1), 'payg', 1, $2 FROM generate_series(1, $1) i",
+        "UPDATE customers SET spending_cap = 1000",
+    ] {
+        sqlx::query(sql).bind(CUSTOMERS).bind(period.start).execute(&pool).await.unwrap();
+    }
+    let quota = Arc::new(QuotaService::new(st.clone(), store.clone(), meters.clone()));
+    let t = std::time::Instant::now();
+    let n = quota.refresh(now).await.unwrap();
+    let refresh_secs = t.elapsed().as_secs_f64();
+    assert_eq!(n as i64, CUSTOMERS);
+    let metrics = Metrics::new();
+    let app = Arc::new(ApiState {
+        state: st.clone(),
+        usage: store.clone(),
+        meters,
+        metrics: metrics.clone(),
+        auth: Arc::new(Authenticator::new(
+            vec![Sha256::digest(KEY.as_bytes()).into()],
+            b"bench".to_vec(),
+        )),
+        webhook_secret: None,
+        min_charge: Decimal::new(50, 2),
+        quota,
+    });
+    let real = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let real_addr = real.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(real, router(app)).await.unwrap() });
+    let trivial = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let trivial_addr = trivial.local_addr().unwrap();
+    let trivial_app = axum::Router::new().route(
+        "/v1/quota/check",
+        post(|body: String| async move {
+            axum::Json(serde_json::json!({"allow": true, "len": body.len()}))
+        }),
+    );
+    tokio::spawn(async move { axum::serve(trivial, trivial_app).await.unwrap() });
+
+    let script = std::env::temp_dir().join(format!("{tag}.lua"));
+    std::fs::write(
+        &script,
+        format!(
+            r#"wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer {KEY}"
+request = function()
+  local c = math.random(0, {max})
+  return wrk.format(nil, nil, nil, '{{"customer_id":"q' .. (1000000 + c) .. '","ask":{{"kind":"start_instances","app":"web","instance_type":"t4g.small","count":1}}}}')
+end
+"#,
+            max = CUSTOMERS - 1
+        ),
+    )
+    .unwrap();
+    let script = script.to_str().unwrap().to_owned();
+    // Warm up, then measure: baseline first, then the real route.
+    let _ = wrk(&format!("http://{real_addr}/v1/quota/check"), &script);
+    let base = tokio::task::spawn_blocking({
+        let s = script.clone();
+        move || wrk(&format!("http://{trivial_addr}/v1/quota/check"), &s)
+    })
+    .await
+    .unwrap();
+    let before = metrics.quota_check_duration.get_sample_count();
+    let got = tokio::task::spawn_blocking({
+        let s = script.clone();
+        move || wrk(&format!("http://{real_addr}/v1/quota/check"), &s)
+    })
+    .await
+    .unwrap();
+    assert!(metrics.quota_check_duration.get_sample_count() > before);
+    // Server-side p99 from the service's histogram (bucket upper bound).
+    let h = metrics.quota_check_duration.clone();
+    let m = prometheus::core::Collector::collect(&h);
+    let hist = m[0].get_metric()[0].get_histogram();
+    let total = hist.get_sample_count() as f64;
+    let p = |q: f64| {
+        hist.get_bucket()
+            .iter()
+            .find(|b| b.cumulative_count() as f64 >= q * total)
+            .map_or(f64::INFINITY, |b| b.upper_bound() * 1000.0)
+    };
+    let out = serde_json::json!({
+        "customers": CUSTOMERS, "wrk": "-t2 -c32 -d10s",
+        "quota": {"requests_per_sec": got.0, "p50_ms": got.1, "p99_ms": got.2},
+        "baseline_trivial_axum": {"requests_per_sec": base.0, "p50_ms": base.1, "p99_ms": base.2},
+        "ratio_throughput": got.0 / base.0,
+        "server_side_p50_ms_at_most": p(0.5), "server_side_p99_ms_at_most": p(0.99), "server_side_p999_ms_at_most": p(0.999),
+        "refresh_seconds_1000_customers": refresh_secs,
+    });
+    println!("{}", serde_json::to_string_pretty(&out).unwrap());
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../bench-results");
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(
+        format!("{dir}/quota.json"),
+        serde_json::to_string_pretty(&out).unwrap(),
+    )
+    .unwrap();
+    ch(&ch_url, &format!("DROP DATABASE {tag}")).await;
+}
