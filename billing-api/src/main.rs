@@ -241,8 +241,14 @@ async fn main() -> anyhow::Result<()> {
                 p.finalizer.usage.clone(),
                 p.meters.clone(),
             ));
-            let n = quota.refresh(chrono::Utc::now()).await?;
-            tracing::info!(customers = n, "quota state loaded");
+            // The usage store may not be ready yet (the aggregator creates its
+            // tables): answer from an empty state until the next refresh.
+            match quota.refresh(chrono::Utc::now()).await {
+                Ok(n) => tracing::info!(customers = n, "quota state loaded"),
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "quota state not loaded yet; retrying on the next refresh")
+                }
+            }
             let api = Arc::new(ApiState {
                 state: p.state,
                 usage: p.finalizer.usage.clone(),
