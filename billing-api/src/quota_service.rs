@@ -245,9 +245,12 @@ impl QuotaService {
         }
         // What runs now does not depend on the month: the last complete
         // hour, even when it belongs to the previous period.
-        let mut running = self
-            .running(only, as_of - Duration::hours(1), as_of)
-            .await?;
+        let mut running = if current.is_empty() {
+            HashMap::new()
+        } else {
+            self.running(only, as_of - Duration::hours(1), as_of)
+                .await?
+        };
         Ok(current
             .into_iter()
             .map(|(c, plan)| {
