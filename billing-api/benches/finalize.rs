@@ -3,27 +3,25 @@
 //! apps, egress), one rollup row per series per hour for a whole month,
 //! in ClickHouse; from ClickHouse to finalized invoices in PostgreSQL
 //! (Stripe excluded). Baseline in the same run: the raw work underneath,
-//! i.e. one ClickHouse scan aggregating the same rollups per customer and
-//! series, plus one bulk insert of N invoice rows into PostgreSQL.
+//! i.e. a ClickHouse scan aggregating the same rollups per customer and
+//! series in the same chunks, plus one bulk insert of N invoice rows into
+//! PostgreSQL.
 //!
 //! `TALLY_BENCH_CUSTOMERS` sets N. Needs TALLY_DATABASE_URL and
 //! TALLY_CLICKHOUSE_URL (ops/bench.sh sets them). Writes
 //! bench-results/finalize.json.
 
-use aggregator::store::clickhouse::ClickHouseStore;
-use aggregator::UsageWriter;
-use billing_api::catalog::Catalog;
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 use billing_api::finalize::{FinalizeConfig, Finalizer};
 use billing_api::invoice::month_of;
 use billing_api::metrics::Metrics;
-use billing_api::service::load_catalog;
-use billing_api::state::postgres::PgState;
-use billing_api::state::StateStore;
 use chrono::{Duration, Utc};
 use schemas::MeterCatalog;
-use sqlx::Executor;
 use std::sync::Arc;
 use std::time::Instant;
+use support::clickhouse_exec as ch;
 
 fn peak_rss_mib() -> f64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -32,19 +30,6 @@ fn peak_rss_mib() -> f64 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|k| k.parse::<f64>().ok())
         .map_or(0.0, |k| k / 1024.0)
-}
-
-async fn ch(url: &str, sql: &str) -> String {
-    let r = reqwest::Client::new()
-        .post(url)
-        .body(sql.to_owned())
-        .send()
-        .await
-        .unwrap();
-    let ok = r.status().is_success();
-    let text = r.text().await.unwrap();
-    assert!(ok, "{sql}: {text}");
-    text
 }
 
 #[tokio::main]
@@ -56,17 +41,13 @@ async fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10_000);
-    let pg_base = std::env::var("TALLY_DATABASE_URL").expect("TALLY_DATABASE_URL");
-    let ch_url = std::env::var("TALLY_CLICKHOUSE_URL").expect("TALLY_CLICKHOUSE_URL");
-    let tag = format!("bench_fin_{}", std::process::id());
 
     // Last month: a whole month of hourly rollups.
     let period = month_of(month_of(Utc::now()).start - Duration::seconds(1));
     let hours = (period.end - period.start).num_hours();
     let series = 20;
 
-    let store = Arc::new(ClickHouseStore::new(&ch_url, &tag));
-    store.migrate().await.unwrap();
+    let (ch_url, tag, store) = support::clickhouse("bench_fin").await;
     let t = Instant::now();
     let types =
         "['t4g.nano','t4g.micro','t4g.small','t4g.medium','c6g.large','c6g.xlarge','c6g.2xlarge']";
@@ -103,38 +84,10 @@ async fn main() {
     println!("loaded {rows} rollup rows in {load_secs:.1} s");
 
     // PostgreSQL: customers on the pay-as-you-go plan from the period start.
-    let admin = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&pg_base)
-        .await
-        .unwrap();
-    admin
-        .execute(format!("CREATE DATABASE {tag}").as_str())
-        .await
-        .unwrap();
-    let url = format!("{}/{tag}", pg_base.rsplit_once('/').unwrap().0);
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(4)
-        .connect(&url)
-        .await
-        .unwrap();
-    let st = Arc::new(PgState::from_pool(pool.clone()));
-    st.migrate().await.unwrap();
+    let (_url, st, pool) = support::pg("bench_fin").await;
+    support::default_catalog(st.as_ref()).await;
+    support::bulk_customers(&pool, "c", n, "payg", period.start).await;
     let meters = Arc::new(MeterCatalog::default_catalog());
-    load_catalog(st.as_ref(), &Catalog::default_catalog(), &meters)
-        .await
-        .unwrap();
-    for sql in [
-        "INSERT INTO customers (id, external_id, name) SELECT 'c' || (1000000 + i - 1), 'x' || i, 'Customer ' || i FROM generate_series(1, $1) i",
-        "INSERT INTO subscriptions (customer_id, plan, version, starts_at) SELECT 'c' || (1000000 + i - 1), 'payg', 1, $2 FROM generate_series(1, $1) i",
-    ] {
-        sqlx::query(sql)
-            .bind(n)
-            .bind(period.start)
-            .execute(&pool)
-            .await
-            .unwrap();
-    }
 
     // Baseline: the raw scan and the raw insert. The scan reads the same
     // rows the same way the finalizer does (FINAL, in chunks of 2,500

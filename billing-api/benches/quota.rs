@@ -9,42 +9,25 @@
 //! Needs TALLY_DATABASE_URL and TALLY_CLICKHOUSE_URL (ops/bench.sh) and
 //! `wrk` (Debian package).
 
-use aggregator::store::clickhouse::ClickHouseStore;
-use aggregator::UsageWriter;
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 use axum::routing::post;
 use billing_api::api::{router, ApiState};
 use billing_api::auth::Authenticator;
-use billing_api::catalog::Catalog;
 use billing_api::invoice::month_of;
 use billing_api::metrics::Metrics;
 use billing_api::quota_service::QuotaService;
-use billing_api::service::load_catalog;
-use billing_api::state::postgres::PgState;
-use billing_api::state::StateStore;
 use chrono::{Duration, DurationRound, Utc};
 use rust_decimal::Decimal;
 use schemas::MeterCatalog;
 use sha2::{Digest, Sha256};
-use sqlx::Executor;
 use std::process::Command;
 use std::sync::Arc;
+use support::clickhouse_exec as ch;
 
 const CUSTOMERS: i64 = 1000;
 const KEY: &str = "bench-admin-key";
-
-async fn ch(url: &str, sql: &str) {
-    let r = reqwest::Client::new()
-        .post(url)
-        .body(sql.to_owned())
-        .send()
-        .await
-        .unwrap();
-    assert!(
-        r.status().is_success(),
-        "{sql}: {}",
-        r.text().await.unwrap()
-    );
-}
 
 /// Runs wrk against `url`; returns (requests/s, p50 ms, p99 ms).
 fn wrk(url: &str, script: &str) -> (f64, f64, f64) {
@@ -82,16 +65,12 @@ fn wrk(url: &str, script: &str) -> (f64, f64, f64) {
 
 #[tokio::main]
 async fn main() {
-    let pg_base = std::env::var("TALLY_DATABASE_URL").expect("TALLY_DATABASE_URL");
-    let ch_url = std::env::var("TALLY_CLICKHOUSE_URL").expect("TALLY_CLICKHOUSE_URL");
-    let tag = format!("bench_quota_{}", std::process::id());
     let now = Utc::now();
     let period = month_of(now);
     let as_of = now.duration_trunc(Duration::hours(1)).unwrap();
 
     // Usage: each customer ran 2 t4g.small and served requests every hour so far.
-    let store = Arc::new(ClickHouseStore::new(&ch_url, &tag));
-    store.migrate().await.unwrap();
+    let (ch_url, tag, store) = support::clickhouse("bench_quota").await;
     let hours = ((as_of - period.start).num_hours()).max(1);
     let first = as_of - Duration::hours(hours);
     ch(&ch_url, &format!(
@@ -107,34 +86,14 @@ async fn main() {
     ))
     .await;
 
-    let admin = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&pg_base)
+    let (_url, st, pool) = support::pg("bench_quota").await;
+    support::default_catalog(st.as_ref()).await;
+    support::bulk_customers(&pool, "q", CUSTOMERS, "payg", period.start).await;
+    sqlx::query("UPDATE customers SET spending_cap = 1000")
+        .execute(&pool)
         .await
         .unwrap();
-    admin
-        .execute(format!("CREATE DATABASE {tag}").as_str())
-        .await
-        .unwrap();
-    let url = format!("{}/{tag}", pg_base.rsplit_once('/').unwrap().0);
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(4)
-        .connect(&url)
-        .await
-        .unwrap();
-    let st = Arc::new(PgState::from_pool(pool.clone()));
-    st.migrate().await.unwrap();
     let meters = Arc::new(MeterCatalog::default_catalog());
-    load_catalog(st.as_ref(), &Catalog::default_catalog(), &meters)
-        .await
-        .unwrap();
-    for sql in [
-        "INSERT INTO customers (id, external_id, name) SELECT 'q' || (1000000 + i - 1), 'x' || i, 'Customer ' || i FROM generate_series(1, $1) i",
-        "INSERT INTO subscriptions (customer_id, plan, version, starts_at) SELECT 'q' || (1000000 + i - 1), 'payg', 1, $2 FROM generate_series(1, $1) i",
-        "UPDATE customers SET spending_cap = 1000",
-    ] {
-        sqlx::query(sql).bind(CUSTOMERS).bind(period.start).execute(&pool).await.unwrap();
-    }
     let quota = Arc::new(QuotaService::new(st.clone(), store.clone(), meters.clone()));
     let t = std::time::Instant::now();
     let n = quota.refresh(now).await.unwrap();

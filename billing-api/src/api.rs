@@ -479,25 +479,26 @@ pub struct Subscribe {
     pub starts_at: Option<DateTime<Utc>>,
 }
 
-/// The resolved plan version.
+/// The plan version a request names (default: the latest that is not
+/// retired), refused when unknown (404) or retired (422); one catalog read.
 async fn resolve_plan(app: &ApiState, plan: &str, version: Option<u32>) -> Result<u32, ApiError> {
-    if let Some(v) = version {
-        return Ok(v);
+    let listed = app.state.list_plans().await?;
+    let mine = listed.iter().filter(|p| p.plan.plan == plan);
+    let not_found = |what: String| ApiError::new(StatusCode::NOT_FOUND, "not_found", what);
+    match version {
+        None => mine
+            .filter(|p| !p.retired)
+            .map(|p| p.plan.version)
+            .max()
+            .ok_or_else(|| not_found(format!("plan {plan} has no active version"))),
+        Some(v) => match mine.into_iter().find(|p| p.plan.version == v) {
+            None => Err(not_found(format!("plan {plan} version {v} not found"))),
+            Some(p) if p.retired => Err(ApiError::invalid(format!(
+                "plan {plan} version {v} is retired"
+            ))),
+            Some(_) => Ok(v),
+        },
     }
-    app.state
-        .list_plans()
-        .await?
-        .into_iter()
-        .filter(|p| p.plan.plan == plan && !p.retired)
-        .map(|p| p.plan.version)
-        .max()
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("plan {plan} has no active version"),
-            )
-        })
 }
 
 /// Refuses a change effective inside a period that is already invoiced.
@@ -642,27 +643,6 @@ pub struct PlanSwitchResult {
 
 async fn planned(app: &ApiState, req: &SwitchRequest) -> Result<PlannedSwitch, ApiError> {
     let version = resolve_plan(app, &req.plan, req.version).await?;
-    // Refuse retired or unknown versions before anything else.
-    let listed = app.state.list_plans().await?;
-    match listed
-        .iter()
-        .find(|p| p.plan.plan == req.plan && p.plan.version == version)
-    {
-        None => {
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("plan {} version {version} not found", req.plan),
-            ))
-        }
-        Some(p) if p.retired => {
-            return Err(ApiError::invalid(format!(
-                "plan {} version {version} is retired",
-                req.plan
-            )))
-        }
-        _ => {}
-    }
     let now = Utc::now();
     let at = match req.effective.unwrap_or(Effective::Now) {
         Effective::Now => now,
@@ -876,19 +856,11 @@ async fn quota_check(
             format!("customer {} has no plan now", req.customer_id),
         ));
     };
-    let decision = app
-        .quota
-        .check(&req.customer_id, &req.ask)
-        .expect("entry exists")?;
-    let reason = decision.reason.map_or("none".to_string(), |r| {
-        serde_json::to_value(r)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default()
-    });
+    let decision = entry.decide(&req.ask)?;
+    let reason = decision.reason.map_or("none", |r| r.as_str());
     app.metrics
         .quota_decisions
-        .with_label_values(&[if decision.allow { "allow" } else { "deny" }, &reason])
+        .with_label_values(&[if decision.allow { "allow" } else { "deny" }, reason])
         .inc();
     app.metrics
         .quota_check_duration

@@ -105,7 +105,7 @@ impl Finalizer {
         prev_segments.retain(|c, _| segments.contains_key(c) && prev_invoices.contains_key(c));
         let seats = state.seat_intervals_all(p).await?;
         let prev_seats = state.seat_intervals_all(prev).await?;
-        let carried = state.open_carried().await?;
+        let carried = state.open_carried(None).await?;
 
         let mut plans = PlanCache::default();
         let versions: BTreeSet<(String, u32)> = segments

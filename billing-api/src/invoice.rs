@@ -337,7 +337,7 @@ pub async fn draft(
         None => None,
     };
     let carried = state
-        .open_carried()
+        .open_carried(Some(customer))
         .await?
         .remove(customer)
         .unwrap_or_default();

@@ -44,15 +44,6 @@ pub struct Metrics {
     pub quota_check_duration: Histogram,
 }
 
-/// Quota reasons, the values of the `reason` label (`none` when allowed).
-pub const QUOTA_REASONS: &[&str] = &[
-    "none",
-    "account_suspended",
-    "instance_type_not_in_tier",
-    "tier_limit",
-    "spending_cap",
-];
-
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -144,9 +135,11 @@ impl Metrics {
         r.register(Box::new(m.quota_decisions.clone())).unwrap();
         r.register(Box::new(m.quota_check_duration.clone()))
             .unwrap();
-        for reason in QUOTA_REASONS {
-            let decision = if *reason == "none" { "allow" } else { "deny" };
-            m.quota_decisions.with_label_values(&[decision, reason]);
+        // Labels: `allow`/`none`, and `deny` with each reason's code.
+        m.quota_decisions.with_label_values(&["allow", "none"]);
+        for reason in crate::quota::Reason::ALL {
+            m.quota_decisions
+                .with_label_values(&["deny", reason.as_str()]);
         }
         // Every label combination exists from the start (at zero), so
         // dashboards and alerts see a series before the first event.

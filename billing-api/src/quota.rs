@@ -69,6 +69,25 @@ pub enum Reason {
     SpendingCap,
 }
 
+impl Reason {
+    pub const ALL: [Reason; 4] = [
+        Reason::AccountSuspended,
+        Reason::InstanceTypeNotInTier,
+        Reason::TierLimit,
+        Reason::SpendingCap,
+    ];
+
+    /// The machine-readable code (as serialized).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::AccountSuspended => "account_suspended",
+            Reason::InstanceTypeNotInTier => "instance_type_not_in_tier",
+            Reason::TierLimit => "tier_limit",
+            Reason::SpendingCap => "spending_cap",
+        }
+    }
+}
+
 /// What runs now.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Running {
@@ -205,6 +224,16 @@ fn priced_type(plan: &PlanVersion, ty: &str) -> bool {
 pub fn decide(q: &QuotaInput, ask: &Ask) -> anyhow::Result<Decision> {
     let cap = q.spending_cap.or(q.plan.limits.default_spending_cap);
     let left = secs(q.now.max(q.period.start), q.period.end);
+    // The asked volume's size now (0 when new or when asking for instances).
+    let volume_now = match ask {
+        Ask::GrowVolume { app, volume_id, .. } => q
+            .running
+            .volumes
+            .get(&(app.clone(), volume_id.clone()))
+            .copied()
+            .unwrap_or_default(),
+        Ask::StartInstances { .. } => Decimal::ZERO,
+    };
     let (extra, growing) = match ask {
         Ask::StartInstances {
             app,
@@ -228,13 +257,7 @@ pub fn decide(q: &QuotaInput, ask: &Ask) -> anyhow::Result<Decision> {
             volume_id,
             size_gb,
         } => {
-            let now_gb = q
-                .running
-                .volumes
-                .get(&(app.clone(), volume_id.clone()))
-                .copied()
-                .unwrap_or_default();
-            let more = (*size_gb - now_gb).max(Decimal::ZERO);
+            let more = (*size_gb - volume_now).max(Decimal::ZERO);
             (
                 vec![UsageItem {
                     meter: DISK.into(),
@@ -301,20 +324,10 @@ pub fn decide(q: &QuotaInput, ask: &Ask) -> anyhow::Result<Decision> {
                 }
             }
         }
-        Ask::GrowVolume {
-            app,
-            volume_id,
-            size_gb,
-        } => {
+        Ask::GrowVolume { size_gb, .. } => {
             if let Some(max) = q.plan.limits.max_volume_gb {
                 if *size_gb > max {
-                    let now_gb = q
-                        .running
-                        .volumes
-                        .get(&(app.clone(), volume_id.clone()))
-                        .copied()
-                        .unwrap_or_default();
-                    deny(Reason::TierLimit, Some(max), now_gb);
+                    deny(Reason::TierLimit, Some(max), volume_now);
                     return Ok(d);
                 }
             }

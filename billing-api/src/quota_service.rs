@@ -65,6 +65,26 @@ pub struct Snapshot {
     pub customers: Vec<CustomerLimits>,
 }
 
+impl Entry {
+    /// The decision for `ask`. The forecast runs from `as_of`: the
+    /// counters' rate is that of the usage the entry holds, and the rest of
+    /// the period is counted from there (a little more than is left, so the
+    /// forecast errs high).
+    pub fn decide(&self, ask: &Ask) -> anyhow::Result<Decision> {
+        let q = QuotaInput {
+            plan: &self.plan,
+            period: self.period,
+            now: self.as_of,
+            usage_to_date: &self.usage_to_date,
+            seats: &self.seats,
+            running: &self.running,
+            suspended: self.suspended,
+            spending_cap: self.spending_cap,
+        };
+        decide(&q, ask)
+    }
+}
+
 #[derive(Default)]
 struct Inner {
     entries: HashMap<String, Arc<Entry>>,
@@ -330,25 +350,6 @@ impl QuotaService {
 
     pub fn entry(&self, customer: &str) -> Option<Arc<Entry>> {
         self.inner.read().unwrap().entries.get(customer).cloned()
-    }
-
-    /// The decision for `ask`; None when the customer has no plan now.
-    /// The forecast runs from the entry's `as_of`: the counters' rate is that
-    /// of the usage it holds, and the rest of the period is counted from
-    /// there (a little more than is left, so the forecast errs high).
-    pub fn check(&self, customer: &str, ask: &Ask) -> Option<anyhow::Result<Decision>> {
-        let e = self.entry(customer)?;
-        let q = QuotaInput {
-            plan: &e.plan,
-            period: e.period,
-            now: e.as_of,
-            usage_to_date: &e.usage_to_date,
-            seats: &e.seats,
-            running: &e.running,
-            suspended: e.suspended,
-            spending_cap: e.spending_cap,
-        };
-        Some(decide(&q, ask))
     }
 
     /// Limits of every customer whose entry changed after `since`.

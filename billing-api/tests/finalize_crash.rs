@@ -19,25 +19,8 @@ async fn finalization_killed_and_restarted_invoices_each_customer_once() {
     let (ch, db, usage) = clickhouse("fincrash").await;
     default_catalog(st.as_ref()).await;
     let q = previous(month_of(Utc::now()));
-    sqlx::query(
-        "INSERT INTO customers (id, external_id, name) \
-         SELECT 'c' || lpad(i::text, 5, '0'), 'x' || i, 'Customer ' || i FROM generate_series(1, $1) i",
-    )
-    .bind(CUSTOMERS)
-    .execute(&pool)
-    .await
-    .unwrap();
-    sqlx::query(
-        "INSERT INTO subscriptions (customer_id, plan, version, starts_at) \
-         SELECT 'c' || lpad(i::text, 5, '0'), 'payg', 1, $2 FROM generate_series(1, $1) i",
-    )
-    .bind(CUSTOMERS)
-    .bind(q.start)
-    .execute(&pool)
-    .await
-    .unwrap();
     // Customer i made i million requests: $0.40 × i.
-    let ids: Vec<String> = (1..=CUSTOMERS).map(|i| format!("c{i:05}")).collect();
+    let ids = bulk_customers(&pool, "c", CUSTOMERS, "payg", q.start).await;
     let t = q.start + Duration::days(9);
     let events: Vec<_> = ids
         .iter()

@@ -225,8 +225,12 @@ pub trait StateStore: Send + Sync + 'static {
         &self,
         start: DateTime<Utc>,
     ) -> BoxFuture<'_, StateResult<HashMap<String, Invoice>>>;
-    /// Invoices carried forward and not yet added to a later invoice, by customer.
-    fn open_carried(&self) -> BoxFuture<'_, StateResult<HashMap<String, Vec<Invoice>>>>;
+    /// Invoices carried forward and not yet added to a later invoice, by
+    /// customer (of one customer, or of all).
+    fn open_carried<'a>(
+        &'a self,
+        customer: Option<&'a str>,
+    ) -> BoxFuture<'a, StateResult<HashMap<String, Vec<Invoice>>>>;
 
     // Invoices.
     /// Finalizes invoices in one transaction: numbers them from the gapless

@@ -725,13 +725,16 @@ impl StateStore for PgState {
         })
     }
 
-    fn open_carried(&self) -> BoxFuture<'_, StateResult<HashMap<String, Vec<Invoice>>>> {
+    fn open_carried<'a>(
+        &'a self,
+        customer: Option<&'a str>,
+    ) -> BoxFuture<'a, StateResult<HashMap<String, Vec<Invoice>>>> {
         Box::pin(async move {
             let mut out: HashMap<String, Vec<Invoice>> = HashMap::new();
             for i in self
                 .invoices_where(
-                    "sync_status = 'carried_forward' AND carried_to IS NULL AND ($1::text IS NULL OR true)",
-                    None,
+                    "sync_status = 'carried_forward' AND carried_to IS NULL AND ($1::text IS NULL OR customer_id = $1)",
+                    customer,
                 )
                 .await?
             {

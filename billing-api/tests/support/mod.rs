@@ -73,6 +73,55 @@ pub async fn clickhouse(test: &str) -> (String, String, Arc<ClickHouseStore>) {
     (url, db, store)
 }
 
+/// `n` customers `{prefix}1000000`, `{prefix}1000001`, … (ids of equal
+/// length, so they sort as numbers), each subscribed to `plan` version 1
+/// from `starts_at`, written in two statements. Returns their ids.
+pub async fn bulk_customers(
+    pool: &sqlx::PgPool,
+    prefix: &str,
+    n: i64,
+    plan: &str,
+    starts_at: DateTime<Utc>,
+) -> Vec<String> {
+    sqlx::query(
+        "INSERT INTO customers (id, external_id, name) \
+         SELECT $2 || (1000000 + i - 1), 'x' || $2 || i, 'Customer ' || i FROM generate_series(1, $1) i",
+    )
+    .bind(n)
+    .bind(prefix)
+    .execute(pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO subscriptions (customer_id, plan, version, starts_at) \
+         SELECT $2 || (1000000 + i - 1), $3, 1, $4 FROM generate_series(1, $1) i",
+    )
+    .bind(n)
+    .bind(prefix)
+    .bind(plan)
+    .bind(starts_at)
+    .execute(pool)
+    .await
+    .unwrap();
+    (0..n)
+        .map(|i| format!("{prefix}{}", 1_000_000 + i))
+        .collect()
+}
+
+/// Runs one ClickHouse statement over HTTP; returns its output.
+pub async fn clickhouse_exec(url: &str, sql: &str) -> String {
+    let r = reqwest::Client::new()
+        .post(url)
+        .body(sql.to_owned())
+        .send()
+        .await
+        .unwrap();
+    let ok = r.status().is_success();
+    let text = r.text().await.unwrap();
+    assert!(ok, "{sql}: {text}");
+    text
+}
+
 pub async fn default_catalog(st: &dyn StateStore) {
     load_catalog(
         st,
