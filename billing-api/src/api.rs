@@ -282,6 +282,9 @@ pub fn router(app: Arc<ApiState>) -> Router {
         .route("/v1/keys", get(list_keys).post(create_key))
         .route("/v1/keys/{id}/revoke", post(revoke_key))
         .route("/v1/customers/{id}/sessions", post(create_session))
+        .route("/v1/customers/{id}/costs", get(customer_costs))
+        .route("/v1/customers/{id}/plan-advisor", get(plan_advisor))
+        .route("/v1/me", get(whoami))
         .route_layer(axum::middleware::from_fn_with_state(
             app.clone(),
             authenticate,
@@ -291,6 +294,7 @@ pub fn router(app: Arc<ApiState>) -> Router {
         .route("/v1/stripe/webhook", post(stripe_webhook))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
+        .merge(crate::dashboard::router())
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })
@@ -1153,6 +1157,77 @@ async fn stripe_webhook(
     }))
 }
 
+// ---------------------------------------------------------------- costs
+
+/// The open month: month-to-date cost and forecast, cost by meter, app and
+/// day, the plan and the spending cap (admin or the customer).
+#[utoipa::path(get, path = "/v1/customers/{id}/costs", params(("id" = String, Path)),
+    responses((status = 200, body = crate::costs::CostReport), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn customer_costs(
+    State(app): State<Arc<ApiState>>,
+    axum::Extension(who): axum::Extension<Principal>,
+    Path(id): Path<String>,
+) -> ApiResult<crate::costs::CostReport> {
+    who.read_customer(&id, &format!("customer {id}"))?;
+    app.state.customer(&id).await?;
+    let r = crate::costs::report(
+        app.state.as_ref(),
+        app.usage.as_ref(),
+        &app.meters,
+        &app.quota,
+        &id,
+        Utc::now(),
+    )
+    .await?;
+    Ok(Json(r))
+}
+
+/// This month's usage priced on every published plan, with the saving
+/// against the customer's forecast (admin or the customer).
+#[utoipa::path(get, path = "/v1/customers/{id}/plan-advisor", params(("id" = String, Path)),
+    responses((status = 200, body = crate::costs::Advisor), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn plan_advisor(
+    State(app): State<Arc<ApiState>>,
+    axum::Extension(who): axum::Extension<Principal>,
+    Path(id): Path<String>,
+) -> ApiResult<crate::costs::Advisor> {
+    who.read_customer(&id, &format!("customer {id}"))?;
+    app.state.customer(&id).await?;
+    let r = crate::costs::advisor(
+        app.state.as_ref(),
+        app.usage.as_ref(),
+        &app.meters,
+        &app.quota,
+        &id,
+        Utc::now(),
+    )
+    .await?;
+    Ok(Json(r))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Me {
+    /// `admin`, `control-plane`, `collector` or `customer`.
+    pub role: String,
+    /// The customer a customer credential is scoped to.
+    pub customer_id: Option<String>,
+}
+
+/// Who the credential is (the dashboard learns its customer from this).
+#[utoipa::path(get, path = "/v1/me", responses((status = 200, body = Me), (status = 401, body = ErrorBody)))]
+async fn whoami(axum::Extension(who): axum::Extension<Principal>) -> Json<Me> {
+    let (role, customer_id) = match who {
+        Principal::Admin { .. } => ("admin", None),
+        Principal::ControlPlane { .. } => ("control-plane", None),
+        Principal::Collector { .. } => ("collector", None),
+        Principal::Customer { customer_id } => ("customer", Some(customer_id)),
+    };
+    Json(Me {
+        role: role.into(),
+        customer_id,
+    })
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(
@@ -1187,6 +1262,9 @@ async fn stripe_webhook(
         quota_snapshot,
         set_spending_cap,
         set_suspension,
+        customer_costs,
+        plan_advisor,
+        whoami,
         stripe_webhook
     ),
     components(schemas(ErrorBody, CatalogError, Effective, Role))

@@ -5,6 +5,8 @@ pub mod admin_cli;
 pub mod api;
 pub mod auth;
 pub mod catalog;
+pub mod costs;
+pub mod dashboard;
 pub mod finalize;
 pub mod invoice;
 pub mod metrics;

@@ -169,15 +169,23 @@ fn rated_total(q: &QuotaInput, usage: Vec<UsageItem>) -> anyhow::Result<(Decimal
     Ok((r.total, uncapped))
 }
 
-/// The projected month-end usage, plus `extra`.
-fn projected_usage(q: &QuotaInput, extra: Vec<UsageItem>) -> Vec<UsageItem> {
-    let left = secs(q.now.max(q.period.start), q.period.end);
-    let elapsed = secs(q.period.start, q.now.min(q.period.end));
-    let mut out: Vec<UsageItem> = q.usage_to_date.to_vec();
+/// What the rest of the period adds to `usage_to_date` (usage of
+/// `[period.start, now)`) under the forecast method above: counters at their
+/// month-to-date rate, instances and volumes as they run now. Items carry
+/// only the dimensions `plan` prices on.
+pub fn projection(
+    plan: &PlanVersion,
+    period: Period,
+    now: DateTime<Utc>,
+    usage_to_date: &[UsageItem],
+    running: &Running,
+) -> Vec<UsageItem> {
+    let left = secs(now.max(period.start), period.end);
+    let elapsed = secs(period.start, now.min(period.end));
+    let mut out = Vec::new();
     // Counters continue at their month-to-date rate.
     if !elapsed.is_zero() {
-        for u in q
-            .usage_to_date
+        for u in usage_to_date
             .iter()
             .filter(|u| u.meter != COMPUTE && u.meter != DISK)
         {
@@ -189,22 +197,35 @@ fn projected_usage(q: &QuotaInput, extra: Vec<UsageItem>) -> Vec<UsageItem> {
         }
     }
     // Gauges continue as they run now.
-    for ((app, ty), n) in &q.running.instances {
+    for ((app, ty), n) in &running.instances {
         out.push(UsageItem {
             meter: COMPUTE.into(),
-            dims: dims_for(q.plan, COMPUTE, &[("app", app), ("instance_type", ty)]),
+            dims: dims_for(plan, COMPUTE, &[("app", app), ("instance_type", ty)]),
             quantity: Decimal::from(*n) * left,
             events: 0,
         });
     }
-    for ((app, vol), gb) in &q.running.volumes {
+    for ((app, vol), gb) in &running.volumes {
         out.push(UsageItem {
             meter: DISK.into(),
-            dims: dims_for(q.plan, DISK, &[("app", app), ("volume_id", vol)]),
+            dims: dims_for(plan, DISK, &[("app", app), ("volume_id", vol)]),
             quantity: *gb * left,
             events: 0,
         });
     }
+    out
+}
+
+/// The projected month-end usage, plus `extra`.
+fn projected_usage(q: &QuotaInput, extra: Vec<UsageItem>) -> Vec<UsageItem> {
+    let mut out: Vec<UsageItem> = q.usage_to_date.to_vec();
+    out.extend(projection(
+        q.plan,
+        q.period,
+        q.now,
+        q.usage_to_date,
+        q.running,
+    ));
     out.extend(extra);
     out
 }
