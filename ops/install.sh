@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install what Tally's tests need: ClickHouse, PostgreSQL, curl (apt),
+# Install what Tally's tests need: ClickHouse, PostgreSQL, curl, Chromium
+# and ChromeDriver (apt; the dashboard's browser test),
 # tansu (Kafka-compatible broker) and cargo-nextest (cargo).
 # Idempotent: does nothing when everything is already present.
 set -euo pipefail
@@ -27,8 +28,10 @@ as_root() {
 # --- Debian packages -------------------------------------------------------
 if ! command -v clickhouse-server >/dev/null 2>&1 \
     || [[ ! -x $PG_BIN/initdb ]] \
-    || ! command -v curl >/dev/null 2>&1; then
-    log "installing clickhouse-server, postgresql, curl (apt)"
+    || ! command -v curl >/dev/null 2>&1 \
+    || ! command -v chromium >/dev/null 2>&1 \
+    || ! command -v chromedriver >/dev/null 2>&1; then
+    log "installing clickhouse-server, postgresql, curl, chromium, chromium-driver (apt)"
     # Keep the packages from starting system-wide services on the default
     # ports: ops/services.sh runs private instances instead.
     policy=/usr/sbin/policy-rc.d
@@ -38,7 +41,7 @@ if ! command -v clickhouse-server >/dev/null 2>&1 \
     fi
     as_root env DEBIAN_FRONTEND=noninteractive apt-get update
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y \
-        clickhouse-server postgresql curl
+        clickhouse-server postgresql curl chromium chromium-driver
 fi
 
 # --- tansu -----------------------------------------------------------------

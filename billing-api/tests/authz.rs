@@ -24,6 +24,8 @@ enum Class {
     ReadA,
     /// The same endpoints on customer B's ids.
     ReadB,
+    /// Any valid credential (`/v1/me`).
+    Anyone,
 }
 
 const B_SECRET: &str = "Beta Secret Corp";
@@ -210,6 +212,7 @@ async fn every_endpoint_by_every_role() {
             Class::Mint,
         ),
         (M::GET, "/v1/quota/snapshot".into(), None, Class::Mint),
+        (M::GET, "/v1/me".into(), None, Class::Anyone),
         (
             M::PUT,
             "/v1/customers/cus_b/suspension".into(),
@@ -243,6 +246,8 @@ async fn every_endpoint_by_every_role() {
                 class,
             ),
             (M::GET, format!("/v1/customers/{c}/subscription"), None, class),
+            (M::GET, format!("/v1/customers/{c}/costs"), None, class),
+            (M::GET, format!("/v1/customers/{c}/plan-advisor"), None, class),
             (
                 M::PUT,
                 format!("/v1/customers/{c}/spending-cap"),
@@ -289,7 +294,7 @@ async fn every_endpoint_by_every_role() {
                 (Who::Nobody | Who::Unknown | Who::Revoked | Who::Expired | Who::Forged, _) => {
                     Some(401)
                 }
-                (Who::AdminKey | Who::Bootstrap, _) => None,
+                (Who::AdminKey | Who::Bootstrap, _) | (_, Class::Anyone) => None,
                 (Who::Collector, _) => Some(403),
                 (Who::Control, Class::Catalog | Class::Mint) => None,
                 (Who::Control, _) => Some(403),
@@ -315,7 +320,10 @@ async fn every_endpoint_by_every_role() {
                 }
                 None => {
                     assert!(![401, 403].contains(&s), "{ctx}");
-                    if matches!(class, Class::ReadA | Class::ReadB | Class::Catalog) {
+                    if matches!(
+                        class,
+                        Class::ReadA | Class::ReadB | Class::Catalog | Class::Anyone
+                    ) {
                         assert!((200..300).contains(&s), "{ctx}");
                     }
                     // A customer's own answers never carry the other customer.

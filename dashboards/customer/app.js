@@ -157,11 +157,15 @@ async function loadAdvisor() {
   body.replaceChildren();
   for (const p of a.plans) {
     const s = Number(p.saving);
-    const row = el("tr", { class: p.current ? "current" : "", "data-plan": p.plan },
-      el("td", {}, p.name + (p.current ? " (your plan)" : "")),
+    const name = el("td", {}, p.name + (p.current ? " (your plan)" : ""));
+    if (!p.fits) name.append(el("div", { class: "note" }, p.note || "does not fit this usage"));
+    const row = el("tr", { class: (p.current ? "current " : "") + (p.fits ? "" : "nofit"), "data-plan": p.plan },
+      name,
       moneyCell(p.month_to_date, a.currency),
       moneyCell(p.forecast, a.currency),
-      moneyCell(p.saving, a.currency, s > 0 ? "saving" : s < 0 ? "loss" : ""));
+      p.fits
+        ? moneyCell(p.saving, a.currency, s > 0 ? "saving" : s < 0 ? "loss" : "")
+        : el("td", { class: "num", "data-value": p.saving }, "—"));
     body.append(row);
   }
 }
