@@ -2,6 +2,7 @@
 
 pub mod adjust;
 pub mod admin_cli;
+pub mod alerts;
 pub mod api;
 pub mod auth;
 pub mod catalog;

@@ -95,6 +95,15 @@ enum Command {
         /// Seconds between scheduler runs.
         #[arg(long, env = "TALLY_FINALIZE_EVERY_SECS", default_value_t = 60)]
         finalize_every_secs: u64,
+        /// URL that receives usage alerts (signed webhooks); no alerts without it.
+        #[arg(long, env = "TALLY_ALERT_WEBHOOK_URL")]
+        alert_webhook_url: Option<String>,
+        /// Secret that signs usage alerts (`Tally-Signature`); required with the URL.
+        #[arg(long, env = "TALLY_ALERT_WEBHOOK_SECRET", hide_env_values = true)]
+        alert_webhook_secret: Option<String>,
+        /// Percentages of the spending cap or an allowance that raise an alert.
+        #[arg(long, env = "TALLY_ALERT_THRESHOLDS", default_value = "50,80,100")]
+        alert_thresholds: String,
     },
     /// Apply PostgreSQL migrations and load the catalog, then exit.
     Migrate {
@@ -206,7 +215,29 @@ async fn main() -> anyhow::Result<()> {
             stripe_webhook_secret,
             quota_refresh_secs,
             finalize_every_secs,
+            alert_webhook_url,
+            alert_webhook_secret,
+            alert_thresholds,
         } => {
+            let thresholds = billing_api::alerts::parse_thresholds(&alert_thresholds)
+                .map_err(|e| anyhow::anyhow!("--{e}"))?;
+            let alerts = match (alert_webhook_url, alert_webhook_secret) {
+                (Some(url), Some(secret)) => {
+                    anyhow::ensure!(
+                        url.starts_with("http://") || url.starts_with("https://"),
+                        "--alert-webhook-url: an http(s) URL, got {url:?}"
+                    );
+                    anyhow::ensure!(
+                        secret.len() >= 16,
+                        "--alert-webhook-secret: at least 16 characters"
+                    );
+                    Some(billing_api::alerts::AlertConfig::new(url, secret, thresholds))
+                }
+                (Some(_), None) => anyhow::bail!(
+                    "--alert-webhook-secret (or TALLY_ALERT_WEBHOOK_SECRET) is required with --alert-webhook-url"
+                ),
+                (None, _) => None,
+            };
             let mut admin_keys = Vec::new();
             for h in &admin_key_sha256 {
                 let b = hex::decode(h.trim())
@@ -269,6 +300,7 @@ async fn main() -> anyhow::Result<()> {
                 p.sync,
                 Duration::from_secs(finalize_every_secs.max(1)),
                 Duration::from_secs(quota_refresh_secs.max(1)),
+                alerts,
             )
             .await
         }

@@ -42,6 +42,8 @@ pub struct Metrics {
     pub webhooks: IntCounterVec,
     pub quota_decisions: IntCounterVec,
     pub quota_check_duration: Histogram,
+    pub alerts_raised: IntCounterVec,
+    pub alert_deliveries: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -120,6 +122,22 @@ impl Metrics {
                 .buckets(vec![0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01]),
             )
             .unwrap(),
+            alerts_raised: IntCounterVec::new(
+                Opts::new(
+                    "tally_billing_alerts_raised_total",
+                    "Usage alerts raised (once per customer, period, subject and threshold), by kind",
+                ),
+                &["kind"],
+            )
+            .unwrap(),
+            alert_deliveries: IntCounterVec::new(
+                Opts::new(
+                    "tally_billing_alert_deliveries_total",
+                    "Usage alert webhook attempts, by outcome (delivered, retry, gave_up)",
+                ),
+                &["outcome"],
+            )
+            .unwrap(),
         };
         let r = &m.registry;
         r.register(Box::new(m.invoices_drafted.clone())).unwrap();
@@ -133,6 +151,14 @@ impl Metrics {
         r.register(Box::new(m.rating_seconds.clone())).unwrap();
         r.register(Box::new(m.webhooks.clone())).unwrap();
         r.register(Box::new(m.quota_decisions.clone())).unwrap();
+        r.register(Box::new(m.alerts_raised.clone())).unwrap();
+        r.register(Box::new(m.alert_deliveries.clone())).unwrap();
+        for kind in ["spending_cap", "allowance"] {
+            m.alerts_raised.with_label_values(&[kind]);
+        }
+        for outcome in ["delivered", "retry", "gave_up"] {
+            m.alert_deliveries.with_label_values(&[outcome]);
+        }
         r.register(Box::new(m.quota_check_duration.clone()))
             .unwrap();
         // Labels: `allow`/`none`, and `deny` with each reason's code.

@@ -230,6 +230,11 @@ fn projected_usage(q: &QuotaInput, extra: Vec<UsageItem>) -> Vec<UsageItem> {
     out
 }
 
+/// (billed total, cost before the plan's maximum) of the usage so far.
+pub fn cost_to_date(q: &QuotaInput) -> anyhow::Result<(Decimal, Decimal)> {
+    rated_total(q, q.usage_to_date.to_vec())
+}
+
 /// Forecast month-end bill with nothing changed.
 pub fn forecast(q: &QuotaInput) -> anyhow::Result<Decimal> {
     Ok(rated_total(q, projected_usage(q, vec![]))?.0)

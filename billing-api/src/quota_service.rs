@@ -71,7 +71,12 @@ impl Entry {
     /// the period is counted from there (a little more than is left, so the
     /// forecast errs high).
     pub fn decide(&self, ask: &Ask) -> anyhow::Result<Decision> {
-        let q = QuotaInput {
+        decide(&self.input(), ask)
+    }
+
+    /// The entry as the quota rules take it.
+    pub fn input(&self) -> QuotaInput<'_> {
+        QuotaInput {
             plan: &self.plan,
             period: self.period,
             now: self.as_of,
@@ -80,8 +85,7 @@ impl Entry {
             running: &self.running,
             suspended: self.suspended,
             spending_cap: self.spending_cap,
-        };
-        decide(&q, ask)
+        }
     }
 }
 
@@ -346,6 +350,15 @@ impl QuotaService {
         let fresh = self.build(Some(customer), now).await?;
         self.install(fresh, Some(customer));
         Ok(())
+    }
+
+    /// Every customer's entry.
+    pub fn entries(&self) -> Vec<(String, Arc<Entry>)> {
+        let g = self.inner.read().unwrap();
+        g.entries
+            .iter()
+            .map(|(c, e)| (c.clone(), e.clone()))
+            .collect()
     }
 
     pub fn entry(&self, customer: &str) -> Option<Arc<Entry>> {

@@ -2,6 +2,7 @@
 //! scheduler (finalization runs, then Stripe sync), and the HTTP server with
 //! graceful shutdown.
 
+use crate::alerts::{AlertConfig, AlertSender};
 use crate::api::{router, ApiState};
 use crate::auth::KEY_REFRESH;
 use crate::catalog::Catalog;
@@ -93,9 +94,19 @@ pub async fn serve(
     sync: Option<Arc<StripeSync>>,
     every: Duration,
     quota_every: Duration,
+    alerts: Option<AlertConfig>,
 ) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
-    tokio::spawn(refresh_quota(api.clone(), quota_every, stop_rx.clone()));
+    if let Some(config) = &alerts {
+        let sender = AlertSender::new(api.state.clone(), config.clone(), api.metrics.clone());
+        tokio::spawn(send_alerts(sender, stop_rx.clone()));
+    }
+    tokio::spawn(refresh_quota(
+        api.clone(),
+        quota_every,
+        alerts,
+        stop_rx.clone(),
+    ));
     let sched = tokio::spawn(scheduler(finalizer, sync, every, stop_rx.clone()));
     tokio::spawn(refresh_keys(api.clone(), stop_rx));
     tracing::info!(addr = %listener.local_addr()?, "billing-api listening");
@@ -125,8 +136,14 @@ async fn refresh_keys(api: Arc<ApiState>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-/// Reloads the quota state of every customer every `every`.
-async fn refresh_quota(api: Arc<ApiState>, every: Duration, mut stop: watch::Receiver<bool>) {
+/// Reloads the quota state of every customer every `every`, then raises
+/// the usage alerts it warrants.
+async fn refresh_quota(
+    api: Arc<ApiState>,
+    every: Duration,
+    alerts: Option<AlertConfig>,
+    mut stop: watch::Receiver<bool>,
+) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
@@ -134,6 +151,33 @@ async fn refresh_quota(api: Arc<ApiState>, every: Duration, mut stop: watch::Rec
         }
         if let Err(e) = api.quota.refresh(chrono::Utc::now()).await {
             tracing::warn!(error = %format!("{e:#}"), "quota refresh failed; answering from the previous state");
+            continue;
+        }
+        if let Some(config) = &alerts {
+            if let Err(e) = crate::alerts::raise(
+                &api.quota,
+                api.state.as_ref(),
+                config,
+                &api.metrics,
+                Utc::now(),
+            )
+            .await
+            {
+                tracing::warn!(error = %format!("{e:#}"), "usage alert evaluation failed; retrying after the next refresh");
+            }
+        }
+    }
+}
+
+/// Delivers due usage alerts every few seconds.
+async fn send_alerts(sender: AlertSender, mut stop: watch::Receiver<bool>) {
+    loop {
+        if let Err(e) = sender.run_once(Utc::now()).await {
+            tracing::warn!(error = %format!("{e:#}"), "usage alert delivery run failed");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            _ = stop.changed() => return,
         }
     }
 }

@@ -1,4 +1,5 @@
-//! Stripe webhook signature verification.
+//! Webhook signatures: verifying Stripe's, and signing Tally's own usage
+//! alerts with the same scheme.
 //!
 //! Stripe signs each delivery with the endpoint's secret: the
 //! `Stripe-Signature` header is `t=<unix time>,v1=<hex>[,v1=<hex>…]` where
@@ -24,6 +25,20 @@ pub enum SignatureError {
     Expired,
     #[error("no signature matches")]
     Mismatch,
+}
+
+fn mac(secret: &str, t: i64, payload: &[u8]) -> Vec<u8> {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key size");
+    mac.update(t.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(payload);
+    mac.finalize().into_bytes().to_vec()
+}
+
+/// The hex `v1` signature of `payload` at unix time `t` (what Tally's own
+/// outgoing webhooks carry).
+pub fn sign(secret: &str, t: i64, payload: &[u8]) -> String {
+    hex::encode(mac(secret, t, payload))
 }
 
 /// Verifies `header` for `payload` at unix time `now`.
@@ -52,11 +67,7 @@ pub fn verify(
     if sigs.is_empty() {
         return Err(SignatureError::Malformed);
     }
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key size");
-    mac.update(t.to_string().as_bytes());
-    mac.update(b".");
-    mac.update(payload);
-    let expected = mac.finalize().into_bytes();
+    let expected = mac(secret, t, payload);
     let matched = sigs.iter().fold(0u8, |acc, s| {
         acc | s.as_slice().ct_eq(expected.as_slice()).unwrap_u8()
     });

@@ -53,6 +53,11 @@ pub const POSTGRES: &[Migration] = &[
         name: "quota_settings",
         sql: include_str!("../migrations/postgres/0004_quota_settings.sql"),
     },
+    Migration {
+        version: 5,
+        name: "usage_alerts",
+        sql: include_str!("../migrations/postgres/0005_usage_alerts.sql"),
+    },
 ];
 
 #[cfg(test)]

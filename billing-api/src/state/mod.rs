@@ -47,6 +47,46 @@ pub type StateResult<T> = Result<T, StateError>;
 /// (suspended, the customer's own spending cap).
 pub type QuotaSettings = (bool, Option<Decimal>);
 
+/// A usage alert to raise: once per (customer, period, kind, subject,
+/// threshold).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct NewAlert {
+    pub customer_id: String,
+    pub period_start: DateTime<Utc>,
+    /// `spending_cap` or `allowance`.
+    pub kind: String,
+    /// What the threshold is of: empty for the cap, the price for an
+    /// allowance (e.g. `compute instance_type=t4g.small`).
+    pub subject: String,
+    /// Percent.
+    pub threshold: u32,
+    /// The webhook body.
+    pub payload: serde_json::Value,
+}
+
+/// A raised alert and its delivery.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Alert {
+    pub id: i64,
+    #[serde(flatten)]
+    pub alert: NewAlert,
+    pub created_at: DateTime<Utc>,
+    /// `pending`, `delivered` or `failed` (gave up).
+    pub status: String,
+    pub attempts: u32,
+    pub next_attempt_at: DateTime<Utc>,
+    pub delivered_at: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+}
+
+/// How one delivery attempt ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AlertOutcome {
+    Delivered,
+    Retry { at: DateTime<Utc>, error: String },
+    GaveUp { error: String },
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Customer {
     pub id: String,
@@ -306,6 +346,27 @@ pub trait StateStore: Send + Sync + 'static {
         stripe_invoice_id: &'a str,
         status: &'a str,
     ) -> BoxFuture<'a, StateResult<bool>>;
+
+    /// Raises the alerts not raised before, due for delivery from `now`;
+    /// returns those it raised.
+    fn record_alerts<'a>(
+        &'a self,
+        alerts: &'a [NewAlert],
+        now: DateTime<Utc>,
+    ) -> BoxFuture<'a, StateResult<Vec<NewAlert>>>;
+    /// Claims up to `limit` pending alerts due at `now` for delivery: their
+    /// next attempt moves to `now + lease`, so a replica that dies while
+    /// sending leaves them to be retried after the lease, and two replicas
+    /// never claim the same alert at once.
+    fn claim_due_alerts(
+        &self,
+        now: DateTime<Utc>,
+        lease: chrono::Duration,
+        limit: u32,
+    ) -> BoxFuture<'_, StateResult<Vec<Alert>>>;
+    /// Records the end of one delivery attempt.
+    fn settle_alert(&self, id: i64, outcome: AlertOutcome) -> BoxFuture<'_, StateResult<()>>;
+    fn alerts_of<'a>(&'a self, customer: &'a str) -> BoxFuture<'a, StateResult<Vec<Alert>>>;
 }
 
 /// Clips `[start, end?)` spans to a period, dropping the ones outside it.

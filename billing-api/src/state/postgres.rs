@@ -6,8 +6,8 @@
 //! concurrent switches cannot interleave into overlapping segments.
 
 use super::{
-    clip, sync_status, App, AuditEntry, Customer, Invoice, PlanSegment, PublishedPlan, StateError,
-    StateResult, StateStore,
+    clip, sync_status, Alert, AlertOutcome, App, AuditEntry, Customer, Invoice, NewAlert,
+    PlanSegment, PublishedPlan, StateError, StateResult, StateStore,
 };
 use crate::auth::{ApiKey, Role};
 use crate::catalog::PlanVersion;
@@ -1071,6 +1071,100 @@ impl StateStore for PgState {
         })
     }
 
+    fn record_alerts<'a>(
+        &'a self,
+        alerts: &'a [NewAlert],
+        now: DateTime<Utc>,
+    ) -> BoxFuture<'a, StateResult<Vec<NewAlert>>> {
+        Box::pin(async move {
+            let mut raised = Vec::new();
+            let mut tx = self.pool.begin().await?;
+            for a in alerts {
+                let n = sqlx::query(
+                    "INSERT INTO usage_alerts (customer_id, period_start, kind, subject, threshold, payload, next_attempt_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                     ON CONFLICT (customer_id, period_start, kind, subject, threshold) DO NOTHING",
+                )
+                .bind(&a.customer_id)
+                .bind(a.period_start)
+                .bind(&a.kind)
+                .bind(&a.subject)
+                .bind(a.threshold as i32)
+                .bind(&a.payload)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if n > 0 {
+                    raised.push(a.clone());
+                }
+            }
+            tx.commit().await?;
+            Ok(raised)
+        })
+    }
+
+    fn claim_due_alerts(
+        &self,
+        now: DateTime<Utc>,
+        lease: chrono::Duration,
+        limit: u32,
+    ) -> BoxFuture<'_, StateResult<Vec<Alert>>> {
+        Box::pin(async move {
+            let rows = sqlx::query(
+                "UPDATE usage_alerts SET next_attempt_at = $2 WHERE id IN ( \
+                   SELECT id FROM usage_alerts WHERE status = 'pending' AND next_attempt_at <= $1 \
+                   ORDER BY next_attempt_at, id LIMIT $3 FOR UPDATE SKIP LOCKED) \
+                 RETURNING *",
+            )
+            .bind(now)
+            .bind(now + lease)
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await?;
+            let mut out: Vec<Alert> = rows.iter().map(alert_row).collect();
+            out.sort_by_key(|a| a.id);
+            Ok(out)
+        })
+    }
+
+    fn settle_alert(&self, id: i64, outcome: AlertOutcome) -> BoxFuture<'_, StateResult<()>> {
+        Box::pin(async move {
+            let q = match &outcome {
+                AlertOutcome::Delivered => sqlx::query(
+                    "UPDATE usage_alerts SET status = 'delivered', attempts = attempts + 1, \
+                     delivered_at = now(), last_error = NULL WHERE id = $1",
+                )
+                .bind(id),
+                AlertOutcome::Retry { at, error } => sqlx::query(
+                    "UPDATE usage_alerts SET attempts = attempts + 1, next_attempt_at = $2, \
+                     last_error = $3 WHERE id = $1",
+                )
+                .bind(id)
+                .bind(*at)
+                .bind(error),
+                AlertOutcome::GaveUp { error } => sqlx::query(
+                    "UPDATE usage_alerts SET status = 'failed', attempts = attempts + 1, \
+                     last_error = $2 WHERE id = $1",
+                )
+                .bind(id)
+                .bind(error),
+            };
+            q.execute(&self.pool).await?;
+            Ok(())
+        })
+    }
+
+    fn alerts_of<'a>(&'a self, customer: &'a str) -> BoxFuture<'a, StateResult<Vec<Alert>>> {
+        Box::pin(async move {
+            let rows = sqlx::query("SELECT * FROM usage_alerts WHERE customer_id = $1 ORDER BY id")
+                .bind(customer)
+                .fetch_all(&self.pool)
+                .await?;
+            Ok(rows.iter().map(alert_row).collect())
+        })
+    }
+
     fn quota_settings(&self) -> BoxFuture<'_, StateResult<HashMap<String, super::QuotaSettings>>> {
         Box::pin(async move {
             let rows = sqlx::query("SELECT id, suspended, spending_cap FROM customers")
@@ -1081,5 +1175,25 @@ impl StateStore for PgState {
                 .map(|r| (r.get("id"), (r.get("suspended"), r.get("spending_cap"))))
                 .collect())
         })
+    }
+}
+
+fn alert_row(r: &sqlx::postgres::PgRow) -> Alert {
+    Alert {
+        id: r.get("id"),
+        alert: NewAlert {
+            customer_id: r.get("customer_id"),
+            period_start: r.get("period_start"),
+            kind: r.get("kind"),
+            subject: r.get("subject"),
+            threshold: r.get::<i32, _>("threshold") as u32,
+            payload: r.get("payload"),
+        },
+        created_at: r.get("created_at"),
+        status: r.get("status"),
+        attempts: r.get::<i32, _>("attempts") as u32,
+        next_attempt_at: r.get("next_attempt_at"),
+        delivered_at: r.get("delivered_at"),
+        last_error: r.get("last_error"),
     }
 }

@@ -1,0 +1,320 @@
+//! Usage alerts: when a customer's month-to-date usage passes a threshold
+//! (50, 80 and 100 % by default, `--alert-thresholds`) of its spending cap
+//! or of an allowance its plan includes, an alert is raised once for the
+//! period and delivered as a signed webhook to the configured URL.
+//!
+//! - **What is measured**: from the quota state (usage through the last
+//!   complete hour, refreshed every `--quota-refresh-secs`), right after
+//!   each refresh. The cap is the customer's own, else the plan's default;
+//!   a cap of 0 (the free tier) raises nothing, since any usage would be
+//!   100 % of it. Cost is the month-to-date usage cost before the plan's
+//!   maximum (what the cap check compares). Allowances are a price's
+//!   `allowance_per_seat` (× the seats held over the period) or a zero-priced
+//!   first tier (the free tier's 750 instance-hours); usage is that
+//!   price's matching quantity in price units.
+//! - **Once per period**: the alert is a row keyed by (customer, period,
+//!   kind, subject, threshold); a second evaluation, or another replica,
+//!   inserts nothing. Crossing 80 % and 100 % in one refresh raises both.
+//! - **Delivery**: an outbox. A sender claims due rows with a lease (60 s),
+//!   POSTs the payload with `Tally-Signature: t=<unix>,v1=<hex HMAC-SHA256
+//!   of "<t>.<body>">` (Stripe's scheme: `webhook::verify` checks it) and
+//!   `Tally-Alert-Id`, and on anything but a 2xx retries with exponential
+//!   backoff (10 s doubling to at most 1 h) up to 12 attempts, then marks
+//!   the alert `failed`. Delivery is at least once (a lost response is
+//!   sent again): receivers deduplicate on `Tally-Alert-Id`.
+//! - Without `--alert-webhook-url` nothing is evaluated or sent.
+
+use crate::catalog::PriceModel;
+use crate::metrics::Metrics;
+use crate::quota::cost_to_date;
+use crate::quota_service::{Entry, QuotaService};
+use crate::state::{Alert, AlertOutcome, NewAlert, StateStore};
+use crate::webhook;
+use chrono::{DateTime, Duration, Utc};
+use rust_decimal::Decimal;
+use serde_json::json;
+use std::sync::Arc;
+
+/// Where and how alerts go.
+#[derive(Debug, Clone)]
+pub struct AlertConfig {
+    pub url: String,
+    pub secret: String,
+    /// Percentages, ascending.
+    pub thresholds: Vec<u32>,
+    pub max_attempts: u32,
+    /// Wait after the first failure; doubles after each, up to an hour.
+    pub first_retry: Duration,
+}
+
+impl AlertConfig {
+    pub const DEFAULT_THRESHOLDS: [u32; 3] = [50, 80, 100];
+
+    pub fn new(url: String, secret: String, thresholds: Vec<u32>) -> Self {
+        Self {
+            url,
+            secret,
+            thresholds,
+            max_attempts: 12,
+            first_retry: Duration::seconds(10),
+        }
+    }
+
+    /// When to try again after `attempts` failed attempts.
+    pub fn retry_at(&self, now: DateTime<Utc>, attempts: u32) -> DateTime<Utc> {
+        let factor = 1i32 << attempts.saturating_sub(1).min(16);
+        now + (self.first_retry * factor).min(Duration::hours(1))
+    }
+}
+
+/// Parses `50,80,100`: whole percentages from 1 to 1000.
+pub fn parse_thresholds(s: &str) -> Result<Vec<u32>, String> {
+    let mut v = Vec::new();
+    for part in s.split(',') {
+        let t: u32 = part.trim().parse().map_err(|_| {
+            format!("alert-thresholds: {part:?} is not a whole percentage (e.g. 50,80,100)")
+        })?;
+        if !(1..=1000).contains(&t) {
+            return Err(format!("alert-thresholds: {t} is outside 1..=1000"));
+        }
+        v.push(t);
+    }
+    v.sort_unstable();
+    v.dedup();
+    Ok(v)
+}
+
+fn crossed(used: Decimal, limit: Decimal, thresholds: &[u32]) -> impl Iterator<Item = u32> + '_ {
+    thresholds
+        .iter()
+        .copied()
+        .filter(move |t| used * Decimal::ONE_HUNDRED >= limit * Decimal::from(*t))
+}
+
+/// The alerts `entry` warrants now (pure; recording makes them once-only).
+pub fn evaluate(customer: &str, e: &Entry, thresholds: &[u32]) -> anyhow::Result<Vec<NewAlert>> {
+    let mut out = Vec::new();
+    let period = json!({"start": e.period.start, "end": e.period.end});
+    let mut raise =
+        |kind: &str, subject: String, t: u32, used: Decimal, limit: Decimal, unit: &str| {
+            out.push(NewAlert {
+                customer_id: customer.to_owned(),
+                period_start: e.period.start,
+                kind: kind.to_owned(),
+                subject: subject.clone(),
+                threshold: t,
+                payload: json!({
+                    "type": "usage_alert",
+                    "customer_id": customer,
+                    "period": period,
+                    "kind": kind,
+                    "subject": subject,
+                    "threshold_percent": t,
+                    "used": used,
+                    "limit": limit,
+                    "unit": unit,
+                    "as_of": e.as_of,
+                }),
+            });
+        };
+    let cap = e.spending_cap.or(e.plan.limits.default_spending_cap);
+    if let Some(cap) = cap.filter(|c| *c > Decimal::ZERO) {
+        let (_, cost) = cost_to_date(&e.input())?;
+        for t in crossed(cost, cap, thresholds) {
+            raise(
+                "spending_cap",
+                String::new(),
+                t,
+                cost,
+                cap,
+                &e.plan.currency,
+            );
+        }
+    }
+    let period_secs = Decimal::from((e.period.end - e.period.start).num_seconds().max(1));
+    for p in &e.plan.prices {
+        let allowance = match (&p.allowance_per_seat, &p.model) {
+            (Some(per_seat), _) => {
+                let seat_secs: Decimal = e
+                    .seats
+                    .iter()
+                    .map(|s| {
+                        Decimal::from(s.seats) * Decimal::from((s.end - s.start).num_seconds())
+                    })
+                    .sum();
+                *per_seat * seat_secs / period_secs
+            }
+            (None, PriceModel::Graduated { tiers })
+                if tiers.len() > 1
+                    && tiers[0].unit_price.is_zero()
+                    && tiers[0].flat_price.is_zero() =>
+            {
+                tiers[0].up_to.unwrap_or_default()
+            }
+            _ => continue,
+        };
+        if allowance <= Decimal::ZERO {
+            continue;
+        }
+        let used: Decimal = e
+            .usage_to_date
+            .iter()
+            .filter(|u| {
+                u.meter == p.meter && p.filter.iter().all(|(k, v)| u.dims.get(k) == Some(v))
+            })
+            .map(|u| u.quantity)
+            .sum::<Decimal>()
+            / p.per;
+        let mut subject = p.meter.clone();
+        for (k, v) in &p.filter {
+            subject.push_str(&format!(" {k}={v}"));
+        }
+        let unit = p.unit_name.clone().unwrap_or_else(|| p.meter.clone());
+        for t in crossed(used, allowance, thresholds) {
+            raise(
+                "allowance",
+                subject.clone(),
+                t,
+                used.round_dp(6).normalize(),
+                allowance.round_dp(6).normalize(),
+                &unit,
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// Evaluates every customer in the quota state and records what is new,
+/// due for delivery from `now`.
+pub async fn raise(
+    quota: &QuotaService,
+    state: &dyn StateStore,
+    config: &AlertConfig,
+    metrics: &Metrics,
+    now: DateTime<Utc>,
+) -> anyhow::Result<Vec<NewAlert>> {
+    let mut all = Vec::new();
+    for (c, e) in quota.entries() {
+        all.extend(evaluate(&c, &e, &config.thresholds)?);
+    }
+    if all.is_empty() {
+        return Ok(all);
+    }
+    let raised = state.record_alerts(&all, now).await?;
+    for a in &raised {
+        metrics.alerts_raised.with_label_values(&[&a.kind]).inc();
+        tracing::info!(customer = %a.customer_id, kind = %a.kind, subject = %a.subject, threshold = a.threshold, "usage alert raised");
+    }
+    Ok(raised)
+}
+
+/// Delivers raised alerts.
+pub struct AlertSender {
+    pub state: Arc<dyn StateStore>,
+    pub config: AlertConfig,
+    pub metrics: Metrics,
+    pub http: reqwest::Client,
+}
+
+/// The `Tally-Signature` header for `body` at unix time `t`.
+pub fn signature(secret: &str, t: i64, body: &[u8]) -> String {
+    format!("t={t},v1={}", webhook::sign(secret, t, body))
+}
+
+impl AlertSender {
+    pub fn new(state: Arc<dyn StateStore>, config: AlertConfig, metrics: Metrics) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(10))
+            .build()
+            .expect("HTTP client");
+        Self {
+            state,
+            config,
+            metrics,
+            http,
+        }
+    }
+
+    async fn send(&self, a: &Alert, now: DateTime<Utc>) -> Result<(), String> {
+        let body = serde_json::to_vec(&a.alert.payload).map_err(|e| e.to_string())?;
+        let resp = self
+            .http
+            .post(&self.config.url)
+            .header("content-type", "application/json")
+            .header("tally-alert-id", a.id.to_string())
+            .header(
+                "tally-signature",
+                signature(&self.config.secret, now.timestamp(), &body),
+            )
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| format!("transport: {e}"))?;
+        if resp.status().is_success() {
+            Ok(())
+        } else {
+            Err(format!("HTTP {}", resp.status().as_u16()))
+        }
+    }
+
+    /// Sends the alerts due at `now`; returns how many were delivered.
+    pub async fn run_once(&self, now: DateTime<Utc>) -> anyhow::Result<usize> {
+        let due = self
+            .state
+            .claim_due_alerts(now, Duration::seconds(60), 100)
+            .await?;
+        let mut delivered = 0;
+        for a in due {
+            let outcome = match self.send(&a, now).await {
+                Ok(()) => {
+                    delivered += 1;
+                    AlertOutcome::Delivered
+                }
+                Err(error) if a.attempts + 1 >= self.config.max_attempts => {
+                    tracing::error!(alert = a.id, customer = %a.alert.customer_id, %error, "usage alert not delivered; giving up");
+                    AlertOutcome::GaveUp { error }
+                }
+                Err(error) => {
+                    tracing::warn!(alert = a.id, %error, "usage alert delivery failed; will retry");
+                    AlertOutcome::Retry {
+                        at: self.config.retry_at(now, a.attempts + 1),
+                        error,
+                    }
+                }
+            };
+            let label = match outcome {
+                AlertOutcome::Delivered => "delivered",
+                AlertOutcome::Retry { .. } => "retry",
+                AlertOutcome::GaveUp { .. } => "gave_up",
+            };
+            self.metrics
+                .alert_deliveries
+                .with_label_values(&[label])
+                .inc();
+            self.state.settle_alert(a.id, outcome).await?;
+        }
+        Ok(delivered)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thresholds_and_backoff() {
+        assert_eq!(
+            parse_thresholds("100, 50,80,50").unwrap(),
+            vec![50, 80, 100]
+        );
+        assert!(parse_thresholds("50,x").unwrap_err().contains("\"x\""));
+        assert!(parse_thresholds("0").is_err());
+        let c = AlertConfig::new("http://x".into(), "s".into(), vec![50]);
+        let t0 = Utc::now();
+        assert_eq!(c.retry_at(t0, 1), t0 + Duration::seconds(10));
+        assert_eq!(c.retry_at(t0, 3), t0 + Duration::seconds(40));
+        assert_eq!(c.retry_at(t0, 11), t0 + Duration::hours(1));
+        let half: Vec<u32> = crossed(Decimal::from(5), Decimal::from(10), &[50, 80, 100]).collect();
+        assert_eq!(half, vec![50]);
+    }
+}
