@@ -59,6 +59,9 @@ for i in 0 1 2 3 4; do
     http://127.0.0.1:8090/v1/customers/$c/subscription >/dev/null 2>&1 || true
 done
 api -X PUT -d "{\"seats\":3,\"at\":\"$month_start\"}" http://127.0.0.1:8090/v1/customers/sim-c0001/seats >/dev/null 2>&1 || true
+# A 24-hour customer session for the cost dashboard.
+token=$(api -X POST -d '{"ttl_secs":86400}' http://127.0.0.1:8090/v1/customers/sim-c0000/sessions |
+  python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])' || true)
 
 cat <<TXT
 
@@ -66,6 +69,8 @@ Tally pipeline running (logs in $data/):
   ingest API        POST http://127.0.0.1:$port/v1/events   (Authorization: Bearer dev-collector-key)
   collector metrics http://127.0.0.1:$port/metrics
   aggregator metrics http://127.0.0.1:9464/metrics
+  cost dashboard    http://127.0.0.1:8090/dashboard#token=$token
+                    (customer sim-c0000; usage appears as the simulator's hours complete)
   billing API       http://127.0.0.1:8090/v1/...   (Authorization: Bearer dev-admin-key; schemas/openapi.json)
   invoice draft     curl -H 'Authorization: Bearer dev-admin-key' http://127.0.0.1:8090/v1/customers/sim-c0000/invoices/draft
   usage queries     target/release/aggregator query --customer sim-c0000 --meter compute \\

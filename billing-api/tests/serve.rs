@@ -71,6 +71,58 @@ async fn serve_loads_catalog_finalizes_and_stops_on_sigterm() {
         "default catalog published"
     );
 
+    // The cost dashboard's assets are compiled in and served with a CSP.
+    let page = http.get(format!("{base}/dashboard")).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
+    assert!(page.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .contains("script-src 'self'"));
+    assert!(page.text().await.unwrap().contains("/dashboard/app.js"));
+    for (asset, ty) in [("app.js", "text/javascript"), ("app.css", "text/css")] {
+        let r = http
+            .get(format!("{base}/dashboard/{asset}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{asset}");
+        assert!(r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with(ty));
+    }
+    let r = http
+        .get(format!("{base}/dashboard/secrets.txt"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    // Alert flags are checked at start, naming the flag.
+    let bad = Command::new(env!("CARGO_BIN_EXE_billing-api"))
+        .args(["serve", "--alert-webhook-url", "http://127.0.0.1:9/hook"])
+        .env("TALLY_DATABASE_URL", &url)
+        .env("TALLY_ADMIN_KEY_SHA256", &hash)
+        .env_remove("TALLY_ALERT_WEBHOOK_SECRET")
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("--alert-webhook-secret"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    let bad = Command::new(env!("CARGO_BIN_EXE_billing-api"))
+        .args(["serve", "--alert-thresholds", "50,lots"])
+        .env("TALLY_DATABASE_URL", &url)
+        .env("TALLY_ADMIN_KEY_SHA256", &hash)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--alert-thresholds"));
+
     // A customer with last month's usage is invoiced by the scheduler.
     let q = previous(month_of(Utc::now()));
     st.create_customer(
