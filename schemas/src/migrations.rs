@@ -30,6 +30,14 @@ pub const CLICKHOUSE: &[Migration] = &[
     },
 ];
 
+/// SQLite migrations of the embedded mode's usage store, in order (each
+/// file may hold several statements, applied in one transaction).
+pub const SQLITE_USAGE: &[Migration] = &[Migration {
+    version: 1,
+    name: "usage",
+    sql: include_str!("../migrations/sqlite/0001_usage.sql"),
+}];
+
 /// PostgreSQL migrations (billing state), in order. Each file may hold
 /// several statements and is applied in one transaction.
 pub const POSTGRES: &[Migration] = &[

@@ -1,12 +1,14 @@
 //! The usage store: where validated, deduplicated usage lives, and the query
 //! interface billing uses. ClickHouse implements it in the distributed mode
-//! (`clickhouse.rs`); an embedded SQLite store can implement the same traits.
+//! (`clickhouse.rs`); SQLite in the embedded mode (`sqlite.rs`), answering
+//! every question identically (`tests/sqlite_store.rs` compares them).
 //!
 //! Two traits split the two users: [`UsageWriter`] is the aggregator's
 //! write path (atomic batch writes plus the state a restarted consumer
 //! needs); [`UsageStore`] is the read path for billing and dashboards.
 
 pub mod clickhouse;
+pub mod sqlite;
 
 use crate::rollup::{RollupKey, RollupValue};
 use chrono::{DateTime, Datelike, TimeZone, Utc};

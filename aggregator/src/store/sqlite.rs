@@ -1,0 +1,520 @@
+//! The usage store on SQLite, for the embedded mode: the same traits, the
+//! same two tables and the same resume rules as ClickHouse
+//! (`clickhouse.rs`), so the aggregator's processor and billing run on it
+//! unchanged. Grouping and bucketing are the shared [`group_cells`].
+//!
+//! Durability: the database runs in WAL mode with `synchronous=FULL`, so a
+//! committed write survives a crash or power loss; each `write_raw` and
+//! `write_rollups` is one transaction. Quantities are stored as decimal text
+//! and aggregated in Rust (SQLite's numbers are floating point).
+
+use super::{
+    group_cells, split_hours, Cell, Partial, PartitionState, PerCustomer, RawRow, UsageQuery,
+    UsageRow, UsageStore, UsageWriter,
+};
+use crate::rollup::{RollupKey, RollupValue};
+use anyhow::Context;
+use chrono::{DateTime, TimeZone, Utc};
+use futures::future::BoxFuture;
+use rust_decimal::Decimal;
+use schemas::{Aggregation, MeterDef};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::str::FromStr;
+
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+fn dec(s: &str) -> anyhow::Result<Decimal> {
+    Decimal::from_str(s).with_context(|| format!("stored quantity {s:?} is not a decimal"))
+}
+
+fn ts(s: i64) -> DateTime<Utc> {
+    Utc.timestamp_opt(s, 0).single().unwrap_or_default()
+}
+
+/// Whose rows to read.
+#[derive(Clone, Copy)]
+enum Scope<'a> {
+    One(&'a str),
+    All(Option<(&'a str, &'a str)>),
+}
+
+impl Scope<'_> {
+    fn sql(&self) -> &'static str {
+        match self {
+            Scope::One(_) => "customer = ?1",
+            Scope::All(None) => "?1 IS NULL",
+            Scope::All(Some(_)) => "customer >= ?1 AND customer <= ?4",
+        }
+    }
+
+    fn bounds(&self) -> (Option<&str>, Option<&str>) {
+        match self {
+            Scope::One(c) => (Some(c), None),
+            Scope::All(None) => (None, None),
+            Scope::All(Some((lo, hi))) => (Some(lo), Some(hi)),
+        }
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file at `path`.
+    pub async fn open(path: &Path) -> anyhow::Result<Self> {
+        let opts = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(std::time::Duration::from_secs(30));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(opts)
+            .await
+            .with_context(|| format!("opening {}", path.display()))?;
+        Ok(Self { pool })
+    }
+
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    async fn apply_migrations(&self) -> anyhow::Result<()> {
+        sqlx::query("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL)")
+            .execute(&self.pool)
+            .await?;
+        for m in schemas::migrations::SQLITE_USAGE {
+            let mut tx = self.pool.begin().await?;
+            let done = sqlx::query("SELECT 1 FROM schema_migrations WHERE version = ?")
+                .bind(m.version as i64)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if done.is_none() {
+                // A plain string runs as a simple query: several statements.
+                sqlx::Executor::execute(&mut *tx, m.sql).await?;
+                sqlx::query("INSERT INTO schema_migrations (version, name) VALUES (?, ?)")
+                    .bind(m.version as i64)
+                    .bind(m.name)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+        }
+        Ok(())
+    }
+
+    /// Every raw row of `meters` in `[from, to)` as a cell of its own.
+    async fn raw_cells(
+        &self,
+        meters: &[&MeterDef],
+        scope: Scope<'_>,
+        (from, to): (i64, i64),
+        distinct: bool,
+        out: &mut Vec<(String, String, Cell)>,
+    ) -> anyhow::Result<()> {
+        for m in meters {
+            let sql = format!(
+                "SELECT customer, meter, time, app, dims, quantity, unique_value FROM usage_events \
+                 WHERE {} AND meter = ?2 AND time >= ?3 AND time < ?5",
+                scope.sql()
+            );
+            let (lo, hi) = scope.bounds();
+            let rows = sqlx::query(&sql)
+                .bind(lo)
+                .bind(&m.key)
+                .bind(from)
+                .bind(hi)
+                .bind(to)
+                .fetch_all(&self.pool)
+                .await?;
+            for r in rows {
+                let q = dec(r.get("quantity"))?;
+                let t: i64 = r.get("time");
+                let mut p = Partial {
+                    events: 1,
+                    sum: q,
+                    max: q,
+                    latest: Some((t, q)),
+                    ..Default::default()
+                };
+                if distinct {
+                    p.uniques.insert(r.get("unique_value"));
+                }
+                out.push((
+                    r.get("customer"),
+                    r.get("meter"),
+                    Cell {
+                        time: ts(t),
+                        app: r.get("app"),
+                        dims: r.get("dims"),
+                        partial: p,
+                    },
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Cells of `meters` over `q`'s range: whole hours from the rollups,
+    /// partial hours (and unique counts, and `raw` questions) from raw rows,
+    /// as the ClickHouse store answers.
+    async fn cells(
+        &self,
+        meters: &[&MeterDef],
+        q: &UsageQuery,
+        scope: Scope<'_>,
+    ) -> anyhow::Result<Vec<(String, String, Cell)>> {
+        let mut cells = Vec::new();
+        let (raw, rolled): (Vec<&MeterDef>, Vec<&MeterDef>) = meters
+            .iter()
+            .partition(|m| m.aggregation == Aggregation::UniqueCount || q.raw);
+        let range = (q.from.timestamp(), q.to.timestamp());
+        for m in &raw {
+            let distinct = m.aggregation == Aggregation::UniqueCount;
+            self.raw_cells(&[m], scope, range, distinct, &mut cells)
+                .await?;
+        }
+        if rolled.is_empty() {
+            return Ok(cells);
+        }
+        let (full, edges) = split_hours(q.from, q.to);
+        if let Some((f, t)) = full {
+            for m in &rolled {
+                let sql = format!(
+                    "SELECT customer, meter, hour, app, dims, events, quantity_sum, quantity_max, latest_time, latest_quantity \
+                     FROM usage_rollups_hourly WHERE {} AND meter = ?2 AND hour >= ?3 AND hour < ?5",
+                    scope.sql()
+                );
+                let (lo, hi) = scope.bounds();
+                let rows = sqlx::query(&sql)
+                    .bind(lo)
+                    .bind(&m.key)
+                    .bind(f)
+                    .bind(hi)
+                    .bind(t)
+                    .fetch_all(&self.pool)
+                    .await?;
+                for r in rows {
+                    let events = r.get::<i64, _>("events") as u64;
+                    cells.push((
+                        r.get("customer"),
+                        r.get("meter"),
+                        Cell {
+                            time: ts(r.get("hour")),
+                            app: r.get("app"),
+                            dims: r.get("dims"),
+                            partial: Partial {
+                                events,
+                                sum: dec(r.get("quantity_sum"))?,
+                                max: dec(r.get("quantity_max"))?,
+                                latest: (events > 0).then_some((
+                                    r.get("latest_time"),
+                                    dec(r.get("latest_quantity"))?,
+                                )),
+                                ..Default::default()
+                            },
+                        },
+                    ));
+                }
+            }
+        }
+        for edge in edges {
+            self.raw_cells(&rolled, scope, edge, false, &mut cells)
+                .await?;
+        }
+        Ok(cells)
+    }
+
+    /// The rollup values of `keys` recomputed from raw rows.
+    async fn rollups_from_raw(
+        &self,
+        keys: &[RollupKey],
+        partition: u32,
+        version: u64,
+    ) -> anyhow::Result<Vec<(RollupKey, RollupValue)>> {
+        let mut out = Vec::new();
+        for k in keys {
+            let rows = sqlx::query(
+                "SELECT time, quantity FROM usage_events WHERE customer = ? AND meter = ? AND time >= ? AND time < ? AND app = ? AND dims = ?",
+            )
+            .bind(&k.customer)
+            .bind(&k.meter)
+            .bind(k.hour)
+            .bind(k.hour + 3600)
+            .bind(&k.app)
+            .bind(&k.dims)
+            .fetch_all(&self.pool)
+            .await?;
+            let mut p = Partial::default();
+            for r in rows {
+                let q = dec(r.get("quantity"))?;
+                p.merge(Partial {
+                    events: 1,
+                    sum: q,
+                    max: q,
+                    latest: Some((r.get("time"), q)),
+                    ..Default::default()
+                });
+            }
+            out.push((
+                k.clone(),
+                RollupValue {
+                    events: p.events,
+                    sum: p.sum,
+                    max: p.max,
+                    latest: p.latest.unwrap_or_default(),
+                    partition,
+                    version,
+                },
+            ));
+        }
+        Ok(out)
+    }
+
+    async fn partition_state(
+        &self,
+        partition: u32,
+        window_start: DateTime<Utc>,
+    ) -> anyhow::Result<PartitionState> {
+        let raw_max: Option<i64> = sqlx::query_scalar(
+            "SELECT max(kafka_offset) FROM usage_events WHERE kafka_partition = ?",
+        )
+        .bind(partition as i64)
+        .fetch_one(&self.pool)
+        .await?;
+        let mut st = PartitionState {
+            max_offset: raw_max.map(|m| m as u64),
+            ..Default::default()
+        };
+        let Some(raw_max) = raw_max else {
+            return Ok(st);
+        };
+        let roll_max: Option<i64> = sqlx::query_scalar(
+            "SELECT max(version) FROM usage_rollups_hourly WHERE kafka_partition = ?",
+        )
+        .bind(partition as i64)
+        .fetch_one(&self.pool)
+        .await?;
+        if roll_max.is_none_or(|r| r < raw_max) {
+            // The last batch's raw rows landed but its rollups did not:
+            // re-derive every key it touched from raw rows.
+            let rows = sqlx::query(
+                "SELECT DISTINCT customer, meter, time - (time % 3600) AS hour, app, dims FROM usage_events \
+                 WHERE kafka_partition = ? AND kafka_offset > ?",
+            )
+            .bind(partition as i64)
+            .bind(roll_max.unwrap_or(-1))
+            .fetch_all(&self.pool)
+            .await?;
+            let keys: Vec<RollupKey> = rows
+                .iter()
+                .map(|r| RollupKey {
+                    customer: r.get("customer"),
+                    meter: r.get("meter"),
+                    hour: r.get("hour"),
+                    app: r.get("app"),
+                    dims: r.get("dims"),
+                })
+                .collect();
+            let repaired = self
+                .rollups_from_raw(&keys, partition, raw_max as u64)
+                .await?;
+            st.repaired_keys = repaired.len();
+            self.write_rollups_tx(repaired).await?;
+            tracing::warn!(
+                partition,
+                keys = st.repaired_keys,
+                "repaired rollups after an interrupted batch"
+            );
+        }
+        let seen = sqlx::query(
+            "SELECT source, id, min(time) AS t FROM usage_events WHERE kafka_partition = ? AND time >= ? GROUP BY source, id",
+        )
+        .bind(partition as i64)
+        .bind(window_start.timestamp())
+        .fetch_all(&self.pool)
+        .await?;
+        st.seen = seen
+            .iter()
+            .map(|r| (r.get("source"), r.get("id"), r.get("t")))
+            .collect();
+        Ok(st)
+    }
+
+    async fn write_rollups_tx(&self, rows: Vec<(RollupKey, RollupValue)>) -> anyhow::Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for (k, v) in rows {
+            // A newer version replaces an older one; the same version again
+            // is a no-op (idempotent rewrites).
+            sqlx::query(
+                "INSERT INTO usage_rollups_hourly (customer, meter, hour, app, dims, events, quantity_sum, quantity_max, \
+                 latest_time, latest_quantity, kafka_partition, version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+                 ON CONFLICT (customer, meter, hour, app, dims) DO UPDATE SET events = excluded.events, \
+                 quantity_sum = excluded.quantity_sum, quantity_max = excluded.quantity_max, latest_time = excluded.latest_time, \
+                 latest_quantity = excluded.latest_quantity, kafka_partition = excluded.kafka_partition, version = excluded.version \
+                 WHERE excluded.version > usage_rollups_hourly.version",
+            )
+            .bind(&k.customer)
+            .bind(&k.meter)
+            .bind(k.hour)
+            .bind(&k.app)
+            .bind(&k.dims)
+            .bind(v.events as i64)
+            .bind(v.sum.to_string())
+            .bind(v.max.to_string())
+            .bind(v.latest.0)
+            .bind(v.latest.1.to_string())
+            .bind(v.partition as i64)
+            .bind(v.version as i64)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Totals per `customer/app/meter` from the rollups (as
+    /// `ClickHouseStore::totals`).
+    pub async fn totals(&self) -> anyhow::Result<BTreeMap<String, Decimal>> {
+        let rows =
+            sqlx::query("SELECT customer, app, meter, quantity_sum FROM usage_rollups_hourly")
+                .fetch_all(&self.pool)
+                .await?;
+        let mut out: BTreeMap<String, Decimal> = BTreeMap::new();
+        for r in rows {
+            let key = format!(
+                "{}/{}/{}",
+                r.get::<String, _>("customer"),
+                r.get::<String, _>("app"),
+                r.get::<String, _>("meter")
+            );
+            *out.entry(key).or_default() += dec(r.get("quantity_sum"))?;
+        }
+        Ok(out)
+    }
+}
+
+impl UsageWriter for SqliteStore {
+    fn migrate(&self) -> BoxFuture<'_, anyhow::Result<()>> {
+        Box::pin(self.apply_migrations())
+    }
+
+    fn load_partition(
+        &self,
+        partition: u32,
+        window_start: DateTime<Utc>,
+    ) -> BoxFuture<'_, anyhow::Result<PartitionState>> {
+        Box::pin(self.partition_state(partition, window_start))
+    }
+
+    fn write_raw(&self, rows: Vec<RawRow>) -> BoxFuture<'_, anyhow::Result<()>> {
+        Box::pin(async move {
+            let mut tx = self.pool.begin().await?;
+            for r in rows {
+                sqlx::query(
+                    "INSERT INTO usage_events (customer, meter, time, app, dims, quantity, unique_value, source, id, \
+                     event_type, kafka_partition, kafka_offset) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                )
+                .bind(&r.customer)
+                .bind(&r.meter)
+                .bind(r.time.timestamp())
+                .bind(&r.app)
+                .bind(&r.dims)
+                .bind(r.quantity.to_string())
+                .bind(&r.unique_value)
+                .bind(&r.source)
+                .bind(&r.id)
+                .bind(&r.event_type)
+                .bind(r.partition as i64)
+                .bind(r.offset as i64)
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await.context("committing raw usage")?;
+            Ok(())
+        })
+    }
+
+    fn load_rollups(
+        &self,
+        pairs: Vec<(String, i64)>,
+    ) -> BoxFuture<'_, anyhow::Result<Vec<(RollupKey, RollupValue)>>> {
+        Box::pin(async move {
+            let mut out = Vec::new();
+            for (customer, hour) in pairs {
+                let rows = sqlx::query(
+                    "SELECT * FROM usage_rollups_hourly WHERE customer = ? AND hour = ?",
+                )
+                .bind(&customer)
+                .bind(hour)
+                .fetch_all(&self.pool)
+                .await?;
+                for r in rows {
+                    out.push((
+                        RollupKey {
+                            customer: r.get("customer"),
+                            meter: r.get("meter"),
+                            hour: r.get("hour"),
+                            app: r.get("app"),
+                            dims: r.get("dims"),
+                        },
+                        RollupValue {
+                            events: r.get::<i64, _>("events") as u64,
+                            sum: dec(r.get("quantity_sum"))?,
+                            max: dec(r.get("quantity_max"))?,
+                            latest: (r.get("latest_time"), dec(r.get("latest_quantity"))?),
+                            partition: r.get::<i64, _>("kafka_partition") as u32,
+                            version: r.get::<i64, _>("version") as u64,
+                        },
+                    ));
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn write_rollups(
+        &self,
+        rows: Vec<(RollupKey, RollupValue)>,
+    ) -> BoxFuture<'_, anyhow::Result<()>> {
+        Box::pin(self.write_rollups_tx(rows))
+    }
+}
+
+impl UsageStore for SqliteStore {
+    fn query<'a>(
+        &'a self,
+        meter: &'a MeterDef,
+        q: &'a UsageQuery,
+    ) -> BoxFuture<'a, anyhow::Result<Vec<UsageRow>>> {
+        Box::pin(async move {
+            let cells = self.cells(&[meter], q, Scope::One(&q.customer)).await?;
+            Ok(group_cells(meter, q, cells.into_iter().map(|(_, _, c)| c)))
+        })
+    }
+
+    fn query_all<'a>(
+        &'a self,
+        questions: &'a [(MeterDef, UsageQuery)],
+        customers: Option<(&'a str, &'a str)>,
+    ) -> BoxFuture<'a, anyhow::Result<Vec<PerCustomer>>> {
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(questions.len());
+            for (m, q) in questions {
+                let mut per: HashMap<String, Vec<Cell>> = HashMap::new();
+                for (c, _, cell) in self.cells(&[m], q, Scope::All(customers)).await? {
+                    per.entry(c).or_default().push(cell);
+                }
+                out.push(
+                    per.into_iter()
+                        .map(|(c, cells)| (c, group_cells(m, q, cells)))
+                        .collect(),
+                );
+            }
+            Ok(out)
+        })
+    }
+}
