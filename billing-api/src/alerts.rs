@@ -28,12 +28,14 @@ use crate::catalog::PriceModel;
 use crate::metrics::Metrics;
 use crate::quota::cost_to_date;
 use crate::quota_service::{Entry, QuotaService};
+use crate::rating::matches;
 use crate::state::{Alert, AlertOutcome, NewAlert, StateStore};
 use crate::webhook;
 use chrono::{DateTime, Duration, Utc};
 use rust_decimal::Decimal;
 use serde_json::json;
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 
 /// Where and how alerts go.
 #[derive(Debug, Clone)]
@@ -159,9 +161,7 @@ pub fn evaluate(customer: &str, e: &Entry, thresholds: &[u32]) -> anyhow::Result
         let used: Decimal = e
             .usage_to_date
             .iter()
-            .filter(|u| {
-                u.meter == p.meter && p.filter.iter().all(|(k, v)| u.dims.get(k) == Some(v))
-            })
+            .filter(|u| matches(p, u))
             .map(|u| u.quantity)
             .sum::<Decimal>()
             / p.per;
@@ -184,28 +184,73 @@ pub fn evaluate(customer: &str, e: &Entry, thresholds: &[u32]) -> anyhow::Result
     Ok(out)
 }
 
-/// Evaluates every customer in the quota state and records what is new,
-/// due for delivery from `now`.
-pub async fn raise(
-    quota: &QuotaService,
-    state: &dyn StateStore,
-    config: &AlertConfig,
-    metrics: &Metrics,
-    now: DateTime<Utc>,
-) -> anyhow::Result<Vec<NewAlert>> {
-    let mut all = Vec::new();
-    for (c, e) in quota.entries() {
-        all.extend(evaluate(&c, &e, &config.thresholds)?);
+/// (customer, period start, kind, subject, threshold): what makes an alert once-only.
+type AlertKey = (String, DateTime<Utc>, String, String, u32);
+
+fn key(a: &NewAlert) -> AlertKey {
+    (
+        a.customer_id.clone(),
+        a.period_start,
+        a.kind.clone(),
+        a.subject.clone(),
+        a.threshold,
+    )
+}
+
+/// Raises alerts after each quota refresh. The state store makes each alert
+/// once-only across replicas; this remembers what this process already
+/// recorded, so a refresh writes only alerts that are new (not every
+/// crossed threshold of every customer again, each minute).
+pub struct AlertRaiser {
+    pub config: AlertConfig,
+    recorded: Mutex<HashSet<AlertKey>>,
+}
+
+impl AlertRaiser {
+    pub fn new(config: AlertConfig) -> Self {
+        Self {
+            config,
+            recorded: Mutex::new(HashSet::new()),
+        }
     }
-    if all.is_empty() {
-        return Ok(all);
+
+    /// Evaluates every customer in the quota state and records what is
+    /// new, due for delivery from `now`; returns the alerts raised.
+    pub async fn raise(
+        &self,
+        quota: &QuotaService,
+        state: &dyn StateStore,
+        metrics: &Metrics,
+        now: DateTime<Utc>,
+    ) -> anyhow::Result<Vec<NewAlert>> {
+        let mut fresh = Vec::new();
+        {
+            let mut recorded = self.recorded.lock().unwrap();
+            let mut oldest: Option<DateTime<Utc>> = None;
+            for (c, e) in quota.entries() {
+                oldest = Some(oldest.map_or(e.period.start, |o| o.min(e.period.start)));
+                for a in evaluate(&c, &e, &self.config.thresholds)? {
+                    if !recorded.contains(&key(&a)) {
+                        fresh.push(a);
+                    }
+                }
+            }
+            // Keys of past periods can never come back.
+            if let Some(oldest) = oldest {
+                recorded.retain(|k| k.1 >= oldest);
+            }
+        }
+        if fresh.is_empty() {
+            return Ok(fresh);
+        }
+        let raised = state.record_alerts(&fresh, now).await?;
+        self.recorded.lock().unwrap().extend(fresh.iter().map(key));
+        for a in &raised {
+            metrics.alerts_raised.with_label_values(&[&a.kind]).inc();
+            tracing::info!(customer = %a.customer_id, kind = %a.kind, subject = %a.subject, threshold = a.threshold, "usage alert raised");
+        }
+        Ok(raised)
     }
-    let raised = state.record_alerts(&all, now).await?;
-    for a in &raised {
-        metrics.alerts_raised.with_label_values(&[&a.kind]).inc();
-        tracing::info!(customer = %a.customer_id, kind = %a.kind, subject = %a.subject, threshold = a.threshold, "usage alert raised");
-    }
-    Ok(raised)
 }
 
 /// Delivers raised alerts.

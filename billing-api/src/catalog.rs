@@ -141,6 +141,13 @@ impl Limits {
     pub fn is_unlimited(&self) -> bool {
         self == &Limits::default()
     }
+
+    /// Whether `instance_types` (when set) lists `ty`.
+    pub fn allows_instance_type(&self, ty: &str) -> bool {
+        self.instance_types
+            .as_ref()
+            .is_none_or(|ts| ts.iter().any(|t| t == ty))
+    }
 }
 
 fn two() -> u32 {

@@ -38,7 +38,7 @@ use crate::catalog::PlanVersion;
 use crate::invoice::{month_of, PlanCache};
 use crate::quota::{projection, Running};
 use crate::quota_service::QuotaService;
-use crate::rating::{rate, LineKind, Period, Rated, SeatInterval, Segment, UsageItem};
+use crate::rating::{matches, rate, LineKind, Period, Rated, SeatInterval, Segment, UsageItem};
 use crate::state::StateStore;
 use crate::usage::price_groups;
 use aggregator::{Granularity, UsageQuery, UsageStore};
@@ -150,6 +150,8 @@ struct Month {
     segments: Vec<Segment>,
     seats: Vec<SeatInterval>,
     items: Vec<DayItem>,
+    /// All usage so far, merged (what the forecast and the advisor rate).
+    to_date: Vec<UsageItem>,
     running: Running,
     own_cap: Option<Decimal>,
 }
@@ -247,12 +249,14 @@ impl Month {
             .map(|e| e.running.clone())
             .unwrap_or_default();
         let own_cap = entry.and_then(|e| e.spending_cap);
+        let to_date = merged(items.iter().map(|d| &d.item));
         Ok(Self {
             period,
             now,
             segments,
             seats,
             items,
+            to_date,
             running,
             own_cap,
         })
@@ -281,17 +285,18 @@ impl Month {
             .collect()
     }
 
-    fn all_usage(&self) -> Vec<UsageItem> {
-        merged(self.items.iter().map(|d| &d.item))
-    }
-
     /// Rated total with the rest of the period projected onto the last
     /// segment (the plan in force now).
     fn forecast(&self) -> anyhow::Result<Decimal> {
         let mut segs = self.segments_through(None);
-        let to_date = self.all_usage();
         if let Some(last) = segs.last_mut() {
-            let extra = projection(&last.plan, self.period, self.now, &to_date, &self.running);
+            let extra = projection(
+                &last.plan,
+                self.period,
+                self.now,
+                &self.to_date,
+                &self.running,
+            );
             last.usage.extend(extra);
         }
         Ok(rate(&self.period, &segs, &self.seats)?.total)
@@ -308,7 +313,7 @@ impl Month {
                 seats: 1,
             });
         }
-        let to_date = self.all_usage();
+        let to_date = &self.to_date;
         let whole = |usage| Segment {
             plan: plan.clone(),
             start: self.period.start,
@@ -321,31 +326,23 @@ impl Month {
             plan,
             self.period,
             self.now,
-            &to_date,
+            to_date,
             &self.running,
         ));
         let rated = rate(&self.period, &[whole(projected)], &seats)?;
         let mut unpriced: BTreeSet<String> = BTreeSet::new();
         for u in to_date.iter().filter(|u| !u.quantity.is_zero()) {
-            let priced = plan.prices.iter().any(|p| {
-                p.meter == u.meter && p.filter.iter().all(|(k, v)| u.dims.get(k) == Some(v))
-            });
-            let listed = plan.limits.instance_types.as_ref().is_none_or(|ts| {
-                u.dims
-                    .get("instance_type")
-                    .is_none_or(|t| ts.iter().any(|x| x == t))
-            });
+            let priced = plan.prices.iter().any(|p| matches(p, u));
+            let listed = u
+                .dims
+                .get("instance_type")
+                .is_none_or(|t| plan.limits.allows_instance_type(t));
             if !priced || !listed {
                 let what = u.dims.get("instance_type").map_or("", String::as_str);
                 unpriced.insert(format!("{} {what}", u.meter).trim().to_owned());
             }
         }
-        let uncapped: Decimal = rated
-            .lines
-            .iter()
-            .filter(|l| l.kind != LineKind::MaximumCap)
-            .map(|l| l.amount)
-            .sum();
+        let uncapped = rated.before_maximum();
         let note = if !unpriced.is_empty() {
             Some(format!(
                 "does not offer {}",

@@ -37,7 +37,7 @@
 //! stopped here rather than given away.
 
 use crate::catalog::PlanVersion;
-use crate::rating::{rate, LineKind, Period, SeatInterval, Segment, UsageItem};
+use crate::rating::{rate, Period, SeatInterval, Segment, UsageItem};
 use crate::usage::price_groups;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -160,13 +160,7 @@ fn rated_total(q: &QuotaInput, usage: Vec<UsageItem>) -> anyhow::Result<(Decimal
         usage,
     };
     let r = rate(&q.period, &[seg], q.seats)?;
-    let uncapped = r
-        .lines
-        .iter()
-        .filter(|l| l.kind != LineKind::MaximumCap)
-        .map(|l| l.amount)
-        .sum();
-    Ok((r.total, uncapped))
+    Ok((r.total, r.before_maximum()))
 }
 
 /// What the rest of the period adds to `usage_to_date` (usage of
@@ -326,13 +320,9 @@ pub fn decide(q: &QuotaInput, ask: &Ask) -> anyhow::Result<Decision> {
             instance_type,
             count,
         } => {
-            let listed = q
-                .plan
-                .limits
-                .instance_types
-                .as_ref()
-                .is_none_or(|ts| ts.iter().any(|t| t == instance_type));
-            if !listed || !priced_type(q.plan, instance_type) {
+            if !q.plan.limits.allows_instance_type(instance_type)
+                || !priced_type(q.plan, instance_type)
+            {
                 deny(Reason::InstanceTypeNotInTier, None, Decimal::ZERO);
                 return Ok(d);
             }

@@ -138,6 +138,18 @@ pub struct Rated {
     pub total: Decimal,
 }
 
+impl Rated {
+    /// The total without the plan's maximum (what the usage itself costs;
+    /// spending caps and alerts compare this).
+    pub fn before_maximum(&self) -> Decimal {
+        self.lines
+            .iter()
+            .filter(|l| l.kind != LineKind::MaximumCap)
+            .map(|l| l.amount)
+            .sum()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RatingError {
     #[error("the period is empty or reversed")]
@@ -236,7 +248,9 @@ fn price_amount(
     }
 }
 
-fn matches(p: &MeterPrice, u: &UsageItem) -> bool {
+/// Whether a price applies to a usage item: same meter, and the item has
+/// every dimension value the price filters on.
+pub fn matches(p: &MeterPrice, u: &UsageItem) -> bool {
     p.meter == u.meter && p.filter.iter().all(|(k, v)| u.dims.get(k) == Some(v))
 }
 

@@ -2,7 +2,7 @@
 //! scheduler (finalization runs, then Stripe sync), and the HTTP server with
 //! graceful shutdown.
 
-use crate::alerts::{AlertConfig, AlertSender};
+use crate::alerts::{AlertConfig, AlertRaiser, AlertSender};
 use crate::api::{router, ApiState};
 use crate::auth::KEY_REFRESH;
 use crate::catalog::Catalog;
@@ -144,6 +144,7 @@ async fn refresh_quota(
     alerts: Option<AlertConfig>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let raiser = alerts.map(AlertRaiser::new);
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
@@ -153,15 +154,10 @@ async fn refresh_quota(
             tracing::warn!(error = %format!("{e:#}"), "quota refresh failed; answering from the previous state");
             continue;
         }
-        if let Some(config) = &alerts {
-            if let Err(e) = crate::alerts::raise(
-                &api.quota,
-                api.state.as_ref(),
-                config,
-                &api.metrics,
-                Utc::now(),
-            )
-            .await
+        if let Some(raiser) = &raiser {
+            if let Err(e) = raiser
+                .raise(&api.quota, api.state.as_ref(), &api.metrics, Utc::now())
+                .await
             {
                 tracing::warn!(error = %format!("{e:#}"), "usage alert evaluation failed; retrying after the next refresh");
             }

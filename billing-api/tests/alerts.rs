@@ -5,7 +5,7 @@
 mod support;
 
 use axum::http::{HeaderMap, StatusCode};
-use billing_api::alerts::{raise, AlertConfig, AlertSender};
+use billing_api::alerts::{AlertConfig, AlertRaiser, AlertSender};
 use billing_api::invoice::{month_of, previous};
 use billing_api::metrics::Metrics;
 use billing_api::state::StateStore;
@@ -124,9 +124,11 @@ async fn alerts_are_raised_once_per_period_signed_and_retried() {
     config.max_attempts = 3;
     let metrics = Metrics::new();
     let st: Arc<dyn StateStore> = api.st.clone();
+    let raiser = AlertRaiser::new(config.clone());
 
     api.quota.refresh(now).await.unwrap();
-    let raised = raise(&api.quota, st.as_ref(), &config, &metrics, now)
+    let raised = raiser
+        .raise(&api.quota, st.as_ref(), &metrics, now)
         .await
         .unwrap();
     let mut got: Vec<(String, String, String, u32)> = raised
@@ -155,7 +157,15 @@ async fn alerts_are_raised_once_per_period_signed_and_retried() {
     );
     // Once per period: evaluating again raises nothing.
     api.quota.refresh(now).await.unwrap();
-    assert!(raise(&api.quota, st.as_ref(), &config, &metrics, now)
+    assert!(raiser
+        .raise(&api.quota, st.as_ref(), &metrics, now)
+        .await
+        .unwrap()
+        .is_empty());
+    // Nor does another replica (its own raiser): the state store keeps them once-only.
+    let replica = AlertRaiser::new(config.clone());
+    assert!(replica
+        .raise(&api.quota, st.as_ref(), &metrics, now)
         .await
         .unwrap()
         .is_empty());
@@ -235,7 +245,8 @@ async fn alerts_are_raised_once_per_period_signed_and_retried() {
     )])
     .await;
     api.quota.refresh(now).await.unwrap();
-    let raised = raise(&api.quota, st.as_ref(), &config, &metrics, now)
+    let raised = raiser
+        .raise(&api.quota, st.as_ref(), &metrics, now)
         .await
         .unwrap();
     let mut t: Vec<u32> = raised.iter().map(|a| a.threshold).collect();

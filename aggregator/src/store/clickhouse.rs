@@ -31,7 +31,6 @@ use futures::future::BoxFuture;
 use rust_decimal::Decimal;
 use schemas::{Aggregation, MeterDef};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use std::time::Instant;
 
 /// Scale of `Decimal(38, 12)` columns.
@@ -615,45 +614,9 @@ impl UsageStore for ClickHouseStore {
             let Some((_, first)) = questions.first() else {
                 return Ok(vec![]);
             };
-            anyhow::ensure!(
-                questions
-                    .iter()
-                    .all(|(_, q)| (q.from, q.to, q.raw, q.granularity)
-                        == (first.from, first.to, first.raw, first.granularity)),
-                "query_all: every question must cover the same range"
-            );
-            let mut meters: Vec<&MeterDef> = Vec::new();
-            for (m, _) in questions {
-                if !meters.iter().any(|x| x.key == m.key) {
-                    meters.push(m);
-                }
-            }
-            // One pass over the store; cells by meter, then by customer.
-            let mut by_meter: HashMap<String, HashMap<String, Vec<Cell>>> = HashMap::new();
-            for (customer, meter, cell) in self.cells(&meters, first, Scope::All(customers)).await?
-            {
-                by_meter
-                    .entry(meter)
-                    .or_default()
-                    .entry(customer)
-                    .or_default()
-                    .push(cell);
-            }
-            Ok(questions
-                .iter()
-                .map(|(m, q)| {
-                    by_meter
-                        .get(&m.key)
-                        .map(|per| {
-                            per.iter()
-                                .map(|(c, cells)| {
-                                    (c.clone(), group_cells(m, q, cells.iter().cloned()))
-                                })
-                                .collect()
-                        })
-                        .unwrap_or_default()
-                })
-                .collect())
+            let meters = super::meters_of(questions)?;
+            let cells = self.cells(&meters, first, Scope::All(customers)).await?;
+            Ok(super::answer_all(questions, cells))
         })
     }
 }

@@ -233,6 +233,57 @@ pub fn group_cells(
         .collect()
 }
 
+/// The distinct meters of `query_all`'s questions, checking they share one
+/// range (one pass over the store answers them all).
+pub fn meters_of(questions: &[(MeterDef, UsageQuery)]) -> anyhow::Result<Vec<&MeterDef>> {
+    if let Some((_, first)) = questions.first() {
+        anyhow::ensure!(
+            questions
+                .iter()
+                .all(|(_, q)| (q.from, q.to, q.raw, q.granularity)
+                    == (first.from, first.to, first.raw, first.granularity)),
+            "query_all: every question must cover the same range"
+        );
+    }
+    let mut meters: Vec<&MeterDef> = Vec::new();
+    for (m, _) in questions {
+        if !meters.iter().any(|x| x.key == m.key) {
+            meters.push(m);
+        }
+    }
+    Ok(meters)
+}
+
+/// `query_all`'s answers from one pass's `(customer, meter, cell)`s: per
+/// question, rows per customer.
+pub fn answer_all(
+    questions: &[(MeterDef, UsageQuery)],
+    cells: Vec<(String, String, Cell)>,
+) -> Vec<PerCustomer> {
+    let mut by_meter: HashMap<String, HashMap<String, Vec<Cell>>> = HashMap::new();
+    for (customer, meter, cell) in cells {
+        by_meter
+            .entry(meter)
+            .or_default()
+            .entry(customer)
+            .or_default()
+            .push(cell);
+    }
+    questions
+        .iter()
+        .map(|(m, q)| {
+            by_meter
+                .get(&m.key)
+                .map(|per| {
+                    per.iter()
+                        .map(|(c, cells)| (c.clone(), group_cells(m, q, cells.iter().cloned())))
+                        .collect()
+                })
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
 /// A half-open range of unix seconds.
 pub type SecondsRange = (i64, i64);
 

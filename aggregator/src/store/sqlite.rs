@@ -20,7 +20,7 @@ use rust_decimal::Decimal;
 use schemas::{Aggregation, MeterDef};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::str::FromStr;
 
@@ -502,19 +502,12 @@ impl UsageStore for SqliteStore {
         customers: Option<(&'a str, &'a str)>,
     ) -> BoxFuture<'a, anyhow::Result<Vec<PerCustomer>>> {
         Box::pin(async move {
-            let mut out = Vec::with_capacity(questions.len());
-            for (m, q) in questions {
-                let mut per: HashMap<String, Vec<Cell>> = HashMap::new();
-                for (c, _, cell) in self.cells(&[m], q, Scope::All(customers)).await? {
-                    per.entry(c).or_default().push(cell);
-                }
-                out.push(
-                    per.into_iter()
-                        .map(|(c, cells)| (c, group_cells(m, q, cells)))
-                        .collect(),
-                );
-            }
-            Ok(out)
+            let Some((_, first)) = questions.first() else {
+                return Ok(vec![]);
+            };
+            let meters = super::meters_of(questions)?;
+            let cells = self.cells(&meters, first, Scope::All(customers)).await?;
+            Ok(super::answer_all(questions, cells))
         })
     }
 }
