@@ -32,10 +32,27 @@ pub const CLICKHOUSE: &[Migration] = &[
 
 /// SQLite migrations of the embedded mode's usage store, in order (each
 /// file may hold several statements, applied in one transaction).
-pub const SQLITE_USAGE: &[Migration] = &[Migration {
+pub const SQLITE_USAGE: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "usage",
+        sql: include_str!("../migrations/sqlite/0001_usage.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "dead_letters",
+        sql: include_str!("../migrations/sqlite/0002_dead_letters.sql"),
+    },
+];
+
+/// SQLite migrations of the embedded mode's billing state (the PostgreSQL
+/// schema translated: same tables and column names), in order; applied by
+/// `billing_api::state::sqlite`, each file in one transaction. The state
+/// lives in a file of its own, apart from the usage store's.
+pub const SQLITE_STATE: &[Migration] = &[Migration {
     version: 1,
-    name: "usage",
-    sql: include_str!("../migrations/sqlite/0001_usage.sql"),
+    name: "state",
+    sql: include_str!("../migrations/sqlite/state/0001_state.sql"),
 }];
 
 /// PostgreSQL migrations (billing state), in order. Each file may hold
@@ -77,6 +94,7 @@ mod tests {
         for (dir, list) in [
             ("migrations/clickhouse", CLICKHOUSE),
             ("migrations/postgres", POSTGRES),
+            ("migrations/sqlite/state", SQLITE_STATE),
         ] {
             for (i, m) in list.iter().enumerate() {
                 assert_eq!(m.version as usize, i + 1);
@@ -89,7 +107,9 @@ mod tests {
             let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
             let mut files: Vec<String> = std::fs::read_dir(dir)
                 .unwrap()
-                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .map(|e| e.unwrap())
+                .filter(|e| e.file_type().unwrap().is_file())
+                .map(|e| e.file_name().into_string().unwrap())
                 .collect();
             files.sort();
             let expected: Vec<String> = list

@@ -1,12 +1,23 @@
 //! Billing state behind one interface: customers, published plan versions,
-//! the plan history of each customer (subscription segments), seat changes
-//! and the append-only audit log. PostgreSQL implements it
-//! (`postgres.rs`); the embedded mode will add SQLite.
+//! the plan history of each customer (subscription segments), seat changes,
+//! invoices, API keys, quota settings, usage alerts and the append-only
+//! audit log. Two implementations behave identically (the same errors in
+//! the same situations, the same orderings, the same audit entries):
+//! PostgreSQL (`postgres.rs`) for the distributed service and SQLite
+//! (`sqlite.rs`) for the embedded mode; `tests/state_store.rs` runs every
+//! scenario against both.
 //!
 //! Every admin change is written together with its audit entry in one
 //! transaction (who, when, what, before and after).
+//!
+//! What does not depend on the SQL dialect lives here and is shared by both:
+//! turning rows into these types (`StateRow` abstracts each backend's
+//! encodings of times, decimals and JSON), clipping plan segments and seat
+//! intervals to a period, the audit entries (`AuditRecord`), and the
+//! checks that decide between NotFound, Conflict and Invalid.
 
 pub mod postgres;
+pub mod sqlite;
 
 use crate::auth::ApiKey;
 use crate::catalog::PlanVersion;
@@ -381,4 +392,486 @@ pub fn clip(
             (b > a).then_some((a, b))
         })
         .collect()
+}
+
+// ----------------------------------------------------------------------------
+// Shared by the implementations: everything that does not depend on the SQL
+// dialect. Table and column names are the same in both schemas.
+
+/// An invoice row's columns.
+pub(crate) const INVOICE_COLUMNS: &str = "id, seq, number, customer_id, period_start, period_end, currency, subtotal, \
+    adjustments_total, carried_in, total, body, finalized_at, sync_status, stripe_invoice_id, carried_to, \
+    payment_status, sync_error";
+
+/// An API key row's columns.
+pub(crate) const API_KEY_COLUMNS: &str =
+    "id, role, customer_id, label, key_sha256, created_at, revoked_at";
+
+/// A usage alert row's columns.
+pub(crate) const ALERT_COLUMNS: &str =
+    "id, customer_id, period_start, kind, subject, threshold, payload, \
+    created_at, status, attempts, next_attempt_at, delivered_at, last_error";
+
+/// Typed access to a stored row's columns. Each backend implements the
+/// nullable accessors over its own encodings (PostgreSQL's native types;
+/// SQLite's integer microseconds, decimal text and JSON text); the row →
+/// struct conversions below are written once over them.
+pub(crate) trait StateRow {
+    fn opt_text(&self, col: &str) -> StateResult<Option<String>>;
+    /// An `INT` column (versions, seats, thresholds, attempts).
+    fn opt_int(&self, col: &str) -> StateResult<Option<i64>>;
+    /// A `BIGINT` column (ids, invoice sequence numbers).
+    fn opt_bigint(&self, col: &str) -> StateResult<Option<i64>>;
+    fn opt_flag(&self, col: &str) -> StateResult<Option<bool>>;
+    fn opt_time(&self, col: &str) -> StateResult<Option<DateTime<Utc>>>;
+    fn opt_decimal(&self, col: &str) -> StateResult<Option<Decimal>>;
+    fn opt_json(&self, col: &str) -> StateResult<Option<serde_json::Value>>;
+
+    fn text(&self, col: &str) -> StateResult<String> {
+        required(col, self.opt_text(col)?)
+    }
+    fn int(&self, col: &str) -> StateResult<i64> {
+        required(col, self.opt_int(col)?)
+    }
+    fn bigint(&self, col: &str) -> StateResult<i64> {
+        required(col, self.opt_bigint(col)?)
+    }
+    fn flag(&self, col: &str) -> StateResult<bool> {
+        required(col, self.opt_flag(col)?)
+    }
+    fn time(&self, col: &str) -> StateResult<DateTime<Utc>> {
+        required(col, self.opt_time(col)?)
+    }
+    fn decimal(&self, col: &str) -> StateResult<Decimal> {
+        required(col, self.opt_decimal(col)?)
+    }
+    fn json(&self, col: &str) -> StateResult<serde_json::Value> {
+        required(col, self.opt_json(col)?)
+    }
+}
+
+fn required<T>(col: &str, v: Option<T>) -> StateResult<T> {
+    v.ok_or_else(|| StateError::Invalid(format!("stored {col} is NULL")))
+}
+
+pub(crate) fn invoice_from(r: &impl StateRow) -> StateResult<Invoice> {
+    Ok(Invoice {
+        id: r.text("id")?,
+        seq: r.bigint("seq")?,
+        number: r.text("number")?,
+        customer_id: r.text("customer_id")?,
+        period: Period {
+            start: r.time("period_start")?,
+            end: r.time("period_end")?,
+        },
+        currency: r.text("currency")?,
+        subtotal: r.decimal("subtotal")?,
+        adjustments_total: r.decimal("adjustments_total")?,
+        carried_in: r.decimal("carried_in")?,
+        total: r.decimal("total")?,
+        body: serde_json::from_value(r.json("body")?)
+            .map_err(|e| StateError::Invalid(format!("stored invoice body: {e}")))?,
+        finalized_at: r.time("finalized_at")?,
+        sync_status: r.text("sync_status")?,
+        stripe_invoice_id: r.opt_text("stripe_invoice_id")?,
+        carried_to: r.opt_text("carried_to")?,
+        payment_status: r.text("payment_status")?,
+        sync_error: r.opt_text("sync_error")?,
+    })
+}
+
+pub(crate) fn api_key_from(r: &impl StateRow) -> StateResult<ApiKey> {
+    let role = r.text("role")?;
+    Ok(ApiKey {
+        id: r.text("id")?,
+        role: crate::auth::Role::parse(&role)
+            .ok_or_else(|| StateError::Invalid(format!("stored role {role}")))?,
+        customer_id: r.opt_text("customer_id")?,
+        label: r.text("label")?,
+        key_sha256: r.text("key_sha256")?,
+        created_at: r.time("created_at")?,
+        revoked_at: r.opt_time("revoked_at")?,
+    })
+}
+
+pub(crate) fn customer_from(r: &impl StateRow) -> StateResult<Customer> {
+    Ok(Customer {
+        id: r.text("id")?,
+        external_id: r.text("external_id")?,
+        name: r.text("name")?,
+    })
+}
+
+pub(crate) fn app_from(r: &impl StateRow) -> StateResult<App> {
+    Ok(App {
+        customer_id: r.text("customer_id")?,
+        app: r.text("app")?,
+        name: r.text("name")?,
+    })
+}
+
+pub(crate) fn audit_entry_from(r: &impl StateRow) -> StateResult<AuditEntry> {
+    Ok(AuditEntry {
+        id: r.bigint("id")?,
+        at: r.time("at")?,
+        actor: r.text("actor")?,
+        action: r.text("action")?,
+        subject: r.text("subject")?,
+        before: r.opt_json("before")?,
+        after: r.opt_json("after")?,
+    })
+}
+
+pub(crate) fn alert_from(r: &impl StateRow) -> StateResult<Alert> {
+    Ok(Alert {
+        id: r.bigint("id")?,
+        alert: NewAlert {
+            customer_id: r.text("customer_id")?,
+            period_start: r.time("period_start")?,
+            kind: r.text("kind")?,
+            subject: r.text("subject")?,
+            threshold: r.int("threshold")? as u32,
+            payload: r.json("payload")?,
+        },
+        created_at: r.time("created_at")?,
+        status: r.text("status")?,
+        attempts: r.int("attempts")? as u32,
+        next_attempt_at: r.time("next_attempt_at")?,
+        delivered_at: r.opt_time("delivered_at")?,
+        last_error: r.opt_text("last_error")?,
+    })
+}
+
+/// A stored plan version's body (column `body`).
+pub(crate) fn plan_from(r: &impl StateRow, plan: &str, version: u32) -> StateResult<PlanVersion> {
+    serde_json::from_value(r.json("body")?)
+        .map_err(|e| StateError::Invalid(format!("stored plan {plan} v{version}: {e}")))
+}
+
+/// A row of `body` and `retired`.
+pub(crate) fn published_plan_from(r: &impl StateRow) -> StateResult<PublishedPlan> {
+    Ok(PublishedPlan {
+        plan: serde_json::from_value(r.json("body")?)
+            .map_err(|e| StateError::Invalid(format!("stored plan: {e}")))?,
+        retired: r.flag("retired")?,
+    })
+}
+
+/// Rows of `customer_id, plan, version, starts_at, ends_at` (ordered by
+/// customer and start) as plan segments clipped to the period.
+pub(crate) fn segments_from<R: StateRow>(
+    rows: &[R],
+    period: Period,
+) -> StateResult<HashMap<String, Vec<PlanSegment>>> {
+    let mut out: HashMap<String, Vec<PlanSegment>> = HashMap::new();
+    for r in rows {
+        if let Some((start, end)) =
+            clip([(r.time("starts_at")?, r.opt_time("ends_at")?)], period).pop()
+        {
+            out.entry(r.text("customer_id")?)
+                .or_default()
+                .push(PlanSegment {
+                    plan: r.text("plan")?,
+                    version: r.int("version")? as u32,
+                    start,
+                    end,
+                });
+        }
+    }
+    Ok(out)
+}
+
+/// Rows of `customer_id, effective_at, seats` (every change before the
+/// period's end, ordered by customer and time) as seat intervals clipped to
+/// the period; zero-seat intervals are left out.
+pub(crate) fn seats_from<R: StateRow>(
+    rows: &[R],
+    period: Period,
+) -> StateResult<HashMap<String, Vec<SeatInterval>>> {
+    let mut changes: HashMap<String, Vec<(DateTime<Utc>, u32)>> = HashMap::new();
+    for r in rows {
+        changes
+            .entry(r.text("customer_id")?)
+            .or_default()
+            .push((r.time("effective_at")?, r.int("seats")? as u32));
+    }
+    let mut out = HashMap::new();
+    for (c, changes) in changes {
+        let mut ivs = Vec::new();
+        for (i, (at, seats)) in changes.iter().enumerate() {
+            let until = changes.get(i + 1).map(|c| c.0);
+            if let Some((start, end)) = clip([(*at, until)], period).pop() {
+                if *seats > 0 {
+                    ivs.push(SeatInterval {
+                        start,
+                        end,
+                        seats: *seats,
+                    });
+                }
+            }
+        }
+        out.insert(c, ivs);
+    }
+    Ok(out)
+}
+
+/// Invoices grouped by customer, in the order given.
+pub(crate) fn by_customer(invoices: Vec<Invoice>) -> HashMap<String, Vec<Invoice>> {
+    let mut out: HashMap<String, Vec<Invoice>> = HashMap::new();
+    for i in invoices {
+        out.entry(i.customer_id.clone()).or_default().push(i);
+    }
+    out
+}
+
+/// A unique violation is a Conflict, a foreign key violation a NotFound,
+/// anything else a database error.
+pub(crate) fn conflict_or(e: sqlx::Error, what: impl Into<String>) -> StateError {
+    match &e {
+        sqlx::Error::Database(d) if d.is_unique_violation() => StateError::Conflict(what.into()),
+        sqlx::Error::Database(d) if d.is_foreign_key_violation() => {
+            StateError::NotFound(what.into())
+        }
+        _ => StateError::Db(e),
+    }
+}
+
+pub(crate) fn customer_not_found(customer: &str) -> StateError {
+    StateError::NotFound(format!("customer {customer}"))
+}
+
+/// A plan version a customer may subscribe to: `retired` is None when the
+/// version does not exist.
+pub(crate) fn check_plan_usable(
+    retired: Option<bool>,
+    plan: &str,
+    version: u32,
+) -> StateResult<()> {
+    match retired {
+        None => Err(StateError::NotFound(format!(
+            "plan {plan} version {version}"
+        ))),
+        Some(true) => Err(StateError::Invalid(format!(
+            "plan {plan} version {version} is retired"
+        ))),
+        Some(false) => Ok(()),
+    }
+}
+
+/// `subscribe` starts only the first subscription.
+pub(crate) fn check_first_subscription(customer: &str, has_any: bool) -> StateResult<()> {
+    if has_any {
+        return Err(StateError::Conflict(format!(
+            "customer {customer} already has a subscription; switch plans instead"
+        )));
+    }
+    Ok(())
+}
+
+/// The customer's open subscription, which a switch ends.
+pub(crate) struct OpenSubscription {
+    pub id: i64,
+    pub plan: String,
+    pub version: u32,
+    pub starts_at: DateTime<Utc>,
+}
+
+impl OpenSubscription {
+    /// From a row of `id, plan, version, starts_at`.
+    pub(crate) fn from_row(r: &impl StateRow) -> StateResult<Self> {
+        Ok(Self {
+            id: r.bigint("id")?,
+            plan: r.text("plan")?,
+            version: r.int("version")? as u32,
+            starts_at: r.time("starts_at")?,
+        })
+    }
+
+    /// The open subscription a switch at `at` ends: there must be one, and
+    /// the switch must come after its start.
+    pub(crate) fn to_switch(
+        open: Option<Self>,
+        customer: &str,
+        at: DateTime<Utc>,
+    ) -> StateResult<Self> {
+        let open = open.ok_or_else(|| {
+            StateError::Invalid(format!("customer {customer} has no open subscription"))
+        })?;
+        if at <= open.starts_at {
+            return Err(StateError::Invalid(format!(
+                "a switch at {at} must come after the current plan's start {}",
+                open.starts_at
+            )));
+        }
+        Ok(open)
+    }
+}
+
+/// Seat counts are stored as `INT`.
+pub(crate) fn seats_value(seats: u32) -> StateResult<i32> {
+    i32::try_from(seats).map_err(|_| StateError::Invalid("seats out of range".into()))
+}
+
+/// Why `retire_plan` changed nothing: the version is retired already, or
+/// does not exist.
+pub(crate) fn retire_refused(exists: bool, plan: &str, version: u32) -> StateError {
+    if exists {
+        StateError::Conflict(format!("plan {plan} version {version} is already retired"))
+    } else {
+        StateError::NotFound(format!("plan {plan} version {version}"))
+    }
+}
+
+/// The ids of the invoices a new invoice carries in.
+pub(crate) fn carried_ids(n: &NewInvoice) -> Vec<String> {
+    n.body
+        .carried
+        .iter()
+        .map(|c| c.invoice_id.clone())
+        .collect()
+}
+
+/// Marking carried invoices must move every one of them, once.
+pub(crate) fn check_carried_moved(n: &NewInvoice, moved: u64, carried: usize) -> StateResult<()> {
+    if moved as usize != carried {
+        return Err(StateError::Conflict(format!(
+            "invoices carried into {} changed during finalization; retry",
+            n.id
+        )));
+    }
+    Ok(())
+}
+
+/// An audit entry, written in the transaction of the change it records.
+pub(crate) struct AuditRecord {
+    pub action: &'static str,
+    pub subject: String,
+    pub before: Option<serde_json::Value>,
+    pub after: Option<serde_json::Value>,
+}
+
+impl AuditRecord {
+    pub(crate) fn plan_publish(plan: &PlanVersion, body: serde_json::Value) -> Self {
+        Self {
+            action: "plan.publish",
+            subject: format!("plan:{}", plan.plan),
+            before: None,
+            after: Some(body),
+        }
+    }
+
+    pub(crate) fn plan_retire(plan: &str, version: u32) -> Self {
+        Self {
+            action: "plan.retire",
+            subject: format!("plan:{plan}"),
+            before: Some(serde_json::json!({"version": version, "retired": false})),
+            after: Some(serde_json::json!({"version": version, "retired": true})),
+        }
+    }
+
+    pub(crate) fn customer_create(c: &Customer) -> Self {
+        Self {
+            action: "customer.create",
+            subject: format!("customer:{}", c.id),
+            before: None,
+            after: serde_json::to_value(c).ok(),
+        }
+    }
+
+    pub(crate) fn subscription_start(
+        customer: &str,
+        plan: &str,
+        version: u32,
+        at: DateTime<Utc>,
+    ) -> Self {
+        Self {
+            action: "subscription.start",
+            subject: format!("customer:{customer}"),
+            before: None,
+            after: Some(serde_json::json!({"plan": plan, "version": version, "starts_at": at})),
+        }
+    }
+
+    pub(crate) fn subscription_switch(
+        customer: &str,
+        old: &OpenSubscription,
+        plan: &str,
+        version: u32,
+        at: DateTime<Utc>,
+    ) -> Self {
+        Self {
+            action: "subscription.switch",
+            subject: format!("customer:{customer}"),
+            before: Some(serde_json::json!({"plan": old.plan, "version": old.version})),
+            after: Some(serde_json::json!({"plan": plan, "version": version, "effective_at": at})),
+        }
+    }
+
+    /// `before`: the seats in force at `at`, if any.
+    pub(crate) fn seats_set(
+        customer: &str,
+        before: Option<i64>,
+        seats: u32,
+        at: DateTime<Utc>,
+    ) -> Self {
+        Self {
+            action: "seats.set",
+            subject: format!("customer:{customer}"),
+            before: before.map(|s| serde_json::json!({ "seats": s })),
+            after: Some(serde_json::json!({"seats": seats, "effective_at": at})),
+        }
+    }
+
+    pub(crate) fn app_create(app: &App) -> Self {
+        Self {
+            action: "app.create",
+            subject: format!("customer:{}", app.customer_id),
+            before: None,
+            after: serde_json::to_value(app).ok(),
+        }
+    }
+
+    pub(crate) fn key_create(key: &ApiKey) -> Self {
+        Self {
+            action: "key.create",
+            subject: format!("key:{}", key.id),
+            before: None,
+            after: serde_json::to_value(key).ok(),
+        }
+    }
+
+    pub(crate) fn key_revoke(key: &ApiKey) -> Self {
+        Self {
+            action: "key.revoke",
+            subject: format!("key:{}", key.id),
+            before: Some(serde_json::json!({"revoked": false})),
+            after: Some(serde_json::json!({"revoked": true, "role": key.role})),
+        }
+    }
+
+    pub(crate) fn spending_cap_set(
+        customer: &str,
+        before: Option<Decimal>,
+        cap: Option<Decimal>,
+    ) -> Self {
+        Self {
+            action: "spending_cap.set",
+            subject: format!("customer:{customer}"),
+            before: Some(serde_json::json!({ "spending_cap": before })),
+            after: Some(serde_json::json!({ "spending_cap": cap })),
+        }
+    }
+
+    pub(crate) fn suspended_set(customer: &str, before: bool, suspended: bool) -> Self {
+        Self {
+            action: if suspended {
+                "account.suspend"
+            } else {
+                "account.resume"
+            },
+            subject: format!("customer:{customer}"),
+            before: Some(serde_json::json!({ "suspended": before })),
+            after: Some(serde_json::json!({ "suspended": suspended })),
+        }
+    }
 }

@@ -6,68 +6,45 @@
 //! concurrent switches cannot interleave into overlapping segments.
 
 use super::{
-    clip, sync_status, Alert, AlertOutcome, App, AuditEntry, Customer, Invoice, NewAlert,
-    PlanSegment, PublishedPlan, StateError, StateResult, StateStore,
+    alert_from, api_key_from, app_from, audit_entry_from, by_customer, carried_ids,
+    check_carried_moved, check_first_subscription, check_plan_usable, conflict_or, customer_from,
+    customer_not_found, invoice_from, plan_from, published_plan_from, retire_refused, seats_from,
+    seats_value, segments_from, sync_status, Alert, AlertOutcome, App, AuditEntry, AuditRecord,
+    Customer, Invoice, NewAlert, OpenSubscription, PlanSegment, PublishedPlan, StateError,
+    StateResult, StateRow, StateStore, ALERT_COLUMNS, API_KEY_COLUMNS, INVOICE_COLUMNS,
 };
-use crate::auth::{ApiKey, Role};
+use crate::auth::ApiKey;
 use crate::catalog::PlanVersion;
 use crate::invoice::NewInvoice;
 use crate::rating::{Period, SeatInterval};
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
+use rust_decimal::Decimal;
 use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
 use sqlx::{Executor, Postgres, Row, Transaction};
 use std::collections::HashMap;
 
-const INVOICE_COLUMNS: &str = "id, seq, number, customer_id, period_start, period_end, currency, subtotal, \
-    adjustments_total, carried_in, total, body, finalized_at, sync_status, stripe_invoice_id, carried_to, \
-    payment_status, sync_error";
-
-fn invoice_from(r: &PgRow) -> StateResult<Invoice> {
-    Ok(Invoice {
-        id: r.get("id"),
-        seq: r.get("seq"),
-        number: r.get("number"),
-        customer_id: r.get("customer_id"),
-        period: Period {
-            start: r.get("period_start"),
-            end: r.get("period_end"),
-        },
-        currency: r.get("currency"),
-        subtotal: r.get("subtotal"),
-        adjustments_total: r.get("adjustments_total"),
-        carried_in: r.get("carried_in"),
-        total: r.get("total"),
-        body: serde_json::from_value(r.get("body"))
-            .map_err(|e| StateError::Invalid(format!("stored invoice body: {e}")))?,
-        finalized_at: r.get("finalized_at"),
-        sync_status: r.get("sync_status"),
-        stripe_invoice_id: r.get("stripe_invoice_id"),
-        carried_to: r.get("carried_to"),
-        payment_status: r.get("payment_status"),
-        sync_error: r.get("sync_error"),
-    })
-}
-
-fn api_key_from(r: &PgRow) -> StateResult<ApiKey> {
-    let role: String = r.get("role");
-    Ok(ApiKey {
-        id: r.get("id"),
-        role: Role::parse(&role)
-            .ok_or_else(|| StateError::Invalid(format!("stored role {role}")))?,
-        customer_id: r.get("customer_id"),
-        label: r.get("label"),
-        key_sha256: r.get("key_sha256"),
-        created_at: r.get("created_at"),
-        revoked_at: r.get("revoked_at"),
-    })
-}
-
-fn customer_from(r: &PgRow) -> Customer {
-    Customer {
-        id: r.get("id"),
-        external_id: r.get("external_id"),
-        name: r.get("name"),
+impl StateRow for PgRow {
+    fn opt_text(&self, col: &str) -> StateResult<Option<String>> {
+        Ok(self.try_get(col)?)
+    }
+    fn opt_int(&self, col: &str) -> StateResult<Option<i64>> {
+        Ok(self.try_get::<Option<i32>, _>(col)?.map(i64::from))
+    }
+    fn opt_bigint(&self, col: &str) -> StateResult<Option<i64>> {
+        Ok(self.try_get(col)?)
+    }
+    fn opt_flag(&self, col: &str) -> StateResult<Option<bool>> {
+        Ok(self.try_get(col)?)
+    }
+    fn opt_time(&self, col: &str) -> StateResult<Option<DateTime<Utc>>> {
+        Ok(self.try_get(col)?)
+    }
+    fn opt_decimal(&self, col: &str) -> StateResult<Option<Decimal>> {
+        Ok(self.try_get(col)?)
+    }
+    fn opt_json(&self, col: &str) -> StateResult<Option<serde_json::Value>> {
+        Ok(self.try_get(col)?)
     }
 }
 
@@ -76,32 +53,19 @@ pub struct PgState {
     pool: PgPool,
 }
 
-fn conflict_or(e: sqlx::Error, what: impl Into<String>) -> StateError {
-    match &e {
-        sqlx::Error::Database(d) if d.is_unique_violation() => StateError::Conflict(what.into()),
-        sqlx::Error::Database(d) if d.is_foreign_key_violation() => {
-            StateError::NotFound(what.into())
-        }
-        _ => StateError::Db(e),
-    }
-}
-
 async fn audit(
     tx: &mut Transaction<'_, Postgres>,
     actor: &str,
-    action: &str,
-    subject: &str,
-    before: Option<serde_json::Value>,
-    after: Option<serde_json::Value>,
+    rec: AuditRecord,
 ) -> StateResult<()> {
     sqlx::query(
         "INSERT INTO audit_log (actor, action, subject, before, after) VALUES ($1, $2, $3, $4, $5)",
     )
     .bind(actor)
-    .bind(action)
-    .bind(subject)
-    .bind(before)
-    .bind(after)
+    .bind(rec.action)
+    .bind(&rec.subject)
+    .bind(rec.before)
+    .bind(rec.after)
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -112,7 +76,7 @@ async fn lock_customer(tx: &mut Transaction<'_, Postgres>, customer: &str) -> St
         .bind(customer)
         .fetch_optional(&mut **tx)
         .await?
-        .ok_or_else(|| StateError::NotFound(format!("customer {customer}")))?;
+        .ok_or_else(|| customer_not_found(customer))?;
     Ok(())
 }
 
@@ -121,18 +85,14 @@ async fn require_plan(
     plan: &str,
     version: u32,
 ) -> StateResult<()> {
-    let row = sqlx::query("SELECT retired_at IS NOT NULL AS retired FROM plan_versions WHERE plan = $1 AND version = $2")
+    let retired = sqlx::query("SELECT retired_at IS NOT NULL AS retired FROM plan_versions WHERE plan = $1 AND version = $2")
         .bind(plan)
         .bind(version as i32)
         .fetch_optional(&mut **tx)
         .await?
-        .ok_or_else(|| StateError::NotFound(format!("plan {plan} version {version}")))?;
-    if row.get::<bool, _>("retired") {
-        return Err(StateError::Invalid(format!(
-            "plan {plan} version {version} is retired"
-        )));
-    }
-    Ok(())
+        .map(|r| r.flag("retired"))
+        .transpose()?;
+    check_plan_usable(retired, plan, version)
 }
 
 impl PgState {
@@ -192,21 +152,7 @@ impl PgState {
         .bind(period.end)
         .fetch_all(&self.pool)
         .await?;
-        let mut out: HashMap<String, Vec<PlanSegment>> = HashMap::new();
-        for r in &rows {
-            if let Some((start, end)) = clip([(r.get("starts_at"), r.get("ends_at"))], period).pop()
-            {
-                out.entry(r.get("customer_id"))
-                    .or_default()
-                    .push(PlanSegment {
-                        plan: r.get("plan"),
-                        version: r.get::<i32, _>("version") as u32,
-                        start,
-                        end,
-                    });
-            }
-        }
-        Ok(out)
+        segments_from(&rows, period)
     }
 
     /// Seat intervals inside the period, of one customer or of all.
@@ -223,31 +169,7 @@ impl PgState {
         .bind(period.end)
         .fetch_all(&self.pool)
         .await?;
-        let mut changes: HashMap<String, Vec<(DateTime<Utc>, u32)>> = HashMap::new();
-        for r in &rows {
-            changes
-                .entry(r.get("customer_id"))
-                .or_default()
-                .push((r.get("effective_at"), r.get::<i32, _>("seats") as u32));
-        }
-        let mut out = HashMap::new();
-        for (c, changes) in changes {
-            let mut ivs = Vec::new();
-            for (i, (at, seats)) in changes.iter().enumerate() {
-                let until = changes.get(i + 1).map(|c| c.0);
-                if let Some((start, end)) = clip([(*at, until)], period).pop() {
-                    if *seats > 0 {
-                        ivs.push(SeatInterval {
-                            start,
-                            end,
-                            seats: *seats,
-                        });
-                    }
-                }
-            }
-            out.insert(c, ivs);
-        }
-        Ok(out)
+        seats_from(&rows, period)
     }
 
     async fn invoices_where(&self, filter: &str, arg: Option<&str>) -> StateResult<Vec<Invoice>> {
@@ -286,15 +208,7 @@ impl StateStore for PgState {
                         ),
                     )
                 })?;
-            audit(
-                &mut tx,
-                actor,
-                "plan.publish",
-                &format!("plan:{}", plan.plan),
-                None,
-                Some(body),
-            )
-            .await?;
+            audit(&mut tx, actor, AuditRecord::plan_publish(plan, body)).await?;
             tx.commit().await?;
             Ok(())
         })
@@ -315,8 +229,7 @@ impl StateStore for PgState {
                     .ok_or_else(|| {
                         StateError::NotFound(format!("plan {plan} version {version}"))
                     })?;
-            serde_json::from_value(row.get("body"))
-                .map_err(|e| StateError::Invalid(format!("stored plan {plan} v{version}: {e}")))
+            plan_from(&row, plan, version)
         })
     }
 
@@ -339,15 +252,7 @@ impl StateStore for PgState {
                         format!("customer {} or external id {} exists", c.id, c.external_id),
                     )
                 })?;
-            audit(
-                &mut tx,
-                actor,
-                "customer.create",
-                &format!("customer:{}", c.id),
-                None,
-                Some(serde_json::to_value(c).unwrap()),
-            )
-            .await?;
+            audit(&mut tx, actor, AuditRecord::customer_create(c)).await?;
             tx.commit().await?;
             Ok(())
         })
@@ -366,11 +271,7 @@ impl StateStore for PgState {
                     .ok_or_else(|| {
                         StateError::NotFound(format!("customer with external id {external_id}"))
                     })?;
-            Ok(Customer {
-                id: row.get("id"),
-                external_id: row.get("external_id"),
-                name: row.get("name"),
-            })
+            customer_from(&row)
         })
     }
 
@@ -390,11 +291,7 @@ impl StateStore for PgState {
                 .bind(customer)
                 .fetch_optional(&mut *tx)
                 .await?;
-            if any.is_some() {
-                return Err(StateError::Conflict(format!(
-                    "customer {customer} already has a subscription; switch plans instead"
-                )));
-            }
+            check_first_subscription(customer, any.is_some())?;
             sqlx::query("INSERT INTO subscriptions (customer_id, plan, version, starts_at) VALUES ($1, $2, $3, $4)")
                 .bind(customer)
                 .bind(plan)
@@ -402,14 +299,10 @@ impl StateStore for PgState {
                 .bind(at)
                 .execute(&mut *tx)
                 .await?;
-            let after = serde_json::json!({"plan": plan, "version": version, "starts_at": at});
             audit(
                 &mut tx,
                 actor,
-                "subscription.start",
-                &format!("customer:{customer}"),
-                None,
-                Some(after),
+                AuditRecord::subscription_start(customer, plan, version, at),
             )
             .await?;
             tx.commit().await?;
@@ -433,16 +326,11 @@ impl StateStore for PgState {
                 .bind(customer)
                 .fetch_optional(&mut *tx)
                 .await?
-                .ok_or_else(|| StateError::Invalid(format!("customer {customer} has no open subscription")))?;
-            let starts: DateTime<Utc> = open.get("starts_at");
-            if at <= starts {
-                return Err(StateError::Invalid(format!(
-                    "a switch at {at} must come after the current plan's start {starts}"
-                )));
-            }
-            let (old_plan, old_version): (String, i32) = (open.get("plan"), open.get("version"));
+                .map(|r| OpenSubscription::from_row(&r))
+                .transpose()?;
+            let open = OpenSubscription::to_switch(open, customer, at)?;
             sqlx::query("UPDATE subscriptions SET ends_at = $2 WHERE id = $1")
-                .bind(open.get::<i64, _>("id"))
+                .bind(open.id)
                 .bind(at)
                 .execute(&mut *tx)
                 .await?;
@@ -453,15 +341,10 @@ impl StateStore for PgState {
                 .bind(at)
                 .execute(&mut *tx)
                 .await?;
-            let before = serde_json::json!({"plan": old_plan, "version": old_version});
-            let after = serde_json::json!({"plan": plan, "version": version, "effective_at": at});
             audit(
                 &mut tx,
                 actor,
-                "subscription.switch",
-                &format!("customer:{customer}"),
-                Some(before),
-                Some(after),
+                AuditRecord::subscription_switch(customer, &open, plan, version, at),
             )
             .await?;
             tx.commit().await?;
@@ -477,8 +360,7 @@ impl StateStore for PgState {
         actor: &'a str,
     ) -> BoxFuture<'a, StateResult<()>> {
         Box::pin(async move {
-            let seats_i = i32::try_from(seats)
-                .map_err(|_| StateError::Invalid("seats out of range".into()))?;
+            let seats_i = seats_value(seats)?;
             let mut tx = self.pool.begin().await?;
             lock_customer(&mut tx, customer).await?;
             let before = sqlx::query("SELECT seats FROM seat_changes WHERE customer_id = $1 AND effective_at <= $2 ORDER BY effective_at DESC LIMIT 1")
@@ -486,7 +368,8 @@ impl StateStore for PgState {
                 .bind(at)
                 .fetch_optional(&mut *tx)
                 .await?
-                .map(|r| serde_json::json!({"seats": r.get::<i32, _>("seats")}));
+                .map(|r| r.int("seats"))
+                .transpose()?;
             sqlx::query(
                 "INSERT INTO seat_changes (customer_id, effective_at, seats) VALUES ($1, $2, $3) \
                  ON CONFLICT (customer_id, effective_at) DO UPDATE SET seats = EXCLUDED.seats",
@@ -496,14 +379,10 @@ impl StateStore for PgState {
             .bind(seats_i)
             .execute(&mut *tx)
             .await?;
-            let after = serde_json::json!({"seats": seats, "effective_at": at});
             audit(
                 &mut tx,
                 actor,
-                "seats.set",
-                &format!("customer:{customer}"),
-                before,
-                Some(after),
+                AuditRecord::seats_set(customer, before, seats, at),
             )
             .await?;
             tx.commit().await?;
@@ -545,18 +424,7 @@ impl StateStore for PgState {
                 .bind(subject)
                 .fetch_all(&self.pool)
                 .await?;
-            Ok(rows
-                .iter()
-                .map(|r| AuditEntry {
-                    id: r.get("id"),
-                    at: r.get("at"),
-                    actor: r.get("actor"),
-                    action: r.get("action"),
-                    subject: r.get("subject"),
-                    before: r.get("before"),
-                    after: r.get("after"),
-                })
-                .collect())
+            rows.iter().map(audit_entry_from).collect()
         })
     }
 
@@ -565,15 +433,7 @@ impl StateStore for PgState {
             let rows = sqlx::query("SELECT body, retired_at IS NOT NULL AS retired FROM plan_versions ORDER BY plan, version")
                 .fetch_all(&self.pool)
                 .await?;
-            rows.iter()
-                .map(|r| {
-                    Ok(PublishedPlan {
-                        plan: serde_json::from_value(r.get("body"))
-                            .map_err(|e| StateError::Invalid(format!("stored plan: {e}")))?,
-                        retired: r.get("retired"),
-                    })
-                })
-                .collect()
+            rows.iter().map(published_plan_from).collect()
         })
     }
 
@@ -598,22 +458,9 @@ impl StateStore for PgState {
                         .bind(version as i32)
                         .fetch_optional(&mut *tx)
                         .await?;
-                return Err(match exists {
-                    Some(_) => StateError::Conflict(format!(
-                        "plan {plan} version {version} is already retired"
-                    )),
-                    None => StateError::NotFound(format!("plan {plan} version {version}")),
-                });
+                return Err(retire_refused(exists.is_some(), plan, version));
             }
-            audit(
-                &mut tx,
-                actor,
-                "plan.retire",
-                &format!("plan:{plan}"),
-                Some(serde_json::json!({"version": version, "retired": false})),
-                Some(serde_json::json!({"version": version, "retired": true})),
-            )
-            .await?;
+            audit(&mut tx, actor, AuditRecord::plan_retire(plan, version)).await?;
             tx.commit().await?;
             Ok(())
         })
@@ -625,8 +472,8 @@ impl StateStore for PgState {
                 .bind(id)
                 .fetch_optional(&self.pool)
                 .await?
-                .ok_or_else(|| StateError::NotFound(format!("customer {id}")))?;
-            Ok(customer_from(&row))
+                .ok_or_else(|| customer_not_found(id))?;
+            customer_from(&row)
         })
     }
 
@@ -641,7 +488,7 @@ impl StateStore for PgState {
                 .bind(limit as i64)
                 .fetch_all(&self.pool)
                 .await?;
-            Ok(rows.iter().map(customer_from).collect())
+            rows.iter().map(customer_from).collect()
         })
     }
 
@@ -656,15 +503,7 @@ impl StateStore for PgState {
                 .execute(&mut *tx)
                 .await
                 .map_err(|e| conflict_or(e, format!("app {} exists", app.app)))?;
-            audit(
-                &mut tx,
-                actor,
-                "app.create",
-                &format!("customer:{}", app.customer_id),
-                None,
-                Some(serde_json::to_value(app).unwrap()),
-            )
-            .await?;
+            audit(&mut tx, actor, AuditRecord::app_create(app)).await?;
             tx.commit().await?;
             Ok(())
         })
@@ -678,14 +517,7 @@ impl StateStore for PgState {
             .bind(customer)
             .fetch_all(&self.pool)
             .await?;
-            Ok(rows
-                .iter()
-                .map(|r| App {
-                    customer_id: r.get("customer_id"),
-                    app: r.get("app"),
-                    name: r.get("name"),
-                })
-                .collect())
+            rows.iter().map(app_from).collect()
         })
     }
 
@@ -705,10 +537,10 @@ impl StateStore for PgState {
 
     fn billing_start(&self) -> BoxFuture<'_, StateResult<Option<DateTime<Utc>>>> {
         Box::pin(async move {
-            Ok(sqlx::query("SELECT min(starts_at) AS s FROM subscriptions")
+            sqlx::query("SELECT min(starts_at) AS s FROM subscriptions")
                 .fetch_one(&self.pool)
                 .await?
-                .get("s"))
+                .opt_time("s")
         })
     }
 
@@ -730,17 +562,13 @@ impl StateStore for PgState {
         customer: Option<&'a str>,
     ) -> BoxFuture<'a, StateResult<HashMap<String, Vec<Invoice>>>> {
         Box::pin(async move {
-            let mut out: HashMap<String, Vec<Invoice>> = HashMap::new();
-            for i in self
-                .invoices_where(
+            Ok(by_customer(
+                self.invoices_where(
                     "sync_status = 'carried_forward' AND carried_to IS NULL AND ($1::text IS NULL OR customer_id = $1)",
                     customer,
                 )
-                .await?
-            {
-                out.entry(i.customer_id.clone()).or_default().push(i);
-            }
-            Ok(out)
+                .await?,
+            ))
         })
     }
 
@@ -755,7 +583,7 @@ impl StateStore for PgState {
             let mut last: i64 = sqlx::query("SELECT last FROM invoice_numbers WHERE id FOR UPDATE")
                 .fetch_one(&mut *tx)
                 .await?
-                .get("last");
+                .bigint("last")?;
             let mut written = Vec::with_capacity(new.len());
             for n in new {
                 let exists = sqlx::query(
@@ -794,12 +622,7 @@ impl StateStore for PgState {
                     .bind(&n.sync_status)
                     .fetch_one(&mut *tx)
                     .await?;
-                let carried: Vec<String> = n
-                    .body
-                    .carried
-                    .iter()
-                    .map(|c| c.invoice_id.clone())
-                    .collect();
+                let carried = carried_ids(&n);
                 if !carried.is_empty() {
                     let moved = sqlx::query("UPDATE invoices SET carried_to = $1 WHERE id = ANY($2) AND customer_id = $3 AND carried_to IS NULL AND sync_status = 'carried_forward'")
                         .bind(&n.id)
@@ -808,12 +631,7 @@ impl StateStore for PgState {
                         .execute(&mut *tx)
                         .await?
                         .rows_affected();
-                    if moved as usize != carried.len() {
-                        return Err(StateError::Conflict(format!(
-                            "invoices carried into {} changed during finalization; retry",
-                            n.id
-                        )));
-                    }
+                    check_carried_moved(&n, moved, carried.len())?;
                 }
                 written.push(invoice_from(&row)?);
             }
@@ -862,8 +680,8 @@ impl StateStore for PgState {
                 .bind(customer)
                 .fetch_optional(&self.pool)
                 .await?
-                .ok_or_else(|| StateError::NotFound(format!("customer {customer}")))?;
-            Ok(row.get("stripe_customer_id"))
+                .ok_or_else(|| customer_not_found(customer))?;
+            row.opt_text("stripe_customer_id")
         })
     }
 
@@ -951,15 +769,7 @@ impl StateStore for PgState {
                 .execute(&mut *tx)
                 .await
                 .map_err(|e| conflict_or(e, format!("key {} exists", key.id)))?;
-            audit(
-                &mut tx,
-                actor,
-                "key.create",
-                &format!("key:{}", key.id),
-                None,
-                Some(serde_json::to_value(key).unwrap()),
-            )
-            .await?;
+            audit(&mut tx, actor, AuditRecord::key_create(key)).await?;
             tx.commit().await?;
             Ok(())
         })
@@ -967,9 +777,9 @@ impl StateStore for PgState {
 
     fn api_keys(&self) -> BoxFuture<'_, StateResult<Vec<ApiKey>>> {
         Box::pin(async move {
-            let rows = sqlx::query("SELECT id, role, customer_id, label, key_sha256, created_at, revoked_at FROM api_keys ORDER BY created_at DESC, id")
-                .fetch_all(&self.pool)
-                .await?;
+            let sql =
+                format!("SELECT {API_KEY_COLUMNS} FROM api_keys ORDER BY created_at DESC, id");
+            let rows = sqlx::query(&sql).fetch_all(&self.pool).await?;
             rows.iter().map(api_key_from).collect()
         })
     }
@@ -981,22 +791,16 @@ impl StateStore for PgState {
     ) -> BoxFuture<'a, StateResult<ApiKey>> {
         Box::pin(async move {
             let mut tx = self.pool.begin().await?;
-            let row = sqlx::query("UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL \
-                                   RETURNING id, role, customer_id, label, key_sha256, created_at, revoked_at")
+            let sql = format!(
+                "UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL RETURNING {API_KEY_COLUMNS}"
+            );
+            let row = sqlx::query(&sql)
                 .bind(id)
                 .fetch_optional(&mut *tx)
                 .await?
                 .ok_or_else(|| StateError::NotFound(format!("active key {id}")))?;
             let key = api_key_from(&row)?;
-            audit(
-                &mut tx,
-                actor,
-                "key.revoke",
-                &format!("key:{id}"),
-                Some(serde_json::json!({"revoked": false})),
-                Some(serde_json::json!({"revoked": true, "role": key.role})),
-            )
-            .await?;
+            audit(&mut tx, actor, AuditRecord::key_revoke(&key)).await?;
             tx.commit().await?;
             Ok(key)
         })
@@ -1005,13 +809,13 @@ impl StateStore for PgState {
     fn set_spending_cap<'a>(
         &'a self,
         customer: &'a str,
-        cap: Option<rust_decimal::Decimal>,
+        cap: Option<Decimal>,
         actor: &'a str,
     ) -> BoxFuture<'a, StateResult<()>> {
         Box::pin(async move {
             let mut tx = self.pool.begin().await?;
             lock_customer(&mut tx, customer).await?;
-            let before: Option<rust_decimal::Decimal> =
+            let before: Option<Decimal> =
                 sqlx::query_scalar("SELECT spending_cap FROM customers WHERE id = $1")
                     .bind(customer)
                     .fetch_one(&mut *tx)
@@ -1024,10 +828,7 @@ impl StateStore for PgState {
             audit(
                 &mut tx,
                 actor,
-                "spending_cap.set",
-                &format!("customer:{customer}"),
-                Some(serde_json::json!({ "spending_cap": before })),
-                Some(serde_json::json!({ "spending_cap": cap })),
+                AuditRecord::spending_cap_set(customer, before, cap),
             )
             .await?;
             tx.commit().await?;
@@ -1056,14 +857,7 @@ impl StateStore for PgState {
             audit(
                 &mut tx,
                 actor,
-                if suspended {
-                    "account.suspend"
-                } else {
-                    "account.resume"
-                },
-                &format!("customer:{customer}"),
-                Some(serde_json::json!({ "suspended": before })),
-                Some(serde_json::json!({ "suspended": suspended })),
+                AuditRecord::suspended_set(customer, before, suspended),
             )
             .await?;
             tx.commit().await?;
@@ -1111,18 +905,22 @@ impl StateStore for PgState {
         limit: u32,
     ) -> BoxFuture<'_, StateResult<Vec<Alert>>> {
         Box::pin(async move {
-            let rows = sqlx::query(
+            let sql = format!(
                 "UPDATE usage_alerts SET next_attempt_at = $2 WHERE id IN ( \
                    SELECT id FROM usage_alerts WHERE status = 'pending' AND next_attempt_at <= $1 \
                    ORDER BY next_attempt_at, id LIMIT $3 FOR UPDATE SKIP LOCKED) \
-                 RETURNING *",
-            )
-            .bind(now)
-            .bind(now + lease)
-            .bind(limit as i64)
-            .fetch_all(&self.pool)
-            .await?;
-            let mut out: Vec<Alert> = rows.iter().map(alert_row).collect();
+                 RETURNING {ALERT_COLUMNS}"
+            );
+            let rows = sqlx::query(&sql)
+                .bind(now)
+                .bind(now + lease)
+                .bind(limit as i64)
+                .fetch_all(&self.pool)
+                .await?;
+            let mut out = rows
+                .iter()
+                .map(alert_from)
+                .collect::<StateResult<Vec<Alert>>>()?;
             out.sort_by_key(|a| a.id);
             Ok(out)
         })
@@ -1157,11 +955,14 @@ impl StateStore for PgState {
 
     fn alerts_of<'a>(&'a self, customer: &'a str) -> BoxFuture<'a, StateResult<Vec<Alert>>> {
         Box::pin(async move {
-            let rows = sqlx::query("SELECT * FROM usage_alerts WHERE customer_id = $1 ORDER BY id")
+            let sql = format!(
+                "SELECT {ALERT_COLUMNS} FROM usage_alerts WHERE customer_id = $1 ORDER BY id"
+            );
+            let rows = sqlx::query(&sql)
                 .bind(customer)
                 .fetch_all(&self.pool)
                 .await?;
-            Ok(rows.iter().map(alert_row).collect())
+            rows.iter().map(alert_from).collect()
         })
     }
 
@@ -1170,30 +971,14 @@ impl StateStore for PgState {
             let rows = sqlx::query("SELECT id, suspended, spending_cap FROM customers")
                 .fetch_all(&self.pool)
                 .await?;
-            Ok(rows
-                .iter()
-                .map(|r| (r.get("id"), (r.get("suspended"), r.get("spending_cap"))))
-                .collect())
+            rows.iter()
+                .map(|r| {
+                    Ok((
+                        r.text("id")?,
+                        (r.flag("suspended")?, r.opt_decimal("spending_cap")?),
+                    ))
+                })
+                .collect()
         })
-    }
-}
-
-fn alert_row(r: &sqlx::postgres::PgRow) -> Alert {
-    Alert {
-        id: r.get("id"),
-        alert: NewAlert {
-            customer_id: r.get("customer_id"),
-            period_start: r.get("period_start"),
-            kind: r.get("kind"),
-            subject: r.get("subject"),
-            threshold: r.get::<i32, _>("threshold") as u32,
-            payload: r.get("payload"),
-        },
-        created_at: r.get("created_at"),
-        status: r.get("status"),
-        attempts: r.get::<i32, _>("attempts") as u32,
-        next_attempt_at: r.get("next_attempt_at"),
-        delivered_at: r.get("delivered_at"),
-        last_error: r.get("last_error"),
     }
 }

@@ -64,6 +64,23 @@ pub async fn pg(test: &str) -> (String, Arc<PgState>, sqlx::PgPool) {
     (url, Arc::new(st), pool)
 }
 
+/// A fresh, migrated SQLite state store (the embedded mode's) in a new
+/// temporary directory, removed when the returned `TempDir` is dropped:
+/// (directory, database file, store).
+pub async fn sqlite_state() -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    Arc<billing_api::state::sqlite::SqliteState>,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let st = billing_api::state::sqlite::SqliteState::open(&path)
+        .await
+        .unwrap();
+    st.migrate().await.unwrap();
+    (dir, path, Arc::new(st))
+}
+
 /// A fresh, migrated ClickHouse database: (url, database, store).
 pub async fn clickhouse(test: &str) -> (String, String, Arc<ClickHouseStore>) {
     let url = env("TALLY_CLICKHOUSE_URL");
