@@ -11,6 +11,7 @@ pub mod dashboard;
 pub mod finalize;
 pub mod invoice;
 pub mod metrics;
+pub mod options;
 pub mod quota;
 pub mod quota_service;
 pub mod rating;

@@ -4,15 +4,122 @@
 
 use crate::alerts::{AlertConfig, AlertRaiser, AlertSender};
 use crate::api::{router, ApiState};
-use crate::auth::KEY_REFRESH;
+use crate::auth::{Authenticator, KEY_REFRESH};
 use crate::catalog::Catalog;
 use crate::finalize::Finalizer;
+use crate::metrics::Metrics;
+use crate::options::{BillingOptions, ServeOptions};
+use crate::quota_service::QuotaService;
 use crate::state::{StateError, StateStore};
 use crate::stripe_sync::StripeSync;
+use aggregator::UsageStore;
 use chrono::Utc;
+use schemas::MeterCatalog;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
+
+/// The parts of a billing process over a state store and a usage store:
+/// the same for PostgreSQL + ClickHouse and for the embedded SQLite files.
+pub struct Parts {
+    pub state: Arc<dyn StateStore>,
+    pub usage: Arc<dyn UsageStore>,
+    pub finalizer: Arc<Finalizer>,
+    pub sync: Option<Arc<StripeSync>>,
+    pub meters: Arc<MeterCatalog>,
+    pub metrics: Metrics,
+}
+
+/// Migrates the state store, publishes the catalog and builds the
+/// finalizer and (with a key) the Stripe sync.
+pub async fn setup(
+    state: Arc<dyn StateStore>,
+    usage: Arc<dyn UsageStore>,
+    opts: &BillingOptions,
+) -> anyhow::Result<Parts> {
+    let meters = Arc::new(opts.meters()?);
+    let catalog = opts.catalog()?;
+    let config = opts.finalize_config()?;
+    state.migrate().await?;
+    let n = load_catalog(state.as_ref(), &catalog, &meters).await?;
+    tracing::info!(published = n, "catalog loaded");
+    let metrics = Metrics::new();
+    let finalizer = Arc::new(Finalizer {
+        state: state.clone(),
+        usage: usage.clone(),
+        meters: meters.clone(),
+        config,
+        metrics: metrics.clone(),
+    });
+    let sync = opts
+        .stripe()
+        .map(|c| Arc::new(StripeSync::new(c, state.clone(), metrics.clone())));
+    if sync.is_none() {
+        tracing::warn!("STRIPE_SECRET_KEY not set: invoices are finalized but not sent to Stripe");
+    }
+    Ok(Parts {
+        state,
+        usage,
+        finalizer,
+        sync,
+        meters,
+        metrics,
+    })
+}
+
+impl Parts {
+    /// One finalization run as of `now`, then Stripe sync when a key is
+    /// set; prints what it did (the `finalize` commands).
+    pub async fn finalize_once(&self, now: chrono::DateTime<Utc>) -> anyhow::Result<()> {
+        let r = self.finalizer.run_once(now).await?;
+        println!(
+            "finalized {} invoice(s) over {} period(s)",
+            r.finalized, r.periods
+        );
+        if let Some(s) = &self.sync {
+            let (ok, failed) = s.run_once().await?;
+            println!("synced {ok} invoice(s) to Stripe, {failed} failed");
+            anyhow::ensure!(failed == 0, "{failed} invoice(s) failed to sync");
+        }
+        Ok(())
+    }
+
+    /// The HTTP API's state: keys loaded, quota state read once.
+    pub async fn api(
+        &self,
+        opts: &BillingOptions,
+        serve: &ServeOptions,
+        admin_keys: Vec<[u8; 32]>,
+        session_secret: Vec<u8>,
+    ) -> anyhow::Result<Arc<ApiState>> {
+        let auth = Arc::new(Authenticator::new(admin_keys, session_secret));
+        auth.load(self.state.api_keys().await?);
+        let quota = Arc::new(QuotaService::new(
+            self.state.clone(),
+            self.usage.clone(),
+            self.meters.clone(),
+        ));
+        // The usage store may not be ready yet (the aggregator creates its
+        // tables): answer from an empty state until the next refresh.
+        match quota.refresh(Utc::now()).await {
+            Ok(n) => tracing::info!(customers = n, "quota state loaded"),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "quota state not loaded yet; retrying on the next refresh")
+            }
+        }
+        Ok(Arc::new(ApiState {
+            state: self.state.clone(),
+            usage: self.usage.clone(),
+            meters: self.meters.clone(),
+            quota,
+            metrics: self.metrics.clone(),
+            auth,
+            webhook_secret: serve.stripe_webhook_secret.clone(),
+            min_charge: opts.min_charge,
+        }))
+    }
+}
 
 /// Publishes every plan version of `catalog` that is not published yet.
 /// A version already published with other terms is an error: published
@@ -96,6 +203,32 @@ pub async fn serve(
     quota_every: Duration,
     alerts: Option<AlertConfig>,
 ) -> anyhow::Result<()> {
+    serve_until(
+        listener,
+        api,
+        finalizer,
+        sync,
+        every,
+        quota_every,
+        alerts,
+        shutdown_signal(),
+    )
+    .await
+}
+
+/// [`serve`] until `shutdown` completes instead of a signal (the embedded
+/// process shares one shutdown between ingest and billing).
+#[allow(clippy::too_many_arguments)]
+pub async fn serve_until(
+    listener: tokio::net::TcpListener,
+    api: Arc<ApiState>,
+    finalizer: Arc<Finalizer>,
+    sync: Option<Arc<StripeSync>>,
+    every: Duration,
+    quota_every: Duration,
+    alerts: Option<AlertConfig>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     if let Some(config) = &alerts {
         let sender = AlertSender::new(api.state.clone(), config.clone(), api.metrics.clone());
@@ -111,7 +244,7 @@ pub async fn serve(
     tokio::spawn(refresh_keys(api.clone(), stop_rx));
     tracing::info!(addr = %listener.local_addr()?, "billing-api listening");
     axum::serve(listener, router(api))
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(shutdown)
         .await?;
     let _ = stop_tx.send(true);
     let _ = sched.await;
@@ -178,7 +311,8 @@ async fn send_alerts(sender: AlertSender, mut stop: watch::Receiver<bool>) {
     }
 }
 
-async fn shutdown_signal() {
+/// Completes on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("signal handler");
     tokio::select! {

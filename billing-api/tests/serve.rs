@@ -135,9 +135,8 @@ async fn serve_loads_catalog_finalizes_and_stops_on_sigterm() {
     )
     .await
     .unwrap();
-    st.subscribe("cus_s", "payg", 1, q.start, "test")
-        .await
-        .unwrap();
+    // Usage first: the running scheduler finalizes as soon as the
+    // subscription exists.
     Writer::new(usage)
         .write(&[(
             "s1".into(),
@@ -147,6 +146,9 @@ async fn serve_loads_catalog_finalizes_and_stops_on_sigterm() {
             requests("web", 5_000_000),
         )])
         .await;
+    st.subscribe("cus_s", "payg", 1, q.start, "test")
+        .await
+        .unwrap();
     let deadline = Instant::now() + std::time::Duration::from_secs(30);
     loop {
         let invs = st.invoices_of("cus_s").await.unwrap();
