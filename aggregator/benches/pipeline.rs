@@ -17,42 +17,12 @@ mod support;
 
 use aggregator::store::clickhouse::ClickHouseStore;
 use aggregator::store::{RawRow, UsageWriter};
-use chrono::{Duration as CDuration, Utc};
-use collector::sources::simulator::Workload;
+use chrono::Utc;
 use rdkafka::producer::FutureRecord;
 use rust_decimal::Decimal;
 use serde_json::json;
 use std::time::{Duration, Instant};
 use support::*;
-
-fn events(n: usize, source: &str) -> Vec<schemas::RawEvent> {
-    let now = Utc::now().timestamp();
-    let from = chrono::DateTime::from_timestamp(now - now % 3600 - 20 * 3600, 0).unwrap();
-    let w = Workload {
-        customers: 40,
-        apps_per_customer: 5,
-        seed: 5,
-    };
-    let mut out = w.events(from, from + CDuration::hours(19), 60);
-    out.truncate(n);
-    assert_eq!(out.len(), n, "workload too small");
-    for (i, e) in out.iter_mut().enumerate() {
-        e.insert("source".into(), json!(source));
-        e.insert("id".into(), json!(format!("{source}-{i}")));
-    }
-    out
-}
-
-fn rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
 
 async fn raw_produce(brokers: &str, topic: &str, payloads: &[(String, Vec<u8>)]) -> f64 {
     // Exactly the collector's producer, so the ratio isolates the
@@ -119,7 +89,7 @@ async fn main() {
     results.insert("events".into(), json!(n));
 
     // 1. Raw producer baseline vs collector ingest, same payloads.
-    let base_events = events(n, "bench-raw");
+    let base_events = bench_events(n, "bench-raw");
     let payloads: Vec<(String, Vec<u8>)> = base_events
         .iter()
         .map(|e| {
@@ -147,7 +117,7 @@ async fn main() {
     std::fs::write(&cfg, text).unwrap();
     let collector = env.spawn_collector(&cfg, port);
     let url = format!("http://127.0.0.1:{port}");
-    let ingest_events = events(n, "bench-ingest");
+    let ingest_events = bench_events(n, "bench-ingest");
     let ingest_rate = post_concurrently(&url, &ingest_events, 1000, 4).await;
     println!(
         "collector ingest: {ingest_rate:.0} events/s ({:.0}% of raw)",
@@ -260,7 +230,7 @@ async fn main() {
     // 3. Event-to-queryable latency under a steady load: 100-event batches
     // every 50 ms (2,000 events/s) for 20 s.
     let store = env.store();
-    let lat_events = events(40_000, "bench-latency");
+    let lat_events = bench_events(40_000, "bench-latency");
     let sent: std::sync::Arc<std::sync::Mutex<Vec<Instant>>> = Default::default();
     let sender = {
         let (url, sent, evs) = (url.clone(), sent.clone(), lat_events.clone());

@@ -22,8 +22,14 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
+        Self::in_registry(Registry::new())
+    }
+
+    /// The aggregator's metrics registered in `registry` (the embedded
+    /// process serves the collector's and the aggregator's together).
+    pub fn in_registry(registry: Registry) -> Self {
         let m = Self {
-            registry: Registry::new(),
+            registry,
             messages_consumed: IntCounter::new(
                 "tally_aggregator_messages_consumed_total",
                 "Kafka messages consumed",

@@ -144,12 +144,21 @@ impl<W: UsageWriter> Processor<W> {
         p: i32,
         stop: &watch::Receiver<bool>,
     ) -> anyhow::Result<Offset> {
-        self.parts.remove(&p);
-        self.ensure_partition(p, stop).await?;
-        Ok(match self.parts[&p].max_offset {
+        Ok(match self.stored_max_offset(p, stop).await? {
             Some(o) => Offset::Offset(o as i64 + 1),
             None => Offset::Beginning,
         })
+    }
+
+    /// (Re)loads a partition's state; returns the highest offset stored.
+    pub async fn stored_max_offset(
+        &mut self,
+        p: i32,
+        stop: &watch::Receiver<bool>,
+    ) -> anyhow::Result<Option<u64>> {
+        self.parts.remove(&p);
+        self.ensure_partition(p, stop).await?;
+        Ok(self.parts[&p].max_offset)
     }
 
     async fn ensure_partition(
@@ -338,7 +347,7 @@ impl<W: UsageWriter> Processor<W> {
                 .or_insert_with_key(|k| self.rollups.get(k).cloned().unwrap_or_default());
             v.add(r.time, r.quantity);
             v.partition = r.partition;
-            v.version = written_max[&(r.partition as i32)];
+            v.version = rollup_version(written_max[&(r.partition as i32)]);
         }
 
         // 5b. Raw rows (atomic), then rollups (idempotent).
@@ -370,6 +379,14 @@ impl<W: UsageWriter> Processor<W> {
         self.prune();
         Ok(commits)
     }
+}
+
+/// The rollup version a batch writes: its highest offset in the partition
+/// plus one. Version 0 is never written by a partition: it belongs to rows
+/// imported from an embedded data directory (`store::IMPORTED_PARTITION`),
+/// so a live update of the same key always wins over the imported value.
+pub fn rollup_version(max_offset: u64) -> u64 {
+    max_offset + 1
 }
 
 /// Header names on dead letters.

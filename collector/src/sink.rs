@@ -28,6 +28,8 @@ pub struct Envelope {
 pub enum Delivery {
     Kafka,
     Spool,
+    /// Written to the embedded mode's usage store.
+    Store,
 }
 
 impl Delivery {
@@ -35,6 +37,7 @@ impl Delivery {
         match self {
             Delivery::Kafka => "kafka",
             Delivery::Spool => "spool",
+            Delivery::Store => "store",
         }
     }
 }

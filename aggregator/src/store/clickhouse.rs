@@ -8,7 +8,8 @@
 //!    message is stored" and "the offset is stored" are one fact;
 //! 2. the cumulative hourly rollups of the keys the batch touched are
 //!    inserted with `version` = the batch's highest offset in that Kafka
-//!    partition (idempotent: rewriting a version changes nothing);
+//!    partition + 1 (`pipeline::rollup_version`; idempotent: rewriting a
+//!    version changes nothing);
 //! 3. the aggregator commits the offsets to Kafka (an optimisation only).
 //!
 //! On assignment, [`UsageWriter::load_partition`] reads the highest stored
@@ -23,6 +24,7 @@ use super::{
     group_cells, split_hours, Cell, Partial, PartitionState, RawRow, UsageQuery, UsageRow,
     UsageStore, UsageWriter,
 };
+use crate::pipeline::rollup_version;
 use crate::rollup::{RollupKey, RollupValue};
 use anyhow::Context;
 use chrono::{DateTime, TimeZone, Utc};
@@ -252,11 +254,12 @@ impl ClickHouseStore {
                 .bind(partition)
                 .fetch_one()
                 .await?;
-            if roll.count == 0 || roll.max < raw.max {
+            if roll.count == 0 || roll.max < rollup_version(raw.max) {
+                // Rollups of version v cover offsets below v.
                 let after = if roll.count == 0 {
                     String::new()
                 } else {
-                    format!(" AND kafka_offset > {}", roll.max)
+                    format!(" AND kafka_offset >= {}", roll.max)
                 };
                 let touched = format!(
                     "SELECT customer, meter, toStartOfHour(time), app, dims FROM usage_events WHERE kafka_partition = {partition}{after}"
@@ -272,7 +275,7 @@ impl ClickHouseStore {
                     "INSERT INTO usage_rollups_hourly SELECT {ROLLUP_FROM_RAW}, {partition} AS kafka_partition, {max} AS version \
                      FROM usage_events WHERE (customer, meter, toStartOfHour(time), app, dims) IN ({touched}) \
                      GROUP BY customer, meter, hour, app, dims",
-                    max = raw.max
+                    max = rollup_version(raw.max)
                 ))
                 .await?;
                 st.repaired_keys = n as usize;
@@ -282,18 +285,21 @@ impl ClickHouseStore {
                     "repaired rollups after an interrupted batch"
                 );
             }
-            let seen: Vec<SourceId> = self
-                .client
-                .query("SELECT source, id, toUInt32(min(time)) FROM usage_events WHERE kafka_partition = ? AND time >= toDateTime(?) GROUP BY source, id")
-                .bind(partition)
-                .bind(window_start.timestamp() as u32)
-                .fetch_all()
-                .await?;
-            st.seen = seen
-                .into_iter()
-                .map(|s| (s.source, s.id, s.time as i64))
-                .collect();
         }
+        // The partition's own keys, and those of imported rows (see
+        // IMPORTED_PARTITION), even while the partition is still empty.
+        let seen: Vec<SourceId> = self
+            .client
+            .query("SELECT source, id, toUInt32(min(time)) FROM usage_events WHERE kafka_partition IN (?, ?) AND time >= toDateTime(?) GROUP BY source, id")
+            .bind(partition)
+            .bind(super::IMPORTED_PARTITION)
+            .bind(window_start.timestamp() as u32)
+            .fetch_all()
+            .await?;
+        st.seen = seen
+            .into_iter()
+            .map(|s| (s.source, s.id, s.time as i64))
+            .collect();
         Ok(st)
     }
 

@@ -19,6 +19,15 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// One raw row: what one event contributes to one meter.
+/// The partition number of usage rows imported from an embedded data
+/// directory (`tally import`). No Kafka topic has this many partitions, so
+/// resuming a live partition never reads them as its own; live partitions
+/// load their (source, id) keys for deduplication, though, so an imported
+/// event re-sent after the move is still dropped as a duplicate. Imported
+/// rollups carry version 0, which every live write outranks
+/// (`pipeline::rollup_version`).
+pub const IMPORTED_PARTITION: u32 = 1_000_000;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct RawRow {
     pub customer: String,

@@ -12,6 +12,7 @@ use super::{
     group_cells, split_hours, Cell, Partial, PartitionState, PerCustomer, RawRow, UsageQuery,
     UsageRow, UsageStore, UsageWriter,
 };
+use crate::pipeline::{rollup_version, DeadLetter, DeadLetterSink};
 use crate::rollup::{RollupKey, RollupValue};
 use anyhow::Context;
 use chrono::{DateTime, TimeZone, Utc};
@@ -34,6 +35,26 @@ fn dec(s: &str) -> anyhow::Result<Decimal> {
 
 fn ts(s: i64) -> DateTime<Utc> {
     Utc.timestamp_opt(s, 0).single().unwrap_or_default()
+}
+
+fn rollup_row(r: &sqlx::sqlite::SqliteRow) -> anyhow::Result<(RollupKey, RollupValue)> {
+    Ok((
+        RollupKey {
+            customer: r.get("customer"),
+            meter: r.get("meter"),
+            hour: r.get("hour"),
+            app: r.get("app"),
+            dims: r.get("dims"),
+        },
+        RollupValue {
+            events: r.get::<i64, _>("events") as u64,
+            sum: dec(r.get("quantity_sum"))?,
+            max: dec(r.get("quantity_max"))?,
+            latest: (r.get("latest_time"), dec(r.get("latest_quantity"))?),
+            partition: r.get::<i64, _>("kafka_partition") as u32,
+            version: r.get::<i64, _>("version") as u64,
+        },
+    ))
 }
 
 /// Whose rows to read.
@@ -80,6 +101,70 @@ impl SqliteStore {
 
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
+    }
+
+    /// Raw rows after `after` (a rowid), oldest first, with their rowids:
+    /// a page of an export.
+    pub async fn raw_page(&self, after: i64, limit: u32) -> anyhow::Result<Vec<(i64, RawRow)>> {
+        let rows = sqlx::query(
+            "SELECT rowid, customer, meter, time, app, dims, quantity, unique_value, source, id, event_type, \
+             kafka_partition, kafka_offset FROM usage_events WHERE rowid > ? ORDER BY rowid LIMIT ?",
+        )
+        .bind(after)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.get("rowid"),
+                    RawRow {
+                        customer: r.get("customer"),
+                        meter: r.get("meter"),
+                        time: ts(r.get("time")),
+                        app: r.get("app"),
+                        dims: r.get("dims"),
+                        quantity: dec(r.get("quantity"))?,
+                        unique_value: r.get("unique_value"),
+                        source: r.get("source"),
+                        id: r.get("id"),
+                        event_type: r.get("event_type"),
+                        partition: r.get::<i64, _>("kafka_partition") as u32,
+                        offset: r.get::<i64, _>("kafka_offset") as u64,
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    /// Every rollup row (an export).
+    pub async fn all_rollups(&self) -> anyhow::Result<Vec<(RollupKey, RollupValue)>> {
+        let rows = sqlx::query(
+            "SELECT customer, meter, hour, app, dims, events, quantity_sum, quantity_max, latest_time, \
+             latest_quantity, kafka_partition, version FROM usage_rollups_hourly ORDER BY customer, meter, hour, app, dims",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(rollup_row).collect()
+    }
+
+    /// Dead letters stored so far: (code, reason, offset, payload), oldest first.
+    pub async fn dead_letters(&self) -> anyhow::Result<Vec<(String, String, i64, Vec<u8>)>> {
+        let rows =
+            sqlx::query("SELECT code, reason, kafka_offset, payload FROM dead_letters ORDER BY id")
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    r.get("code"),
+                    r.get("reason"),
+                    r.get("kafka_offset"),
+                    r.get::<Option<Vec<u8>>, _>("payload").unwrap_or_default(),
+                )
+            })
+            .collect())
     }
 
     async fn apply_migrations(&self) -> anyhow::Result<()> {
@@ -298,15 +383,16 @@ impl SqliteStore {
         .bind(partition as i64)
         .fetch_one(&self.pool)
         .await?;
-        if roll_max.is_none_or(|r| r < raw_max) {
+        if roll_max.is_none_or(|r| (r as u64) < rollup_version(raw_max as u64)) {
             // The last batch's raw rows landed but its rollups did not:
             // re-derive every key it touched from raw rows.
             let rows = sqlx::query(
                 "SELECT DISTINCT customer, meter, time - (time % 3600) AS hour, app, dims FROM usage_events \
-                 WHERE kafka_partition = ? AND kafka_offset > ?",
+                 WHERE kafka_partition = ? AND kafka_offset >= ?",
             )
             .bind(partition as i64)
-            .bind(roll_max.unwrap_or(-1))
+            // Rollups of version v cover offsets below v.
+            .bind(roll_max.unwrap_or(0))
             .fetch_all(&self.pool)
             .await?;
             let keys: Vec<RollupKey> = rows
@@ -320,7 +406,7 @@ impl SqliteStore {
                 })
                 .collect();
             let repaired = self
-                .rollups_from_raw(&keys, partition, raw_max as u64)
+                .rollups_from_raw(&keys, partition, rollup_version(raw_max as u64))
                 .await?;
             st.repaired_keys = repaired.len();
             self.write_rollups_tx(repaired).await?;
@@ -452,24 +538,8 @@ impl UsageWriter for SqliteStore {
                 .bind(hour)
                 .fetch_all(&self.pool)
                 .await?;
-                for r in rows {
-                    out.push((
-                        RollupKey {
-                            customer: r.get("customer"),
-                            meter: r.get("meter"),
-                            hour: r.get("hour"),
-                            app: r.get("app"),
-                            dims: r.get("dims"),
-                        },
-                        RollupValue {
-                            events: r.get::<i64, _>("events") as u64,
-                            sum: dec(r.get("quantity_sum"))?,
-                            max: dec(r.get("quantity_max"))?,
-                            latest: (r.get("latest_time"), dec(r.get("latest_quantity"))?),
-                            partition: r.get::<i64, _>("kafka_partition") as u32,
-                            version: r.get::<i64, _>("version") as u64,
-                        },
-                    ));
+                for r in &rows {
+                    out.push(rollup_row(r)?);
                 }
             }
             Ok(out)
@@ -508,6 +578,33 @@ impl UsageStore for SqliteStore {
             let meters = super::meters_of(questions)?;
             let cells = self.cells(&meters, first, Scope::All(customers)).await?;
             Ok(super::answer_all(questions, cells))
+        })
+    }
+}
+
+/// The embedded mode's dead-letter "topic": a table in the same file.
+impl DeadLetterSink for SqliteStore {
+    fn send(&self, letters: Vec<DeadLetter>) -> BoxFuture<'_, anyhow::Result<()>> {
+        Box::pin(async move {
+            let mut tx = self.pool.begin().await?;
+            let at = Utc::now().timestamp();
+            for l in &letters {
+                sqlx::query(
+                    "INSERT INTO dead_letters (at, code, reason, kafka_partition, kafka_offset, key, payload) \
+                     VALUES (?, ?, ?, ?, ?, ?, ?)",
+                )
+                .bind(at)
+                .bind(&l.code)
+                .bind(&l.reason)
+                .bind(l.message.partition)
+                .bind(l.message.offset)
+                .bind(&l.message.key)
+                .bind(&l.message.payload)
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+            Ok(())
         })
     }
 }

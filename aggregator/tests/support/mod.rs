@@ -399,3 +399,34 @@ pub fn dashboard_metrics_missing(dashboard: &str, exposed: &[&str]) -> Vec<Strin
     }
     used.into_iter().filter(|n| !have.contains(n)).collect()
 }
+
+/// `n` simulator events of the last hours with unique ids under `source`
+/// (the benchmarks' workload).
+pub fn bench_events(n: usize, source: &str) -> Vec<schemas::RawEvent> {
+    let now = chrono::Utc::now().timestamp();
+    let from = chrono::DateTime::from_timestamp(now - now % 3600 - 20 * 3600, 0).unwrap();
+    let w = collector::sources::simulator::Workload {
+        customers: 40,
+        apps_per_customer: 5,
+        seed: 5,
+    };
+    let mut out = w.events(from, from + chrono::Duration::hours(19), 60);
+    out.truncate(n);
+    assert_eq!(out.len(), n, "workload too small");
+    for (i, e) in out.iter_mut().enumerate() {
+        e.insert("source".into(), serde_json::json!(source));
+        e.insert("id".into(), serde_json::json!(format!("{source}-{i}")));
+    }
+    out
+}
+
+pub fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
