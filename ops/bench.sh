@@ -17,3 +17,7 @@ cargo bench -p billing-api --bench finalize
 # Quota checks under wrk against a trivial axum handler.
 command -v wrk >/dev/null || apt-get install -y wrk
 cargo bench -p billing-api --bench quota
+# Embedded mode: ingest vs a raw SQLite batch insert, latency, RSS with
+# 1,000 customers (spawns the release `tally`).
+cargo build --release -p embedded --bin tally
+cargo bench -p embedded --bench embedded

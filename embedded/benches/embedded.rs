@@ -1,0 +1,294 @@
+//! Embedded-mode benchmark: a load generator against the release `tally`
+//! binary, each figure next to a baseline measured in the same run.
+//!
+//! - ingest (HTTP batch → validated, deduplicated, raw rows + rollups
+//!   committed and fsynced → 200), events/s, against a raw SQLite batch
+//!   insert of the same rows into the same `usage_events` table with the
+//!   same durability settings (WAL, `synchronous=FULL`) and batch size;
+//! - the same ingest without HTTP (the collector's sink driven in-process);
+//! - event-to-queryable latency p50/p99 at 2,000 events/s (time from
+//!   sending a batch until a separate connection reads it);
+//! - peak RSS (VmHWM) of `tally serve` with 1,000 customers (subscribed,
+//!   a day of usage each, quota state, drafts and a finalization run).
+//!
+//! Run with `ops/bench.sh` (release build). Results go to
+//! `bench-results/embedded.json` and stdout.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use aggregator::store::sqlite::SqliteStore;
+use aggregator::store::{RawRow, UsageWriter};
+use chrono::{TimeZone, Utc};
+use collector::sink::{Envelope, EventSink};
+use reqwest::Method as M;
+use schemas::{AcceptWindow, MeterCatalog, UsageEvent};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use support::pipeline::{bench_events, rss_kb, INGEST_KEY};
+use support::System;
+
+const BATCH: usize = 1_000;
+const CLIENTS: usize = 4;
+
+fn rows_of(events: &[schemas::RawEvent]) -> Vec<RawRow> {
+    let meters = MeterCatalog::default_catalog();
+    let window = AcceptWindow::unbounded();
+    let mut rows = Vec::new();
+    for (i, ev) in events.iter().enumerate() {
+        let v = UsageEvent::validate(ev, &meters, &window).unwrap();
+        for r in v.records {
+            rows.push(RawRow {
+                customer: v.customer.clone(),
+                meter: r.meter.clone(),
+                time: Utc.timestamp_opt(v.time.timestamp(), 0).unwrap(),
+                app: r.app.clone(),
+                dims: r.dims_json(),
+                quantity: r.quantity,
+                unique_value: r.unique_value.clone().unwrap_or_default(),
+                source: v.source.clone(),
+                id: v.id.clone(),
+                event_type: v.event_type.clone(),
+                partition: 0,
+                offset: i as u64,
+            });
+        }
+    }
+    rows
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Posts `events` with CLIENTS concurrent clients in BATCH-event requests;
+/// returns events/s until the last is acknowledged.
+async fn http_ingest(url: &str, events: Vec<schemas::RawEvent>) -> f64 {
+    let batches: Vec<Vec<schemas::RawEvent>> = events.chunks(BATCH).map(|c| c.to_vec()).collect();
+    let n = events.len();
+    let queue = Arc::new(std::sync::Mutex::new(batches));
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..CLIENTS {
+        let (queue, url) = (queue.clone(), url.to_owned());
+        tasks.push(tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            loop {
+                let Some(b) = queue.lock().unwrap().pop() else {
+                    return;
+                };
+                let r = http
+                    .post(format!("{url}/v1/events"))
+                    .bearer_auth(INGEST_KEY)
+                    .header("content-type", "application/cloudevents-batch+json")
+                    .json(&b)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    n as f64 / t.elapsed().as_secs_f64()
+}
+
+#[tokio::main]
+async fn main() {
+    let n = 200_000;
+    let tmp = tempfile::tempdir().unwrap();
+    let meters = Arc::new(MeterCatalog::default_catalog());
+
+    // Baseline: raw batch inserts of the same rows, same settings.
+    let base_events = bench_events(n, "bench-raw");
+    let rows = rows_of(&base_events);
+    let raw_store = SqliteStore::open(&tmp.path().join("raw.db")).await.unwrap();
+    raw_store.migrate().await.unwrap();
+    let t = Instant::now();
+    for chunk in rows.chunks(BATCH) {
+        raw_store.write_raw(chunk.to_vec()).await.unwrap();
+    }
+    let raw_rate = n as f64 / t.elapsed().as_secs_f64();
+    println!(
+        "raw SQLite batch insert: {raw_rate:.0} events/s ({} rows)",
+        rows.len()
+    );
+
+    // In-process: the embedded sink and processor, no HTTP.
+    let store = Arc::new(
+        SqliteStore::open(&tmp.path().join("sink.db"))
+            .await
+            .unwrap(),
+    );
+    store.migrate().await.unwrap();
+    let (_stop_tx, stop) = tokio::sync::watch::channel(false);
+    let (sink, writer) = embedded::ingest::start(
+        store.clone(),
+        meters.clone(),
+        aggregator::metrics::Metrics::new(),
+        10_000,
+        stop,
+    )
+    .await
+    .unwrap();
+    let sink_events = bench_events(n, "bench-sink");
+    let window = AcceptWindow::at(Utc::now());
+    let batches: Vec<Vec<Envelope>> = sink_events
+        .chunks(BATCH)
+        .map(|c| {
+            c.iter()
+                .map(|ev| Envelope {
+                    key: UsageEvent::validate(ev, &meters, &window).unwrap().customer,
+                    payload: serde_json::to_vec(ev).unwrap(),
+                })
+                .collect()
+        })
+        .collect();
+    let queue = Arc::new(std::sync::Mutex::new(batches));
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..CLIENTS {
+        let (queue, sink) = (queue.clone(), sink.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let Some(b) = queue.lock().unwrap().pop() else {
+                    return;
+                };
+                sink.send(b).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let sink_rate = n as f64 / t.elapsed().as_secs_f64();
+    drop(sink);
+    writer.await.unwrap();
+    println!("embedded sink (no HTTP): {sink_rate:.0} events/s");
+
+    // The tally binary over HTTP.
+    let mut sys = System::embedded("bench", Some(tmp.path().join("serve")));
+    let http_rate = http_ingest(&sys.ingest, bench_events(n, "bench-http")).await;
+    println!("embedded ingest over HTTP: {http_rate:.0} events/s");
+
+    // Latency: 100-event batches every 50 ms for 20 s; time until a
+    // separate connection reads the batch's last event.
+    let reader = SqliteStore::open(&sys.dir.join("usage.db")).await.unwrap();
+    let lat_events = bench_events(40_000, "bench-latency");
+    let mut lat = Vec::new();
+    let http = reqwest::Client::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    for b in lat_events.chunks(100).take(400) {
+        tick.tick().await;
+        let last = b.last().unwrap()["id"].as_str().unwrap().to_owned();
+        let t = Instant::now();
+        let r = http
+            .post(format!("{}/v1/events", sys.ingest))
+            .bearer_auth(INGEST_KEY)
+            .header("content-type", "application/cloudevents-batch+json")
+            .json(&b)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        loop {
+            let found: Option<i64> =
+                sqlx::query_scalar("SELECT 1 FROM usage_events WHERE id = ? LIMIT 1")
+                    .bind(&last)
+                    .fetch_optional(reader.pool())
+                    .await
+                    .unwrap();
+            if found.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let (p50, p99) = (percentile(&lat, 0.5), percentile(&lat, 0.99));
+    println!("event-to-queryable at 2,000 events/s: p50 {p50:.1} ms, p99 {p99:.1} ms");
+    let rss_ingest = rss_kb(sys.procs_pid()) / 1024;
+    sys.terminate();
+
+    // Peak RSS with 1,000 customers.
+    let sys = System::embedded("bench-rss", Some(tmp.path().join("rss")));
+    let customers = 1_000;
+    let now = Utc::now();
+    let month = billing_api::invoice::month_of(now);
+    let plans = ["payg", "team", "business", "free"];
+    for i in 0..customers {
+        let id = collector::sources::simulator::customer_id(i);
+        let (s, v) = sys
+            .api(
+                M::POST,
+                "/v1/customers",
+                Some(json!({"id": id, "external_id": format!("x-{i}"), "name": id})),
+            )
+            .await;
+        assert_eq!(s, 201, "{v}");
+        let (s, v) = sys
+            .api(
+                M::POST,
+                &format!("/v1/customers/{id}/subscription"),
+                Some(json!({"plan": plans[i % plans.len()], "starts_at": month.start})),
+            )
+            .await;
+        assert_eq!(s, 201, "{v}");
+    }
+    // A day of hourly usage for every customer (2 apps each).
+    let hour = now.timestamp() - now.timestamp() % 3600;
+    let to = Utc.timestamp_opt(hour, 0).unwrap();
+    let from = (to - chrono::Duration::hours(24)).max(month.start);
+    let day = collector::sources::simulator::Workload {
+        customers,
+        apps_per_customer: 2,
+        seed: 9,
+    }
+    .events(from, to, 3600);
+    let usage_events = day.len();
+    let rss_rate = http_ingest(&sys.ingest, day).await;
+    // Quota state refreshes every second; drafts, costs and a finalization
+    // run read every customer's usage.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for i in (0..customers).step_by(10) {
+        let id = collector::sources::simulator::customer_id(i);
+        let (s, _) = sys
+            .api(M::GET, &format!("/v1/customers/{id}/costs"), None)
+            .await;
+        assert_eq!(s, 200);
+    }
+    let out = sys.finalize(month.end + chrono::Duration::hours(2));
+    assert!(out.contains("finalized 1000 invoice(s)"), "{out}");
+    let rss_1000 = rss_kb(sys.procs_pid()) / 1024;
+    println!(
+        "peak RSS with {customers} customers ({usage_events} events at {rss_rate:.0}/s): {rss_1000} MiB (after the ingest benchmark: {rss_ingest} MiB)"
+    );
+
+    let results = json!({
+        "events": n,
+        "batch": BATCH,
+        "clients": CLIENTS,
+        "raw_sqlite_insert_events_per_s": raw_rate.round(),
+        "embedded_sink_events_per_s": sink_rate.round(),
+        "embedded_http_events_per_s": http_rate.round(),
+        "sink_vs_raw": (sink_rate / raw_rate * 1000.0).round() / 1000.0,
+        "http_vs_raw": (http_rate / raw_rate * 1000.0).round() / 1000.0,
+        "latency_ms_p50": (p50 * 10.0).round() / 10.0,
+        "latency_ms_p99": (p99 * 10.0).round() / 10.0,
+        "peak_rss_mib_1000_customers": rss_1000,
+        "peak_rss_mib_after_ingest_bench": rss_ingest,
+        "customers": customers,
+        "customer_usage_events": usage_events,
+    });
+    std::fs::create_dir_all("../bench-results").unwrap();
+    std::fs::write(
+        "../bench-results/embedded.json",
+        serde_json::to_string_pretty(&results).unwrap(),
+    )
+    .unwrap();
+    println!("{}", serde_json::to_string_pretty(&results).unwrap());
+}

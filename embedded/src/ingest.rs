@@ -1,0 +1,111 @@
+//! The embedded mode's transport: the collector's [`EventSink`] feeding the
+//! aggregator's [`Processor`] in the same process, with group commit.
+//!
+//! There is no Kafka to hold accepted events, so the usage store itself is
+//! the durable log: one writer task takes every request waiting in its
+//! queue (up to `max_batch` events), gives the messages consecutive offsets
+//! of partition 0 and runs them through the same `Processor` as the
+//! distributed aggregator (validation, deduplication by (`source`, `id`),
+//! raw rows, versioned rollups). Each request is answered only after that
+//! batch is committed to SQLite (WAL, `synchronous=FULL`: fsynced), so an
+//! acknowledged event survives SIGKILL and power loss. Requests that arrive
+//! while a batch is being written wait for the next one, which is how
+//! concurrent senders share one fsync.
+//!
+//! Offsets: on start the writer resumes one past the highest offset in the
+//! store, exactly as a Kafka partition resumes. Offsets of batches that were
+//! not written (duplicates only, or a failed write) are simply skipped.
+
+use aggregator::metrics::Metrics as AggMetrics;
+use aggregator::pipeline::{Message, Processor};
+use aggregator::store::sqlite::SqliteStore;
+use collector::sink::{Delivery, Envelope, EventSink};
+use futures::future::BoxFuture;
+use schemas::MeterCatalog;
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot, watch};
+
+struct Request {
+    batch: Vec<Envelope>,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+/// The collector side: hands batches to the writer and waits for the commit.
+pub struct StoreSink {
+    tx: mpsc::Sender<Request>,
+}
+
+impl EventSink for StoreSink {
+    fn send(&self, batch: Vec<Envelope>) -> BoxFuture<'_, anyhow::Result<Delivery>> {
+        Box::pin(async move {
+            let (done, wait) = oneshot::channel();
+            self.tx
+                .send(Request { batch, done })
+                .await
+                .map_err(|_| anyhow::anyhow!("the usage writer has stopped"))?;
+            match wait.await {
+                Ok(Ok(())) => Ok(Delivery::Store),
+                Ok(Err(e)) => Err(anyhow::anyhow!("usage write failed: {e}")),
+                Err(_) => Err(anyhow::anyhow!("the usage writer stopped before writing")),
+            }
+        })
+    }
+}
+
+/// Starts the writer over `store`; returns the sink and the writer task,
+/// which ends once every sink is dropped and the queue is drained.
+pub async fn start(
+    store: Arc<SqliteStore>,
+    meters: Arc<MeterCatalog>,
+    metrics: AggMetrics,
+    max_batch: usize,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<(Arc<StoreSink>, tokio::task::JoinHandle<()>)> {
+    let mut proc = Processor::new(store.clone(), meters, metrics);
+    let mut next = proc
+        .stored_max_offset(0, &stop)
+        .await?
+        .map_or(0, |o| o as i64 + 1);
+    tracing::info!(next_offset = next, "embedded usage writer resumed");
+    let (tx, mut rx) = mpsc::channel::<Request>(1024);
+    let task = tokio::spawn(async move {
+        while let Some(first) = rx.recv().await {
+            let mut n = first.batch.len();
+            let mut reqs = vec![first];
+            while n < max_batch {
+                match rx.try_recv() {
+                    Ok(r) => {
+                        n += r.batch.len();
+                        reqs.push(r);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let mut msgs = Vec::with_capacity(n);
+            for r in &reqs {
+                for e in &r.batch {
+                    msgs.push(Message {
+                        partition: 0,
+                        offset: next,
+                        key: Some(e.key.clone().into_bytes()),
+                        payload: Some(e.payload.clone()),
+                    });
+                    next += 1;
+                }
+            }
+            let res = proc
+                .process(msgs, store.as_ref(), &stop)
+                .await
+                .map(|_| ())
+                .map_err(|e| format!("{e:#}"));
+            if let Err(e) = &res {
+                tracing::error!(error = %e, events = n, "embedded usage write failed; not acknowledged");
+            }
+            for r in reqs {
+                let _ = r.done.send(res.clone());
+            }
+        }
+        tracing::info!("embedded usage writer stopped");
+    });
+    Ok((Arc::new(StoreSink { tx }), task))
+}

@@ -1,0 +1,290 @@
+//! One running Tally, embedded or distributed, driven only through its
+//! public surface (HTTP APIs and commands), so a test written once runs
+//! against both modes. Distributed uses real tansu, ClickHouse and
+//! PostgreSQL from the environment (`ops/test.sh`); a missing service fails
+//! the test, it never skips.
+#![allow(dead_code)]
+
+#[path = "../../../aggregator/tests/support/mod.rs"]
+pub mod pipeline;
+
+use chrono::{DateTime, Utc};
+use pipeline::{bin, free_port, hex_sha256, wait_http, Env, Proc, INGEST_KEY};
+use reqwest::Method;
+use serde_json::Value;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+pub const ADMIN_KEY: &str = "test-admin-key-0123456789";
+const SESSION_SECRET: &str = "test-session-secret-0123456789-abcdef";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Embedded,
+    Distributed,
+}
+
+pub struct System {
+    pub mode: Mode,
+    pub ingest: String,
+    pub billing: String,
+    pub dir: PathBuf,
+    procs: Vec<Proc>,
+    /// Environment of the billing commands (distributed: database URLs).
+    billing_env: Vec<(String, String)>,
+    http: reqwest::Client,
+    pub env: Option<Env>,
+}
+
+/// A fresh PostgreSQL database for one test; its URL.
+pub async fn pg_database(test: &str) -> String {
+    use sqlx::Executor;
+    let base = pipeline::env("TALLY_DATABASE_URL");
+    let name = pipeline::unique(&format!("m_{test}"));
+    let admin = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&base)
+        .await
+        .unwrap();
+    admin
+        .execute(format!("CREATE DATABASE {name}").as_str())
+        .await
+        .unwrap();
+    let (prefix, _) = base.rsplit_once('/').unwrap();
+    format!("{prefix}/{name}")
+}
+
+fn common_billing_args() -> Vec<String> {
+    [
+        "--grace-secs",
+        "0",
+        "--quota-refresh-secs",
+        "1",
+        "--finalize-every-secs",
+        "3600",
+        "--admin-key-sha256",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([hex_sha256(ADMIN_KEY)])
+    .collect()
+}
+
+impl System {
+    pub async fn start(mode: Mode, test: &str) -> Self {
+        match mode {
+            Mode::Embedded => Self::embedded(test, None),
+            Mode::Distributed => Self::distributed(test).await,
+        }
+    }
+
+    /// `tally serve` on a data directory (a new one when `dir` is None).
+    pub fn embedded(test: &str, dir: Option<PathBuf>) -> Self {
+        let dir = dir.unwrap_or_else(|| {
+            std::env::temp_dir()
+                .join("tally-tests")
+                .join(pipeline::unique(test))
+        });
+        std::fs::create_dir_all(&dir).unwrap();
+        let (ip, bp) = (free_port(), free_port());
+        let log = std::fs::File::create(dir.join(format!("tally-{ip}.log"))).unwrap();
+        let child = Command::new(bin("tally"))
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(&dir)
+            .args(["--listen", &format!("127.0.0.1:{bp}")])
+            .args(["--ingest-listen", &format!("127.0.0.1:{ip}")])
+            .args(["--ingest-key-sha256", &hex_sha256(INGEST_KEY)])
+            .args(common_billing_args())
+            .env("TALLY_SESSION_SECRET", SESSION_SECRET)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let (ingest, billing) = (
+            format!("http://127.0.0.1:{ip}"),
+            format!("http://127.0.0.1:{bp}"),
+        );
+        wait_http(&format!("{ingest}/healthz"), Duration::from_secs(60));
+        wait_http(&format!("{billing}/healthz"), Duration::from_secs(60));
+        Self {
+            mode: Mode::Embedded,
+            ingest,
+            billing,
+            billing_env: vec![],
+            procs: vec![Proc {
+                child,
+                name: "tally".into(),
+            }],
+            dir,
+            http: reqwest::Client::new(),
+            env: None,
+        }
+    }
+
+    /// collector → tansu → aggregator → ClickHouse, billing-api on PostgreSQL.
+    pub async fn distributed(test: &str) -> Self {
+        let db = pg_database(test).await;
+        Self::distributed_on(Env::new(test), db)
+    }
+
+    /// The distributed services over `env`'s ClickHouse database and the
+    /// PostgreSQL database `db`.
+    pub fn distributed_on(env: Env, db: String) -> Self {
+        let (cfg, port) = env.collector_config("", 5000);
+        let collector = env.spawn_collector(&cfg, port);
+        let aggregator = env.spawn_aggregator(free_port(), None);
+        let billing_env = vec![
+            ("TALLY_DATABASE_URL".to_string(), db),
+            (
+                "TALLY_CLICKHOUSE_URL".to_string(),
+                env.clickhouse_url.clone(),
+            ),
+            (
+                "TALLY_CLICKHOUSE_DATABASE".to_string(),
+                env.database.clone(),
+            ),
+        ];
+        let bp = free_port();
+        let log = std::fs::File::create(env.dir.join("billing.log")).unwrap();
+        let child = Command::new(bin("billing-api"))
+            .arg("serve")
+            .args(["--listen", &format!("127.0.0.1:{bp}")])
+            .args(common_billing_args())
+            .envs(billing_env.iter().cloned())
+            .env("TALLY_SESSION_SECRET", SESSION_SECRET)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let billing = format!("http://127.0.0.1:{bp}");
+        wait_http(&format!("{billing}/healthz"), Duration::from_secs(60));
+        Self {
+            mode: Mode::Distributed,
+            ingest: format!("http://127.0.0.1:{port}"),
+            billing,
+            billing_env,
+            dir: env.dir.clone(),
+            procs: vec![
+                collector,
+                aggregator,
+                Proc {
+                    child,
+                    name: "billing-api".into(),
+                },
+            ],
+            http: reqwest::Client::new(),
+            env: Some(env),
+        }
+    }
+
+    /// The pid of the first process (`tally` in the embedded mode).
+    pub fn procs_pid(&self) -> u32 {
+        self.procs[0].child.id()
+    }
+
+    /// SIGKILLs every process of this system.
+    pub fn kill9(&mut self) {
+        for p in &mut self.procs {
+            p.kill9();
+        }
+    }
+
+    /// SIGTERMs every process and waits for it to exit.
+    pub fn terminate(&mut self) {
+        for p in &mut self.procs {
+            p.terminate();
+        }
+    }
+
+    /// Posts events to the ingest API: (status, body).
+    pub async fn ingest(&self, events: &[Value]) -> (u16, Value) {
+        let r = self
+            .http
+            .post(format!("{}/v1/events", self.ingest))
+            .bearer_auth(INGEST_KEY)
+            .header("content-type", "application/cloudevents-batch+json")
+            .json(events)
+            .send()
+            .await
+            .unwrap();
+        let s = r.status().as_u16();
+        (s, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Calls the billing API as admin: (status, body or Null).
+    pub async fn api(&self, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut rq = self
+            .http
+            .request(method, format!("{}{path}", self.billing))
+            .bearer_auth(ADMIN_KEY);
+        if let Some(b) = body {
+            rq = rq.json(&b);
+        }
+        let r = rq.send().await.unwrap();
+        let s = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        (s, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// One finalization run as of `now` with this mode's command; its output.
+    pub fn finalize(&self, now: DateTime<Utc>) -> String {
+        let mut cmd = match self.mode {
+            Mode::Embedded => {
+                let mut c = Command::new(bin("tally"));
+                c.arg("finalize").arg("--data-dir").arg(&self.dir);
+                c
+            }
+            Mode::Distributed => {
+                let mut c = Command::new(bin("billing-api"));
+                c.arg("finalize").envs(self.billing_env.iter().cloned());
+                c
+            }
+        };
+        let out = cmd
+            .args(["--grace-secs", "0", "--now", &now.to_rfc3339()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "finalize failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Polls `f` until it returns Some, or fails after `timeout`.
+    pub async fn eventually<T, F, Fut>(&self, what: &str, timeout: Duration, mut f: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, String>>,
+    {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            match f().await {
+                Ok(v) => return v,
+                Err(e) if std::time::Instant::now() > deadline => {
+                    panic!("{:?}: {what}: still {e}", self.mode)
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+}
+
+/// A requests event (CloudEvents JSON).
+pub fn requests(id: &str, customer: &str, app: &str, time: DateTime<Utc>, count: u64) -> Value {
+    serde_json::json!({
+        "specversion": "1.0",
+        "id": id,
+        "source": "tests/behaviour",
+        "type": "tally.requests",
+        "subject": customer,
+        "time": time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        "datacontenttype": "application/json",
+        "data": {"app": app, "count": count},
+    })
+}
