@@ -72,19 +72,6 @@ enum Command {
     HashKey { key: String },
 }
 
-fn init_tracing() {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if std::env::var("TALLY_LOG_FORMAT").is_ok_and(|v| v == "json") {
-        b.json().init()
-    } else {
-        b.init()
-    }
-}
-
 async fn setup(c: &Common) -> anyhow::Result<Parts> {
     let state: Arc<dyn StateStore> = Arc::new(PgState::connect(&c.database_url).await?);
     let usage = Arc::new(aggregator::store::clickhouse::ClickHouseStore::new(
@@ -96,7 +83,7 @@ async fn setup(c: &Common) -> anyhow::Result<Parts> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    init_tracing();
+    billing_api::service::init_tracing();
     match Cli::parse().command {
         Command::Serve {
             common,

@@ -212,7 +212,7 @@ async fn main() {
     let (p50, p99) = (percentile(&lat, 0.5), percentile(&lat, 0.99));
     println!("event-to-queryable at 2,000 events/s: p50 {p50:.1} ms, p99 {p99:.1} ms");
     let rss_ingest = rss_kb(sys.procs_pid()) / 1024;
-    sys.terminate();
+    assert!(sys.terminate(), "tally serve exits 0 on SIGTERM");
 
     // Peak RSS with 1,000 customers.
     let sys = System::embedded("bench-rss", Some(tmp.path().join("rss")));
@@ -222,22 +222,7 @@ async fn main() {
     let plans = ["payg", "team", "business", "free"];
     for i in 0..customers {
         let id = collector::sources::simulator::customer_id(i);
-        let (s, v) = sys
-            .api(
-                M::POST,
-                "/v1/customers",
-                Some(json!({"id": id, "external_id": format!("x-{i}"), "name": id})),
-            )
-            .await;
-        assert_eq!(s, 201, "{v}");
-        let (s, v) = sys
-            .api(
-                M::POST,
-                &format!("/v1/customers/{id}/subscription"),
-                Some(json!({"plan": plans[i % plans.len()], "starts_at": month.start})),
-            )
-            .await;
-        assert_eq!(s, 201, "{v}");
+        sys.customer(&id, plans[i % plans.len()], month.start).await;
     }
     // A day of hourly usage for every customer (2 apps each).
     let hour = now.timestamp() - now.timestamp() % 3600;

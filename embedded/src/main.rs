@@ -54,22 +54,9 @@ enum Command {
     },
 }
 
-fn init_tracing() {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if std::env::var("TALLY_LOG_FORMAT").is_ok_and(|v| v == "json") {
-        b.json().init()
-    } else {
-        b.init()
-    }
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    init_tracing();
+    billing_api::service::init_tracing();
     match Cli::parse().command {
         Command::Serve(cfg) => {
             embedded::server::run(*cfg, billing_api::service::shutdown_signal()).await

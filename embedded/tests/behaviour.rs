@@ -84,22 +84,7 @@ async fn behaviour(mode: Mode) {
 
     // Customers: A and B on payg since the start of last month.
     for id in ["cus_a", "cus_b"] {
-        let (s, v) = sys
-            .api(
-                M::POST,
-                "/v1/customers",
-                Some(json!({"id": id, "external_id": format!("ext-{id}"), "name": id})),
-            )
-            .await;
-        assert_eq!(s, 201, "{v}");
-        let (s, v) = sys
-            .api(
-                M::POST,
-                &format!("/v1/customers/{id}/subscription"),
-                Some(json!({"plan": "payg", "starts_at": prev.start})),
-            )
-            .await;
-        assert_eq!(s, 201, "{v}");
+        sys.customer(id, "payg", prev.start).await;
     }
 
     // Bad input: refused with a code naming the field; nothing stored.

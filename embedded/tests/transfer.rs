@@ -79,22 +79,7 @@ async fn export_then_import_carries_on_in_distributed_mode() {
     let (cur, prev) = (month_of(now), previous(month_of(now)));
     let this_month = (now - Duration::seconds(2)).max(cur.start);
     for (id, plan) in [("cus_a", "payg"), ("cus_b", "team")] {
-        let (s, v) = emb
-            .api(
-                M::POST,
-                "/v1/customers",
-                Some(json!({"id": id, "external_id": format!("ext-{id}"), "name": id})),
-            )
-            .await;
-        assert_eq!(s, 201, "{v}");
-        let (s, v) = emb
-            .api(
-                M::POST,
-                &format!("/v1/customers/{id}/subscription"),
-                Some(json!({"plan": plan, "starts_at": prev.start})),
-            )
-            .await;
-        assert_eq!(s, 201, "{v}");
+        emb.customer(id, plan, prev.start).await;
         let (s, v) = emb
             .api(
                 M::POST,
@@ -167,7 +152,7 @@ async fn export_then_import_carries_on_in_distributed_mode() {
         1,
         "{draft_a}"
     );
-    emb.terminate();
+    assert!(emb.terminate(), "tally serve exits 0 on SIGTERM");
 
     // Export, then import into new databases.
     let dump = emb.dir.join("dump");

@@ -39,8 +39,8 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
-/// A fresh PostgreSQL database: its URL and a migrated state store.
-pub async fn pg(test: &str) -> (String, Arc<PgState>, sqlx::PgPool) {
+/// A new, empty PostgreSQL database for one test: its URL.
+pub async fn pg_database(test: &str) -> String {
     let base = env("TALLY_DATABASE_URL");
     let name = unique(&format!("b_{test}"));
     let admin = sqlx::postgres::PgPoolOptions::new()
@@ -53,7 +53,12 @@ pub async fn pg(test: &str) -> (String, Arc<PgState>, sqlx::PgPool) {
         .await
         .unwrap();
     let (prefix, _) = base.rsplit_once('/').unwrap();
-    let url = format!("{prefix}/{name}");
+    format!("{prefix}/{name}")
+}
+
+/// A fresh PostgreSQL database: its URL and a migrated state store.
+pub async fn pg(test: &str) -> (String, Arc<PgState>, sqlx::PgPool) {
+    let url = pg_database(test).await;
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(4)
         .connect(&url)

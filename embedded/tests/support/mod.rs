@@ -5,8 +5,12 @@
 //! the test, it never skips.
 #![allow(dead_code)]
 
+#[path = "../../../billing-api/tests/support/mod.rs"]
+pub mod billing;
 #[path = "../../../aggregator/tests/support/mod.rs"]
 pub mod pipeline;
+
+pub use billing::pg_database;
 
 use chrono::{DateTime, Utc};
 use pipeline::{bin, free_port, hex_sha256, wait_http, Env, Proc, INGEST_KEY};
@@ -35,24 +39,6 @@ pub struct System {
     billing_env: Vec<(String, String)>,
     http: reqwest::Client,
     pub env: Option<Env>,
-}
-
-/// A fresh PostgreSQL database for one test; its URL.
-pub async fn pg_database(test: &str) -> String {
-    use sqlx::Executor;
-    let base = pipeline::env("TALLY_DATABASE_URL");
-    let name = pipeline::unique(&format!("m_{test}"));
-    let admin = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&base)
-        .await
-        .unwrap();
-    admin
-        .execute(format!("CREATE DATABASE {name}").as_str())
-        .await
-        .unwrap();
-    let (prefix, _) = base.rsplit_once('/').unwrap();
-    format!("{prefix}/{name}")
 }
 
 fn common_billing_args() -> Vec<String> {
@@ -193,11 +179,17 @@ impl System {
         }
     }
 
-    /// SIGTERMs every process and waits for it to exit.
-    pub fn terminate(&mut self) {
-        for p in &mut self.procs {
+    /// SIGTERMs every process and waits for it to exit; true when every
+    /// one exited by itself with status 0 (a graceful shutdown).
+    pub fn terminate(&mut self) -> bool {
+        self.procs.iter_mut().all(|p| {
             p.terminate();
-        }
+            p.child
+                .try_wait()
+                .ok()
+                .flatten()
+                .is_some_and(|s| s.success())
+        })
     }
 
     /// Posts events to the ingest API: (status, body).
@@ -228,6 +220,26 @@ impl System {
         let s = r.status().as_u16();
         let text = r.text().await.unwrap();
         (s, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// Creates a customer subscribed to `plan` from `starts_at`.
+    pub async fn customer(&self, id: &str, plan: &str, starts_at: DateTime<Utc>) {
+        let (s, v) = self
+            .api(
+                Method::POST,
+                "/v1/customers",
+                Some(serde_json::json!({"id": id, "external_id": format!("ext-{id}"), "name": id})),
+            )
+            .await;
+        assert_eq!(s, 201, "{v}");
+        let (s, v) = self
+            .api(
+                Method::POST,
+                &format!("/v1/customers/{id}/subscription"),
+                Some(serde_json::json!({"plan": plan, "starts_at": starts_at})),
+            )
+            .await;
+        assert_eq!(s, 201, "{v}");
     }
 
     /// One finalization run as of `now` with this mode's command; its output.
