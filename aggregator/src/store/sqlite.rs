@@ -25,6 +25,11 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::str::FromStr;
 
+/// Rows per INSERT statement (12 parameters each, far below SQLite's
+/// limit of 32,766): one statement per few hundred rows instead of one per
+/// row is most of the write cost.
+const ROWS_PER_INSERT: usize = 500;
+
 pub struct SqliteStore {
     pool: SqlitePool,
 }
@@ -432,31 +437,34 @@ impl SqliteStore {
 
     async fn write_rollups_tx(&self, rows: Vec<(RollupKey, RollupValue)>) -> anyhow::Result<()> {
         let mut tx = self.pool.begin().await?;
-        for (k, v) in rows {
+        for chunk in rows.chunks(ROWS_PER_INSERT) {
+            let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                "INSERT INTO usage_rollups_hourly (customer, meter, hour, app, dims, events, quantity_sum, quantity_max, \
+                 latest_time, latest_quantity, kafka_partition, version) ",
+            );
+            q.push_values(chunk, |mut b, (k, v)| {
+                b.push_bind(&k.customer)
+                    .push_bind(&k.meter)
+                    .push_bind(k.hour)
+                    .push_bind(&k.app)
+                    .push_bind(&k.dims)
+                    .push_bind(v.events as i64)
+                    .push_bind(v.sum.to_string())
+                    .push_bind(v.max.to_string())
+                    .push_bind(v.latest.0)
+                    .push_bind(v.latest.1.to_string())
+                    .push_bind(v.partition as i64)
+                    .push_bind(v.version as i64);
+            });
             // A newer version replaces an older one; the same version again
             // is a no-op (idempotent rewrites).
-            sqlx::query(
-                "INSERT INTO usage_rollups_hourly (customer, meter, hour, app, dims, events, quantity_sum, quantity_max, \
-                 latest_time, latest_quantity, kafka_partition, version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
-                 ON CONFLICT (customer, meter, hour, app, dims) DO UPDATE SET events = excluded.events, \
+            q.push(
+                " ON CONFLICT (customer, meter, hour, app, dims) DO UPDATE SET events = excluded.events, \
                  quantity_sum = excluded.quantity_sum, quantity_max = excluded.quantity_max, latest_time = excluded.latest_time, \
                  latest_quantity = excluded.latest_quantity, kafka_partition = excluded.kafka_partition, version = excluded.version \
                  WHERE excluded.version > usage_rollups_hourly.version",
-            )
-            .bind(&k.customer)
-            .bind(&k.meter)
-            .bind(k.hour)
-            .bind(&k.app)
-            .bind(&k.dims)
-            .bind(v.events as i64)
-            .bind(v.sum.to_string())
-            .bind(v.max.to_string())
-            .bind(v.latest.0)
-            .bind(v.latest.1.to_string())
-            .bind(v.partition as i64)
-            .bind(v.version as i64)
-            .execute(&mut *tx)
-            .await?;
+            );
+            q.build().execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -499,25 +507,26 @@ impl UsageWriter for SqliteStore {
     fn write_raw(&self, rows: Vec<RawRow>) -> BoxFuture<'_, anyhow::Result<()>> {
         Box::pin(async move {
             let mut tx = self.pool.begin().await?;
-            for r in rows {
-                sqlx::query(
+            for chunk in rows.chunks(ROWS_PER_INSERT) {
+                let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
                     "INSERT INTO usage_events (customer, meter, time, app, dims, quantity, unique_value, source, id, \
-                     event_type, kafka_partition, kafka_offset) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                )
-                .bind(&r.customer)
-                .bind(&r.meter)
-                .bind(r.time.timestamp())
-                .bind(&r.app)
-                .bind(&r.dims)
-                .bind(r.quantity.to_string())
-                .bind(&r.unique_value)
-                .bind(&r.source)
-                .bind(&r.id)
-                .bind(&r.event_type)
-                .bind(r.partition as i64)
-                .bind(r.offset as i64)
-                .execute(&mut *tx)
-                .await?;
+                     event_type, kafka_partition, kafka_offset) ",
+                );
+                q.push_values(chunk, |mut b, r| {
+                    b.push_bind(&r.customer)
+                        .push_bind(&r.meter)
+                        .push_bind(r.time.timestamp())
+                        .push_bind(&r.app)
+                        .push_bind(&r.dims)
+                        .push_bind(r.quantity.to_string())
+                        .push_bind(&r.unique_value)
+                        .push_bind(&r.source)
+                        .push_bind(&r.id)
+                        .push_bind(&r.event_type)
+                        .push_bind(r.partition as i64)
+                        .push_bind(r.offset as i64);
+                });
+                q.build().execute(&mut *tx).await?;
             }
             tx.commit().await.context("committing raw usage")?;
             Ok(())
