@@ -350,21 +350,29 @@ impl<W: UsageWriter> Processor<W> {
             v.version = rollup_version(written_max[&(r.partition as i32)]);
         }
 
-        // 5b. Raw rows (atomic), then rollups (idempotent).
+        // 5b. Raw rows (atomic), then rollups (idempotent); or both in one
+        // atomic write where the store can.
         let n = new_keys.len() as u64;
         let writer = self.writer.clone();
-        retry("writing raw usage", &self.metrics, stop, || {
-            writer.write_raw(rows.clone())
-        })
-        .await?;
         let rollup_rows: Vec<(RollupKey, RollupValue)> = touched
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        retry("writing rollups", &self.metrics, stop, || {
-            writer.write_rollups(rollup_rows.clone())
-        })
-        .await?;
+        if writer.atomic_batches() {
+            retry("writing usage", &self.metrics, stop, || {
+                writer.write_batch(rows.clone(), rollup_rows.clone())
+            })
+            .await?;
+        } else {
+            retry("writing raw usage", &self.metrics, stop, || {
+                writer.write_raw(rows.clone())
+            })
+            .await?;
+            retry("writing rollups", &self.metrics, stop, || {
+                writer.write_rollups(rollup_rows.clone())
+            })
+            .await?;
+        }
 
         // 6. Durable: now remember it.
         self.rollups.extend(touched);

@@ -6,8 +6,9 @@
 //! queue (up to `max_batch` events), gives the messages consecutive offsets
 //! of partition 0 and runs them through the same `Processor` as the
 //! distributed aggregator (validation, deduplication by (`source`, `id`),
-//! raw rows, versioned rollups). Each request is answered only after that
-//! batch is committed to SQLite (WAL, `synchronous=FULL`: fsynced), so an
+//! raw rows and versioned rollups, in one transaction). Each request is
+//! answered only after that batch is committed to SQLite (WAL,
+//! `synchronous=FULL`: fsynced), so an
 //! acknowledged event survives SIGKILL and power loss. Requests that arrive
 //! while a batch is being written wait for the next one, which is how
 //! concurrent senders share one fsync.

@@ -81,6 +81,20 @@ pub trait UsageWriter: Send + Sync + 'static {
         &self,
         rows: Vec<(RollupKey, RollupValue)>,
     ) -> BoxFuture<'_, anyhow::Result<()>>;
+    /// True when [`UsageWriter::write_batch`] writes raw rows and rollups in
+    /// one atomic operation (SQLite: one transaction, one fsync). Otherwise
+    /// the processor writes them as two steps, raw rows first.
+    fn atomic_batches(&self) -> bool {
+        false
+    }
+    /// A batch's raw rows and rollups, atomically (see `atomic_batches`).
+    fn write_batch(
+        &self,
+        _rows: Vec<RawRow>,
+        _rollups: Vec<(RollupKey, RollupValue)>,
+    ) -> BoxFuture<'_, anyhow::Result<()>> {
+        Box::pin(async { anyhow::bail!("this store writes raw rows and rollups separately") })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -4,8 +4,11 @@
 //! unchanged. Grouping and bucketing are the shared [`group_cells`].
 //!
 //! Durability: the database runs in WAL mode with `synchronous=FULL`, so a
-//! committed write survives a crash or power loss; each `write_raw` and
-//! `write_rollups` is one transaction. Quantities are stored as decimal text
+//! committed write survives a crash or power loss. The processor writes a
+//! batch's raw rows and rollups in one transaction (`write_batch`: one fsync,
+//! never rows without rollups); `write_raw` and `write_rollups` alone are one
+//! transaction each, and a raw write without its rollups is still repaired
+//! on load. Quantities are stored as decimal text
 //! and aggregated in Rust (SQLite's numbers are floating point).
 
 use super::{
@@ -60,6 +63,69 @@ fn rollup_row(r: &sqlx::sqlite::SqliteRow) -> anyhow::Result<(RollupKey, RollupV
             version: r.get::<i64, _>("version") as u64,
         },
     ))
+}
+
+type Tx<'a> = sqlx::Transaction<'a, sqlx::Sqlite>;
+
+/// Inserts raw rows inside `tx`, a few hundred per statement.
+async fn insert_raw(tx: &mut Tx<'_>, rows: &[RawRow]) -> anyhow::Result<()> {
+    for chunk in rows.chunks(ROWS_PER_INSERT) {
+        let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            "INSERT INTO usage_events (customer, meter, time, app, dims, quantity, unique_value, source, id, \
+             event_type, kafka_partition, kafka_offset) ",
+        );
+        q.push_values(chunk, |mut b, r| {
+            b.push_bind(&r.customer)
+                .push_bind(&r.meter)
+                .push_bind(r.time.timestamp())
+                .push_bind(&r.app)
+                .push_bind(&r.dims)
+                .push_bind(r.quantity.to_string())
+                .push_bind(&r.unique_value)
+                .push_bind(&r.source)
+                .push_bind(&r.id)
+                .push_bind(&r.event_type)
+                .push_bind(r.partition as i64)
+                .push_bind(r.offset as i64);
+        });
+        q.build().execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+/// Upserts rollups inside `tx`: a newer version replaces an older one, the
+/// same version again is a no-op (idempotent rewrites).
+async fn insert_rollups(tx: &mut Tx<'_>, rows: &[(RollupKey, RollupValue)]) -> anyhow::Result<()> {
+    for chunk in rows.chunks(ROWS_PER_INSERT) {
+        let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            "INSERT INTO usage_rollups_hourly (customer, meter, hour, app, dims, events, quantity_sum, quantity_max, \
+             latest_time, latest_quantity, kafka_partition, version) ",
+        );
+        q.push_values(chunk, |mut b, (k, v)| {
+            b.push_bind(&k.customer)
+                .push_bind(&k.meter)
+                .push_bind(k.hour)
+                .push_bind(&k.app)
+                .push_bind(&k.dims)
+                .push_bind(v.events as i64)
+                .push_bind(v.sum.to_string())
+                .push_bind(v.max.to_string())
+                .push_bind(v.latest.0)
+                .push_bind(v.latest.1.to_string())
+                .push_bind(v.partition as i64)
+                .push_bind(v.version as i64);
+        });
+        // A newer version replaces an older one; the same version again
+        // is a no-op (idempotent rewrites).
+        q.push(
+            " ON CONFLICT (customer, meter, hour, app, dims) DO UPDATE SET events = excluded.events, \
+             quantity_sum = excluded.quantity_sum, quantity_max = excluded.quantity_max, latest_time = excluded.latest_time, \
+             latest_quantity = excluded.latest_quantity, kafka_partition = excluded.kafka_partition, version = excluded.version \
+             WHERE excluded.version > usage_rollups_hourly.version",
+        );
+        q.build().execute(&mut **tx).await?;
+    }
+    Ok(())
 }
 
 /// Whose rows to read.
@@ -437,35 +503,7 @@ impl SqliteStore {
 
     async fn write_rollups_tx(&self, rows: Vec<(RollupKey, RollupValue)>) -> anyhow::Result<()> {
         let mut tx = self.pool.begin().await?;
-        for chunk in rows.chunks(ROWS_PER_INSERT) {
-            let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-                "INSERT INTO usage_rollups_hourly (customer, meter, hour, app, dims, events, quantity_sum, quantity_max, \
-                 latest_time, latest_quantity, kafka_partition, version) ",
-            );
-            q.push_values(chunk, |mut b, (k, v)| {
-                b.push_bind(&k.customer)
-                    .push_bind(&k.meter)
-                    .push_bind(k.hour)
-                    .push_bind(&k.app)
-                    .push_bind(&k.dims)
-                    .push_bind(v.events as i64)
-                    .push_bind(v.sum.to_string())
-                    .push_bind(v.max.to_string())
-                    .push_bind(v.latest.0)
-                    .push_bind(v.latest.1.to_string())
-                    .push_bind(v.partition as i64)
-                    .push_bind(v.version as i64);
-            });
-            // A newer version replaces an older one; the same version again
-            // is a no-op (idempotent rewrites).
-            q.push(
-                " ON CONFLICT (customer, meter, hour, app, dims) DO UPDATE SET events = excluded.events, \
-                 quantity_sum = excluded.quantity_sum, quantity_max = excluded.quantity_max, latest_time = excluded.latest_time, \
-                 latest_quantity = excluded.latest_quantity, kafka_partition = excluded.kafka_partition, version = excluded.version \
-                 WHERE excluded.version > usage_rollups_hourly.version",
-            );
-            q.build().execute(&mut *tx).await?;
-        }
+        insert_rollups(&mut tx, &rows).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -507,27 +545,7 @@ impl UsageWriter for SqliteStore {
     fn write_raw(&self, rows: Vec<RawRow>) -> BoxFuture<'_, anyhow::Result<()>> {
         Box::pin(async move {
             let mut tx = self.pool.begin().await?;
-            for chunk in rows.chunks(ROWS_PER_INSERT) {
-                let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-                    "INSERT INTO usage_events (customer, meter, time, app, dims, quantity, unique_value, source, id, \
-                     event_type, kafka_partition, kafka_offset) ",
-                );
-                q.push_values(chunk, |mut b, r| {
-                    b.push_bind(&r.customer)
-                        .push_bind(&r.meter)
-                        .push_bind(r.time.timestamp())
-                        .push_bind(&r.app)
-                        .push_bind(&r.dims)
-                        .push_bind(r.quantity.to_string())
-                        .push_bind(&r.unique_value)
-                        .push_bind(&r.source)
-                        .push_bind(&r.id)
-                        .push_bind(&r.event_type)
-                        .push_bind(r.partition as i64)
-                        .push_bind(r.offset as i64);
-                });
-                q.build().execute(&mut *tx).await?;
-            }
+            insert_raw(&mut tx, &rows).await?;
             tx.commit().await.context("committing raw usage")?;
             Ok(())
         })
@@ -560,6 +578,26 @@ impl UsageWriter for SqliteStore {
         rows: Vec<(RollupKey, RollupValue)>,
     ) -> BoxFuture<'_, anyhow::Result<()>> {
         Box::pin(self.write_rollups_tx(rows))
+    }
+
+    fn atomic_batches(&self) -> bool {
+        true
+    }
+
+    /// Raw rows and rollups in one transaction: one fsync per batch, and
+    /// no batch is ever stored without its rollups.
+    fn write_batch(
+        &self,
+        rows: Vec<RawRow>,
+        rollups: Vec<(RollupKey, RollupValue)>,
+    ) -> BoxFuture<'_, anyhow::Result<()>> {
+        Box::pin(async move {
+            let mut tx = self.pool.begin().await?;
+            insert_raw(&mut tx, &rows).await?;
+            insert_rollups(&mut tx, &rollups).await?;
+            tx.commit().await.context("committing usage")?;
+            Ok(())
+        })
     }
 }
 
