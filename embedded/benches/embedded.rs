@@ -183,7 +183,9 @@ async fn main() {
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     for b in lat_events.chunks(100).take(400) {
         tick.tick().await;
-        let last = b.last().unwrap()["id"].as_str().unwrap().to_owned();
+        // Looked up by the indexed (customer, meter, time), then the id.
+        let last =
+            UsageEvent::validate(b.last().unwrap(), &meters, &AcceptWindow::unbounded()).unwrap();
         let t = Instant::now();
         let r = http
             .post(format!("{}/v1/events", sys.ingest))
@@ -195,12 +197,16 @@ async fn main() {
             .unwrap();
         assert_eq!(r.status(), 200);
         loop {
-            let found: Option<i64> =
-                sqlx::query_scalar("SELECT 1 FROM usage_events WHERE id = ? LIMIT 1")
-                    .bind(&last)
-                    .fetch_optional(reader.pool())
-                    .await
-                    .unwrap();
+            let found: Option<i64> = sqlx::query_scalar(
+                "SELECT 1 FROM usage_events WHERE customer = ? AND meter = ? AND time = ? AND id = ? LIMIT 1",
+            )
+            .bind(&last.customer)
+            .bind(&last.records[0].meter)
+            .bind(last.time.timestamp())
+            .bind(&last.id)
+            .fetch_optional(reader.pool())
+            .await
+            .unwrap();
             if found.is_some() {
                 break;
             }
