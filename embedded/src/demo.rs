@@ -50,14 +50,15 @@ pub async fn customers(state: &dyn StateStore, now: DateTime<Utc>) -> anyhow::Re
             external_id: format!("demo-{i}"),
             name: format!("Demo customer {i}"),
         };
+        // Each step may have happened on an earlier start.
         match state.create_customer(&c, "demo").await {
-            Ok(()) => {}
-            Err(StateError::Conflict(_)) => continue,
+            Ok(()) | Err(StateError::Conflict(_)) => {}
             Err(e) => return Err(e.into()),
         }
-        state.subscribe(&id, plan, version, start, "demo").await?;
-        if *plan == "team" {
-            state.set_seats(&id, 3, start, "demo").await?;
+        match state.subscribe(&id, plan, version, start, "demo").await {
+            Ok(()) if *plan == "team" => state.set_seats(&id, 3, start, "demo").await?,
+            Ok(()) | Err(StateError::Conflict(_)) => {}
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(())

@@ -83,13 +83,13 @@ pub async fn start(
                 }
             }
             let mut msgs = Vec::with_capacity(n);
-            for r in &reqs {
-                for e in &r.batch {
+            for r in &mut reqs {
+                for e in r.batch.drain(..) {
                     msgs.push(Message {
                         partition: 0,
                         offset: next,
-                        key: Some(e.key.clone().into_bytes()),
-                        payload: Some(e.payload.clone()),
+                        key: Some(e.key.into_bytes()),
+                        payload: Some(e.payload),
                     });
                     next += 1;
                 }

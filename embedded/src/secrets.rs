@@ -33,11 +33,6 @@ pub fn load_or_create(dir: &Path, name: &str, prefix: &str) -> anyhow::Result<St
     }
 }
 
-pub fn sha256_hex(s: &str) -> String {
-    use sha2::{Digest, Sha256};
-    hex::encode(Sha256::digest(s.as_bytes()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

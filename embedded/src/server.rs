@@ -18,7 +18,7 @@
 //! scheduler finishes its step.
 
 use crate::ingest;
-use crate::secrets::{load_or_create, sha256_hex};
+use crate::secrets::load_or_create;
 use aggregator::store::sqlite::SqliteStore;
 use aggregator::UsageWriter;
 use billing_api::auth::mint_session;
@@ -28,7 +28,7 @@ use billing_api::state::sqlite::SqliteState;
 use billing_api::state::StateStore;
 use chrono::Utc;
 use collector::api::{router, IngestState};
-use collector::auth::KeySet;
+use collector::auth::{hash_key, KeySet};
 use collector::sink::EventSink;
 use collector::sources::simulator::SimulatorSource;
 use collector::sources::{Source, SourceRunner};
@@ -89,7 +89,7 @@ pub async fn run(
     let mut admin_keys = cfg.serve.admin_keys()?;
     let admin_key = if admin_keys.is_empty() {
         let k = load_or_create(dir, "admin.key", "tally_admin_")?;
-        admin_keys.push(sha256_bytes(&k));
+        admin_keys.push(hash_key(&k));
         Some(k)
     } else {
         None
@@ -100,7 +100,7 @@ pub async fn run(
     };
     let (ingest_hashes, ingest_key) = if cfg.ingest_key_sha256.is_empty() {
         let k = load_or_create(dir, "ingest.key", "tally_ingest_")?;
-        (vec![sha256_hex(&k)], Some(k))
+        (vec![hex::encode(hash_key(&k))], Some(k))
     } else {
         (cfg.ingest_key_sha256.clone(), None)
     };
@@ -155,13 +155,15 @@ pub async fn run(
         sources.push(tokio::spawn(runner.run(stop_rx.clone())));
     }
 
+    let limits = collector::config::Limits::default();
     let ingest_state = IngestState {
         sink: sink.clone() as Arc<dyn EventSink>,
         meters: parts.meters.clone(),
         keys,
         metrics: collector_metrics,
-        max_body_bytes: 1 << 20,
-        max_batch_events: 1000,
+        // The distributed collector's default limits.
+        max_body_bytes: limits.max_body_bytes,
+        max_batch_events: limits.max_batch_events,
     };
     drop(sink);
     let ingest_listener = tokio::net::TcpListener::bind(&cfg.ingest_listen)
@@ -222,11 +224,6 @@ pub async fn run(
     tracing::info!("tally (embedded) stopped");
     ingest_res?;
     billing_res
-}
-
-fn sha256_bytes(s: &str) -> [u8; 32] {
-    use sha2::{Digest, Sha256};
-    Sha256::digest(s.as_bytes()).into()
 }
 
 fn print_banner(
