@@ -4,11 +4,15 @@
 //! Rules (`shared/BILLING-EXAMPLES.md` pins them down):
 //!
 //! - A period is `[start, end)`; a segment `[s, e)` inside it has the
-//!   fraction `f = (e − s) / (end − start)` in whole seconds. `f` multiplies
+//!   fraction `f = (e − s) / (end − start)` in whole seconds, each boundary
+//!   floored to its whole second first ([`prorated_secs`]), so segments
+//!   always add up to the period; usage belongs to a segment by its exact
+//!   time (the caller asks the usage store for `[s, e)` at the stored
+//!   microsecond precision). `f` multiplies
 //!   the flat fee, every tier bound, every per-tier flat price, the minimum
 //!   and the maximum; never unit prices or package sizes.
 //! - Seats: `Σ seats × seat_fee × interval / period` over the seat intervals
-//!   inside the segment. A price's per-seat allowance frees
+//!   inside the segment (interval lengths floored the same way). A price's per-seat allowance frees
 //!   `allowance_per_seat × Σ seats × interval / period` units before its
 //!   model applies.
 //! - Graduated: each tier's units at its price, plus the flat price of every
@@ -173,8 +177,18 @@ impl Frac {
     }
 }
 
+/// Whole seconds from `a` to `b` for proration: each boundary is floored
+/// to its whole second first (BILLING-EXAMPLES "Instants"), so the lengths
+/// of segments that partition a period add up to the period exactly, however
+/// their boundaries fall inside a second. Truncating each length on its own
+/// instead loses a second whenever a boundary has a sub-second part.
+pub fn prorated_secs(a: DateTime<Utc>, b: DateTime<Utc>) -> i64 {
+    // `timestamp()` floors: the sub-second part is never negative.
+    b.timestamp() - a.timestamp()
+}
+
 fn secs(a: DateTime<Utc>, b: DateTime<Utc>) -> i64 {
-    (b - a).num_seconds()
+    prorated_secs(a, b)
 }
 
 /// Amount of usage `q` (base units) under a price, with the segment's `f`.

@@ -393,3 +393,100 @@ fn a_prorated_allowance_that_makes_an_exact_half_cent_tie_rounds_as_a_tie() {
     assert_eq!(r.lines[0].amount_exact, d("10.925"));
     assert_eq!(r.total, d("10.92"));
 }
+
+/// BILLING-EXAMPLES "Instants": a boundary with a sub-second part is floored
+/// to its whole second for proration, so the segments' fractions add up to
+/// the period; usage belongs to a segment by its exact time (the caller
+/// queries each segment's exact bounds). Issue 11, item 3.
+#[test]
+fn sub_second_switch_segments_add_up_to_the_period() {
+    let a = plan(json!({"plan":"big_a","name":"Big A","flat_fee":"259200"}));
+    let b = plan(json!({"plan":"big_b","name":"Big B","flat_fee":"259200"}));
+    // Nov 16 12:00:00.0016: 1,339,200.0016 s into the 2,592,000 s month.
+    let at = nov(16) + chrono::Duration::hours(12) + chrono::Duration::microseconds(1600);
+    let seg = |p: &PlanVersion, start, end| Segment {
+        plan: p.clone(),
+        start,
+        end,
+        usage: vec![],
+    };
+    let r = rate(&NOV, &[seg(&a, nov(1), at), seg(&b, at, nov(31))], &[]).unwrap();
+    // $0.10 a second: 1,339,200 s (floored) and 1,252,800 s.
+    assert_eq!(
+        amounts(&r),
+        [
+            (LineKind::FlatFee, d("133920.00")),
+            (LineKind::FlatFee, d("125280.00"))
+        ]
+    );
+    assert_eq!(
+        r.total,
+        d("259200.00"),
+        "the whole month, not a second less"
+    );
+    assert_eq!(r.lines[0].quantity + r.lines[1].quantity, d("2592000"));
+    // The lines keep the exact boundary.
+    assert_eq!((r.lines[0].segment_end, r.lines[1].segment_start), (at, at));
+
+    // Three segments with sub-second boundaries on both sides, and seats
+    // changing at sub-second instants: still the whole month, to the cent.
+    let c = plan(json!({"plan":"big_c","name":"Big C","flat_fee":"259200","seat_fee":"2592"}));
+    let at2 = nov(20) + chrono::Duration::microseconds(999_999);
+    let seats = [
+        SeatInterval {
+            start: nov(1),
+            end: at,
+            seats: 1,
+        },
+        SeatInterval {
+            start: at,
+            end: nov(31),
+            seats: 1,
+        },
+    ];
+    let r = rate(
+        &NOV,
+        &[seg(&c, nov(1), at), seg(&a, at, at2), seg(&c, at2, nov(31))],
+        &seats,
+    )
+    .unwrap();
+    let fees: Decimal = r
+        .lines
+        .iter()
+        .filter(|l| l.kind == LineKind::FlatFee)
+        .map(|l| l.quantity)
+        .sum();
+    assert_eq!(fees, d("2592000"), "{:?}", amounts(&r));
+    // Seat-seconds on plan c: [Nov 1, 16 12:00:00) + [Nov 20 00:00:00, Dec 1).
+    let seat_q: Decimal = r
+        .lines
+        .iter()
+        .filter(|l| l.kind == LineKind::SeatFee)
+        .map(|l| l.quantity)
+        .sum();
+    assert_eq!(seat_q, d("1339200") + d("950400"), "{:?}", amounts(&r));
+    assert_eq!(r.total, d("259200.00") + d("2289.60"), "{:?}", amounts(&r));
+}
+
+/// A segment shorter than a second inside one whole second prorates to
+/// nothing; the neighbours carry the whole period.
+#[test]
+fn a_sub_second_segment_prorates_to_nothing() {
+    let a = plan(json!({"plan":"big_a","name":"Big A","flat_fee":"259200"}));
+    let b = plan(json!({"plan":"big_b","name":"Big B","flat_fee":"259200"}));
+    let t1 = nov(10) + chrono::Duration::microseconds(100);
+    let t2 = nov(10) + chrono::Duration::microseconds(900);
+    let seg = |p: &PlanVersion, start, end| Segment {
+        plan: p.clone(),
+        start,
+        end,
+        usage: vec![],
+    };
+    let r = rate(
+        &NOV,
+        &[seg(&a, nov(1), t1), seg(&b, t1, t2), seg(&a, t2, nov(31))],
+        &[],
+    )
+    .unwrap();
+    assert_eq!(r.total, d("259200.00"), "{:?}", amounts(&r));
+}
