@@ -8,8 +8,14 @@ import json, pathlib
 
 root = pathlib.Path(__file__).resolve().parent.parent / "schemas"
 
-def quantity():
-    return {"oneOf": [{"type": "number", "minimum": 0, "exclusiveMaximum": 1e16},
+def quantity(integer):
+    # A JSON number must keep its exact value: one with more significant
+    # digits than an f64 holds is refused by the collector (send a decimal
+    # string instead), which JSON Schema cannot express.
+    if integer:
+        return {"oneOf": [{"type": "integer", "minimum": 0, "exclusiveMaximum": 1e16},
+                          {"type": "string", "pattern": "^[0-9]{1,16}$"}]}
+    return {"oneOf": [{"type": "number", "minimum": 0, "exclusiveMaximum": 1e16, "multipleOf": 1e-12},
                       {"type": "string", "pattern": "^[0-9]{1,16}(\\.[0-9]{1,12})?$"}]}
 
 dim = {"type": "string", "minLength": 1, "maxLength": 256}
@@ -23,7 +29,7 @@ for m in meters:
         if d["required"]:
             req.append(d["path"])
     if m.get("value_path"):
-        props[m["value_path"]] = quantity()
+        props[m["value_path"]] = quantity(m.get("integer", False))
         req.append(m["value_path"])
     branches.append({"if": {"properties": {"type": {"const": m["event_type"]}}},
                      "then": {"properties": {"data": {"type": "object", "properties": props, "required": req}}}})
@@ -33,7 +39,9 @@ schema = {
     "title": "Tally usage event (CloudEvents 1.0, JSON)",
     "description": "One usage event. A batch (application/cloudevents-batch+json) is a non-empty array of these. "
                    "Generated from meters.json by ops/gen-event-schema.py; the rolling time window "
-                   "(previous month start .. now + 5 min) is checked by the collector and cannot be expressed here.",
+                   "(previous month start .. now + 5 min) is checked by the collector and cannot be expressed here, "
+                   "nor can the rule that a JSON number must keep its exact value (at most the ~15 significant "
+                   "digits an f64 holds; send longer quantities as decimal strings).",
     "type": "object",
     "required": ["specversion", "id", "source", "type", "subject", "time", "data"],
     "properties": {

@@ -7,10 +7,16 @@
 //! memory per Kafka partition (events are keyed by customer, so all copies
 //! of an event share a partition), rebuilt from the stored raw rows when a
 //! partition is assigned, and pruned of keys whose event month left the
-//! window. A key enters the set only after its row is durably written, so a
+//! window. An event accepted before a month boundary and processed after
+//! it (Kafka lag, a spool replay) can be older than that: the processor
+//! then reloads the partition's keys from the store back to the start of
+//! that event's month and keeps them for an hour after the last such
+//! event (`pipeline::Processor::cover`), so every event that can be
+//! accepted is deduplicated against every stored one.
+//! A key enters the set only after its row is durably written, so a
 //! failed write never makes a retried event count zero times.
 
-use chrono::{DateTime, Datelike, Utc};
+use chrono::{DateTime, Datelike, TimeZone, Utc};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 
@@ -21,6 +27,13 @@ pub fn fingerprint(source: &str, id: &str) -> u128 {
     h.update(source.as_bytes());
     h.update(id.as_bytes());
     u128::from_le_bytes(h.finalize()[..16].try_into().unwrap())
+}
+
+/// First instant of the calendar month containing `t` (UTC).
+pub fn month_start(t: DateTime<Utc>) -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(t.year(), t.month(), 1, 0, 0, 0)
+        .single()
+        .expect("valid month start")
 }
 
 fn month_index(t: DateTime<Utc>) -> u32 {

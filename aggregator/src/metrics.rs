@@ -18,6 +18,7 @@ pub struct Metrics {
     pub consumer_lag: IntGaugeVec,
     pub write_retries: IntCounter,
     pub rollup_repairs: IntCounter,
+    pub dedup_window_widened: IntCounter,
 }
 
 impl Metrics {
@@ -87,6 +88,11 @@ impl Metrics {
                 "Rollup keys recomputed from raw rows after an interrupted batch",
             )
             .unwrap(),
+            dedup_window_widened: IntCounter::new(
+                "tally_aggregator_dedup_window_widened_total",
+                "Dedup key reloads reaching back before the usual window, for events accepted before a month boundary",
+            )
+            .unwrap(),
         };
         let r = &m.registry;
         r.register(Box::new(m.messages_consumed.clone())).unwrap();
@@ -100,6 +106,8 @@ impl Metrics {
         r.register(Box::new(m.consumer_lag.clone())).unwrap();
         r.register(Box::new(m.write_retries.clone())).unwrap();
         r.register(Box::new(m.rollup_repairs.clone())).unwrap();
+        r.register(Box::new(m.dedup_window_widened.clone()))
+            .unwrap();
         m
     }
 

@@ -22,7 +22,7 @@
 //! consumed again) or with it (its offsets are skipped on restart, and
 //! missing rollups are recomputed, see `store/clickhouse.rs`).
 
-use crate::dedup::{fingerprint, DedupSet};
+use crate::dedup::{fingerprint, month_start, DedupSet};
 use crate::metrics::Metrics;
 use crate::rollup::{hour_of, RollupKey, RollupValue};
 use crate::store::{RawRow, UsageWriter};
@@ -34,7 +34,7 @@ use rdkafka::message::{Header, Headers, Message as _, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use schemas::event::previous_month_start;
-use schemas::{AcceptWindow, MeterCatalog, UsageEvent};
+use schemas::{parse_single, AcceptWindow, FieldError, MeterCatalog, UsageEvent};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -61,11 +61,21 @@ pub trait DeadLetterSink: Send + Sync {
     fn send(&self, letters: Vec<DeadLetter>) -> BoxFuture<'_, anyhow::Result<()>>;
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct PartState {
     max_offset: Option<u64>,
     dedup: DedupSet,
+    /// `dedup` holds the key of every stored event whose time is at or
+    /// after this instant.
+    floor: DateTime<Utc>,
+    /// When `floor` was last moved below the usual window to cover an
+    /// event accepted before a month boundary (see [`Processor::cover`]).
+    widened: Option<Instant>,
 }
+
+/// How long a widened dedup window is kept after the last event that
+/// needed it, before `prune` drops the older keys again.
+const WIDENED_KEEP: Duration = Duration::from_secs(3600);
 
 pub struct Processor<W: UsageWriter> {
     writer: Arc<W>,
@@ -169,7 +179,46 @@ impl<W: UsageWriter> Processor<W> {
         if self.parts.contains_key(&p) {
             return Ok(());
         }
-        let window = previous_month_start(Utc::now());
+        self.load_partition(p, previous_month_start(Utc::now()), stop)
+            .await
+    }
+
+    /// Makes sure partition `p`'s dedup set reaches back to `oldest`, the
+    /// earliest event time of a batch. The usual window (keys of events
+    /// since the start of the previous month) covers every event accepted
+    /// this month or last; an event accepted before a month boundary and
+    /// processed after it (Kafka lag, a spool replay after an outage) can
+    /// be older, so the partition's keys are reloaded from the store from
+    /// the start of that event's month. Rare, and bounded by the store.
+    async fn cover(
+        &mut self,
+        p: i32,
+        oldest: DateTime<Utc>,
+        stop: &watch::Receiver<bool>,
+    ) -> anyhow::Result<()> {
+        let st = self.parts.get_mut(&p).expect("partition loaded");
+        if oldest >= st.floor {
+            if st.widened.is_some() {
+                st.widened = Some(Instant::now());
+            }
+            return Ok(());
+        }
+        let floor = month_start(oldest);
+        tracing::info!(partition = p, from = %floor, "widening the dedup window for events accepted before a month boundary");
+        self.metrics.dedup_window_widened.inc();
+        self.load_partition(p, floor, stop).await?;
+        self.parts.get_mut(&p).expect("just loaded").widened = Some(Instant::now());
+        Ok(())
+    }
+
+    /// (Re)loads partition `p`'s offsets and dedup keys of events since
+    /// `window`.
+    async fn load_partition(
+        &mut self,
+        p: i32,
+        window: DateTime<Utc>,
+        stop: &watch::Receiver<bool>,
+    ) -> anyhow::Result<()> {
         let writer = self.writer.clone();
         let st = retry("loading partition state", &self.metrics, stop, || {
             writer.load_partition(p as u32, window)
@@ -186,6 +235,8 @@ impl<W: UsageWriter> Processor<W> {
             PartState {
                 max_offset: st.max_offset,
                 dedup,
+                floor: window,
+                widened: None,
             },
         );
         Ok(())
@@ -199,7 +250,12 @@ impl<W: UsageWriter> Processor<W> {
         let now = Utc::now();
         let window = previous_month_start(now);
         for st in self.parts.values_mut() {
-            st.dedup.prune(window);
+            if st.widened.is_some_and(|t| t.elapsed() < WIDENED_KEEP) {
+                continue;
+            }
+            st.widened = None;
+            st.floor = st.floor.max(window);
+            st.dedup.prune(st.floor);
         }
         // Keep the rollup cache to recent hours; older ones reload on demand.
         let min_hour = hour_of(now) - 3 * 3600;
@@ -221,13 +277,15 @@ impl<W: UsageWriter> Processor<W> {
         for p in partitions {
             self.ensure_partition(p, stop).await?;
         }
-        let window = AcceptWindow::at(Utc::now());
-        let mut rows: Vec<RawRow> = Vec::new();
+        // 1–2. Skip what is stored; decode and validate the rest. Each
+        // event is judged against the accept window of the instant the
+        // collector accepted it (`schemas::event::ACCEPTED_AT`), never
+        // against this process's clock: an event answered 2xx is counted
+        // however late it is processed.
+        let now = Utc::now();
         let mut letters = Vec::new();
-        let mut new_keys: Vec<(i32, u128, DateTime<Utc>)> = Vec::new();
-        let mut batch_seen: HashSet<u128> = HashSet::new();
-        let mut written_max: HashMap<i32, u64> = HashMap::new();
-        let mut duplicates = 0u64;
+        let mut valid: Vec<(Message, UsageEvent)> = Vec::with_capacity(msgs.len());
+        let mut oldest: HashMap<i32, DateTime<Utc>> = HashMap::new();
         for m in msgs {
             self.metrics.messages_consumed.inc();
             let next = commits.entry(m.partition).or_insert(m.offset + 1);
@@ -237,38 +295,31 @@ impl<W: UsageWriter> Processor<W> {
                 self.metrics.messages_skipped_stored.inc();
                 continue;
             }
-            let dead = |code: &str, reason: String| DeadLetter {
-                message: m.clone(),
-                code: code.to_owned(),
-                reason,
-            };
-            let Some(payload) = &m.payload else {
-                letters.push(dead("empty_payload", "message has no payload".into()));
-                continue;
-            };
-            let raw = match serde_json::from_slice::<serde_json::Value>(payload) {
-                Ok(serde_json::Value::Object(o)) => o,
-                Ok(_) => {
-                    letters.push(dead("wrong_shape", "payload is not a JSON object".into()));
-                    continue;
+            match decode(&m, &self.meters, now) {
+                Ok(ev) => {
+                    let o = oldest.entry(m.partition).or_insert(ev.time);
+                    *o = (*o).min(ev.time);
+                    valid.push((m, ev));
                 }
-                Err(e) => {
-                    letters.push(dead("malformed_json", format!("payload is not JSON: {e}")));
-                    continue;
-                }
-            };
-            let ev = match UsageEvent::validate(&raw, &self.meters, &window) {
-                Ok(ev) => ev,
-                Err(errs) => {
-                    let reason = errs
-                        .iter()
-                        .map(|e| format!("{}: {}", e.field, e.message))
-                        .collect::<Vec<_>>()
-                        .join("; ");
-                    letters.push(dead(errs[0].code, reason));
-                    continue;
-                }
-            };
+                Err((code, reason)) => letters.push(DeadLetter {
+                    message: m,
+                    code: code.to_owned(),
+                    reason,
+                }),
+            }
+        }
+        for (p, t) in oldest {
+            self.cover(p, t, stop).await?;
+        }
+
+        // 3. Duplicates, against the partition's keys and the batch itself.
+        let mut rows: Vec<RawRow> = Vec::new();
+        let mut new_keys: Vec<(i32, u128, DateTime<Utc>)> = Vec::new();
+        let mut batch_seen: HashSet<u128> = HashSet::new();
+        let mut written_max: HashMap<i32, u64> = HashMap::new();
+        let mut duplicates = 0u64;
+        for (m, ev) in valid {
+            let st = &self.parts[&m.partition];
             let fp = fingerprint(&ev.source, &ev.id);
             if st.dedup.contains(fp) || !batch_seen.insert(fp) {
                 duplicates += 1;
@@ -387,6 +438,36 @@ impl<W: UsageWriter> Processor<W> {
         self.prune();
         Ok(commits)
     }
+}
+
+/// Decodes and validates one message, strictly (duplicate keys and inexact
+/// numbers refused, as the collector does), against the accept window of
+/// its acceptance stamp; an invalid one becomes a dead letter's code and
+/// reason.
+fn decode(
+    m: &Message,
+    meters: &MeterCatalog,
+    now: DateTime<Utc>,
+) -> Result<UsageEvent, (&'static str, String)> {
+    let Some(payload) = &m.payload else {
+        return Err(("empty_payload", "message has no payload".into()));
+    };
+    let raw = match parse_single(payload) {
+        Ok(Ok(raw)) => raw,
+        Ok(Err(errs)) => return Err(field_errors(errs)),
+        Err(e) => return Err((e.code(), format!("payload: {e}"))),
+    };
+    let window = AcceptWindow::of_event(&raw, now).map_err(|e| field_errors(vec![e]))?;
+    UsageEvent::validate(&raw, meters, &window).map_err(field_errors)
+}
+
+fn field_errors(errs: Vec<FieldError>) -> (&'static str, String) {
+    let reason = errs
+        .iter()
+        .map(|e| format!("{}: {}", e.field, e.message))
+        .collect::<Vec<_>>()
+        .join("; ");
+    (errs[0].code, reason)
 }
 
 /// The rollup version a batch writes: its highest offset in the partition

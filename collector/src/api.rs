@@ -22,8 +22,8 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use chrono::Utc;
-use schemas::{parse_batch, parse_single, AcceptWindow, FieldError, MeterCatalog, UsageEvent};
+use chrono::{DateTime, Utc};
+use schemas::{parse_batch, parse_single, FieldError, MeterCatalog};
 use serde::Serialize;
 use serde_json::json;
 use std::sync::Arc;
@@ -96,34 +96,28 @@ pub struct ValidatedBody {
     pub total: usize,
 }
 
-/// Validates a parsed body into envelopes and per-event errors; a body that
-/// is not an event or batch at all becomes the error response.
+/// Validates a body received at `now` into envelopes and per-event errors;
+/// a body that is not an event or batch at all becomes the error response.
 #[allow(clippy::result_large_err)]
 pub fn validate_body(
     body: &[u8],
     batch: bool,
     meters: &MeterCatalog,
-    window: &AcceptWindow,
+    now: DateTime<Utc>,
 ) -> Result<ValidatedBody, Response> {
     let raws = if batch {
         parse_batch(body)
     } else {
-        parse_single(body).map(|e| vec![Ok(e)])
+        parse_single(body).map(|e| vec![e])
     }
     .map_err(|e| error(StatusCode::BAD_REQUEST, e.code(), e.to_string()))?;
     let total = raws.len();
     let mut envelopes = Vec::with_capacity(total);
     let mut errors = Vec::new();
     for (i, raw) in raws.into_iter().enumerate() {
-        match raw {
-            Err(e) => errors.push((i, e)),
-            Ok(ev) => match UsageEvent::validate(&ev, meters, window) {
-                Ok(valid) => envelopes.push(Envelope {
-                    key: valid.customer,
-                    payload: serde_json::to_vec(&ev).expect("json object serializes"),
-                }),
-                Err(errs) => errors.extend(errs.into_iter().map(|e| (i, e))),
-            },
+        match raw.and_then(|ev| Envelope::accept(ev, meters, now)) {
+            Ok(envelope) => envelopes.push(envelope),
+            Err(errs) => errors.extend(errs.into_iter().map(|e| (i, e))),
         }
     }
     Ok(ValidatedBody {
@@ -177,12 +171,11 @@ async fn ingest(
             )
         }
     };
-    let window = AcceptWindow::at(Utc::now());
     let ValidatedBody {
         envelopes,
         errors,
         total,
-    } = match validate_body(&body, batch, &st.meters, &window) {
+    } = match validate_body(&body, batch, &st.meters, Utc::now()) {
         Ok(v) => v,
         Err(resp) => {
             st.metrics

@@ -6,12 +6,15 @@
 
 use crate::metrics::Metrics;
 use crate::spool::Spool;
+use chrono::{DateTime, Utc};
 use futures::future::{join_all, BoxFuture};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use schemas::event::stamp_accepted;
+use schemas::{AcceptWindow, FieldError, MeterCatalog, RawEvent, UsageEvent};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,6 +25,26 @@ use std::time::{Duration, Instant};
 pub struct Envelope {
     pub key: String,
     pub payload: Vec<u8>,
+}
+
+impl Envelope {
+    /// Accepts one event at `now`, the only place the accept window is
+    /// judged: validates it against the window of `now`, stamps it with
+    /// that instant (`schemas::event::ACCEPTED_AT`, so the aggregator judges
+    /// it the same way however late it processes it) and keys it by
+    /// customer.
+    pub fn accept(
+        mut raw: RawEvent,
+        meters: &MeterCatalog,
+        now: DateTime<Utc>,
+    ) -> Result<Envelope, Vec<FieldError>> {
+        let valid = UsageEvent::validate(&raw, meters, &AcceptWindow::at(now))?;
+        stamp_accepted(&mut raw, now);
+        Ok(Envelope {
+            key: valid.customer,
+            payload: serde_json::to_vec(&raw).expect("a JSON object serializes"),
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -14,7 +14,7 @@ use billing_api::state::{Customer, StateError, StateStore};
 use chrono::{DateTime, TimeZone, Utc};
 use collector::sink::{Envelope, EventSink};
 use collector::sources::simulator::{customer_id, SimulatorConfig, Workload};
-use schemas::{AcceptWindow, MeterCatalog, UsageEvent};
+use schemas::MeterCatalog;
 
 const PLANS: [&str; 5] = ["payg", "team", "business", "payg", "free"];
 
@@ -82,16 +82,13 @@ pub async fn backfill(
         seed: cfg.seed,
     }
     .events(from, to, 3600);
-    let window = AcceptWindow::at(now);
     for chunk in events.chunks(2000) {
         let mut batch = Vec::with_capacity(chunk.len());
         for ev in chunk {
-            let v = UsageEvent::validate(ev, meters, &window)
-                .map_err(|e| anyhow::anyhow!("simulated event refused: {e:?}"))?;
-            batch.push(Envelope {
-                key: v.customer,
-                payload: serde_json::to_vec(ev)?,
-            });
+            batch.push(
+                Envelope::accept(ev.clone(), meters, now)
+                    .map_err(|e| anyhow::anyhow!("simulated event refused: {e:?}"))?,
+            );
         }
         sink.send(batch).await?;
     }

@@ -8,10 +8,12 @@
 //! the same [`UsageEvent::validate`], so nothing the collector accepts is
 //! judged differently downstream.
 
+use crate::json;
 use crate::meter::{Aggregation, MeterCatalog, MeterDef, APP_DIMENSION};
-use chrono::{DateTime, Datelike, Duration, TimeZone, Utc};
+use chrono::{DateTime, Datelike, Duration, SecondsFormat, TimeZone, Utc};
 use rust_decimal::Decimal;
 use serde::Serialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 use std::str::FromStr;
@@ -84,40 +86,119 @@ fn kind(v: &Value) -> &'static str {
     }
 }
 
-/// Parses a `application/cloudevents+json` body: exactly one event object.
-pub fn parse_single(body: &[u8]) -> Result<RawEvent, EventError> {
-    match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(m)) => Ok(m),
-        Ok(other) => Err(EventError::WrongShape {
-            expected: "a JSON object",
-            got: kind(&other),
-        }),
-        Err(e) => Err(EventError::MalformedJson(e.to_string())),
+/// One event of a body after strict reading: its object, or the problems
+/// that keep it from being read as sent (not an object, an inexact number).
+pub type ParsedEvent = Result<RawEvent, Vec<FieldError>>;
+
+fn top_level(body: &[u8]) -> Result<&RawValue, EventError> {
+    serde_json::from_slice::<&RawValue>(body).map_err(|e| EventError::MalformedJson(e.to_string()))
+}
+
+/// Reads one event object strictly ([`crate::json`]): a duplicate key is
+/// malformed JSON; a number that would not keep its exact value is a field
+/// error of the event (`inexact_number`), never rounded.
+fn parse_event(raw: &RawValue) -> Result<ParsedEvent, EventError> {
+    if !raw.get().starts_with('{') {
+        return Ok(Err(vec![FieldError::new(
+            "",
+            "wrong_type",
+            format!("event must be a JSON object, got {}", json::kind_of(raw)),
+        )]));
     }
+    let mut reading = json::Reading::default();
+    let value = json::read(raw, "", &mut reading).map_err(EventError::MalformedJson)?;
+    if !reading.inexact.is_empty() {
+        return Ok(Err(reading
+            .inexact
+            .into_iter()
+            .map(|n| {
+                FieldError::new(
+                    n.path,
+                    "inexact_number",
+                    format!(
+                        "the number {} has more significant digits than a JSON number keeps exactly; \
+                         send it as a decimal string (\"{}\") to keep every digit",
+                        n.text, n.text
+                    ),
+                )
+            })
+            .collect()));
+    }
+    match value {
+        Value::Object(m) => Ok(Ok(m)),
+        _ => unreachable!("an object's text reads as an object"),
+    }
+}
+
+/// Parses a `application/cloudevents+json` body: exactly one event object.
+pub fn parse_single(body: &[u8]) -> Result<ParsedEvent, EventError> {
+    let raw = top_level(body)?;
+    if !raw.get().starts_with('{') {
+        return Err(EventError::WrongShape {
+            expected: "a JSON object",
+            got: json::kind_of(raw),
+        });
+    }
+    parse_event(raw)
 }
 
 /// Parses a `application/cloudevents-batch+json` body: a non-empty array.
 /// Elements that are not objects are kept as errors so the per-event answer
-/// keeps its indexes.
-pub fn parse_batch(body: &[u8]) -> Result<Vec<Result<RawEvent, FieldError>>, EventError> {
-    match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Array(items)) if items.is_empty() => Err(EventError::EmptyBatch),
-        Ok(Value::Array(items)) => Ok(items
-            .into_iter()
-            .map(|v| match v {
-                Value::Object(m) => Ok(m),
-                other => Err(FieldError::new(
-                    "",
-                    "wrong_type",
-                    format!("event must be a JSON object, got {}", kind(&other)),
-                )),
-            })
-            .collect()),
-        Ok(other) => Err(EventError::WrongShape {
+/// keeps its indexes. A duplicate key anywhere makes the whole body
+/// malformed, as it does for the billing API.
+pub fn parse_batch(body: &[u8]) -> Result<Vec<ParsedEvent>, EventError> {
+    let raw = top_level(body)?;
+    if !raw.get().starts_with('[') {
+        return Err(EventError::WrongShape {
             expected: "a JSON array",
-            got: kind(&other),
-        }),
-        Err(e) => Err(EventError::MalformedJson(e.to_string())),
+            got: json::kind_of(raw),
+        });
+    }
+    let items: Vec<&RawValue> =
+        serde_json::from_str(raw.get()).map_err(|e| EventError::MalformedJson(e.to_string()))?;
+    if items.is_empty() {
+        return Err(EventError::EmptyBatch);
+    }
+    items.into_iter().map(parse_event).collect()
+}
+
+/// The CloudEvents extension attribute the collector sets on every event it
+/// accepts: the instant (RFC 3339, microseconds, UTC) at which the event's
+/// time was judged against the [`AcceptWindow`]. Whatever a client sends
+/// under this name is replaced. The aggregator judges the event against the
+/// window of that instant, not of the moment it happens to process it, so
+/// an event answered 2xx before a month boundary and processed after it
+/// (Kafka lag, a spool replay, a batch waiting on its commit) is counted,
+/// never dead-lettered. Events without it (written to Kafka by something
+/// other than a collector) are judged at processing time.
+pub const ACCEPTED_AT: &str = "tallyacceptedat";
+
+/// Records in `ev` that it was accepted at `at` (see [`ACCEPTED_AT`]).
+pub fn stamp_accepted(ev: &mut RawEvent, at: DateTime<Utc>) {
+    ev.insert(
+        ACCEPTED_AT.to_owned(),
+        Value::String(at.to_rfc3339_opts(SecondsFormat::Micros, true)),
+    );
+}
+
+/// The instant `ev` was accepted at, if it carries one (see [`ACCEPTED_AT`]).
+pub fn accepted_at(ev: &RawEvent) -> Result<Option<DateTime<Utc>>, FieldError> {
+    match ev.get(ACCEPTED_AT) {
+        None => Ok(None),
+        Some(Value::String(s)) => DateTime::parse_from_rfc3339(s)
+            .map(|t| Some(t.with_timezone(&Utc)))
+            .map_err(|e| {
+                FieldError::new(
+                    ACCEPTED_AT,
+                    "invalid_value",
+                    format!("`{ACCEPTED_AT}` is not RFC 3339: {e}"),
+                )
+            }),
+        Some(v) => Err(FieldError::new(
+            ACCEPTED_AT,
+            "wrong_type",
+            format!("`{ACCEPTED_AT}` must be a string, got {}", kind(v)),
+        )),
     }
 }
 
@@ -141,6 +222,12 @@ impl AcceptWindow {
             not_before: previous_month_start(now),
             not_after: now + Duration::seconds(FUTURE_TOLERANCE_SECS),
         }
+    }
+
+    /// The window `ev` was accepted in: at its [`ACCEPTED_AT`] stamp, or at
+    /// `now` when it carries none.
+    pub fn of_event(ev: &RawEvent, now: DateTime<Utc>) -> Result<Self, FieldError> {
+        Ok(Self::at(accepted_at(ev)?.unwrap_or(now)))
     }
 
     /// No bounds: used when re-validating stored events whose window was
@@ -260,9 +347,32 @@ fn lookup<'a>(data: &'a Map<String, Value>, path: &str) -> Option<&'a Value> {
     Some(cur)
 }
 
-/// Parses a quantity: a JSON number or a decimal string, non-negative, at
-/// most [`QUANTITY_SCALE`] fractional digits.
-pub fn parse_quantity(v: &Value) -> Result<Decimal, (&'static str, String)> {
+/// Whether `s` is a quantity string the published schema allows:
+/// `^[0-9]{1,16}(\.[0-9]{1,12})?$` (no sign, no exponent, at most 16
+/// integer and 12 fractional digits), or `^[0-9]{1,16}$` for a meter of
+/// whole numbers.
+fn quantity_string_ok(s: &str, whole: bool) -> bool {
+    let (int, frac) = match s.split_once('.') {
+        Some((i, f)) => (i, Some(f)),
+        None => (s, None),
+    };
+    let digits = |t: &str, max: u32| {
+        !t.is_empty() && t.len() as u32 <= max && t.bytes().all(|b| b.is_ascii_digit())
+    };
+    digits(int, QUANTITY_MAX_INTEGER_DIGITS)
+        && match frac {
+            None => true,
+            Some(f) => !whole && digits(f, QUANTITY_SCALE),
+        }
+}
+
+/// Parses a quantity: a JSON number (non-negative, below 10^16, at most
+/// [`QUANTITY_SCALE`] decimal places once trailing zeros are dropped) or a
+/// decimal string of the schema's form (see `quantity_string_ok`). A meter
+/// of whole numbers (`integer` in its definition, e.g. seats) takes only
+/// values without a fractional part. Numbers reach here exact: the body
+/// reader refuses any whose text an `f64` would round ([`crate::json`]).
+pub fn parse_quantity(v: &Value, whole: bool) -> Result<Decimal, (&'static str, String)> {
     let d = match v {
         Value::Number(n) => {
             if let Some(u) = n.as_u64() {
@@ -282,17 +392,17 @@ pub fn parse_quantity(v: &Value) -> Result<Decimal, (&'static str, String)> {
             }
         }
         Value::String(s) => {
-            let ok = !s.is_empty()
-                && s.trim_start_matches('-').split('.').count() <= 2
-                && s.trim_start_matches('-')
-                    .chars()
-                    .all(|c| c.is_ascii_digit() || c == '.')
-                && !s.trim_start_matches('-').starts_with('.')
-                && !s.ends_with('.');
-            if !ok {
+            if !quantity_string_ok(s, whole) {
                 return Err((
                     "invalid_value",
-                    format!("quantity {s:?} is not a decimal number"),
+                    if whole {
+                        format!("quantity {s:?} must be a whole number: 1 to {QUANTITY_MAX_INTEGER_DIGITS} digits")
+                    } else {
+                        format!(
+                            "quantity {s:?} must be a decimal: 1 to {QUANTITY_MAX_INTEGER_DIGITS} digits, \
+                             optionally a point and 1 to {QUANTITY_SCALE} more, no sign or exponent"
+                        )
+                    },
                 ));
             }
             Decimal::from_str(s)
@@ -311,16 +421,24 @@ pub fn parse_quantity(v: &Value) -> Result<Decimal, (&'static str, String)> {
     if d.is_sign_negative() && !d.is_zero() {
         return Err(("negative_quantity", format!("quantity {d} is negative")));
     }
-    if d.scale() > QUANTITY_SCALE && d.normalize().scale() > QUANTITY_SCALE {
+    let d = d.normalize();
+    if d.scale() > QUANTITY_SCALE {
         return Err((
             "invalid_value",
             format!("quantity {d} has more than {QUANTITY_SCALE} decimal places"),
         ));
     }
+    if whole && d.scale() > 0 {
+        return Err((
+            "invalid_value",
+            format!("quantity {d} must be a whole number"),
+        ));
+    }
     if d.trunc() >= Decimal::from_i128_with_scale(10i128.pow(QUANTITY_MAX_INTEGER_DIGITS), 0) {
         return Err(("invalid_value", format!("quantity {d} is too large")));
     }
-    Ok(d.normalize())
+    // `-0` as a number is zero; never store a negative zero.
+    Ok(if d.is_zero() { Decimal::ZERO } else { d })
 }
 
 fn dim_value(v: &Value) -> Option<String> {
@@ -521,7 +639,7 @@ impl UsageEvent {
                             }
                         }
                     }
-                    Some(v) => match parse_quantity(v) {
+                    Some(v) => match parse_quantity(v, def.integer) {
                         Ok(q) => (q, None),
                         Err((code, msg)) => {
                             errs.push(FieldError::new(field, code, msg));
@@ -634,6 +752,7 @@ mod tests {
             (json!("1e5"), "invalid_value"),
             (json!(true), "wrong_type"),
             (json!("0.0000000000001"), "invalid_value"),
+            (json!("-0"), "invalid_value"),
             (json!("1.2.3"), "invalid_value"),
         ] {
             let errs = validate(compute(q.clone())).unwrap_err();
@@ -645,8 +764,131 @@ mod tests {
     fn batch_shapes() {
         assert_eq!(parse_batch(b"[]").unwrap_err(), EventError::EmptyBatch);
         assert_eq!(parse_batch(b"{").unwrap_err().code(), "malformed_json");
+        assert_eq!(parse_batch(b"{}").unwrap_err().code(), "wrong_shape");
         assert_eq!(parse_single(b"[1]").unwrap_err().code(), "wrong_shape");
         let b = parse_batch(br#"[{"a":1}, 3]"#).unwrap();
         assert!(b[0].is_ok() && b[1].is_err());
+        assert_eq!(b[1].as_ref().unwrap_err()[0].code, "wrong_type");
+    }
+
+    fn body(q: &str) -> String {
+        format!(
+            r#"{{"specversion":"1.0","id":"e1","source":"r","type":"tally.egress","subject":"cus_1",
+               "time":"2026-11-15T11:00:00Z","data":{{"app":"web","bytes":{q}}}}}"#
+        )
+    }
+
+    #[test]
+    fn duplicate_keys_are_malformed() {
+        for dup in [
+            r#"{"subject":"m1","id":"1","subject":"m2"}"#,
+            r#"{"data":{"count":1,"count":2}}"#,
+        ] {
+            let e = parse_single(dup.as_bytes()).unwrap_err();
+            assert_eq!(e.code(), "malformed_json", "{dup}");
+            assert!(e.to_string().contains("duplicate key"), "{e}");
+        }
+        let batch = format!("[{},{}]", body("1"), r#"{"id":"a","id":"b"}"#);
+        assert_eq!(
+            parse_batch(batch.as_bytes()).unwrap_err().code(),
+            "malformed_json"
+        );
+    }
+
+    #[test]
+    fn numbers_are_read_exactly_or_refused() {
+        let meters = MeterCatalog::default_catalog();
+        let w = AcceptWindow::at(now());
+        let bytes = |q: &str| -> Result<Decimal, Vec<FieldError>> {
+            let raw = parse_single(body(q).as_bytes()).unwrap()?;
+            Ok(UsageEvent::validate(&raw, &meters, &w)?.records[0].quantity)
+        };
+        for q in [
+            "123456789012.123456",
+            "9007199254740993.5",
+            "18446744073709551616",
+        ] {
+            let errs = bytes(q).unwrap_err();
+            assert_eq!(
+                (errs[0].field.as_str(), errs[0].code),
+                ("data.bytes", "inexact_number"),
+                "{q}"
+            );
+            assert!(errs[0].message.contains(q), "{}", errs[0].message);
+        }
+        // The same values as strings are exact.
+        assert_eq!(
+            bytes(r#""123456789012.123456""#).unwrap().to_string(),
+            "123456789012.123456"
+        );
+        assert_eq!(
+            bytes("9007199254740993").unwrap().to_string(),
+            "9007199254740993"
+        );
+        assert_eq!(bytes("123.25").unwrap().to_string(), "123.25");
+        assert_eq!(bytes("-0").unwrap().to_string(), "0");
+    }
+
+    #[test]
+    fn quantity_strings_follow_the_schema() {
+        for (q, ok) in [
+            ("0", true),
+            ("0001", true),
+            ("9999999999999999.999999999999", true),
+            ("-0", false),
+            ("1.0000000000000", false),
+            ("00000000000000001", false),
+            ("+1", false),
+            (".5", false),
+            ("1.", false),
+            ("1e5", false),
+            ("", false),
+        ] {
+            assert_eq!(parse_quantity(&json!(q), false).is_ok(), ok, "{q:?}");
+        }
+        assert!(parse_quantity(&json!("3"), true).is_ok());
+        assert!(parse_quantity(&json!(3.0), true).is_ok());
+        for q in [json!("1.5"), json!("2.0"), json!(1.5)] {
+            assert_eq!(
+                parse_quantity(&q, true).unwrap_err().0,
+                "invalid_value",
+                "{q}"
+            );
+        }
+    }
+
+    #[test]
+    fn fractional_seats_are_refused() {
+        let mut e = json!({"specversion":"1.0","id":"s1","source":"billing","type":"tally.seats",
+                           "subject":"cus_1","time":"2026-11-15T11:00:00Z","data":{"seats":1.5}});
+        assert_eq!(validate(e.clone()).unwrap_err()[0].field, "data.seats");
+        e["data"]["seats"] = json!(2);
+        assert_eq!(validate(e).unwrap().records[0].quantity, Decimal::from(2));
+    }
+
+    #[test]
+    fn the_window_is_the_one_of_acceptance() {
+        let mut ev = compute(json!(1)).as_object().unwrap().clone();
+        ev["time"] = json!("2026-10-15T00:00:00Z");
+        let accepted = Utc.with_ymd_and_hms(2026, 11, 30, 23, 59, 59).unwrap();
+        let later = Utc.with_ymd_and_hms(2026, 12, 1, 0, 0, 5).unwrap();
+        let meters = MeterCatalog::default_catalog();
+        // Judged when processed, an unstamped event is out of the window ...
+        let w = AcceptWindow::of_event(&ev, later).unwrap();
+        assert_eq!(
+            UsageEvent::validate(&ev, &meters, &w).unwrap_err()[0].code,
+            "time_before_window"
+        );
+        // ... stamped at its acceptance, it is judged as the collector did.
+        stamp_accepted(&mut ev, accepted);
+        assert_eq!(accepted_at(&ev).unwrap(), Some(accepted));
+        let w = AcceptWindow::of_event(&ev, later).unwrap();
+        assert_eq!(w, AcceptWindow::at(accepted));
+        assert!(UsageEvent::validate(&ev, &meters, &w).is_ok());
+        ev[ACCEPTED_AT] = json!(5);
+        assert_eq!(
+            AcceptWindow::of_event(&ev, later).unwrap_err().field,
+            ACCEPTED_AT
+        );
     }
 }

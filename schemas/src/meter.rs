@@ -50,6 +50,10 @@ pub struct MeterDef {
     pub aggregation: Aggregation,
     #[serde(default)]
     pub dimensions: Vec<Dimension>,
+    /// The quantity is a whole number (e.g. seats): a fractional value is
+    /// refused, by the JSON Schema and by validation alike.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub integer: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -22,7 +22,7 @@ use crate::metrics::Metrics;
 use crate::sink::{Envelope, EventSink};
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
-use schemas::{AcceptWindow, MeterCatalog, RawEvent, UsageEvent};
+use schemas::{MeterCatalog, RawEvent};
 use serde::{Deserialize, Serialize};
 use std::fs;
 use std::io::Write;
@@ -119,14 +119,11 @@ impl SourceRunner {
     /// Sends until the sink accepts. Invalid events (a source bug) are
     /// logged and dropped from the batch: they would never be accepted.
     async fn deliver(&self, events: &[RawEvent]) {
-        let window = AcceptWindow::at(Utc::now());
+        let now = Utc::now();
         let mut envelopes = Vec::with_capacity(events.len());
         for ev in events {
-            match UsageEvent::validate(ev, &self.meters, &window) {
-                Ok(v) => envelopes.push(Envelope {
-                    key: v.customer,
-                    payload: serde_json::to_vec(ev).expect("serializes"),
-                }),
+            match Envelope::accept(ev.clone(), &self.meters, now) {
+                Ok(envelope) => envelopes.push(envelope),
                 Err(errs) => {
                     tracing::error!(
                         source = self.source.name(),
