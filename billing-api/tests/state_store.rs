@@ -15,7 +15,7 @@ use billing_api::state::postgres::PgState;
 use billing_api::state::sqlite::{micros, SqliteState};
 use billing_api::state::{
     sync_status, Alert, AlertOutcome, App, AuditEntry, Customer, Invoice, NewAlert, PlanSegment,
-    PublishedPlan, StateError, StateStore,
+    PublishedPlan, StateError, StateStore, Subscription, SwitchOutcome,
 };
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use rust_decimal::Decimal;
@@ -134,6 +134,7 @@ macro_rules! on_both {
 
 on_both!(
     history,
+    scheduled_changes,
     catalog,
     customers_apps_seats,
     invoices,
@@ -535,6 +536,207 @@ async fn history(db: Db) {
         "{delete:?}"
     );
     assert_eq!(st.audit_log("customer:cus_1").await.unwrap().len(), 5);
+}
+
+/// Issue 11, item 4: a switch scheduled for the period end no longer blocks
+/// other switches; a new switch replaces it; scheduled changes are listed
+/// (the unclipped history) and withdrawn, audited, safe to retry.
+async fn scheduled_changes(db: Db) {
+    let st = db.st.clone();
+    for p in [payg(1), payg(2), team()] {
+        st.publish_plan(&p, "staff").await.unwrap();
+    }
+    customers(st.as_ref(), &["cus_s"]).await;
+    st.subscribe("cus_s", "payg", 1, nov(1), "signup")
+        .await
+        .unwrap();
+    let sr: &dyn StateStore = st.as_ref();
+    let history = move || async move { sr.subscriptions("cus_s").await.unwrap() };
+    let shape = |h: &[Subscription]| -> Vec<(String, u32, DateTime<Utc>, Option<DateTime<Utc>>)> {
+        h.iter()
+            .map(|s| (s.plan.clone(), s.version, s.start, s.end))
+            .collect()
+    };
+    let row = |p: &str, v: u32, a, b| (p.to_owned(), v, a, b);
+    let audit_len = move || async move { sr.audit_log("customer:cus_s").await.unwrap().len() };
+
+    // Scheduled for the period end (Dec 1).
+    let o = st
+        .switch_plan("cus_s", "team", 1, nov(31), "staff")
+        .await
+        .unwrap();
+    assert_eq!((o.effective_at, o.withdrawn.len()), (nov(31), 0));
+    let h = history().await;
+    assert_eq!(
+        shape(&h),
+        [
+            row("payg", 1, nov(1), Some(nov(31))),
+            row("team", 1, nov(31), None)
+        ]
+    );
+    let scheduled = h[1].clone();
+    // The same switch again changes nothing (a retry), not even the log.
+    let n = audit_len().await;
+    let o = st
+        .switch_plan("cus_s", "team", 1, nov(31), "staff")
+        .await
+        .unwrap();
+    assert_eq!((o.effective_at, o.withdrawn.len()), (nov(31), 0));
+    assert_eq!(history().await, h, "ids and rows unchanged");
+    assert_eq!(audit_len().await, n);
+
+    // A switch "now" (a sub-second instant) while one is scheduled: it
+    // replaces the scheduled one instead of being refused.
+    let now = nov(16) + Duration::microseconds(1600);
+    let o = st
+        .switch_plan("cus_s", "payg", 2, now, "staff")
+        .await
+        .unwrap();
+    assert_eq!(o.effective_at, now);
+    assert_eq!(o.withdrawn, [scheduled.clone()]);
+    assert_eq!(
+        shape(&history().await),
+        [row("payg", 1, nov(1), Some(now)), row("payg", 2, now, None)]
+    );
+    assert_eq!(
+        st.plan_segments("cus_s", month(2026, 11)).await.unwrap(),
+        [
+            PlanSegment {
+                plan: "payg".into(),
+                version: 1,
+                start: nov(1),
+                end: now
+            },
+            PlanSegment {
+                plan: "payg".into(),
+                version: 2,
+                start: now,
+                end: nov(31)
+            },
+        ],
+        "the boundary keeps its microseconds"
+    );
+
+    // Scheduled again, then withdrawn: the plan before runs on.
+    st.switch_plan("cus_s", "team", 1, nov(31), "staff")
+        .await
+        .unwrap();
+    let h = history().await;
+    let scheduled = h[2].clone();
+    assert_eq!(
+        shape(&h),
+        [
+            row("payg", 1, nov(1), Some(now)),
+            row("payg", 2, now, Some(nov(31))),
+            row("team", 1, nov(31), None)
+        ]
+    );
+    let w = st
+        .withdraw_change("cus_s", scheduled.id, nov(20), "staff/carol")
+        .await
+        .unwrap();
+    assert_eq!(w, scheduled);
+    let after = history().await;
+    assert_eq!(
+        shape(&after),
+        [row("payg", 1, nov(1), Some(now)), row("payg", 2, now, None)]
+    );
+    // Withdrawing it again answers the same (a retry), and writes nothing.
+    let n = audit_len().await;
+    let again = st
+        .withdraw_change("cus_s", scheduled.id, nov(21), "staff/carol")
+        .await
+        .unwrap();
+    assert_eq!(again, scheduled);
+    assert_eq!((history().await, audit_len().await), (after.clone(), n));
+
+    // Refused: a change in effect already, the first subscription, an
+    // unknown change or customer. Nothing changes.
+    assert_eq!(
+        err_kind(
+            st.withdraw_change("cus_s", after[1].id, nov(20), "staff")
+                .await
+        ),
+        "conflict"
+    );
+    assert_eq!(
+        err_kind(
+            st.withdraw_change("cus_s", after[0].id, t(2026, 10, 1), "staff")
+                .await
+        ),
+        "conflict"
+    );
+    assert_eq!(
+        err_kind(
+            st.withdraw_change("cus_s", 987_654_321, nov(20), "staff")
+                .await
+        ),
+        "not_found"
+    );
+    assert_eq!(
+        err_kind(
+            st.withdraw_change("zz", scheduled.id, nov(20), "staff")
+                .await
+        ),
+        "not_found"
+    );
+    assert_eq!(err_kind(st.subscriptions("zz").await), "not_found");
+    let before_first = st.switch_plan("cus_s", "team", 1, nov(1), "staff").await;
+    assert!(
+        matches!(&before_first, Err(StateError::Invalid(m)) if m.contains("first plan starts")),
+        "{before_first:?}"
+    );
+    assert_eq!(history().await, after);
+
+    // A switch to the plan in effect adds nothing; with a change scheduled
+    // after it, it withdraws that change (stay on this plan).
+    let o = st
+        .switch_plan("cus_s", "payg", 2, nov(25), "staff")
+        .await
+        .unwrap();
+    assert_eq!((o.effective_at, o.withdrawn.len()), (now, 0));
+    assert_eq!(history().await, after);
+    st.switch_plan("cus_s", "team", 1, nov(31), "staff")
+        .await
+        .unwrap();
+    let o = st
+        .switch_plan("cus_s", "payg", 2, nov(25), "staff")
+        .await
+        .unwrap();
+    assert_eq!((o.effective_at, o.withdrawn.len()), (now, 1));
+    assert_eq!(shape(&history().await), shape(&after));
+
+    // The audit trail: every switch and withdrawal, with what it replaced.
+    let log = st.audit_log("customer:cus_s").await.unwrap();
+    let actions: Vec<(&str, Option<&str>)> = log
+        .iter()
+        .map(|e| {
+            (
+                e.action.as_str(),
+                e.after.as_ref().and_then(|a| a["by"].as_str()),
+            )
+        })
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            ("customer.create", None),
+            ("subscription.start", None),
+            ("subscription.switch", None),
+            ("subscription.withdraw", Some("switch")),
+            ("subscription.switch", None),
+            ("subscription.switch", None),
+            ("subscription.withdraw", Some("withdrawal")),
+            ("subscription.switch", None),
+            ("subscription.withdraw", Some("switch")),
+        ]
+    );
+    let withdrawal = &log[6];
+    assert_eq!(withdrawal.actor, "staff/carol");
+    assert_eq!(
+        withdrawal.before,
+        Some(serde_json::to_value(&scheduled).unwrap())
+    );
 }
 
 /// Publishing, listing and retiring plan versions.
@@ -1538,60 +1740,77 @@ async fn concurrent_writers(db: Db) {
             .unwrap();
     }
 
-    // Two concurrent switches per customer (one per handle): the earlier
-    // one fails as invalid if the later one ran first; nothing else fails.
+    // Two concurrent switches per customer (one per handle): to team at
+    // Nov 10 and to payg v2 at Nov 20. Both succeed, serialized: when the
+    // later one ran first, the earlier one replaces it (withdraws it).
+    st.publish_plan(&payg(2), "staff").await.unwrap();
     let mut tasks = Vec::new();
     for (i, id) in ids.iter().enumerate() {
-        for (j, (day, to)) in [(10, "team"), (20, "payg")].into_iter().enumerate() {
+        for (j, (day, to, v)) in [(10, "team", 1), (20, "payg", 2)].into_iter().enumerate() {
             let h = handles[(i + j) % 2].clone();
             let id = id.clone();
             tasks.push(tokio::spawn(async move {
-                let r = h.switch_plan(&id, to, 1, nov(day), "staff").await;
+                let r = h.switch_plan(&id, to, v, nov(day), "staff").await;
                 (id, day, r)
             }));
         }
     }
-    let mut switched: HashMap<String, Vec<u32>> = HashMap::new();
+    let mut outcomes: HashMap<String, HashMap<u32, SwitchOutcome>> = HashMap::new();
     for task in tasks {
         let (id, day, r) = task.await.unwrap();
-        match r {
-            Ok(()) => switched.entry(id).or_default().push(day),
-            Err(StateError::Invalid(_)) => assert_eq!(day, 10, "{id}"),
-            Err(e) => panic!("switch of {id} at day {day}: {e:?}"),
-        }
+        let o = r.unwrap_or_else(|e| panic!("switch of {id} at day {day}: {e:?}"));
+        assert_eq!(o.effective_at, nov(day), "{id}");
+        outcomes.entry(id).or_default().insert(day, o);
     }
     let wide = Period {
         start: t(2026, 1, 1),
         end: t(2028, 1, 1),
     };
     let all = st.plan_segments_all(wide).await.unwrap();
+    let seg = |plan: &str, version, start, end| PlanSegment {
+        plan: plan.into(),
+        version,
+        start,
+        end,
+    };
+    let mut replaced_some = 0;
     for id in &ids {
-        let mut days = switched.remove(id).unwrap_or_default();
-        days.sort();
-        assert!(days.contains(&20), "{id}: {days:?}");
-        let mut expected = vec![];
-        let mut start = t(2026, 10, 1);
-        let mut plan = "payg";
-        for day in &days {
-            expected.push(PlanSegment {
-                plan: plan.into(),
-                version: 1,
-                start,
-                end: nov(*day),
-            });
-            start = nov(*day);
-            plan = if *day == 10 { "team" } else { "payg" };
-        }
-        expected.push(PlanSegment {
-            plan: "payg".into(),
-            version: 1,
-            start,
-            end: wide.end,
-        });
+        let o = &outcomes[id];
+        assert!(o[&20].withdrawn.is_empty(), "{id}: {o:?}");
+        let replaced = !o[&10].withdrawn.is_empty();
+        let expected = if replaced {
+            replaced_some += 1;
+            let w = &o[&10].withdrawn;
+            assert_eq!(
+                (
+                    w.len(),
+                    w[0].plan.as_str(),
+                    w[0].version,
+                    w[0].start,
+                    w[0].end
+                ),
+                (1, "payg", 2, nov(20), None),
+                "{id}"
+            );
+            vec![
+                seg("payg", 1, t(2026, 10, 1), nov(10)),
+                seg("team", 1, nov(10), wide.end),
+            ]
+        } else {
+            vec![
+                seg("payg", 1, t(2026, 10, 1), nov(10)),
+                seg("team", 1, nov(10), nov(20)),
+                seg("payg", 2, nov(20), wide.end),
+            ]
+        };
         assert_eq!(all[id], expected, "{id}");
         let log = st.audit_log(&format!("customer:{id}")).await.unwrap();
-        assert_eq!(log.len(), 2 + days.len(), "{id}: {log:?}");
+        assert_eq!(log.len(), 4 + replaced as usize, "{id}: {log:?}");
     }
+    eprintln!(
+        "{replaced_some} of {} switches at Nov 10 replaced the one at Nov 20",
+        ids.len()
+    );
 
     // Concurrent finalization batches that overlap: every (customer,
     // period) once, numbers 1..=8 without a gap.

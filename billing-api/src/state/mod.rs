@@ -114,6 +114,32 @@ pub struct PlanSegment {
     pub end: DateTime<Utc>,
 }
 
+/// A row of a customer's plan history as stored, not clipped to a period:
+/// the plan runs from `start` (inclusive) to `end` (exclusive; none while it
+/// runs until changed). A row whose start is still ahead is a scheduled
+/// change (a switch at the period end), which can be withdrawn.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Subscription {
+    /// The change's id (for withdrawing it while it is scheduled).
+    pub id: i64,
+    pub plan: String,
+    pub version: u32,
+    pub start: DateTime<Utc>,
+    pub end: Option<DateTime<Utc>>,
+}
+
+/// What a plan switch did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwitchOutcome {
+    /// When the requested plan takes effect: the switch's instant, or the
+    /// start of the row that already runs that plan version from before it
+    /// (a repeated switch changes nothing).
+    pub effective_at: DateTime<Utc>,
+    /// Changes that started at or after the switch's instant, replaced by
+    /// it (withdrawn, each audited).
+    pub withdrawn: Vec<Subscription>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuditEntry {
     pub id: i64,
@@ -207,7 +233,12 @@ pub trait StateStore: Send + Sync + 'static {
         at: DateTime<Utc>,
         actor: &'a str,
     ) -> BoxFuture<'a, StateResult<()>>;
-    /// Ends the open subscription at `at` and starts the new plan there.
+    /// Switches to the plan at `at`, in one transaction: changes starting
+    /// at or after `at` (scheduled switches) are withdrawn, the plan in
+    /// effect at `at` ends there and the new plan runs from `at` until
+    /// changed. A switch to the plan version already in effect at `at`
+    /// adds no segment (so repeating a switch changes nothing) but still
+    /// withdraws what was scheduled after it.
     fn switch_plan<'a>(
         &'a self,
         customer: &'a str,
@@ -215,7 +246,23 @@ pub trait StateStore: Send + Sync + 'static {
         version: u32,
         at: DateTime<Utc>,
         actor: &'a str,
-    ) -> BoxFuture<'a, StateResult<()>>;
+    ) -> BoxFuture<'a, StateResult<SwitchOutcome>>;
+    /// The customer's whole plan history, unclipped, in order.
+    fn subscriptions<'a>(
+        &'a self,
+        customer: &'a str,
+    ) -> BoxFuture<'a, StateResult<Vec<Subscription>>>;
+    /// Withdraws a scheduled change (a row of the history that starts after
+    /// `now` and follows another): the plan before it runs on in its place.
+    /// Audited. Withdrawing a change already withdrawn answers it again
+    /// (safe to retry); one in effect already is a Conflict.
+    fn withdraw_change<'a>(
+        &'a self,
+        customer: &'a str,
+        id: i64,
+        now: DateTime<Utc>,
+        actor: &'a str,
+    ) -> BoxFuture<'a, StateResult<Subscription>>;
     /// Sets the seat count from `at` on.
     fn set_seats<'a>(
         &'a self,
@@ -668,44 +715,167 @@ pub(crate) fn check_first_subscription(customer: &str, has_any: bool) -> StateRe
     Ok(())
 }
 
-/// The customer's open subscription, which a switch ends.
-pub(crate) struct OpenSubscription {
-    pub id: i64,
-    pub plan: String,
-    pub version: u32,
-    pub starts_at: DateTime<Utc>,
+/// The columns a [`Subscription`] is read from.
+pub(crate) const SUBSCRIPTION_COLUMNS: &str = "id, plan, version, starts_at, ends_at";
+
+/// From a row of [`SUBSCRIPTION_COLUMNS`].
+pub(crate) fn subscription_from(r: &impl StateRow) -> StateResult<Subscription> {
+    Ok(Subscription {
+        id: r.bigint("id")?,
+        plan: r.text("plan")?,
+        version: r.int("version")? as u32,
+        start: r.time("starts_at")?,
+        end: r.opt_time("ends_at")?,
+    })
 }
 
-impl OpenSubscription {
-    /// From a row of `id, plan, version, starts_at`.
-    pub(crate) fn from_row(r: &impl StateRow) -> StateResult<Self> {
+/// The writes of a switch, decided from the customer's history (ordered by
+/// start) before anything is written. Applied in this order, which keeps
+/// one open row per customer at every step: delete `withdrawn`, set the
+/// end of `cut` to `cut_end`, insert the new row when `insert`.
+#[derive(Debug)]
+pub(crate) struct SwitchWrites {
+    pub withdrawn: Vec<Subscription>,
+    /// The row in effect at the switch's instant (before the change).
+    pub cut: Subscription,
+    pub cut_end: Option<DateTime<Utc>>,
+    pub insert: bool,
+    pub effective_at: DateTime<Utc>,
+}
+
+impl SwitchWrites {
+    pub(crate) fn plan(
+        rows: Vec<Subscription>,
+        customer: &str,
+        plan: &str,
+        version: u32,
+        at: DateTime<Utc>,
+    ) -> StateResult<Self> {
+        let Some(first) = rows.first() else {
+            return Err(StateError::Invalid(format!(
+                "customer {customer} has no subscription to switch from"
+            )));
+        };
+        if at <= first.start {
+            return Err(StateError::Invalid(format!(
+                "a switch at {at} must come after the customer's first plan starts ({})",
+                first.start
+            )));
+        }
+        let (earlier, later): (Vec<_>, Vec<_>) = rows.into_iter().partition(|r| r.start < at);
+        let cut = earlier
+            .last()
+            .expect("the first row starts before at")
+            .clone();
+        if cut.end.is_some_and(|e| e < at) {
+            return Err(StateError::Invalid(format!(
+                "customer {customer} has no plan in effect at {at}"
+            )));
+        }
+        let same = |r: &Subscription| r.plan == plan && r.version == version;
+        // The same switch again: the change it made is there already.
+        if let [only] = later.as_slice() {
+            if only.start == at && only.end.is_none() && same(only) {
+                return Ok(Self {
+                    effective_at: at,
+                    cut_end: cut.end,
+                    cut,
+                    withdrawn: vec![],
+                    insert: false,
+                });
+            }
+        }
+        if same(&cut) {
+            // Already on that plan at `at`: it runs on, and what was
+            // scheduled after it is withdrawn.
+            let cut_end = if later.is_empty() { cut.end } else { None };
+            return Ok(Self {
+                effective_at: cut.start,
+                cut_end,
+                cut,
+                withdrawn: later,
+                insert: false,
+            });
+        }
         Ok(Self {
-            id: r.bigint("id")?,
-            plan: r.text("plan")?,
-            version: r.int("version")? as u32,
-            starts_at: r.time("starts_at")?,
+            effective_at: at,
+            cut_end: Some(at),
+            cut,
+            withdrawn: later,
+            insert: true,
         })
     }
 
-    /// The open subscription a switch at `at` ends: there must be one, and
-    /// the switch must come after its start.
-    pub(crate) fn to_switch(
-        open: Option<Self>,
-        customer: &str,
-        at: DateTime<Utc>,
-    ) -> StateResult<Self> {
-        let open = open.ok_or_else(|| {
-            StateError::Invalid(format!("customer {customer} has no open subscription"))
-        })?;
-        if at <= open.starts_at {
-            return Err(StateError::Invalid(format!(
-                "a switch at {at} must come after the current plan's start {}",
-                open.starts_at
-            )));
+    /// Whether anything is written (a switch repeated writes nothing, not
+    /// even an audit entry).
+    pub(crate) fn changes(&self) -> bool {
+        self.insert || !self.withdrawn.is_empty() || self.cut_end != self.cut.end
+    }
+
+    pub(crate) fn outcome(self) -> SwitchOutcome {
+        SwitchOutcome {
+            effective_at: self.effective_at,
+            withdrawn: self.withdrawn,
         }
-        Ok(open)
     }
 }
+
+/// The writes of a withdrawal: delete `withdrawn`, give `previous` its end.
+#[derive(Debug)]
+pub(crate) struct WithdrawWrites {
+    pub withdrawn: Subscription,
+    pub previous: Subscription,
+}
+
+impl WithdrawWrites {
+    /// `Ok(None)`: no such row (look for an earlier withdrawal of it).
+    pub(crate) fn plan(
+        rows: &[Subscription],
+        customer: &str,
+        id: i64,
+        now: DateTime<Utc>,
+    ) -> StateResult<Option<Self>> {
+        let Some(i) = rows.iter().position(|r| r.id == id) else {
+            return Ok(None);
+        };
+        let row = &rows[i];
+        if row.start <= now {
+            return Err(StateError::Conflict(format!(
+                "change {id} of customer {customer} took effect at {}; switch plans instead",
+                row.start
+            )));
+        }
+        if i == 0 {
+            return Err(StateError::Conflict(format!(
+                "{id} is customer {customer}'s first subscription, not a scheduled change"
+            )));
+        }
+        Ok(Some(Self {
+            withdrawn: row.clone(),
+            previous: rows[i - 1].clone(),
+        }))
+    }
+}
+
+/// A change withdrawn earlier, from the customer's `subscription.withdraw`
+/// audit entries: a repeated withdrawal answers it again.
+pub(crate) fn withdrawn_earlier(
+    entries: &[AuditEntry],
+    customer: &str,
+    id: i64,
+) -> StateResult<Subscription> {
+    entries
+        .iter()
+        .filter(|e| e.action == WITHDRAW_ACTION)
+        .filter_map(|e| e.before.clone())
+        .filter_map(|b| serde_json::from_value::<Subscription>(b).ok())
+        .find(|s| s.id == id)
+        .ok_or_else(|| {
+            StateError::NotFound(format!("scheduled change {id} of customer {customer}"))
+        })
+}
+
+pub(crate) const WITHDRAW_ACTION: &str = "subscription.withdraw";
 
 /// Seat counts are stored as `INT`.
 pub(crate) fn seats_value(seats: u32) -> StateResult<i32> {
@@ -794,7 +964,7 @@ impl AuditRecord {
 
     pub(crate) fn subscription_switch(
         customer: &str,
-        old: &OpenSubscription,
+        old: &Subscription,
         plan: &str,
         version: u32,
         at: DateTime<Utc>,
@@ -804,6 +974,17 @@ impl AuditRecord {
             subject: format!("customer:{customer}"),
             before: Some(serde_json::json!({"plan": old.plan, "version": old.version})),
             after: Some(serde_json::json!({"plan": plan, "version": version, "effective_at": at})),
+        }
+    }
+
+    /// A scheduled change withdrawn, `by` a switch that replaced it or by a
+    /// withdrawal; `before` is the change as it was.
+    pub(crate) fn subscription_withdraw(customer: &str, change: &Subscription, by: &str) -> Self {
+        Self {
+            action: WITHDRAW_ACTION,
+            subject: format!("customer:{customer}"),
+            before: serde_json::to_value(change).ok(),
+            after: Some(serde_json::json!({ "withdrawn": true, "by": by })),
         }
     }
 

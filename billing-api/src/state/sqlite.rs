@@ -33,9 +33,11 @@ use super::{
     alert_from, api_key_from, app_from, audit_entry_from, by_customer, carried_ids,
     check_carried_moved, check_first_subscription, check_plan_usable, conflict_or, customer_from,
     customer_not_found, invoice_from, plan_from, published_plan_from, retire_refused, seats_from,
-    seats_value, segments_from, sync_status, Alert, AlertOutcome, App, AuditEntry, AuditRecord,
-    Customer, Invoice, NewAlert, OpenSubscription, PlanSegment, PublishedPlan, QuotaSettings,
-    StateError, StateResult, StateRow, StateStore, ALERT_COLUMNS, API_KEY_COLUMNS, INVOICE_COLUMNS,
+    seats_value, segments_from, subscription_from, sync_status, withdrawn_earlier, Alert,
+    AlertOutcome, App, AuditEntry, AuditRecord, Customer, Invoice, NewAlert, PlanSegment,
+    PublishedPlan, QuotaSettings, StateError, StateResult, StateRow, StateStore, Subscription,
+    SwitchOutcome, SwitchWrites, WithdrawWrites, ALERT_COLUMNS, API_KEY_COLUMNS, INVOICE_COLUMNS,
+    SUBSCRIPTION_COLUMNS, WITHDRAW_ACTION,
 };
 use crate::auth::ApiKey;
 use crate::catalog::PlanVersion;
@@ -304,6 +306,21 @@ impl SqliteState {
     }
 }
 
+/// The customer's plan history in order (inside the transaction that
+/// changes it).
+async fn history(tx: &mut Tx, customer: &str) -> StateResult<Vec<Subscription>> {
+    let sql = format!(
+        "SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE customer_id = ?1 ORDER BY starts_at"
+    );
+    sqlx::query(&sql)
+        .bind(customer)
+        .fetch_all(&mut **tx)
+        .await?
+        .iter()
+        .map(subscription_from)
+        .collect()
+}
+
 impl StateStore for SqliteState {
     fn migrate(&self) -> BoxFuture<'_, StateResult<()>> {
         Box::pin(self.do_migrate())
@@ -454,44 +471,116 @@ impl StateStore for SqliteState {
         version: u32,
         at: DateTime<Utc>,
         actor: &'a str,
-    ) -> BoxFuture<'a, StateResult<()>> {
+    ) -> BoxFuture<'a, StateResult<SwitchOutcome>> {
         Box::pin(async move {
             let mut tx = self.begin().await?;
-            let now = now_micros();
+            let now_us = now_micros();
             require_customer(&mut tx, customer).await?;
             require_plan(&mut tx, plan, version).await?;
-            let open = sqlx::query(
-                "SELECT id, plan, version, starts_at FROM subscriptions WHERE customer_id = ?1 AND ends_at IS NULL",
-            )
-            .bind(customer)
-            .fetch_optional(&mut *tx)
-            .await?
-            .map(|r| OpenSubscription::from_row(&r))
-            .transpose()?;
-            let open = OpenSubscription::to_switch(open, customer, at)?;
-            sqlx::query("UPDATE subscriptions SET ends_at = ?2 WHERE id = ?1")
-                .bind(open.id)
+            let rows = history(&mut tx, customer).await?;
+            let w = SwitchWrites::plan(rows, customer, plan, version, at)?;
+            if !w.changes() {
+                return Ok(w.outcome());
+            }
+            for old in &w.withdrawn {
+                sqlx::query("DELETE FROM subscriptions WHERE id = ?1")
+                    .bind(old.id)
+                    .execute(&mut *tx)
+                    .await?;
+                audit(
+                    &mut tx,
+                    actor,
+                    now_us,
+                    AuditRecord::subscription_withdraw(customer, old, "switch"),
+                )
+                .await?;
+            }
+            if w.cut_end != w.cut.end {
+                sqlx::query("UPDATE subscriptions SET ends_at = ?2 WHERE id = ?1")
+                    .bind(w.cut.id)
+                    .bind(w.cut_end.map(micros))
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            if w.insert {
+                sqlx::query(
+                    "INSERT INTO subscriptions (customer_id, plan, version, starts_at) VALUES (?1, ?2, ?3, ?4)",
+                )
+                .bind(customer)
+                .bind(plan)
+                .bind(version as i32)
                 .bind(micros(at))
                 .execute(&mut *tx)
                 .await?;
-            sqlx::query(
-                "INSERT INTO subscriptions (customer_id, plan, version, starts_at) VALUES (?1, ?2, ?3, ?4)",
-            )
-            .bind(customer)
-            .bind(plan)
-            .bind(version as i32)
-            .bind(micros(at))
-            .execute(&mut *tx)
-            .await?;
+                audit(
+                    &mut tx,
+                    actor,
+                    now_us,
+                    AuditRecord::subscription_switch(customer, &w.cut, plan, version, at),
+                )
+                .await?;
+            }
+            tx.commit().await?;
+            Ok(w.outcome())
+        })
+    }
+
+    fn subscriptions<'a>(
+        &'a self,
+        customer: &'a str,
+    ) -> BoxFuture<'a, StateResult<Vec<Subscription>>> {
+        Box::pin(async move {
+            // A read: one consistent snapshot, no write lock.
+            let mut tx = self.reader.begin().await?;
+            require_customer(&mut tx, customer).await?;
+            let rows = history(&mut tx, customer).await?;
+            tx.commit().await?;
+            Ok(rows)
+        })
+    }
+
+    fn withdraw_change<'a>(
+        &'a self,
+        customer: &'a str,
+        id: i64,
+        now: DateTime<Utc>,
+        actor: &'a str,
+    ) -> BoxFuture<'a, StateResult<Subscription>> {
+        Box::pin(async move {
+            let mut tx = self.begin().await?;
+            require_customer(&mut tx, customer).await?;
+            let rows = history(&mut tx, customer).await?;
+            let Some(w) = WithdrawWrites::plan(&rows, customer, id, now)? else {
+                let entries = sqlx::query(
+                    "SELECT id, at, actor, action, subject, before, after FROM audit_log WHERE subject = ?1 AND action = ?2 ORDER BY id",
+                )
+                .bind(format!("customer:{customer}"))
+                .bind(WITHDRAW_ACTION)
+                .fetch_all(&mut *tx)
+                .await?
+                .iter()
+                .map(audit_entry_from)
+                .collect::<StateResult<Vec<_>>>()?;
+                return withdrawn_earlier(&entries, customer, id);
+            };
+            sqlx::query("DELETE FROM subscriptions WHERE id = ?1")
+                .bind(w.withdrawn.id)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("UPDATE subscriptions SET ends_at = ?2 WHERE id = ?1")
+                .bind(w.previous.id)
+                .bind(w.withdrawn.end.map(micros))
+                .execute(&mut *tx)
+                .await?;
             audit(
                 &mut tx,
                 actor,
-                now,
-                AuditRecord::subscription_switch(customer, &open, plan, version, at),
+                now_micros(),
+                AuditRecord::subscription_withdraw(customer, &w.withdrawn, "withdrawal"),
             )
             .await?;
             tx.commit().await?;
-            Ok(())
+            Ok(w.withdrawn)
         })
     }
 
