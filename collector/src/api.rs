@@ -6,6 +6,7 @@
 //!   rejected; `errors` lists each rejected event's index, field and reason;
 //! - 400: malformed body, or no event valid; 401: missing or unknown key;
 //! - 413: body or batch too large; 415: unsupported content type;
+//! - 404 / 405: unknown path or method;
 //! - 503: neither Kafka nor the spool could take the events (nothing was
 //!   accepted; retry).
 //!
@@ -44,6 +45,21 @@ pub fn router(state: IngestState) -> Router {
         .route("/v1/events", post(ingest))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
+        // Unknown paths and methods get the error envelope too.
+        .fallback(|| async {
+            error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such endpoint; events go to POST /v1/events",
+            )
+        })
+        .method_not_allowed_fallback(|| async {
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this endpoint does not take that method (POST /v1/events, GET /metrics, GET /healthz)",
+            )
+        })
         // Bodies over the limit are never buffered; the handler turns the
         // rejection into our error envelope.
         .layer(DefaultBodyLimit::max(limit))
@@ -255,4 +271,119 @@ async fn ingest(
         Json(json!({"accepted": accepted, "rejected": rejected_idx.len(), "delivery": delivery.as_str(), "errors": results})),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sink::Delivery;
+    use futures::future::BoxFuture;
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct Kept(Mutex<Vec<Envelope>>);
+    impl EventSink for Kept {
+        fn send(&self, batch: Vec<Envelope>) -> BoxFuture<'_, anyhow::Result<Delivery>> {
+            self.0.lock().unwrap().extend(batch);
+            Box::pin(async { Ok(Delivery::Kafka) })
+        }
+    }
+
+    const KEY: &str = "test-ingest-key";
+
+    async fn serve() -> (String, Arc<Kept>) {
+        let sink = Arc::new(Kept::default());
+        let state = IngestState {
+            sink: sink.clone(),
+            meters: Arc::new(MeterCatalog::default_catalog()),
+            keys: Arc::new(KeySet::from_hex(&[hex::encode(crate::auth::hash_key(KEY))]).unwrap()),
+            metrics: Metrics::new(),
+            max_body_bytes: 1 << 20,
+            max_batch_events: 100,
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, router(state)).await });
+        (url, sink)
+    }
+
+    fn event(id: &str, count: &str) -> String {
+        let now = Utc::now().to_rfc3339();
+        format!(
+            r#"{{"specversion":"1.0","id":"{id}","source":"t","type":"tally.requests","subject":"cus_1","time":"{now}","data":{{"app":"web","count":{count}}}}}"#
+        )
+    }
+
+    async fn post(url: &str, body: String) -> (u16, serde_json::Value) {
+        let r = reqwest::Client::new()
+            .post(format!("{url}/v1/events"))
+            .bearer_auth(KEY)
+            .header("content-type", "application/cloudevents+json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn every_error_has_the_envelope() {
+        let (url, _) = serve().await;
+        let c = reqwest::Client::new();
+        for (req, status, code) in [
+            (c.get(format!("{url}/v1/nothing")), 404, "not_found"),
+            (c.get(format!("{url}/v1/events")), 405, "method_not_allowed"),
+            (
+                c.delete(format!("{url}/metrics")),
+                405,
+                "method_not_allowed",
+            ),
+            (c.get(format!("{url}/%FF%FE")), 404, "not_found"),
+            (
+                c.get(format!("{url}/{}", "a".repeat(20_000))),
+                404,
+                "not_found",
+            ),
+        ] {
+            let r = req.send().await.unwrap();
+            assert_eq!(r.status().as_u16(), status);
+            let v: serde_json::Value = r.json().await.unwrap();
+            assert_eq!(v["code"], code, "{v}");
+            assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()));
+        }
+    }
+
+    #[tokio::test]
+    async fn bodies_are_read_as_sent() {
+        let (url, sink) = serve().await;
+        // A duplicate key: the whole body is malformed, nothing accepted.
+        let dup =
+            event("d1", "1").replace(r#""subject":"cus_1""#, r#""subject":"m1","subject":"m2""#);
+        let (status, v) = post(&url, dup).await;
+        assert_eq!(
+            (status, v["code"].as_str()),
+            (400, Some("malformed_json")),
+            "{v}"
+        );
+        assert!(v["message"]
+            .as_str()
+            .unwrap()
+            .contains("duplicate key `subject`"));
+        // A number an f64 would round: refused naming the field.
+        let (status, v) = post(&url, event("n1", "9007199254740993.5")).await;
+        assert_eq!(status, 400, "{v}");
+        assert_eq!(v["errors"][0]["field"], "data.count");
+        assert_eq!(v["errors"][0]["code"], "inexact_number");
+        assert!(sink.0.lock().unwrap().is_empty());
+        // Accepted: stamped with the instant the window was judged at; the
+        // payload keeps the number's exact value.
+        let before = Utc::now();
+        let (status, v) = post(&url, event("ok", "9007199254740993")).await;
+        assert_eq!(status, 200, "{v}");
+        let kept = sink.0.lock().unwrap();
+        let raw: schemas::RawEvent = serde_json::from_slice(&kept[0].payload).unwrap();
+        let at = schemas::event::accepted_at(&raw).unwrap().expect("stamped");
+        assert!(at >= before - chrono::Duration::microseconds(1) && at <= Utc::now());
+        assert_eq!(raw["data"]["count"].to_string(), "9007199254740993");
+    }
 }
