@@ -36,12 +36,12 @@ impl Rounding {
 #[serde(deny_unknown_fields)]
 pub struct Tier {
     /// Upper bound in price units (inclusive); `None` for the last tier.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "field::up_to")]
     pub up_to: Option<Decimal>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "field::unit_price")]
     pub unit_price: Decimal,
     /// Charged once when the tier is reached.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "field::flat_price")]
     pub flat_price: Decimal,
 }
 
@@ -51,8 +51,9 @@ pub enum PriceModel {
     /// `quantity × unit_price`, or with `package_size`:
     /// `⌈quantity / package_size⌉ × unit_price`.
     PerUnit {
+        #[serde(deserialize_with = "field::unit_price")]
         unit_price: Decimal,
-        #[serde(default)]
+        #[serde(default, deserialize_with = "field::package_size")]
         package_size: Option<Decimal>,
     },
     /// Each tier's units at its own price, plus the flat price of every
@@ -61,6 +62,28 @@ pub enum PriceModel {
     /// All units at the price of the tier the total falls in, plus that
     /// tier's flat price.
     Volume { tiers: Vec<Tier> },
+}
+
+/// Exact decimal readers ([`crate::wire`]) that name their field: tiers and
+/// price models are read through `flatten`, where an error's path stops at
+/// the price.
+mod field {
+    use crate::wire::{decimal, named, opt_decimal};
+    use rust_decimal::Decimal;
+    use serde::Deserializer;
+
+    pub fn unit_price<'de, D: Deserializer<'de>>(d: D) -> Result<Decimal, D::Error> {
+        named::<D, _>("unit_price", decimal(d))
+    }
+    pub fn flat_price<'de, D: Deserializer<'de>>(d: D) -> Result<Decimal, D::Error> {
+        named::<D, _>("flat_price", decimal(d))
+    }
+    pub fn up_to<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Decimal>, D::Error> {
+        named::<D, _>("up_to", opt_decimal(d))
+    }
+    pub fn package_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Decimal>, D::Error> {
+        named::<D, _>("package_size", opt_decimal(d))
+    }
 }
 
 /// (Unknown keys are rejected by the flattened `PriceModel`, which receives
@@ -73,7 +96,7 @@ pub struct MeterPrice {
     #[serde(default)]
     pub filter: BTreeMap<String, String>,
     /// Base units of the meter per price unit (default 1).
-    #[serde(default = "one")]
+    #[serde(default = "one", deserialize_with = "crate::wire::decimal")]
     pub per: Decimal,
     /// Name of the price unit on invoices, e.g. `instance-hour`.
     #[serde(default)]
@@ -81,7 +104,7 @@ pub struct MeterPrice {
     /// Free price units per seat per period (team plans): the segment's
     /// allowance is `allowance_per_seat × Σ seats × interval / period`, taken
     /// off the quantity before the price model applies.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::wire::opt_decimal")]
     pub allowance_per_seat: Option<Decimal>,
     #[serde(flatten)]
     pub model: PriceModel,
@@ -104,13 +127,13 @@ pub struct PlanVersion {
     pub minor_units: u32,
     #[serde(default)]
     pub rounding: Rounding,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::wire::decimal")]
     pub flat_fee: Decimal,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::wire::decimal")]
     pub seat_fee: Decimal,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::wire::opt_decimal")]
     pub minimum: Option<Decimal>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::wire::opt_decimal")]
     pub maximum: Option<Decimal>,
     #[serde(default)]
     pub prices: Vec<MeterPrice>,
@@ -130,10 +153,10 @@ pub struct Limits {
     #[serde(default)]
     pub instance_types: Option<Vec<String>>,
     /// Size of one volume, in GB.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::wire::opt_decimal")]
     pub max_volume_gb: Option<Decimal>,
     /// Monthly spending cap when the customer has not set one.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::wire::opt_decimal")]
     pub default_spending_cap: Option<Decimal>,
 }
 
@@ -152,6 +175,47 @@ impl Limits {
 
 fn two() -> u32 {
     2
+}
+
+/// Decimal places any price may carry: unit prices (per unit, package and
+/// tier prices), tier flat prices, the flat and seat fees, the minimum and
+/// the maximum. A finer unit price is the same price stated `per` more base
+/// units.
+pub const PRICE_DP: u32 = 12;
+
+/// Refuses a negative price (`-0` included: it is not how zero is written)
+/// and one with more than [`PRICE_DP`] decimal places. `per` is given for
+/// unit prices, which a larger `per` restates with fewer places.
+fn check_amount(
+    err: &mut impl FnMut(String, &'static str, String),
+    field: String,
+    v: Decimal,
+    per: Option<Decimal>,
+) {
+    if v.is_sign_negative() {
+        err(
+            field.clone(),
+            "negative_price",
+            format!("{field} must not be negative (got {v}; zero is written \"0\")"),
+        );
+    }
+    if v.scale() > PRICE_DP {
+        let mut message = format!(
+            "{field} has {} decimal places; prices carry at most {PRICE_DP}",
+            v.scale()
+        );
+        if let Some(per) = per {
+            // Restated per 10^k times more base units, the same price has k
+            // fewer places (per means base units per price unit).
+            let k = Decimal::from(10u64.pow((v.scale() - PRICE_DP).min(16)));
+            let (price, per) = ((v * k).normalize(), (per * k).normalize());
+            message.push_str(&format!(
+                ": state it per more base units with `per` (base units per price unit), \
+                 e.g. \"unit_price\": \"{price}\" with \"per\": \"{per}\" is the same price"
+            ));
+        }
+        err(field, "too_precise", message);
+    }
 }
 
 /// One problem in a catalog, naming the field.
@@ -235,12 +299,8 @@ impl PlanVersion {
             ("minimum", self.minimum),
             ("maximum", self.maximum),
         ] {
-            if v.is_some_and(|v| v.is_sign_negative() && !v.is_zero()) {
-                err(
-                    name.into(),
-                    "negative_price",
-                    format!("{name} must not be negative"),
-                );
+            if let Some(v) = v {
+                check_amount(&mut err, name.into(), v, None);
             }
         }
         if let (Some(min), Some(max)) = (self.minimum, self.maximum) {
@@ -261,9 +321,7 @@ impl PlanVersion {
                     format!("no meter {:?} in the meter catalog", p.meter),
                 );
             }
-            if p.allowance_per_seat
-                .is_some_and(|a| a.is_sign_negative() && !a.is_zero())
-            {
+            if p.allowance_per_seat.is_some_and(|a| a.is_sign_negative()) {
                 err(
                     format!("{at}.allowance_per_seat"),
                     "invalid_value",
@@ -277,26 +335,13 @@ impl PlanVersion {
                     "per must be positive".into(),
                 );
             }
-            let check_price = |v: Decimal| v.is_sign_negative() && !v.is_zero();
             match &p.model {
                 PriceModel::PerUnit {
                     unit_price,
                     package_size,
                 } => {
-                    if check_price(*unit_price) {
-                        err(
-                            format!("{at}.unit_price"),
-                            "negative_price",
-                            "unit_price must not be negative".into(),
-                        );
-                    }
-                    if unit_price.scale() > 12 {
-                        err(
-                            format!("{at}.unit_price"),
-                            "invalid_value",
-                            "unit prices carry at most 12 decimal places".into(),
-                        );
-                    }
+                    let field = format!("{at}.unit_price");
+                    check_amount(&mut err, field, *unit_price, Some(p.per));
                     if package_size.is_some_and(|s| s <= Decimal::ZERO) {
                         err(
                             format!("{at}.package_size"),
@@ -316,13 +361,13 @@ impl PlanVersion {
                     let mut prev = Decimal::ZERO;
                     for (j, t) in tiers.iter().enumerate() {
                         let tf = format!("{at}.tiers[{j}]");
-                        if check_price(t.unit_price) || check_price(t.flat_price) {
-                            err(
-                                tf.clone(),
-                                "negative_price",
-                                "tier prices must not be negative".into(),
-                            );
-                        }
+                        check_amount(
+                            &mut err,
+                            format!("{tf}.unit_price"),
+                            t.unit_price,
+                            Some(p.per),
+                        );
+                        check_amount(&mut err, format!("{tf}.flat_price"), t.flat_price, None);
                         match t.up_to {
                             Some(u) if u <= prev => err(
                                 format!("{tf}.up_to"),
@@ -364,7 +409,17 @@ pub struct Catalog {
 impl Catalog {
     /// The default catalog a PaaS can start from (`billing-api/catalog.json`).
     pub fn default_catalog() -> Self {
-        serde_json::from_str(include_str!("../catalog.json")).expect("built-in catalog.json parses")
+        Self::from_json(include_str!("../catalog.json")).expect("built-in catalog.json parses")
+    }
+
+    /// Reads a catalog file; an error names the field (`plans[0].flat_fee`).
+    /// Every decimal is a string, read exactly; a JSON number is refused.
+    pub fn from_json(text: &str) -> Result<Self, String> {
+        let de = &mut serde_json::Deserializer::from_str(text);
+        serde_path_to_error::deserialize(de).map_err(|e| match e.path().to_string() {
+            p if p == "." => e.inner().to_string(),
+            p => format!("{p}: {}", e.inner()),
+        })
     }
 
     /// Validates every plan and that (plan, version) pairs are unique.
@@ -427,11 +482,159 @@ mod tests {
             ("flat_fee", "negative_price"),
             ("prices[0].meter", "unknown_meter"),
             ("prices[1].tiers[1].up_to", "invalid_tiers"),
-            ("prices[1].tiers[2]", "negative_price"),
+            ("prices[1].tiers[2].unit_price", "negative_price"),
             ("prices[2].tiers[0].up_to", "invalid_tiers"),
             ("prices[2].tiers", "invalid_tiers"),
         ] {
             assert!(got.contains(&want), "missing {want:?} in {got:?}");
         }
+    }
+
+    fn problems(v: serde_json::Value) -> Vec<(String, &'static str, String)> {
+        match plan(v).validate(&MeterCatalog::default_catalog()) {
+            Ok(()) => vec![],
+            Err(errs) => errs
+                .into_iter()
+                .map(|e| (e.field, e.code, e.message))
+                .collect(),
+        }
+    }
+
+    /// Issue 11, item 7: the 12-place limit held for per-unit prices only.
+    #[test]
+    fn every_price_carries_at_most_12_decimal_places() {
+        let p13 = "0.0000000000001";
+        let got = problems(json!({"plan":"p","version":1,"name":"P","currency":"USD",
+        "flat_fee": p13, "seat_fee": p13, "minimum": p13, "maximum": p13,
+        "prices":[
+            {"meter":"requests","model":"graduated","tiers":[
+                {"up_to":"10","unit_price":"0.00000000000004","flat_price":p13},{"unit_price":p13}]},
+            {"meter":"egress","model":"volume","tiers":[{"unit_price":p13}]},
+            {"meter":"disk","model":"per_unit","unit_price":p13,"package_size":"10"},
+            {"meter":"compute","per":"3600","model":"per_unit","unit_price":p13}
+        ]}));
+        let fields: Vec<&str> = got
+            .iter()
+            .filter(|g| g.1 == "too_precise")
+            .map(|g| g.0.as_str())
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                "flat_fee",
+                "seat_fee",
+                "minimum",
+                "maximum",
+                "prices[0].tiers[0].unit_price",
+                "prices[0].tiers[0].flat_price",
+                "prices[0].tiers[1].unit_price",
+                "prices[1].tiers[0].unit_price",
+                "prices[2].unit_price",
+                "prices[3].unit_price",
+            ],
+            "{got:?}"
+        );
+        // Unit prices: the message says `per` restates the price, with the
+        // restated figures; fees and flat prices have no `per`.
+        let msg = |f: &str| got.iter().find(|g| g.0 == f).unwrap().2.clone();
+        let m = msg("prices[0].tiers[0].unit_price");
+        assert!(m.contains("`per`"), "{m}");
+        assert!(
+            m.contains(r#""unit_price": "0.000000000004" with "per": "100""#),
+            "{m}"
+        );
+        let m = msg("prices[3].unit_price");
+        assert!(
+            m.contains(r#""unit_price": "0.000000000001" with "per": "36000""#),
+            "{m}"
+        );
+        assert!(!msg("flat_fee").contains("per"), "{}", msg("flat_fee"));
+        // 12 places everywhere is fine.
+        let p12 = "0.000000000001";
+        assert_eq!(
+            problems(json!({"plan":"p","version":1,"name":"P","currency":"USD",
+                "flat_fee": p12, "minimum": p12, "maximum": "1",
+                "prices":[{"meter":"requests","model":"graduated","tiers":[{"up_to":"1","unit_price":p12,"flat_price":p12},{"unit_price":p12}]}]})),
+            vec![]
+        );
+    }
+
+    #[test]
+    fn negative_zero_prices_are_refused() {
+        // `Decimal` drops the sign of "-0", so the reader refuses the text.
+        for (body, field) in [
+            (
+                r#"{"plans":[{"plan":"p","version":1,"name":"P","currency":"USD","flat_fee":"-0"}]}"#,
+                "plans[0].flat_fee",
+            ),
+            (
+                r#"{"plans":[{"plan":"p","version":1,"name":"P","currency":"USD","limits":{"default_spending_cap":"-0.00"}}]}"#,
+                "plans[0].limits.default_spending_cap",
+            ),
+            (
+                r#"{"plans":[{"plan":"p","version":1,"name":"P","currency":"USD","prices":[{"meter":"requests","model":"graduated","tiers":[{"unit_price":"-0"}]}]}]}"#,
+                "plans[0].prices[0]: unit_price",
+            ),
+        ] {
+            let e = Catalog::from_json(body).unwrap_err();
+            assert!(
+                e.starts_with(field) && e.contains("negative zero"),
+                "{field}: {e}"
+            );
+        }
+    }
+
+    /// Issue 11, item 2: a JSON number in a catalog went through an f64
+    /// (`0.1000000000000000055` became 0.1). Every decimal in a catalog is a
+    /// string; numbers are refused, naming the field.
+    #[test]
+    fn catalog_numbers_are_refused_and_strings_read_exactly() {
+        let with = |price: &str| {
+            format!(
+                r#"{{"plans":[{{"plan":"p","version":1,"name":"P","currency":"USD","prices":[
+                {{"meter":"requests","model":"graduated","tiers":[{{"unit_price":{price}}}]}}]}}]}}"#
+            )
+        };
+        let c = Catalog::from_json(&with(r#""0.1000000000000000055""#)).unwrap();
+        let PriceModel::Graduated { tiers } = &c.plans[0].prices[0].model else {
+            panic!()
+        };
+        assert_eq!(tiers[0].unit_price.to_string(), "0.1000000000000000055");
+        for number in ["0.1000000000000000055", "1", "2.5e-7"] {
+            let e = Catalog::from_json(&with(number)).unwrap_err();
+            // The path stops at the price (tiers are read through
+            // `flatten`); the message names the field.
+            assert!(
+                e.starts_with("plans[0].prices[0]: unit_price: ")
+                    && e.contains("decimal string is required"),
+                "{number}: {e}"
+            );
+        }
+        for (field, body) in [
+            (
+                "plans[0].flat_fee",
+                r#"{"plans":[{"plan":"p","version":1,"name":"P","currency":"USD","flat_fee":299}]}"#,
+            ),
+            (
+                "plans[0].prices[0].per",
+                r#"{"plans":[{"plan":"p","version":1,"name":"P","currency":"USD","prices":[{"meter":"requests","per":1000000,"model":"per_unit","unit_price":"0.4"}]}]}"#,
+            ),
+            (
+                "plans[0].prices[0]: unit_price",
+                r#"{"plans":[{"plan":"p","version":1,"name":"P","currency":"USD","prices":[{"meter":"requests","model":"per_unit","unit_price":0.4}]}]}"#,
+            ),
+            (
+                "plans[0].limits.default_spending_cap",
+                r#"{"plans":[{"plan":"p","version":1,"name":"P","currency":"USD","limits":{"default_spending_cap":10}}]}"#,
+            ),
+        ] {
+            let e = Catalog::from_json(body).unwrap_err();
+            assert!(
+                e.contains(field) && e.contains("decimal string"),
+                "{field}: {e}"
+            );
+        }
+        // The default catalog is all strings.
+        Catalog::from_json(include_str!("../catalog.json")).unwrap();
     }
 }

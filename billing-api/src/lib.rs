@@ -20,3 +20,4 @@ pub mod state;
 pub mod stripe_sync;
 pub mod usage;
 pub mod webhook;
+pub mod wire;

@@ -52,7 +52,7 @@ impl BillingOptions {
 
     pub fn catalog(&self) -> anyhow::Result<Catalog> {
         match &self.catalog_file {
-            Some(p) => serde_json::from_str::<Catalog>(&std::fs::read_to_string(p)?)
+            Some(p) => Catalog::from_json(&std::fs::read_to_string(p)?)
                 .map_err(|e| anyhow::anyhow!("--catalog-file {}: {e}", p.display())),
             None => Ok(Catalog::default_catalog()),
         }

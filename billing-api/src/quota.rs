@@ -56,6 +56,7 @@ pub enum Ask {
     GrowVolume {
         app: String,
         volume_id: String,
+        #[serde(deserialize_with = "crate::wire::decimal")]
         size_gb: Decimal,
     },
 }
