@@ -25,7 +25,7 @@
 use crate::dedup::{fingerprint, month_start, DedupSet};
 use crate::metrics::Metrics;
 use crate::rollup::{hour_of, RollupKey, RollupValue};
-use crate::store::{RawRow, UsageWriter};
+use crate::store::{to_stored_precision, RawRow, UsageWriter};
 use chrono::{DateTime, TimeZone, Utc};
 use futures::future::BoxFuture;
 use rdkafka::config::ClientConfig;
@@ -332,7 +332,7 @@ impl<W: UsageWriter> Processor<W> {
                 rows.push(RawRow {
                     customer: ev.customer.clone(),
                     meter: r.meter.clone(),
-                    time: Utc.timestamp_opt(ev.time.timestamp(), 0).unwrap(),
+                    time: to_stored_precision(ev.time),
                     app: r.app.clone(),
                     dims: r.dims_json(),
                     quantity: r.quantity,

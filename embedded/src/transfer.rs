@@ -55,6 +55,9 @@ struct UsageLine {
     customer: String,
     meter: String,
     time: i64,
+    /// Microseconds within `time` (0 in dumps written before they were kept).
+    #[serde(default)]
+    time_us: u32,
     app: String,
     dims: String,
     quantity: Decimal,
@@ -167,6 +170,7 @@ pub async fn export(data: &Path, out: &Path) -> anyhow::Result<Manifest> {
                     customer: r.customer,
                     meter: r.meter,
                     time: r.time.timestamp(),
+                    time_us: r.time.timestamp_subsec_micros(),
                     app: r.app,
                     dims: r.dims,
                     quantity: r.quantity,
@@ -412,7 +416,7 @@ pub async fn import(
             .map(|l| RawRow {
                 customer: l.customer.clone(),
                 meter: l.meter.clone(),
-                time: Utc.timestamp_opt(l.time, 0).single().unwrap_or_default(),
+                time: aggregator::store::from_stored_time(l.time, l.time_us),
                 app: l.app.clone(),
                 dims: l.dims.clone(),
                 quantity: l.quantity,

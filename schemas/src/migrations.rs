@@ -28,7 +28,20 @@ pub const CLICKHOUSE: &[Migration] = &[
         name: "usage_rollups_hourly",
         sql: include_str!("../migrations/clickhouse/0002_usage_rollups_hourly.sql"),
     },
+    Migration {
+        version: 3,
+        name: "usage_events_time_us",
+        sql: include_str!("../migrations/clickhouse/0003_usage_events_time_us.sql"),
+    },
 ];
+
+/// Whether a ClickHouse migration that failed with `error` had in fact
+/// been applied: ClickHouse 18.16 has no `ADD COLUMN IF NOT EXISTS`, so an
+/// `ADD COLUMN` migration interrupted between its DDL and its record is
+/// recognised by the column being there already.
+pub fn clickhouse_already_applied(m: &Migration, error: &str) -> bool {
+    m.sql.contains("ADD COLUMN") && error.contains("already exists")
+}
 
 /// SQLite migrations of the embedded mode's usage store, in order (each
 /// file may hold several statements, applied in one transaction).
@@ -42,6 +55,11 @@ pub const SQLITE_USAGE: &[Migration] = &[
         version: 2,
         name: "dead_letters",
         sql: include_str!("../migrations/sqlite/0002_dead_letters.sql"),
+    },
+    Migration {
+        version: 3,
+        name: "usage_events_time_us",
+        sql: include_str!("../migrations/sqlite/0003_usage_events_time_us.sql"),
     },
 ];
 
@@ -99,7 +117,8 @@ mod tests {
             for (i, m) in list.iter().enumerate() {
                 assert_eq!(m.version as usize, i + 1);
                 assert!(
-                    m.sql.contains("IF NOT EXISTS"),
+                    m.sql.contains("IF NOT EXISTS")
+                        || (dir == "migrations/clickhouse" && m.sql.contains("ADD COLUMN")),
                     "migration {} must be idempotent",
                     m.name
                 );

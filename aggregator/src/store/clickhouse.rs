@@ -21,8 +21,8 @@
 //! The SQL stays within what ClickHouse 18.16 accepts.
 
 use super::{
-    group_cells, split_hours, Cell, Partial, PartitionState, RawRow, UsageQuery, UsageRow,
-    UsageStore, UsageWriter,
+    group_cells, split_hours, time_range_sql, Cell, Partial, PartitionState, RawRow, UsageQuery,
+    UsageRow, UsageStore, UsageWriter,
 };
 use crate::pipeline::rollup_version;
 use crate::rollup::{RollupKey, RollupValue};
@@ -83,6 +83,7 @@ struct RawCh {
     customer: String,
     meter: String,
     time: u32,
+    time_us: u32,
     app: String,
     dims: String,
     quantity: i128,
@@ -216,7 +217,11 @@ impl ClickHouseStore {
             if applied.contains(&m.version) {
                 continue;
             }
-            self.exec(m.sql).await?;
+            if let Err(e) = self.exec(m.sql).await {
+                if !schemas::migrations::clickhouse_already_applied(m, &format!("{e:#}")) {
+                    return Err(e);
+                }
+            }
             self.exec(&format!(
                 "INSERT INTO schema_migrations (version, name, applied_at) VALUES ({}, {}, now())",
                 m.version,
@@ -343,7 +348,7 @@ impl ClickHouseStore {
             let list: Vec<String> = ms.iter().map(|m| quote(&m.key)).collect();
             format!("meter IN ({})", list.join(", "))
         };
-        let raw_sql = |ms: &[&MeterDef], from: i64, to: i64, distinct: bool| {
+        let raw_sql = |ms: &[&MeterDef], from: DateTime<Utc>, to: DateTime<Utc>, distinct: bool| {
             let uniques = if distinct {
                 "groupUniqArray(unique_value)"
             } else {
@@ -352,21 +357,17 @@ impl ClickHouseStore {
             format!(
                 "SELECT customer, meter, {b} AS bucket, app, dims, count(), sum(quantity), max(quantity), toUInt32(max(time)), \
                  argMax(quantity, tuple(time, quantity)), {uniques} FROM usage_events \
-                 WHERE {who} AND {m} AND time >= toDateTime({from}) AND time < toDateTime({to}) GROUP BY customer, meter, bucket, app, dims",
+                 WHERE {who} AND {m} AND {range} GROUP BY customer, meter, bucket, app, dims",
                 b = Self::bucket_sql("time", q),
                 m = meter_in(ms),
+                range = time_range_sql(from, to),
             )
         };
         let mut sqls = Vec::new();
         for m in &uniques {
             // Distinct counts do not roll up: answer from raw rows.
             let distinct = m.aggregation == Aggregation::UniqueCount;
-            sqls.push(raw_sql(
-                &[m],
-                q.from.timestamp(),
-                q.to.timestamp(),
-                distinct,
-            ));
+            sqls.push(raw_sql(&[m], q.from, q.to, distinct));
         }
         if !rolled.is_empty() {
             let (full, edges) = split_hours(q.from, q.to);
@@ -494,6 +495,7 @@ impl UsageWriter for ClickHouseStore {
                     customer: r.customer,
                     meter: r.meter,
                     time: r.time.timestamp() as u32,
+                    time_us: r.time.timestamp_subsec_micros(),
                     app: r.app,
                     dims: r.dims,
                     quantity: to_ch(r.quantity),

@@ -32,6 +32,7 @@ pub const IMPORTED_PARTITION: u32 = 1_000_000;
 pub struct RawRow {
     pub customer: String,
     pub meter: String,
+    /// The event time, at microsecond precision (see [`stored_time`]).
     pub time: DateTime<Utc>,
     pub app: String,
     pub dims: String,
@@ -310,27 +311,61 @@ pub fn answer_all(
 /// A half-open range of unix seconds.
 pub type SecondsRange = (i64, i64);
 
-/// Splits `[from, to)` into whole hours (served by rollups) and the partial
-/// hours at its edges (served by raw rows).
+/// An event time as the stores keep it: whole unix seconds (the `time`
+/// column, which rollups and buckets use) and the microseconds within that
+/// second (`time_us`), so that usage belongs to a plan segment by its exact
+/// time even when a boundary has a sub-second part (a real `now` switch).
+/// Microseconds are the precision billing state stores instants at.
+pub fn stored_time(t: DateTime<Utc>) -> (i64, u32) {
+    (t.timestamp(), t.timestamp_subsec_micros())
+}
+
+/// The instant back from its stored parts.
+pub fn from_stored_time(secs: i64, micros: u32) -> DateTime<Utc> {
+    DateTime::from_timestamp(secs, micros * 1000).unwrap_or_default()
+}
+
+/// An instant truncated to the stored precision (microseconds).
+pub fn to_stored_precision(t: DateTime<Utc>) -> DateTime<Utc> {
+    let (s, us) = stored_time(t);
+    from_stored_time(s, us)
+}
+
+/// The SQL condition `from <= (time, time_us) < to` over the stored parts,
+/// at microsecond precision, in the subset ClickHouse 18.16 and SQLite share.
+pub fn time_range_sql(from: DateTime<Utc>, to: DateTime<Utc>) -> String {
+    let ((fs, fu), (ts, tu)) = (stored_time(from), stored_time(to));
+    format!(
+        "(time > {fs} OR (time = {fs} AND time_us >= {fu})) AND (time < {ts} OR (time = {ts} AND time_us < {tu}))"
+    )
+}
+
+/// Splits `[from, to)` into whole hours (served by rollups, as seconds) and
+/// the partial hours at its edges (served by raw rows, as exact instants).
+/// An hour is whole only if the range covers all of it: a `from` of
+/// 12:00:00.0016 leaves 12:00 to 13:00 to the raw rows.
 pub fn split_hours(
     from: DateTime<Utc>,
     to: DateTime<Utc>,
-) -> (Option<SecondsRange>, Vec<SecondsRange>) {
-    let (f, t) = (from.timestamp(), to.timestamp());
-    if f >= t {
+) -> (Option<SecondsRange>, Vec<(DateTime<Utc>, DateTime<Utc>)>) {
+    let (from, to) = (to_stored_precision(from), to_stored_precision(to));
+    if from >= to {
         return (None, vec![]);
     }
+    let f = from.timestamp() + i64::from(from.timestamp_subsec_micros() > 0);
+    let t = to.timestamp();
     let first_full = f + (3600 - f.rem_euclid(3600)) % 3600;
     let last_full = t - t.rem_euclid(3600);
     if first_full >= last_full {
-        return (None, vec![(f, t)]);
+        return (None, vec![(from, to)]);
     }
+    let at = |s: i64| from_stored_time(s, 0);
     let mut edges = Vec::new();
-    if f < first_full {
-        edges.push((f, first_full));
+    if from < at(first_full) {
+        edges.push((from, at(first_full)));
     }
-    if last_full < t {
-        edges.push((last_full, t));
+    if at(last_full) < to {
+        edges.push((at(last_full), to));
     }
     (Some((first_full, last_full)), edges)
 }
@@ -346,13 +381,36 @@ mod tests {
         assert_eq!(split_hours(d(h(1)), d(h(3))), (Some((h(1), h(3))), vec![]));
         assert_eq!(
             split_hours(d(h(1) + 5), d(h(3) + 7)),
-            (Some((h(2), h(3))), vec![(h(1) + 5, h(2)), (h(3), h(3) + 7)])
+            (
+                Some((h(2), h(3))),
+                vec![(d(h(1) + 5), d(h(2))), (d(h(3)), d(h(3) + 7))]
+            )
         );
         assert_eq!(
             split_hours(d(h(1) + 5), d(h(1) + 9)),
-            (None, vec![(h(1) + 5, h(1) + 9)])
+            (None, vec![(d(h(1) + 5), d(h(1) + 9))])
         );
         assert_eq!(split_hours(d(h(2)), d(h(1))), (None, vec![]));
+        // A sub-second bound leaves its hour to the raw rows.
+        let us = |s: i64, micros: u32| from_stored_time(s, micros);
+        assert_eq!(
+            split_hours(us(h(1), 1600), d(h(3))),
+            (Some((h(2), h(3))), vec![(us(h(1), 1600), d(h(2)))])
+        );
+        assert_eq!(
+            split_hours(d(h(1)), us(h(3), 1600)),
+            (Some((h(1), h(3))), vec![(d(h(3)), us(h(3), 1600))])
+        );
+        // Nanoseconds beyond the stored precision are dropped.
+        let ns = DateTime::from_timestamp(h(1), 1_600_999).unwrap();
+        assert_eq!(
+            split_hours(ns, d(h(1) + 1)).1,
+            vec![(us(h(1), 1600), d(h(1) + 1))]
+        );
+        assert_eq!(
+            time_range_sql(us(10, 5), us(20, 0)),
+            "(time > 10 OR (time = 10 AND time_us >= 5)) AND (time < 20 OR (time = 20 AND time_us < 0))"
+        );
     }
 
     #[test]

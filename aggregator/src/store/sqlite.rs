@@ -12,8 +12,8 @@
 //! and aggregated in Rust (SQLite's numbers are floating point).
 
 use super::{
-    group_cells, split_hours, Cell, Partial, PartitionState, PerCustomer, RawRow, UsageQuery,
-    UsageRow, UsageStore, UsageWriter,
+    from_stored_time, group_cells, split_hours, stored_time, Cell, Partial, PartitionState,
+    PerCustomer, RawRow, UsageQuery, UsageRow, UsageStore, UsageWriter,
 };
 use crate::pipeline::{rollup_version, DeadLetter, DeadLetterSink};
 use crate::rollup::{RollupKey, RollupValue};
@@ -71,13 +71,14 @@ type Tx<'a> = sqlx::Transaction<'a, sqlx::Sqlite>;
 async fn insert_raw(tx: &mut Tx<'_>, rows: &[RawRow]) -> anyhow::Result<()> {
     for chunk in rows.chunks(ROWS_PER_INSERT) {
         let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-            "INSERT INTO usage_events (customer, meter, time, app, dims, quantity, unique_value, source, id, \
+            "INSERT INTO usage_events (customer, meter, time, time_us, app, dims, quantity, unique_value, source, id, \
              event_type, kafka_partition, kafka_offset) ",
         );
         q.push_values(chunk, |mut b, r| {
             b.push_bind(&r.customer)
                 .push_bind(&r.meter)
                 .push_bind(r.time.timestamp())
+                .push_bind(r.time.timestamp_subsec_micros() as i64)
                 .push_bind(&r.app)
                 .push_bind(&r.dims)
                 .push_bind(r.quantity.to_string())
@@ -178,7 +179,7 @@ impl SqliteStore {
     /// a page of an export.
     pub async fn raw_page(&self, after: i64, limit: u32) -> anyhow::Result<Vec<(i64, RawRow)>> {
         let rows = sqlx::query(
-            "SELECT rowid, customer, meter, time, app, dims, quantity, unique_value, source, id, event_type, \
+            "SELECT rowid, customer, meter, time, time_us, app, dims, quantity, unique_value, source, id, event_type, \
              kafka_partition, kafka_offset FROM usage_events WHERE rowid > ? ORDER BY rowid LIMIT ?",
         )
         .bind(after)
@@ -192,7 +193,7 @@ impl SqliteStore {
                     RawRow {
                         customer: r.get("customer"),
                         meter: r.get("meter"),
-                        time: ts(r.get("time")),
+                        time: from_stored_time(r.get("time"), r.get::<i64, _>("time_us") as u32),
                         app: r.get("app"),
                         dims: r.get("dims"),
                         quantity: dec(r.get("quantity"))?,
@@ -262,28 +263,33 @@ impl SqliteStore {
         Ok(())
     }
 
-    /// Every raw row of `meters` in `[from, to)` as a cell of its own.
+    /// Every raw row of `meters` in `[from, to)` (exact instants, compared
+    /// at microsecond precision) as a cell of its own.
     async fn raw_cells(
         &self,
         meters: &[&MeterDef],
         scope: Scope<'_>,
-        (from, to): (i64, i64),
+        (from, to): (DateTime<Utc>, DateTime<Utc>),
         distinct: bool,
         out: &mut Vec<(String, String, Cell)>,
     ) -> anyhow::Result<()> {
+        let ((fs, fu), (ts_, tu)) = (stored_time(from), stored_time(to));
         for m in meters {
             let sql = format!(
                 "SELECT customer, meter, time, app, dims, quantity, unique_value FROM usage_events \
-                 WHERE {} AND meter = ?2 AND time >= ?3 AND time < ?5",
+                 WHERE {} AND meter = ?2 AND (time > ?3 OR (time = ?3 AND time_us >= ?6)) \
+                 AND (time < ?5 OR (time = ?5 AND time_us < ?7))",
                 scope.sql()
             );
             let (lo, hi) = scope.bounds();
             let rows = sqlx::query(&sql)
                 .bind(lo)
                 .bind(&m.key)
-                .bind(from)
+                .bind(fs)
                 .bind(hi)
-                .bind(to)
+                .bind(ts_)
+                .bind(fu as i64)
+                .bind(tu as i64)
                 .fetch_all(&self.pool)
                 .await?;
             for r in rows {
@@ -327,7 +333,7 @@ impl SqliteStore {
         let (raw, rolled): (Vec<&MeterDef>, Vec<&MeterDef>) = meters
             .iter()
             .partition(|m| m.aggregation == Aggregation::UniqueCount || q.raw);
-        let range = (q.from.timestamp(), q.to.timestamp());
+        let range = (q.from, q.to);
         for m in &raw {
             let distinct = m.aggregation == Aggregation::UniqueCount;
             self.raw_cells(&[m], scope, range, distinct, &mut cells)
