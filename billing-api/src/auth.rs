@@ -198,15 +198,22 @@ pub fn mint_session(secret: &[u8], customer: &str, expiry: i64) -> String {
 }
 
 /// The customer of a valid, unexpired session token.
+///
+/// Exactly one encoding is accepted: the token must equal, byte for byte
+/// (compared in constant time), the one `mint_session` gives for its
+/// customer and expiry, so an upper-cased MAC or an expiry written
+/// `+123`/`0123` is refused. A token whose expiry lies more than
+/// `MAX_SESSION_SECS` after `now` is refused too: the 24-hour limit holds
+/// when a session is presented, not only when it is minted.
 pub fn verify_session(secret: &[u8], token: &str, now: i64) -> Option<String> {
     let rest = token.strip_prefix("ts1.")?;
-    let (rest, mac) = rest.rsplit_once('.')?;
+    let (rest, _mac) = rest.rsplit_once('.')?;
     let (customer, expiry) = rest.rsplit_once('.')?;
     let expiry: i64 = expiry.parse().ok()?;
-    let mac = hex::decode(mac).ok()?;
-    let want = session_mac(secret, customer, expiry);
-    let ok: bool = mac.as_slice().ct_eq(want.as_slice()).into();
-    (ok && now < expiry).then(|| customer.to_owned())
+    let want = mint_session(secret, customer, expiry);
+    let ok: bool = token.as_bytes().ct_eq(want.as_bytes()).into();
+    let fresh = now < expiry && expiry.saturating_sub(now) <= MAX_SESSION_SECS;
+    (ok && fresh).then(|| customer.to_owned())
 }
 
 /// Everything that authenticates callers.
@@ -287,6 +294,41 @@ impl Authenticator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn session_accepts_only_the_minted_encoding() {
+        let t = mint_session(b"k", "cus_a", 1000);
+        assert_eq!(verify_session(b"k", &t, 0), Some("cus_a".into()));
+        let (head, mac) = t.rsplit_once('.').unwrap();
+        let upper = format!("{head}.{}", mac.to_uppercase());
+        assert_ne!(upper, t);
+        assert_eq!(verify_session(b"k", &upper, 0), None, "upper-case MAC");
+        let mixed = format!("{head}.{}{}", &mac[..1].to_uppercase(), &mac[1..]);
+        if mixed != t {
+            assert_eq!(verify_session(b"k", &mixed, 0), None, "mixed-case MAC");
+        }
+        for expiry in ["+1000", "01000"] {
+            let odd = format!("ts1.cus_a.{expiry}.{mac}");
+            assert_eq!(verify_session(b"k", &odd, 0), None, "{odd}");
+        }
+        assert_eq!(verify_session(b"k", &format!("{t} "), 0), None);
+        assert_eq!(verify_session(b"k2", &t, 0), None, "other secret");
+        assert_eq!(verify_session(b"k", &t, 1000), None, "expired");
+    }
+
+    #[test]
+    fn session_longer_than_24_hours_refused_when_presented() {
+        let now = 1_700_000_000;
+        let ok = mint_session(b"k", "cus_a", now + MAX_SESSION_SECS);
+        assert_eq!(verify_session(b"k", &ok, now), Some("cus_a".into()));
+        let long = mint_session(b"k", "cus_a", now + MAX_SESSION_SECS + 1);
+        assert_eq!(verify_session(b"k", &long, now), None);
+        // The token carries no issue time: once its expiry is within 24 h
+        // of now it is a session minting could have given.
+        assert_eq!(verify_session(b"k", &long, now + 1), Some("cus_a".into()));
+        let years = mint_session(b"k", "cus_a", i64::MAX);
+        assert_eq!(verify_session(b"k", &years, now), None);
+    }
 
     #[test]
     fn keys_and_sessions() {
