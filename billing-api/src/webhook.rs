@@ -59,6 +59,10 @@ pub fn verify(
             .ok_or(SignatureError::Malformed)?;
         match k {
             "t" => t = Some(v.parse::<i64>().map_err(|_| SignatureError::Malformed)?),
+            // One encoding only: lowercase hex, as Stripe writes it.
+            "v1" if v.bytes().any(|b| b.is_ascii_uppercase()) => {
+                return Err(SignatureError::Malformed)
+            }
             "v1" => sigs.push(hex::decode(v).map_err(|_| SignatureError::Malformed)?),
             _ => {} // other schemes (v0) are ignored, as Stripe's libraries do
         }
@@ -132,5 +136,17 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn refuses_upper_case_signature_hex() {
+        let (s, p, now) = ("whsec_test", r#"{"type":"invoice.paid"}"#, 1_800_000_000);
+        let ok = sign(s, p, now - 10);
+        let (head, sig) = ok.split_once(",v1=").unwrap();
+        let upper = format!("{head},v1={}", sig.to_uppercase());
+        assert_eq!(
+            verify(s, p.as_bytes(), Some(&upper), now, 300),
+            Err(SignatureError::Malformed)
+        );
     }
 }
