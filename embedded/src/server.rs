@@ -67,8 +67,13 @@ pub struct Config {
 pub async fn open_stores(
     dir: &std::path::Path,
 ) -> anyhow::Result<(Arc<SqliteStore>, Arc<SqliteState>)> {
-    std::fs::create_dir_all(dir)
+    crate::secrets::private_dir(dir)
         .map_err(|e| anyhow::anyhow!("--data-dir {}: {e}", dir.display()))?;
+    // SQLite creates a database's -wal and -shm files with the database
+    // file's own mode, so owner-only database files keep them private too.
+    for db in ["usage.db", "state.db"] {
+        crate::secrets::private_file(&dir.join(db))?;
+    }
     let usage = Arc::new(SqliteStore::open(&dir.join("usage.db")).await?);
     usage.migrate().await?;
     let state = Arc::new(SqliteState::open(&dir.join("state.db")).await?);
@@ -207,8 +212,8 @@ pub async fn run(
         &cfg,
         ingest_addr,
         billing_addr,
-        admin_key.as_deref(),
-        ingest_key.as_deref(),
+        admin_key.is_some(),
+        ingest_key.is_some(),
         &session_secret,
     );
     tracing::info!(%ingest_addr, %billing_addr, data_dir = %dir.display(), "tally (embedded) running");
@@ -226,20 +231,32 @@ pub async fn run(
     billing_res
 }
 
+/// What a start prints: where things are, never a key. Keys created on the
+/// first start are files in the data directory (0600), and the commands
+/// shown read them from there, so the keys stay out of terminal scrollback,
+/// journald and container logs. The demo prints a link holding a session
+/// for one simulated customer: the longest a session may live (24 hours),
+/// scoped to that customer's own data, and only with `--demo`.
 fn print_banner(
     cfg: &Config,
     ingest: std::net::SocketAddr,
     billing: std::net::SocketAddr,
-    admin_key: Option<&str>,
-    ingest_key: Option<&str>,
+    admin_key_created: bool,
+    ingest_key_created: bool,
     session_secret: &[u8],
 ) {
-    let admin = admin_key.unwrap_or("<your admin key>");
-    let ingest_k = ingest_key.unwrap_or("<your ingest key>");
-    println!(
-        "Tally (embedded) is running; data in {}",
-        cfg.data_dir.display()
-    );
+    let dir = cfg.data_dir.display();
+    let admin = if admin_key_created {
+        format!("$(cat {dir}/admin.key)")
+    } else {
+        "<your admin key>".to_owned()
+    };
+    let ingest_k = if ingest_key_created {
+        format!("$(cat {dir}/ingest.key)")
+    } else {
+        "<your ingest key>".to_owned()
+    };
+    println!("Tally (embedded) is running; data in {dir}");
     println!(
         "  ingest API     POST http://{ingest}/v1/events   (Authorization: Bearer {ingest_k})"
     );
@@ -247,12 +264,12 @@ fn print_banner(
     println!("  metrics        http://{ingest}/metrics  http://{billing}/metrics");
     if cfg.demo {
         let customer = crate::demo::dashboard_customer();
-        let expiry = Utc::now().timestamp() + 30 * 86_400;
+        let expiry = Utc::now().timestamp() + billing_api::auth::MAX_SESSION_SECS;
         let token = mint_session(session_secret, &customer, expiry);
         println!("  cost dashboard http://{billing}/dashboard#token={token}");
-        println!("                 (customer {customer}; the simulator adds usage every 10 s)");
+        println!("                 (customer {customer}, valid 24 h; the simulator adds usage every 10 s)");
         println!(
-            "  invoice draft  curl -H 'Authorization: Bearer {admin}' http://{billing}/v1/customers/{customer}/invoices/draft"
+            "  invoice draft  curl -H \"Authorization: Bearer {admin}\" http://{billing}/v1/customers/{customer}/invoices/draft"
         );
     }
     println!("Stop with Ctrl-C; start again with the same --data-dir to resume.");

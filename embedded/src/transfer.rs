@@ -82,12 +82,21 @@ struct RollupLine {
     latest_quantity: Decimal,
 }
 
+/// A dump holds keys' hashes, customers and invoices: its directories are
+/// created 0700 and its files 0600, like the data directory.
 fn writer(path: &Path) -> anyhow::Result<BufWriter<std::fs::File>> {
+    use std::os::unix::fs::OpenOptionsExt;
     if let Some(d) = path.parent() {
-        std::fs::create_dir_all(d)?;
+        crate::secrets::private_dir(d)?;
     }
     Ok(BufWriter::new(
-        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)
+            .with_context(|| format!("creating {}", path.display()))?,
     ))
 }
 
@@ -215,10 +224,9 @@ pub async fn export(data: &Path, out: &Path) -> anyhow::Result<Manifest> {
         exported_at: Utc::now(),
         rows,
     };
-    std::fs::write(
-        out.join("manifest.json"),
-        serde_json::to_vec_pretty(&manifest)?,
-    )?;
+    let mut w = writer(&out.join("manifest.json"))?;
+    w.write_all(&serde_json::to_vec_pretty(&manifest)?)?;
+    finish(w)?;
     Ok(manifest)
 }
 
