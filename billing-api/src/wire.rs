@@ -23,7 +23,7 @@
 //! ([`now`]), and an instant in a request body with a finer part is refused
 //! ([`instant`], [`opt_instant`]): what the API answers is what it stored.
 
-use chrono::{DateTime, DurationRound, TimeDelta, Utc};
+use chrono::{DateTime, Timelike, Utc};
 use rust_decimal::Decimal;
 use serde::de::{self, Deserialize, Deserializer, Visitor};
 use std::fmt;
@@ -121,8 +121,10 @@ pub fn opt_decimal<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Decimal>, D
 
 /// The stored precision of instants.
 pub fn to_micros(t: DateTime<Utc>) -> DateTime<Utc> {
-    t.duration_trunc(TimeDelta::microseconds(1))
-        .expect("microsecond truncation of a valid instant")
+    // (Not `duration_trunc`: it fails past 2262, where nanoseconds since
+    // 1970 leave an i64.)
+    t.with_nanosecond(t.nanosecond() / 1000 * 1000)
+        .expect("a smaller nanosecond of a valid instant")
 }
 
 /// The clock, at the stored precision (microseconds).
