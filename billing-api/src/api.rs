@@ -29,7 +29,7 @@ use crate::quota::{Ask, Decision};
 use crate::quota_service::{QuotaService, Snapshot};
 use crate::rating::{Period, Rated};
 use crate::state::{
-    App, AuditEntry, Customer, Invoice, PlanSegment, PublishedPlan, StateError, StateStore,
+    App, AuditEntry, Customer, Invoice, PublishedPlan, StateError, StateStore, Subscription,
 };
 use crate::webhook;
 use aggregator::UsageStore;
@@ -38,7 +38,7 @@ use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -270,6 +270,14 @@ pub fn router(app: Arc<ApiState>) -> Router {
             post(preview_switch),
         )
         .route("/v1/customers/{id}/plan-switch", post(switch_plan))
+        .route(
+            "/v1/customers/{id}/scheduled-changes",
+            get(list_scheduled_changes),
+        )
+        .route(
+            "/v1/customers/{id}/scheduled-changes/{change}",
+            delete(withdraw_scheduled_change),
+        )
         .route("/v1/customers/{id}/invoices", get(list_invoices))
         .route("/v1/customers/{id}/invoices/draft", get(draft_invoice))
         .route("/v1/invoices/{id}", get(get_invoice))
@@ -544,42 +552,109 @@ async fn subscribe(
             plan: req.plan,
             version,
             effective_at: at,
+            withdrawn: vec![],
         }),
     ))
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct SubscriptionView {
-    /// The plan in effect now, if any.
-    pub current: Option<PlanSegment>,
-    /// Plans that start later (a switch at the period end).
-    pub scheduled: Vec<PlanSegment>,
+    /// The plan in effect now, if any: its real start, and its end (null
+    /// while it runs until changed; the instant of a scheduled switch).
+    pub current: Option<Subscription>,
+    /// Plans that start later (a switch at the period end), in order; each
+    /// can be withdrawn at `DELETE /v1/customers/{id}/scheduled-changes/{change}`.
+    pub scheduled: Vec<Subscription>,
 }
 
-/// The plan in effect now and any scheduled switch.
-#[utoipa::path(get, path = "/v1/customers/{id}/subscription", params(("id" = String, Path)),
-    responses((status = 200, body = SubscriptionView), (status = 404, body = ErrorBody)))]
+/// No query parameters: any one is refused (400 `bad_query`, naming it).
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct NoParams {}
+
+/// A query string refused with the error envelope (400 `bad_query`).
+fn query<T>(q: Result<Query<T>, axum::extract::rejection::QueryRejection>) -> Result<T, ApiError> {
+    q.map(|Query(q)| q)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_query", e.body_text()))
+}
+
+/// The plan history from now on: the row in effect and those after it.
+fn from_now(history: Vec<Subscription>, now: DateTime<Utc>) -> SubscriptionView {
+    let mut current = None;
+    let mut scheduled = Vec::new();
+    for s in history {
+        if s.start > now {
+            scheduled.push(s);
+        } else if s.end.is_none_or(|e| e > now) {
+            current = Some(s);
+        }
+    }
+    SubscriptionView { current, scheduled }
+}
+
+/// The plan in effect now and any scheduled switch, as stored.
+#[utoipa::path(get, path = "/v1/customers/{id}/subscription", params(("id" = String, Path), NoParams),
+    responses((status = 200, body = SubscriptionView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn get_subscription(
     State(app): State<Arc<ApiState>>,
     axum::Extension(who): axum::Extension<Principal>,
     Path(id): Path<String>,
+    q: Result<Query<NoParams>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<SubscriptionView> {
     who.read_customer(&id, &format!("customer {id}"))?;
-    app.state.customer(&id).await?;
-    let now = Utc::now();
-    let ahead = Period {
-        start: now,
-        end: now + chrono::Duration::days(3660),
+    query(q)?;
+    let history = app.state.subscriptions(&id).await?;
+    Ok(Json(from_now(history, Utc::now())))
+}
+
+/// Switches that start later (at the period end), in order.
+#[utoipa::path(get, path = "/v1/customers/{id}/scheduled-changes", params(("id" = String, Path), NoParams),
+    responses((status = 200, body = Vec<Subscription>), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn list_scheduled_changes(
+    State(app): State<Arc<ApiState>>,
+    axum::Extension(who): axum::Extension<Principal>,
+    Path(id): Path<String>,
+    q: Result<Query<NoParams>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Vec<Subscription>> {
+    who.read_customer(&id, &format!("customer {id}"))?;
+    query(q)?;
+    let history = app.state.subscriptions(&id).await?;
+    // A first subscription that starts later is not a change of plan.
+    let first = history.first().map(|s| s.id);
+    let view = from_now(history, Utc::now());
+    Ok(Json(
+        view.scheduled
+            .into_iter()
+            .filter(|s| Some(s.id) != first)
+            .collect(),
+    ))
+}
+
+/// Withdraws a scheduled switch: the plan before it runs on. Staff only,
+/// audited (`subscription.withdraw`); withdrawing it again answers the same
+/// change (safe to retry); a change already in effect is a 409.
+#[utoipa::path(delete, path = "/v1/customers/{id}/scheduled-changes/{change}",
+    params(("id" = String, Path), ("change" = i64, Path, description = "the `id` of a scheduled change")),
+    responses((status = 200, body = Subscription, description = "the withdrawn change"), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn withdraw_scheduled_change(
+    State(app): State<Arc<ApiState>>,
+    axum::Extension(who): axum::Extension<Principal>,
+    Path((id, change)): Path<(String, String)>,
+) -> ApiResult<Subscription> {
+    let actor = who.admin()?;
+    let not_found = || {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("scheduled change {change} of customer {id} not found"),
+        )
     };
-    let mut segs = app.state.plan_segments(&id, ahead).await?.into_iter();
-    let first = segs.next();
-    let (current, mut scheduled) = match first {
-        Some(s) if s.start <= now => (Some(s), vec![]),
-        Some(s) => (None, vec![s]),
-        None => (None, vec![]),
-    };
-    scheduled.extend(segs);
-    Ok(Json(SubscriptionView { current, scheduled }))
+    let change_id: i64 = change.parse().map_err(|_| not_found())?;
+    let w = app
+        .state
+        .withdraw_change(&id, change_id, Utc::now(), actor)
+        .await?;
+    Ok(Json(w))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -636,18 +711,28 @@ pub struct SwitchPreview {
     pub with_switch: Rated,
     /// `with_switch.total − current.total` for usage so far.
     pub difference: Decimal,
+    /// Scheduled changes the switch would replace (withdraw).
+    pub replaces: Vec<Subscription>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct PlanSwitchResult {
     pub plan: String,
     pub version: u32,
+    /// When the plan takes effect (for a switch to the plan already in
+    /// effect, which changes nothing: when it took effect).
     pub effective_at: DateTime<Utc>,
+    /// Scheduled changes this switch replaced (withdrawn, audited).
+    #[serde(default)]
+    pub withdrawn: Vec<Subscription>,
 }
 
 async fn planned(app: &ApiState, req: &SwitchRequest) -> Result<PlannedSwitch, ApiError> {
     let version = resolve_plan(app, &req.plan, req.version).await?;
+    // At the stored precision (microseconds), so the instant answered is
+    // the instant stored.
     let now = Utc::now();
+    let now = DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now);
     let at = match req.effective.unwrap_or(Effective::Now) {
         Effective::Now => now,
         Effective::PeriodEnd => month_of(now).end,
@@ -675,16 +760,28 @@ async fn preview_switch(
     let (s, u, m) = (app.state.as_ref(), app.usage.as_ref(), app.meters.as_ref());
     let current = invoice::rate_period(s, u, m, &id, period, None).await?;
     let with_switch = invoice::rate_period(s, u, m, &id, period, Some(&sw)).await?;
+    let replaces = app
+        .state
+        .subscriptions(&id)
+        .await?
+        .into_iter()
+        .skip(1)
+        .filter(|r| r.start >= sw.at)
+        .collect();
     Ok(Json(SwitchPreview {
         effective_at: sw.at,
         period,
         difference: with_switch.total - current.total,
         current,
         with_switch,
+        replaces,
     }))
 }
 
-/// Switches the plan now or at the end of the period.
+/// Switches the plan now or at the end of the period. A switch replaces
+/// the changes scheduled at or after its instant (`withdrawn`); a switch to
+/// the plan in effect then changes nothing but withdraws what was scheduled
+/// after it, so repeating a switch is harmless.
 #[utoipa::path(post, path = "/v1/customers/{id}/plan-switch", params(("id" = String, Path)), request_body = SwitchRequest,
     responses((status = 200, body = PlanSwitchResult), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
 async fn switch_plan(
@@ -697,14 +794,16 @@ async fn switch_plan(
     app.state.customer(&id).await?;
     let sw = planned(&app, &req).await?;
     require_open(&app, &id, sw.at).await?;
-    app.state
+    let done = app
+        .state
         .switch_plan(&id, &sw.plan, sw.version, sw.at, actor)
         .await?;
     app.quota_changed(&id).await;
     Ok(Json(PlanSwitchResult {
         plan: sw.plan,
         version: sw.version,
-        effective_at: sw.at,
+        effective_at: done.effective_at,
+        withdrawn: done.withdrawn,
     }))
 }
 
@@ -722,22 +821,78 @@ async fn list_invoices(
     Ok(Json(app.state.invoices_of(&id).await?))
 }
 
-/// The open period's invoice as it would be if finalized now.
-#[utoipa::path(get, path = "/v1/customers/{id}/invoices/draft", params(("id" = String, Path)),
-    responses((status = 200, body = NewInvoice), (status = 404, body = ErrorBody)))]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct DraftQuery {
+    /// The open period to draft, as `YYYY-MM` (a UTC calendar month): the
+    /// current month, or the previous one until its invoice is finalized
+    /// (during the grace window). Default: the current month.
+    #[param(example = "2026-11")]
+    pub period: Option<String>,
+}
+
+/// An open period's invoice as it would be if finalized now: the current
+/// month's by default, or `?period=YYYY-MM` for the previous month until
+/// it is finalized. An invoiced period is a 409 (`period_finalized`, naming
+/// the invoice); any other period a 422; an unknown parameter or a period
+/// not written `YYYY-MM` a 400 (`bad_query`).
+#[utoipa::path(get, path = "/v1/customers/{id}/invoices/draft", params(("id" = String, Path), DraftQuery),
+    responses((status = 200, body = NewInvoice), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
 async fn draft_invoice(
     State(app): State<Arc<ApiState>>,
     axum::Extension(who): axum::Extension<Principal>,
     Path(id): Path<String>,
+    q: Result<Query<DraftQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<NewInvoice> {
     who.read_customer(&id, &format!("customer {id}"))?;
+    let q = query(q)?;
     app.state.customer(&id).await?;
+    let current = month_of(Utc::now());
+    let period = match q.period.as_deref() {
+        None => current,
+        Some(p) => invoice::parse_month(p).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_query",
+                format!("period: expected YYYY-MM (a UTC calendar month), got {p:?}"),
+            )
+        })?,
+    };
+    if let Some(inv) = app
+        .state
+        .invoices_of(&id)
+        .await?
+        .into_iter()
+        .find(|i| i.period == period)
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "period_finalized",
+            format!(
+                "period {} is invoiced ({}): GET /v1/invoices/{}",
+                invoice::month_label(period),
+                inv.number,
+                inv.id
+            ),
+        ));
+    }
+    let prev = invoice::previous(current);
+    if period != current && period != prev {
+        return Err(ApiError::invalid(format!(
+            "period {} is not open: drafts are of {} (until it is finalized) and {}",
+            invoice::month_label(period),
+            invoice::month_label(prev),
+            invoice::month_label(current)
+        )));
+    }
     let d = invoice::draft(
         app.state.as_ref(),
         app.usage.as_ref(),
         &app.meters,
         &id,
-        month_of(Utc::now()),
+        period,
         app.min_charge,
     )
     .await?;
@@ -1249,6 +1404,8 @@ async fn whoami(axum::Extension(who): axum::Extension<Principal>) -> Json<Me> {
         set_seats,
         preview_switch,
         switch_plan,
+        list_scheduled_changes,
+        withdraw_scheduled_change,
         list_invoices,
         draft_invoice,
         get_invoice,

@@ -61,6 +61,23 @@ pub fn following(p: Period) -> Period {
     month_of(p.end)
 }
 
+/// A period written `YYYY-MM` (the UTC calendar month), as the draft
+/// endpoint's `?period=` takes it; None unless exactly that form.
+pub fn parse_month(s: &str) -> Option<Period> {
+    let (y, m) = s.split_once('-')?;
+    if y.len() != 4 || m.len() != 2 || !(y.bytes().chain(m.bytes())).all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let (y, m): (i32, u32) = (y.parse().ok()?, m.parse().ok()?);
+    let start = Utc.with_ymd_and_hms(y, m, 1, 0, 0, 0).single()?;
+    Some(month_of(start))
+}
+
+/// A period as `YYYY-MM` (its start's month).
+pub fn month_label(p: Period) -> String {
+    p.start.format("%Y-%m").to_string()
+}
+
 /// Invoice numbers: a fixed prefix and the gapless sequence.
 pub fn invoice_number(seq: i64) -> String {
     format!("TALLY-{seq:06}")
@@ -371,6 +388,36 @@ pub async fn rerate(
 mod tests {
     use super::*;
     use chrono::TimeZone;
+
+    #[test]
+    fn periods_are_written_yyyy_mm() {
+        let nov = parse_month("2026-11").unwrap();
+        assert_eq!(
+            nov.start,
+            Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).unwrap()
+        );
+        assert_eq!(nov.end, Utc.with_ymd_and_hms(2026, 12, 1, 0, 0, 0).unwrap());
+        assert_eq!(month_label(nov), "2026-11");
+        let dec = parse_month("2026-12").unwrap();
+        assert_eq!(dec.end, Utc.with_ymd_and_hms(2027, 1, 1, 0, 0, 0).unwrap());
+        assert_eq!(previous(dec), nov);
+        for bad in [
+            "",
+            "2026",
+            "2026-1",
+            "2026-13",
+            "2026-00",
+            "26-11",
+            "2026-11-01",
+            "2026/11",
+            "+026-11",
+            "2026-1a",
+            " 2026-11",
+            "２０２６-11",
+        ] {
+            assert_eq!(parse_month(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn a_switch_cuts_the_history() {

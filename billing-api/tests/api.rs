@@ -645,8 +645,20 @@ fn openapi_document_is_current() {
         "/v1/keys/{id}/revoke",
         "/v1/customers/{id}/sessions",
         "/v1/customers/{id}/subscription",
+        "/v1/customers/{id}/scheduled-changes",
+        "/v1/customers/{id}/scheduled-changes/{change}",
         "/v1/stripe/webhook",
     ] {
         assert!(doc["paths"].get(p).is_some(), "{p} missing");
     }
+    // The draft's period parameter is documented.
+    let draft = &doc["paths"]["/v1/customers/{id}/invoices/draft"]["get"];
+    assert!(
+        draft["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "period" && p["in"] == "query"),
+        "{draft}"
+    );
 }

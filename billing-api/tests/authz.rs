@@ -169,6 +169,12 @@ async fn every_endpoint_by_every_role() {
             Class::Staff,
         ),
         (
+            M::DELETE,
+            "/v1/customers/cus_a/scheduled-changes/1".into(),
+            None,
+            Class::Staff,
+        ),
+        (
             M::GET,
             format!("/v1/invoices/{inv_a}/rerate"),
             None,
@@ -246,6 +252,21 @@ async fn every_endpoint_by_every_role() {
                 class,
             ),
             (M::GET, format!("/v1/customers/{c}/subscription"), None, class),
+            (
+                M::GET,
+                format!("/v1/customers/{c}/scheduled-changes"),
+                None,
+                class,
+            ),
+            (
+                M::GET,
+                format!(
+                    "/v1/customers/{c}/invoices/draft?period={}",
+                    chrono::Utc::now().format("%Y-%m")
+                ),
+                None,
+                class,
+            ),
             (M::GET, format!("/v1/customers/{c}/costs"), None, class),
             (M::GET, format!("/v1/customers/{c}/plan-advisor"), None, class),
             (

@@ -321,3 +321,475 @@ async fn embedded() {
 async fn distributed() {
     behaviour(Mode::Distributed).await;
 }
+
+// ------------------------------------------------------------ issue 11
+
+/// The plan history as GET subscription reports it: (plan, start, end).
+async fn subscription(sys: &System, customer: &str) -> Value {
+    let (s, v) = sys
+        .api(
+            M::GET,
+            &format!("/v1/customers/{customer}/subscription"),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    v
+}
+
+fn instant(v: &Value) -> chrono::DateTime<Utc> {
+    v.as_str()
+        .unwrap_or_else(|| panic!("not an instant: {v}"))
+        .parse()
+        .unwrap()
+}
+
+/// Issue 11, items 13 and 4: GET subscription reports the plan's real
+/// start and end; a switch scheduled for the period end is listed, replaced
+/// by a later switch instead of blocking it, and withdrawn by staff,
+/// audited and safe to retry.
+async fn plan_history_and_scheduled_switches(mode: Mode) {
+    let sys = System::start(mode, &format!("history_{mode:?}").to_lowercase()).await;
+    let cur = month_of(Utc::now());
+    let prev = previous(cur);
+    sys.customer("cus_h", "payg", prev.start).await;
+
+    // Item 13: the real start, and no end while the plan runs on.
+    let v = subscription(&sys, "cus_h").await;
+    assert_eq!(v["current"]["plan"], "payg", "{v}");
+    assert_eq!(instant(&v["current"]["start"]), prev.start, "{v}");
+    assert_eq!(v["current"]["end"], Value::Null, "{v}");
+    assert_eq!(v["scheduled"], json!([]), "{v}");
+    let (s, e) = sys
+        .api(M::GET, "/v1/customers/cus_h/subscription?at=now", None)
+        .await;
+    assert_eq!((s, e["code"].as_str()), (400, Some("bad_query")), "{e}");
+    assert!(e["message"].as_str().unwrap().contains("`at`"), "{e}");
+
+    // Scheduled for the period end: the current plan ends there.
+    let switch = |plan: &'static str, effective: &'static str| {
+        let sys = &sys;
+        async move {
+            let (s, v) = sys
+                .api(
+                    M::POST,
+                    "/v1/customers/cus_h/plan-switch",
+                    Some(json!({"plan": plan, "effective": effective})),
+                )
+                .await;
+            assert_eq!(s, 200, "{plan} {effective}: {v}");
+            v
+        }
+    };
+    let sw = switch("team", "period_end").await;
+    assert_eq!(instant(&sw["effective_at"]), cur.end, "{sw}");
+    assert_eq!(sw["withdrawn"], json!([]), "{sw}");
+    let v = subscription(&sys, "cus_h").await;
+    assert_eq!(instant(&v["current"]["start"]), prev.start, "{v}");
+    assert_eq!(instant(&v["current"]["end"]), cur.end, "{v}");
+    assert_eq!(v["scheduled"].as_array().unwrap().len(), 1, "{v}");
+    let scheduled = v["scheduled"][0].clone();
+    assert_eq!(scheduled["plan"], "team", "{v}");
+    assert_eq!(instant(&scheduled["start"]), cur.end, "{v}");
+    assert_eq!(scheduled["end"], Value::Null, "{v}");
+    let (s, list) = sys
+        .api(M::GET, "/v1/customers/cus_h/scheduled-changes", None)
+        .await;
+    assert_eq!((s, list.clone()), (200, json!([scheduled.clone()])));
+    // The same switch again (a retry) changes nothing.
+    let again = switch("team", "period_end").await;
+    assert_eq!(again["withdrawn"], json!([]), "{again}");
+    let (_, list) = sys
+        .api(M::GET, "/v1/customers/cus_h/scheduled-changes", None)
+        .await;
+    assert_eq!(list, json!([scheduled.clone()]), "a retry keeps the change");
+
+    // Item 4: a switch now is no longer refused; it replaces the scheduled one.
+    let (s, pv) = sys
+        .api(
+            M::POST,
+            "/v1/customers/cus_h/plan-switch/preview",
+            Some(json!({"plan": "business", "effective": "now"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{pv}");
+    assert_eq!(pv["replaces"], json!([scheduled.clone()]), "{pv}");
+    let now_sw = switch("business", "now").await;
+    assert_eq!(now_sw["withdrawn"], json!([scheduled.clone()]), "{now_sw}");
+    let t = instant(&now_sw["effective_at"]);
+    let v = subscription(&sys, "cus_h").await;
+    assert_eq!(v["current"]["plan"], "business", "{v}");
+    assert_eq!(instant(&v["current"]["start"]), t, "{v}");
+    assert_eq!(v["current"]["end"], Value::Null, "{v}");
+    assert_eq!(v["scheduled"], json!([]), "{v}");
+
+    // A period-end switch replaces another period-end switch.
+    let first = switch("team", "period_end").await;
+    let (_, list) = sys
+        .api(M::GET, "/v1/customers/cus_h/scheduled-changes", None)
+        .await;
+    let team_change = list[0].clone();
+    assert_eq!(team_change["plan"], "team", "{first} {list}");
+    let second = switch("payg", "period_end").await;
+    assert_eq!(second["withdrawn"], json!([team_change]), "{second}");
+    let (_, list) = sys
+        .api(M::GET, "/v1/customers/cus_h/scheduled-changes", None)
+        .await;
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list[0]["plan"], "payg", "{list}");
+    let change = list[0].clone();
+
+    // Withdrawn by staff; again (a retry) answers the same; business runs on.
+    let path = format!(
+        "/v1/customers/cus_h/scheduled-changes/{}",
+        change["id"].as_i64().unwrap()
+    );
+    for _ in 0..2 {
+        let (s, w) = sys.api(M::DELETE, &path, None).await;
+        assert_eq!((s, w.clone()), (200, change.clone()), "{w}");
+    }
+    let v = subscription(&sys, "cus_h").await;
+    assert_eq!(v["current"]["plan"], "business", "{v}");
+    assert_eq!(v["current"]["end"], Value::Null, "{v}");
+    assert_eq!(v["scheduled"], json!([]), "{v}");
+    // Not withdrawable: the plan in effect (409), an unknown change (404).
+    let cur_id = v["current"]["id"].as_i64().unwrap();
+    let (s, e) = sys
+        .api(
+            M::DELETE,
+            &format!("/v1/customers/cus_h/scheduled-changes/{cur_id}"),
+            None,
+        )
+        .await;
+    assert_eq!((s, e["code"].as_str()), (409, Some("conflict")), "{e}");
+    for bad in ["999999999", "nope"] {
+        let (s, e) = sys
+            .api(
+                M::DELETE,
+                &format!("/v1/customers/cus_h/scheduled-changes/{bad}"),
+                None,
+            )
+            .await;
+        assert_eq!((s, e["code"].as_str()), (404, Some("not_found")), "{e}");
+    }
+    // Audited: each switch and each withdrawal, with what it withdrew.
+    let (s, log) = sys
+        .api(M::GET, "/v1/audit?subject=customer:cus_h", None)
+        .await;
+    assert_eq!(s, 200, "{log}");
+    let withdrawals: Vec<&Value> = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "subscription.withdraw")
+        .collect();
+    assert_eq!(withdrawals.len(), 3, "{log}");
+    assert_eq!(withdrawals[2]["before"], change, "{log}");
+    assert_eq!(withdrawals[2]["after"]["by"], "withdrawal", "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_history_and_scheduled_switches_embedded() {
+    plan_history_and_scheduled_switches(Mode::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_history_and_scheduled_switches_distributed() {
+    plan_history_and_scheduled_switches(Mode::Distributed).await;
+}
+
+/// A flat-fee plan of $0.10 a second of `period`: `name` at `fee`.
+fn per_second_plan(name: &str, period: billing_api::rating::Period) -> (Value, Decimal) {
+    let secs = (period.end - period.start).num_seconds();
+    let fee = Decimal::from(secs) / Decimal::from(10);
+    (
+        json!({"plan": name, "version": 1, "name": name, "currency": "USD",
+               "flat_fee": fee.to_string(), "prices": []}),
+        fee,
+    )
+}
+
+/// Issue 11, item 3: a switch `now` has a sub-second part; the two
+/// segments still add up to the whole period (two plans at the same monthly
+/// fee bill exactly that fee, not a second less).
+async fn sub_second_switch_bills_the_whole_period(mode: Mode) {
+    let sys = System::start(mode, &format!("subsecond_{mode:?}").to_lowercase()).await;
+    let cur = month_of(Utc::now());
+    let (a, fee) = per_second_plan("big_a", cur);
+    let (b, _) = per_second_plan("big_b", cur);
+    for p in [a, b] {
+        let (s, v) = sys.api(M::POST, "/v1/plans", Some(p)).await;
+        assert_eq!(s, 201, "{v}");
+    }
+    sys.customer("cus_big", "big_a", cur.start).await;
+    let (s, sw) = sys
+        .api(
+            M::POST,
+            "/v1/customers/cus_big/plan-switch",
+            Some(json!({"plan": "big_b", "effective": "now"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{sw}");
+    let t = instant(&sw["effective_at"]);
+    assert_ne!(
+        t.timestamp_subsec_micros(),
+        0,
+        "a real now has a sub-second part (one chance in a million to be whole)"
+    );
+    let d = draft(&sys, "cus_big").await;
+    let fees: Vec<(String, Decimal)> = d["body"]["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["kind"] == "flat_fee")
+        .map(|l| (l["plan"].as_str().unwrap().to_owned(), dec(&l["quantity"])))
+        .collect();
+    let whole = Decimal::from((cur.end - cur.start).num_seconds());
+    let floor = Decimal::from(t.timestamp() - cur.start.timestamp());
+    assert_eq!(
+        fees,
+        [("big_a".into(), floor), ("big_b".into(), whole - floor)],
+        "{d}"
+    );
+    assert_eq!(dec(&d["total"]), fee, "the whole month's fee: {d}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sub_second_switch_bills_the_whole_period_embedded() {
+    sub_second_switch_bills_the_whole_period(Mode::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sub_second_switch_bills_the_whole_period_distributed() {
+    sub_second_switch_bills_the_whole_period(Mode::Distributed).await;
+}
+
+/// A requests event at an exact instant (microseconds).
+fn requests_at(id: &str, customer: &str, time: chrono::DateTime<Utc>, count: u64) -> Value {
+    let mut e = requests(id, customer, "web", time, count);
+    e["time"] = json!(time.to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
+    e
+}
+
+/// Issue 11, item 3: usage belongs to a segment by its exact time, start
+/// inclusive, end exclusive: an event a microsecond before a sub-second
+/// switch is rated on the old plan, one at the switch on the new plan.
+async fn usage_at_a_sub_second_switch(mode: Mode) {
+    let sys = System::start(mode, &format!("usageswitch_{mode:?}").to_lowercase()).await;
+    let wait = StdDuration::from_secs(90);
+    let cur = month_of(Utc::now());
+    sys.customer("cus_us", "payg", cur.start).await;
+    let (s, sw) = sys
+        .api(
+            M::POST,
+            "/v1/customers/cus_us/plan-switch",
+            Some(json!({"plan": "team", "effective": "now"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{sw}");
+    let t = instant(&sw["effective_at"]);
+    assert_ne!(t.timestamp_subsec_micros(), 0, "{t}");
+    let (s, v) = sys
+        .ingest(&[
+            requests_at(
+                "us-before",
+                "cus_us",
+                t - Duration::microseconds(1),
+                1_000_000,
+            ),
+            requests_at("us-at", "cus_us", t, 3_000_000),
+        ])
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let d = sys
+        .eventually("both events in the draft", wait, || async {
+            let d = draft(&sys, "cus_us").await;
+            let q: Decimal = d["body"]["lines"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|l| l["kind"] == "usage" && l["meter"] == "requests")
+                .map(|l| dec(&l["quantity"]))
+                .sum();
+            if q == Decimal::from(4_000_000) {
+                Ok(d)
+            } else {
+                Err(format!("{q} requests so far: {d}"))
+            }
+        })
+        .await;
+    let by_plan: Vec<(String, Decimal)> = d["body"]["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["kind"] == "usage" && l["meter"] == "requests")
+        .map(|l| (l["plan"].as_str().unwrap().to_owned(), dec(&l["quantity"])))
+        .collect();
+    assert_eq!(
+        by_plan,
+        [
+            ("payg".into(), Decimal::from(1_000_000)),
+            ("team".into(), Decimal::from(3_000_000))
+        ],
+        "{d}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_at_a_sub_second_switch_embedded() {
+    usage_at_a_sub_second_switch(Mode::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_at_a_sub_second_switch_distributed() {
+    usage_at_a_sub_second_switch(Mode::Distributed).await;
+}
+
+/// Issue 11, item 14: the draft of any open period, `?period=YYYY-MM`: the
+/// closing month's until it is finalized (the grace window) and the
+/// current one, for staff and for the customer; unknown parameters and
+/// other periods refused with the error envelope.
+async fn drafts_of_open_periods(mode: Mode) {
+    let sys = System::start(mode, &format!("drafts_{mode:?}").to_lowercase()).await;
+    let wait = StdDuration::from_secs(90);
+    let now = Utc::now();
+    let cur = month_of(now);
+    let prev = previous(cur);
+    let label = |p: billing_api::rating::Period| p.start.format("%Y-%m").to_string();
+    sys.customer("cus_d", "payg", prev.start).await;
+    let (s, v) = sys
+        .ingest(&[
+            requests(
+                "d-1",
+                "cus_d",
+                "web",
+                prev.start + Duration::days(3),
+                1_000_000,
+            ),
+            requests(
+                "d-2",
+                "cus_d",
+                "web",
+                (now - Duration::seconds(2)).max(cur.start),
+                2_000_000,
+            ),
+        ])
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let get = |q: String| {
+        let sys = &sys;
+        async move {
+            sys.api(
+                M::GET,
+                &format!("/v1/customers/cus_d/invoices/draft{q}"),
+                None,
+            )
+            .await
+        }
+    };
+    // Both months, by staff: the closing one (1 M) and the current one (2 M).
+    let closing = sys
+        .eventually("last month's usage", wait, || async {
+            let (s, d) = get(format!("?period={}", label(prev))).await;
+            assert_eq!(s, 200, "{d}");
+            if d["total"].as_str().map(|t| dec(&json!(t))) == Some(Decimal::new(40, 2)) {
+                Ok(d)
+            } else {
+                Err(d.to_string())
+            }
+        })
+        .await;
+    assert_eq!(
+        instant(&closing["period"]["start"]),
+        prev.start,
+        "{closing}"
+    );
+    let current = sys
+        .eventually("this month's usage", wait, || async {
+            let (s, d) = get(format!("?period={}", label(cur))).await;
+            assert_eq!(s, 200, "{d}");
+            if d["total"].as_str().map(|t| dec(&json!(t))) == Some(Decimal::new(80, 2)) {
+                Ok(d)
+            } else {
+                Err(d.to_string())
+            }
+        })
+        .await;
+    assert_eq!(instant(&current["period"]["start"]), cur.start, "{current}");
+    let (s, default) = get(String::new()).await;
+    assert_eq!((s, &default["period"]), (200, &current["period"]));
+
+    // The customer itself, with a session.
+    let (s, session) = sys
+        .api(M::POST, "/v1/customers/cus_d/sessions", Some(json!({})))
+        .await;
+    assert_eq!(s, 201, "{session}");
+    let r = reqwest::Client::new()
+        .get(format!(
+            "{}/v1/customers/cus_d/invoices/draft?period={}",
+            sys.billing,
+            label(prev)
+        ))
+        .bearer_auth(session["token"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let mine: Value = r.json().await.unwrap();
+    assert_eq!(mine["total"], closing["total"], "{mine}");
+
+    // Refused, with the envelope naming the problem.
+    for (q, status, code, names) in [
+        ("?perod=2026-11".to_string(), 400, "bad_query", "perod"),
+        (
+            format!("?period={}&x=1", label(cur)),
+            400,
+            "bad_query",
+            "`x`",
+        ),
+        ("?period=2026-13".into(), 400, "bad_query", "period"),
+        ("?period=november".into(), 400, "bad_query", "period"),
+        (
+            format!("?period={}", label(billing_api::invoice::following(cur))),
+            422,
+            "invalid",
+            "not open",
+        ),
+        (
+            format!("?period={}", label(previous(prev))),
+            422,
+            "invalid",
+            "not open",
+        ),
+    ] {
+        let (s, e) = get(q.clone()).await;
+        assert_eq!((s, e["code"].as_str()), (status, Some(code)), "{q}: {e}");
+        assert!(e["message"].as_str().unwrap().contains(names), "{q}: {e}");
+    }
+
+    // Finalized, the closing month has no draft any more: it names the invoice.
+    let out = sys.finalize(now);
+    assert!(out.contains("finalized 1 invoice(s)"), "{out}");
+    let (s, e) = get(format!("?period={}", label(prev))).await;
+    assert_eq!(
+        (s, e["code"].as_str()),
+        (409, Some("period_finalized")),
+        "{e}"
+    );
+    assert!(
+        e["message"].as_str().unwrap().contains("TALLY-000001"),
+        "{e}"
+    );
+    let (s, d) = get(format!("?period={}", label(cur))).await;
+    assert_eq!((s, &d["period"]), (200, &current["period"]), "{d}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drafts_of_open_periods_embedded() {
+    drafts_of_open_periods(Mode::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drafts_of_open_periods_distributed() {
+    drafts_of_open_periods(Mode::Distributed).await;
+}
