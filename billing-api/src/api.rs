@@ -250,6 +250,60 @@ async fn authenticate(State(app): State<Arc<ApiState>>, mut req: Request, next: 
     next.run(req).await
 }
 
+/// The error code of a status, for errors that did not come with one.
+fn status_code_name(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::BAD_REQUEST => "bad_request",
+        StatusCode::UNAUTHORIZED => "unauthorized",
+        StatusCode::FORBIDDEN => "forbidden",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
+        StatusCode::URI_TOO_LONG => "uri_too_long",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::UNPROCESSABLE_ENTITY => "invalid",
+        s if s.is_server_error() => "internal",
+        _ => "error",
+    }
+}
+
+/// Every error answer carries the `{code, message}` envelope: an error
+/// that axum produced outside the handlers (a path or query extractor's
+/// rejection such as invalid UTF-8 in a path segment, a failed request
+/// layer) has a plain-text body, which becomes the message.
+async fn envelope(req: Request, next: Next) -> Response {
+    let res = next.run(req).await;
+    let status = res.status();
+    let is_json = res
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return res;
+    }
+    let (parts, body) = res.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_owned()
+    } else if status.is_server_error() {
+        "internal error".to_owned()
+    } else {
+        text
+    };
+    let mut out = ApiError::new(status, status_code_name(status), message).into_response();
+    // Keep headers such as `allow` on a 405.
+    for (k, v) in parts.headers.iter() {
+        if k != axum::http::header::CONTENT_TYPE && k != axum::http::header::CONTENT_LENGTH {
+            out.headers_mut().insert(k.clone(), v.clone());
+        }
+    }
+    out
+}
+
 pub fn router(app: Arc<ApiState>) -> Router {
     let admin = Router::new()
         .route("/v1/plans", get(list_plans).post(publish_plan))
@@ -306,6 +360,14 @@ pub fn router(app: Arc<ApiState>) -> Router {
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this endpoint does not take that method",
+            )
+        })
+        .layer(axum::middleware::from_fn(envelope))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(app)
 }
@@ -413,13 +475,27 @@ async fn list_customers(
     ))
 }
 
-#[utoipa::path(post, path = "/v1/customers", request_body = Customer,
+/// A new customer (unknown fields are refused, as in every other body).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateCustomer {
+    pub id: String,
+    pub external_id: String,
+    pub name: String,
+}
+
+#[utoipa::path(post, path = "/v1/customers", request_body = CreateCustomer,
     responses((status = 201, body = Customer), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
 async fn create_customer(
     State(app): State<Arc<ApiState>>,
     axum::Extension(who): axum::Extension<Principal>,
-    Body(c): Body<Customer>,
+    Body(req): Body<CreateCustomer>,
 ) -> Result<(StatusCode, Json<Customer>), ApiError> {
+    let c = Customer {
+        id: req.id,
+        external_id: req.external_id,
+        name: req.name,
+    };
     let actor = who.admin()?;
     valid_id("id", &c.id)?;
     valid_id("external_id", &c.external_id)?;
@@ -661,8 +737,51 @@ async fn withdraw_scheduled_change(
 #[serde(deny_unknown_fields)]
 pub struct SetSeats {
     pub seats: u32,
-    /// Default: now.
+    /// Default: now. At or after the customer's first subscription start,
+    /// outside every invoiced period, at most [`SEATS_MAX_AHEAD_DAYS`] days
+    /// ahead, at most microsecond precision.
+    #[serde(default, deserialize_with = "crate::wire::opt_instant")]
     pub at: Option<DateTime<Utc>>,
+}
+
+/// How far ahead a seat change may be dated.
+pub const SEATS_MAX_AHEAD_DAYS: i64 = 366;
+
+/// When a seat change may take effect: not before the customer's first
+/// subscription starts (seats without a plan bill nothing and would carry
+/// into every later period), not inside an invoiced period (409,
+/// [`require_open`]), and not more than [`SEATS_MAX_AHEAD_DAYS`] days after
+/// now (a typo like 9999 is refused rather than kept for ever).
+async fn seats_at(
+    app: &ApiState,
+    customer: &str,
+    at: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Result<(), ApiError> {
+    let horizon = now + chrono::Duration::days(SEATS_MAX_AHEAD_DAYS);
+    if at > horizon {
+        return Err(ApiError::invalid(format!(
+            "at: {} is more than {SEATS_MAX_AHEAD_DAYS} days ahead (latest {})",
+            at.to_rfc3339(),
+            horizon.to_rfc3339()
+        )));
+    }
+    let history = Period {
+        start: DateTime::UNIX_EPOCH,
+        end: horizon.max(at) + chrono::Duration::seconds(1),
+    };
+    let first = app.state.plan_segments(customer, history).await?;
+    match first.first() {
+        None => Err(ApiError::invalid(
+            "at: the customer has no subscription; subscribe it before setting seats",
+        )),
+        Some(s) if at < s.start => Err(ApiError::invalid(format!(
+            "at: {} is before the customer's subscription starts ({})",
+            at.to_rfc3339(),
+            s.start.to_rfc3339()
+        ))),
+        Some(_) => require_open(app, customer, at).await,
+    }
 }
 
 #[utoipa::path(put, path = "/v1/customers/{id}/seats", params(("id" = String, Path)), request_body = SetSeats,
@@ -677,8 +796,10 @@ async fn set_seats(
     if req.seats > 100_000 {
         return Err(ApiError::invalid("seats: 0 to 100000"));
     }
-    let at = req.at.unwrap_or_else(Utc::now);
-    require_open(&app, &id, at).await?;
+    app.state.customer(&id).await?;
+    let now = crate::wire::now();
+    let at = req.at.unwrap_or(now);
+    seats_at(&app, &id, at, now).await?;
     app.state.set_seats(&id, req.seats, at, actor).await?;
     app.quota_changed(&id).await;
     Ok(StatusCode::NO_CONTENT)
@@ -1057,7 +1178,9 @@ async fn quota_snapshot(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SpendingCap {
-    /// Monthly cap in the plan's currency; null removes it.
+    /// Monthly cap in the plan's currency, a decimal string (a JSON number
+    /// is refused); null removes it.
+    #[serde(default, deserialize_with = "crate::wire::opt_decimal")]
     pub spending_cap: Option<Decimal>,
 }
 
@@ -1076,10 +1199,12 @@ async fn set_spending_cap(
         _ => format!("customer:{id}"),
     };
     if let Some(c) = req.spending_cap {
+        // `is_sign_negative` is also true of "-0", which is refused too.
         if c.is_sign_negative() || c > Decimal::from(1_000_000_000u64) || c.scale() > 4 {
-            return Err(ApiError::invalid(
-                "spending_cap: 0 to 1000000000 with at most 4 decimals",
-            ));
+            return Err(ApiError::invalid(format!(
+                "spending_cap: 0 to 1000000000 with at most 4 decimals, got {c:?}",
+                c = c.to_string()
+            )));
         }
     }
     app.state

@@ -1,0 +1,226 @@
+//! Issue 11 at the billing API's edges (items 2, 7, 8, 9): input the
+//! document refuses is refused with a `{code, message}` naming the field,
+//! and every error answer carries that envelope.
+
+mod support;
+
+use chrono::{Duration, Utc};
+use reqwest::Method as M;
+use serde_json::{json, Value};
+use support::*;
+
+fn says(v: &Value, code: &str, words: &[&str]) -> bool {
+    v["code"] == code
+        && words
+            .iter()
+            .all(|w| v["message"].as_str().is_some_and(|m| m.contains(w)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_the_document_refuses_are_refused_naming_the_field() {
+    let api = Api::start("apiedges").await;
+
+    // Item 8: POST /v1/customers refused unknown fields nowhere.
+    let (s, v) = api
+        .call(
+            M::POST,
+            "/v1/customers",
+            Some(json!({"id":"cus_e","external_id":"e","name":"E","plan":"team"})),
+        )
+        .await;
+    assert_eq!(s, 422, "{v}");
+    assert!(says(&v, "invalid_body", &["unknown field `plan`"]), "{v}");
+    let c = json!({"id":"cus_e","external_id":"e","name":"E"});
+    assert_eq!(api.call(M::POST, "/v1/customers", Some(c)).await.0, 201);
+
+    // Seats before the customer has a plan, then around its start.
+    let (s, v) = api
+        .call(
+            M::PUT,
+            "/v1/customers/cus_e/seats",
+            Some(json!({"seats": 2})),
+        )
+        .await;
+    assert_eq!(s, 422, "{v}");
+    assert!(says(&v, "invalid", &["at:", "no subscription"]), "{v}");
+    let start = invoice_month_start();
+    let (s, v) = api
+        .call(
+            M::POST,
+            "/v1/customers/cus_e/subscription",
+            Some(json!({"plan":"team","starts_at": start})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    for (at, words) in [
+        (
+            json!("1970-01-01T00:00:00Z"),
+            &["at:", "before the customer's subscription starts"][..],
+        ),
+        (
+            json!((start - Duration::seconds(1))),
+            &["at:", "before the customer's subscription starts"][..],
+        ),
+        (json!("9999-12-31T00:00:00Z"), &["at:", "days ahead"][..]),
+    ] {
+        let (s, v) = api
+            .call(
+                M::PUT,
+                "/v1/customers/cus_e/seats",
+                Some(json!({"seats": 7, "at": at})),
+            )
+            .await;
+        assert_eq!(s, 422, "{at}: {v}");
+        assert!(says(&v, "invalid", words), "{at}: {v}");
+    }
+    let (s, v) = api
+        .call(
+            M::PUT,
+            "/v1/customers/cus_e/seats",
+            Some(json!({"seats": 7, "at": "2026-11-05T10:00:00.123456789Z"})),
+        )
+        .await;
+    assert_eq!(s, 422, "{v}");
+    assert!(says(&v, "invalid_body", &["at", "microseconds"]), "{v}");
+    // Nothing of that changed the preview's seats: only the valid change
+    // below is in the draft.
+    assert_eq!(
+        api.call(
+            M::PUT,
+            "/v1/customers/cus_e/seats",
+            Some(json!({"seats": 3, "at": start}))
+        )
+        .await
+        .0,
+        204
+    );
+    let (s, d) = api
+        .call(M::GET, "/v1/customers/cus_e/invoices/draft", None)
+        .await;
+    assert_eq!(s, 200, "{d}");
+    let lines = d["body"]["lines"].as_array().expect("draft lines");
+    let seat_lines: Vec<&Value> = lines.iter().filter(|l| l["kind"] == "seat_fee").collect();
+    assert_eq!(seat_lines.len(), 1, "{d}");
+    // 3 seats since the month's start, none of the refused 7.
+    let now_secs = (Utc::now() - start).num_seconds();
+    let q: i64 = seat_lines[0]["quantity"].as_str().unwrap().parse().unwrap();
+    assert!(q % 3 == 0 || q <= 3 * (now_secs + 5), "{d}");
+    let later = billing_api::wire::to_micros(Utc::now() + Duration::days(30));
+    let (s, v) = api
+        .call(
+            M::PUT,
+            "/v1/customers/cus_e/seats",
+            Some(json!({"seats": 4, "at": later})),
+        )
+        .await;
+    assert_eq!(s, 204, "{v}");
+
+    // Item 8 / item 2: a cap as a JSON number, and "-0".
+    for cap in [
+        json!(12.5),
+        json!(10),
+        json!("-0"),
+        json!("-0.00"),
+        json!("1e3"),
+    ] {
+        let (s, v) = api
+            .call(
+                M::PUT,
+                "/v1/customers/cus_e/spending-cap",
+                Some(json!({"spending_cap": cap})),
+            )
+            .await;
+        assert_eq!(s, 422, "{cap}: {v}");
+        assert!(
+            v["message"].as_str().unwrap().contains("spending_cap"),
+            "{cap}: {v}"
+        );
+    }
+    for cap in [json!("12.50"), Value::Null] {
+        let (s, v) = api
+            .call(
+                M::PUT,
+                "/v1/customers/cus_e/spending-cap",
+                Some(json!({"spending_cap": cap})),
+            )
+            .await;
+        assert_eq!(s, 204, "{cap}: {v}");
+    }
+
+    // Item 2: a quota ask's size as a number.
+    let (s, v) = api
+        .call(
+            M::POST,
+            "/v1/quota/check",
+            Some(json!({"customer_id":"cus_e","ask":{"kind":"grow_volume","app":"web","volume_id":"v1","size_gb":9007199254740993.5}})),
+        )
+        .await;
+    assert_eq!(s, 422, "{v}");
+    assert!(says(&v, "invalid_body", &["ask", "decimal string"]), "{v}");
+
+    // Items 2 and 7 through POST /v1/plans: a number price, a 14-place tier.
+    let plan = |tier_price: Value| {
+        json!({"plan":"edge","version":1,"name":"Edge","currency":"USD","prices":[
+            {"meter":"requests","per":"1000000","model":"graduated",
+             "tiers":[{"up_to":"10","unit_price":"0"},{"unit_price": tier_price}]}]})
+    };
+    let (s, v) = api.call(M::POST, "/v1/plans", Some(plan(json!(0.3)))).await;
+    assert_eq!(s, 422, "{v}");
+    assert!(
+        says(
+            &v,
+            "invalid_body",
+            &["prices[0]", "unit_price", "decimal string"]
+        ),
+        "{v}"
+    );
+    let (s, v) = api
+        .call(M::POST, "/v1/plans", Some(plan(json!("0.00000000000004"))))
+        .await;
+    assert_eq!(s, 422, "{v}");
+    let d = &v["details"][0];
+    assert_eq!(d["field"], "prices[0].tiers[1].unit_price", "{v}");
+    assert_eq!(d["code"], "too_precise", "{v}");
+    assert!(d["message"].as_str().unwrap().contains("`per`"), "{v}");
+    assert_eq!(
+        api.call(M::POST, "/v1/plans", Some(plan(json!("0.30"))))
+            .await
+            .0,
+        201
+    );
+}
+
+/// The start of the current month (the open period).
+fn invoice_month_start() -> chrono::DateTime<Utc> {
+    billing_api::invoice::month_of(Utc::now()).start
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_error_carries_the_envelope() {
+    let api = Api::start("apienvelope").await;
+    // Invalid UTF-8 in a path segment (the Path extractor's rejection).
+    let (s, v) = api.call(M::GET, "/v1/customers/%FF%FE", None).await;
+    assert_eq!(s, 400, "{v}");
+    assert_eq!(v["code"], "bad_request", "{v}");
+    assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    // A wrong method, on a route and on a route behind authentication.
+    for (m, path) in [
+        (M::DELETE, "/v1/plans"),
+        (M::PUT, "/healthz"),
+        (M::GET, "/v1/stripe/webhook"),
+    ] {
+        let (s, v) = api.call(m.clone(), path, None).await;
+        assert_eq!(s, 405, "{m} {path}: {v}");
+        assert_eq!(v["code"], "method_not_allowed", "{m} {path}: {v}");
+    }
+    // Unknown paths.
+    for path in ["/nope", "/v1/customers/x/nope", "/v2/plans"] {
+        let (s, v) = api.call(M::GET, path, None).await;
+        assert_eq!(s, 404, "{path}: {v}");
+        assert_eq!(v["code"], "not_found", "{path}: {v}");
+    }
+    // A bad query string.
+    let (s, v) = api.call(M::GET, "/v1/customers?limit=x", None).await;
+    assert_eq!(s, 400, "{v}");
+    assert!(v["code"].is_string() && v["message"].is_string(), "{v}");
+}
