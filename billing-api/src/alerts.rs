@@ -133,7 +133,8 @@ pub fn evaluate(customer: &str, e: &Entry, thresholds: &[u32]) -> anyhow::Result
             );
         }
     }
-    let period_secs = Decimal::from((e.period.end - e.period.start).num_seconds().max(1));
+    let period_secs =
+        Decimal::from(crate::rating::prorated_secs(e.period.start, e.period.end).max(1));
     for p in &e.plan.prices {
         let allowance = match (&p.allowance_per_seat, &p.model) {
             (Some(per_seat), _) => {
@@ -141,7 +142,8 @@ pub fn evaluate(customer: &str, e: &Entry, thresholds: &[u32]) -> anyhow::Result
                     .seats
                     .iter()
                     .map(|s| {
-                        Decimal::from(s.seats) * Decimal::from((s.end - s.start).num_seconds())
+                        Decimal::from(s.seats)
+                            * Decimal::from(crate::rating::prorated_secs(s.start, s.end))
                     })
                     .sum();
                 *per_seat * seat_secs / period_secs

@@ -148,8 +148,11 @@ fn dims_for(plan: &PlanVersion, meter: &str, all: &[(&str, &str)]) -> BTreeMap<S
         .collect()
 }
 
+/// Seconds from `a` to `b` the way proration counts them (boundaries
+/// floored to whole seconds), so the elapsed and the remaining part of a
+/// period always add up to the period.
 fn secs(a: DateTime<Utc>, b: DateTime<Utc>) -> Decimal {
-    Decimal::from((b - a).num_seconds().max(0))
+    Decimal::from(crate::rating::prorated_secs(a, b).max(0))
 }
 
 /// (billed total, cost before the plan's maximum) of the period with `usage`.
