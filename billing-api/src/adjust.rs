@@ -72,8 +72,9 @@ pub fn adjustments(
     let mut out = Vec::new();
     let mut push = |new: Option<&Line>, old: Option<&Line>| {
         let l = new.or(old).expect("one side exists");
-        let amount =
-            new.map_or(Decimal::ZERO, |n| n.amount) - old.map_or(Decimal::ZERO, |o| o.amount);
+        let amount = rerated.money(
+            new.map_or(Decimal::ZERO, |n| n.amount) - old.map_or(Decimal::ZERO, |o| o.amount),
+        );
         let events_delta = new.map_or(0, |n| n.events as i64) - old.map_or(0, |o| o.events as i64);
         let quantity_delta =
             new.map_or(Decimal::ZERO, |n| n.quantity) - old.map_or(Decimal::ZERO, |o| o.quantity);

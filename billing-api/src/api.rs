@@ -66,7 +66,7 @@ impl ApiState {
     /// Reloads a customer's quota entry after a change (best effort: the
     /// periodic refresh catches up if this fails).
     async fn quota_changed(&self, customer: &str) {
-        if let Err(e) = self.quota.reload(customer, Utc::now()).await {
+        if let Err(e) = self.quota.reload(customer, crate::wire::now()).await {
             tracing::warn!(customer, error = %format!("{e:#}"), "quota reload failed; the next refresh will retry");
         }
     }
@@ -227,7 +227,7 @@ async fn authenticate(State(app): State<Arc<ApiState>>, mut req: Request, next: 
         )
         .into_response();
     };
-    let Some(mut who) = app.auth.principal(bearer, Utc::now().timestamp()) else {
+    let Some(mut who) = app.auth.principal(bearer, crate::wire::now().timestamp()) else {
         return ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
@@ -616,7 +616,7 @@ async fn subscribe(
 ) -> Result<(StatusCode, Json<PlanSwitchResult>), ApiError> {
     let actor = who.admin()?;
     let version = resolve_plan(&app, &req.plan, req.version).await?;
-    let at = req.starts_at.unwrap_or_else(Utc::now);
+    let at = req.starts_at.unwrap_or_else(crate::wire::now);
     require_open(&app, &id, at).await?;
     app.state
         .subscribe(&id, &req.plan, version, at, actor)
@@ -680,7 +680,7 @@ async fn get_subscription(
     who.read_customer(&id, &format!("customer {id}"))?;
     query(q)?;
     let history = app.state.subscriptions(&id).await?;
-    Ok(Json(from_now(history, Utc::now())))
+    Ok(Json(from_now(history, crate::wire::now())))
 }
 
 /// Switches that start later (at the period end), in order.
@@ -697,7 +697,7 @@ async fn list_scheduled_changes(
     let history = app.state.subscriptions(&id).await?;
     // A first subscription that starts later is not a change of plan.
     let first = history.first().map(|s| s.id);
-    let view = from_now(history, Utc::now());
+    let view = from_now(history, crate::wire::now());
     Ok(Json(
         view.scheduled
             .into_iter()
@@ -728,7 +728,7 @@ async fn withdraw_scheduled_change(
     let change_id: i64 = change.parse().map_err(|_| not_found())?;
     let w = app
         .state
-        .withdraw_change(&id, change_id, Utc::now(), actor)
+        .withdraw_change(&id, change_id, crate::wire::now(), actor)
         .await?;
     Ok(Json(w))
 }
@@ -852,8 +852,7 @@ async fn planned(app: &ApiState, req: &SwitchRequest) -> Result<PlannedSwitch, A
     let version = resolve_plan(app, &req.plan, req.version).await?;
     // At the stored precision (microseconds), so the instant answered is
     // the instant stored.
-    let now = Utc::now();
-    let now = DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now);
+    let now = crate::wire::now();
     let at = match req.effective.unwrap_or(Effective::Now) {
         Effective::Now => now,
         Effective::PeriodEnd => month_of(now).end,
@@ -877,7 +876,7 @@ async fn preview_switch(
     who.read_customer(&id, &format!("customer {id}"))?;
     app.state.customer(&id).await?;
     let sw = planned(&app, &req).await?;
-    let period = month_of(Utc::now());
+    let period = month_of(crate::wire::now());
     let (s, u, m) = (app.state.as_ref(), app.usage.as_ref(), app.meters.as_ref());
     let current = invoice::rate_period(s, u, m, &id, period, None).await?;
     let with_switch = invoice::rate_period(s, u, m, &id, period, Some(&sw)).await?;
@@ -892,7 +891,7 @@ async fn preview_switch(
     Ok(Json(SwitchPreview {
         effective_at: sw.at,
         period,
-        difference: with_switch.total - current.total,
+        difference: with_switch.money(with_switch.total - current.total),
         current,
         with_switch,
         replaces,
@@ -970,7 +969,7 @@ async fn draft_invoice(
     who.read_customer(&id, &format!("customer {id}"))?;
     let q = query(q)?;
     app.state.customer(&id).await?;
-    let current = month_of(Utc::now());
+    let current = month_of(crate::wire::now());
     let period = match q.period.as_deref() {
         None => current,
         Some(p) => invoice::parse_month(p).ok_or_else(|| {
@@ -1339,7 +1338,7 @@ async fn create_session(
         return Err(ApiError::invalid("ttl_secs: 60 to 86400"));
     }
     app.state.customer(&id).await?;
-    let expires_at = Utc::now() + chrono::Duration::seconds(ttl);
+    let expires_at = crate::wire::now() + chrono::Duration::seconds(ttl);
     let token = auth::mint_session(&app.auth.session_secret, &id, expires_at.timestamp());
     Ok((
         StatusCode::CREATED,
@@ -1384,7 +1383,7 @@ async fn stripe_webhook(
         secret,
         &body,
         sig,
-        Utc::now().timestamp(),
+        crate::wire::now().timestamp(),
         webhook::DEFAULT_TOLERANCE_SECS,
     ) {
         app.metrics
@@ -1456,7 +1455,7 @@ async fn customer_costs(
         &app.meters,
         &app.quota,
         &id,
-        Utc::now(),
+        crate::wire::now(),
     )
     .await?;
     Ok(Json(r))
@@ -1479,7 +1478,7 @@ async fn plan_advisor(
         &app.meters,
         &app.quota,
         &id,
-        Utc::now(),
+        crate::wire::now(),
     )
     .await?;
     Ok(Json(r))

@@ -168,7 +168,7 @@ pub fn new_key(role: Role, customer_id: Option<String>, label: String) -> (ApiKe
         customer_id,
         label,
         key_sha256: hex::encode(Sha256::digest(key.as_bytes())),
-        created_at: chrono::Utc::now(),
+        created_at: crate::wire::now(),
         revoked_at: None,
     };
     (rec, key)

@@ -38,7 +38,9 @@ use crate::catalog::PlanVersion;
 use crate::invoice::{month_of, PlanCache};
 use crate::quota::{projection, Running};
 use crate::quota_service::QuotaService;
-use crate::rating::{matches, rate, LineKind, Period, Rated, SeatInterval, Segment, UsageItem};
+use crate::rating::{
+    matches, rate, with_minor_units, LineKind, Period, Rated, SeatInterval, Segment, UsageItem,
+};
 use crate::state::StateStore;
 use crate::usage::price_groups;
 use aggregator::{Granularity, UsageQuery, UsageStore};
@@ -377,11 +379,13 @@ impl Month {
 }
 
 fn usage_total(r: &Rated) -> Decimal {
-    r.lines
-        .iter()
-        .filter(|l| l.kind == LineKind::Usage)
-        .map(|l| l.amount)
-        .sum()
+    r.money(
+        r.lines
+            .iter()
+            .filter(|l| l.kind == LineKind::Usage)
+            .map(|l| l.amount)
+            .sum(),
+    )
 }
 
 /// Splits `amount` (a multiple of `10^-dp`) by `weights`, largest remainder
@@ -477,12 +481,13 @@ pub async fn report(
         let through = usage_total(&rate(&m.period, &m.segments_through(Some(day)), &m.seats)?);
         daily.push(DayCost {
             date: day.format("%Y-%m-%d").to_string(),
-            amount: through - before,
+            amount: rated.money(through - before),
         });
         before = through;
         day += Duration::days(1);
     }
     let plan = m.current_plan();
+    let money = |x| rated.money(x);
     Ok(CostReport {
         customer_id: customer.to_owned(),
         currency: m.currency(),
@@ -495,20 +500,27 @@ pub async fn report(
         }),
         month_to_date: rated.total,
         usage: usage_sum,
-        fees,
-        plan_adjustments: adjustments,
+        fees: money(fees),
+        plan_adjustments: money(adjustments),
         forecast: m.forecast()?,
         spending_cap: m
             .own_cap
-            .or_else(|| plan.and_then(|p| p.limits.default_spending_cap)),
-        own_spending_cap: m.own_cap,
+            .or_else(|| plan.and_then(|p| p.limits.default_spending_cap))
+            .map(money),
+        own_spending_cap: m.own_cap.map(money),
         by_meter: by_meter
             .into_iter()
-            .map(|(key, amount)| Amount { key, amount })
+            .map(|(key, amount)| Amount {
+                key,
+                amount: money(amount),
+            })
             .collect(),
         by_app: by_app
             .into_iter()
-            .map(|(key, amount)| Amount { key, amount })
+            .map(|(key, amount)| Amount {
+                key,
+                amount: money(amount),
+            })
             .collect(),
         daily,
     })
@@ -548,7 +560,7 @@ pub async fn advisor(
             current: current.as_ref() == Some(&(p.plan.clone(), p.version)),
             month_to_date: mtd,
             forecast,
-            saving: own - forecast,
+            saving: with_minor_units(own - forecast, p.minor_units),
             fits: note.is_none(),
             note,
         });

@@ -137,6 +137,8 @@ pub struct NewInvoice {
 pub fn billed(inv: &Invoice) -> Rated {
     Rated {
         currency: inv.currency.clone(),
+        // The subtotal was written with the currency's digits.
+        minor_units: inv.subtotal.scale(),
         lines: inv.body.lines.clone(),
         total: inv.subtotal,
     }
@@ -169,7 +171,7 @@ pub fn build(
         }
         None => (vec![], None),
     };
-    let adjustments_total: Decimal = adjs.iter().map(|a| a.amount).sum();
+    let adjustments_total = rated.money(adjs.iter().map(|a| a.amount).sum());
     let carried: Vec<CarriedInvoice> = carried
         .iter()
         .filter(|c| c.customer_id == customer && c.period.start < period.start)
@@ -179,8 +181,8 @@ pub fn build(
             total: c.total,
         })
         .collect();
-    let carried_in: Decimal = carried.iter().map(|c| c.total).sum();
-    let total = rated.total + adjustments_total + carried_in;
+    let carried_in = rated.money(carried.iter().map(|c| c.total).sum());
+    let total = rated.money(rated.total + adjustments_total + carried_in);
     let status = if total.is_zero() {
         sync_status::NOTHING_DUE
     } else if total < min_charge {
@@ -193,7 +195,7 @@ pub fn build(
         customer_id: customer.to_owned(),
         period,
         currency: rated.currency.clone(),
-        subtotal: rated.total,
+        subtotal: rated.money(rated.total),
         adjustments_total,
         carried_in,
         total,

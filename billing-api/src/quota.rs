@@ -37,7 +37,7 @@
 //! stopped here rather than given away.
 
 use crate::catalog::PlanVersion;
-use crate::rating::{rate, Period, SeatInterval, Segment, UsageItem};
+use crate::rating::{rate, with_minor_units, Period, SeatInterval, Segment, UsageItem};
 use crate::usage::price_groups;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -246,7 +246,10 @@ fn priced_type(plan: &PlanVersion, ty: &str) -> bool {
 
 /// The decision for `ask`.
 pub fn decide(q: &QuotaInput, ask: &Ask) -> anyhow::Result<Decision> {
-    let cap = q.spending_cap.or(q.plan.limits.default_spending_cap);
+    let cap = q
+        .spending_cap
+        .or(q.plan.limits.default_spending_cap)
+        .map(|c| with_minor_units(c, q.plan.minor_units));
     let left = secs(q.now.max(q.period.start), q.period.end);
     // The asked volume's size now (0 when new or when asking for instances).
     let volume_now = match ask {

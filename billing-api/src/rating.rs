@@ -52,6 +52,27 @@ fn snap(x: Decimal) -> Decimal {
     x.round_dp(SNAP_DP)
 }
 
+/// Digits of a currency's minor unit when no plan says otherwise.
+pub const DEFAULT_MINOR_UNITS: u32 = 2;
+
+fn default_minor_units() -> u32 {
+    DEFAULT_MINOR_UNITS
+}
+
+/// `amount` written with at least the currency's `minor_units` digits:
+/// `"20.00"` and `"0.00"` for USD, not `"20"` and `"0"`. The value never
+/// changes: an amount with more digits (a cap a customer set to the
+/// thousandth, say) keeps them. Every amount Tally answers with passes
+/// through here once it is rounded; sums and differences of such amounts
+/// keep the digits.
+pub fn with_minor_units(amount: Decimal, minor_units: u32) -> Decimal {
+    let mut a = amount;
+    if a.scale() < minor_units {
+        a.rescale(minor_units);
+    }
+    a
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Period {
     pub start: DateTime<Utc>,
@@ -137,6 +158,9 @@ pub struct Line {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Rated {
     pub currency: String,
+    /// Digits of the currency's minor unit (the plan's `minor_units`).
+    #[serde(default = "default_minor_units")]
+    pub minor_units: u32,
     pub lines: Vec<Line>,
     /// Sum of the rounded lines.
     pub total: Decimal,
@@ -146,11 +170,18 @@ impl Rated {
     /// The total without the plan's maximum (what the usage itself costs;
     /// spending caps and alerts compare this).
     pub fn before_maximum(&self) -> Decimal {
-        self.lines
-            .iter()
-            .filter(|l| l.kind != LineKind::MaximumCap)
-            .map(|l| l.amount)
-            .sum()
+        self.money(
+            self.lines
+                .iter()
+                .filter(|l| l.kind != LineKind::MaximumCap)
+                .map(|l| l.amount)
+                .sum(),
+        )
+    }
+
+    /// `amount` with this rating's currency digits ([`with_minor_units`]).
+    pub fn money(&self, amount: Decimal) -> Decimal {
+        with_minor_units(amount, self.minor_units)
     }
 }
 
@@ -323,8 +354,12 @@ pub fn rate(
             num: Decimal::from(secs(s.start, s.end)),
             den,
         };
-        let round =
-            |x: Decimal| snap(x).round_dp_with_strategy(plan.minor_units, plan.rounding.strategy());
+        let round = |x: Decimal| {
+            with_minor_units(
+                snap(x).round_dp_with_strategy(plan.minor_units, plan.rounding.strategy()),
+                plan.minor_units,
+            )
+        };
         let line = |kind, description: String| Line {
             kind,
             description,
@@ -441,13 +476,17 @@ pub fn rate(
         }
         lines.extend(seg_lines);
     }
-    let total = lines.iter().map(|l| l.amount).sum();
+    let minor_units = segments
+        .first()
+        .map_or(DEFAULT_MINOR_UNITS, |s| s.plan.minor_units);
+    let total = with_minor_units(lines.iter().map(|l| l.amount).sum(), minor_units);
     let currency = segments
         .first()
         .map(|s| s.plan.currency.clone())
         .unwrap_or_default();
     Ok(Rated {
         currency,
+        minor_units,
         lines,
         total,
     })
