@@ -15,6 +15,13 @@
 //! A number that passes is one whose `serde_json::Number` prints (shortest
 //! round-trip form) to the same decimal value as its text, so every later
 //! `Decimal` parse of `Number::to_string()` is exact.
+//!
+//! Most documents hold no number that could be inexact, and no duplicate
+//! key: those are read in one pass ([`fast`]). A document is read that way
+//! only when a scan of its text ([`every_number_is_exact`]) shows each of its
+//! numbers to be one an `f64` or an integer holds exactly; one pass building
+//! the value refuses a duplicate key. Anything else (a duplicate, a long or
+//! exponent number) goes through the walk above, which names the field.
 
 use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
@@ -76,6 +83,17 @@ pub fn kind_of(raw: &RawValue) -> &'static str {
 /// parsed, for the caller to refuse.
 pub fn read(raw: &RawValue, path: &str, reading: &mut Reading) -> Result<Value, String> {
     let text = raw.get();
+    if every_number_is_exact(text) {
+        if let Ok(v) = fast(text) {
+            return Ok(v);
+        }
+    }
+    walk(raw, path, reading)
+}
+
+/// The walk of [`read`]: each value's text is read again below its parent.
+fn walk(raw: &RawValue, path: &str, reading: &mut Reading) -> Result<Value, String> {
+    let text = raw.get();
     match text.as_bytes().first() {
         Some(b'{') => {
             let entries: Entries =
@@ -83,7 +101,7 @@ pub fn read(raw: &RawValue, path: &str, reading: &mut Reading) -> Result<Value, 
             let mut map = Map::new();
             for (k, v) in entries.0 {
                 let child = join(path, &k);
-                let value = read(v, &child, reading)?;
+                let value = walk(v, &child, reading)?;
                 if map.insert(k, value).is_some() {
                     return Err(format!("duplicate key `{child}`"));
                 }
@@ -96,7 +114,7 @@ pub fn read(raw: &RawValue, path: &str, reading: &mut Reading) -> Result<Value, 
             items
                 .into_iter()
                 .enumerate()
-                .map(|(i, v)| read(v, &format!("{path}[{i}]"), reading))
+                .map(|(i, v)| walk(v, &format!("{path}[{i}]"), reading))
                 .collect::<Result<Vec<_>, _>>()
                 .map(Value::Array)
         }
@@ -114,6 +132,114 @@ pub fn read(raw: &RawValue, path: &str, reading: &mut Reading) -> Result<Value, 
             }
             Ok(Value::Number(n))
         }
+    }
+}
+
+/// Whether every number in the JSON text `text` is one `serde_json` reads
+/// exactly whatever its digits: an integer of at most 18 digits (an `i64`
+/// or a `u64`), or a numeral with a fraction, no exponent and at most 15
+/// significant digits (an `f64` keeps 15, so its shortest form is the
+/// numeral's value). `false` says nothing: the number may still be exact.
+fn every_number_is_exact(text: &str) -> bool {
+    let b = text.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'"' => {
+                // Skip the string, escapes included.
+                i += 1;
+                while i < b.len() && b[i] != b'"' {
+                    i += if b[i] == b'\\' { 2 } else { 1 };
+                }
+                i += 1;
+            }
+            b'-' | b'0'..=b'9' => {
+                let (mut digits, mut leading, mut fraction) = (0usize, true, false);
+                while i < b.len() {
+                    match b[i] {
+                        b'0' if leading => {}
+                        b'0'..=b'9' => {
+                            leading = false;
+                            digits += 1;
+                        }
+                        b'.' => fraction = true,
+                        b'e' | b'E' => return false,
+                        b'-' | b'+' => {}
+                        _ => break,
+                    }
+                    i += 1;
+                }
+                if digits > if fraction { 15 } else { 18 } {
+                    return false;
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    true
+}
+
+/// One pass over `text` into a [`Value`], refusing a duplicate key. Only
+/// for texts whose numbers [`every_number_is_exact`] passed.
+fn fast(text: &str) -> Result<Value, serde_json::Error> {
+    serde_json::from_str::<Strict>(text).map(|s| s.0)
+}
+
+/// A [`Value`] read with duplicate keys refused.
+struct Strict(Value);
+
+impl<'de> Deserialize<'de> for Strict {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(StrictVisitor).map(Strict)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> Visitor<'de> for StrictVisitor {
+    type Value = Value;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::Number(v.into()))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::Number(v.into()))
+    }
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Value, E> {
+        Number::from_f64(v)
+            .map(Value::Number)
+            .ok_or_else(|| E::custom("a number JSON cannot hold"))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Value, A::Error> {
+        let mut out = Vec::with_capacity(a.size_hint().unwrap_or(0));
+        while let Some(Strict(v)) = a.next_element()? {
+            out.push(v);
+        }
+        Ok(Value::Array(out))
+    }
+    fn visit_map<M: MapAccess<'de>>(self, mut m: M) -> Result<Value, M::Error> {
+        let mut map = Map::new();
+        while let Some(k) = m.next_key::<String>()? {
+            let Strict(v) = m.next_value()?;
+            if map.insert(k, v).is_some() {
+                return Err(serde::de::Error::custom("duplicate key"));
+            }
+        }
+        Ok(Value::Object(map))
     }
 }
 
@@ -211,6 +337,38 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn the_scan_passes_only_numbers_read_exactly() {
+        for exact in [
+            r#"{"a":1,"b":-2.5,"c":"1e400 123456789012.123456","d":[0.000000000001]}"#,
+            r#"{"n":123456789012345678,"f":123456.789012345,"s":"\"9.99999999999999999\""}"#,
+        ] {
+            assert!(every_number_is_exact(exact), "{exact}");
+        }
+        for maybe in [
+            "1e5",
+            "1234567890123456789",
+            "1234567890.1234567",
+            r#"{"a":"x\\","b":0.12345678901234567890}"#,
+        ] {
+            assert!(!every_number_is_exact(maybe), "{maybe}");
+        }
+    }
+
+    #[test]
+    fn one_pass_and_the_walk_read_the_same() {
+        for s in [
+            r#"{"a":[1,"x",true,null,{"b":2.5}],"c":"\u00e9","d":{"e":-0,"f":"\"}"}}"#,
+            r#"[{"a":1},{"a":2},[],{}]"#,
+            r#"{"big":18446744073709551615,"neg":-9223372036854775808,"f":0.1}"#,
+        ] {
+            let raw: &RawValue = serde_json::from_str(s).unwrap();
+            let mut r = Reading::default();
+            assert_eq!(fast(s).unwrap(), walk(raw, "", &mut r).unwrap(), "{s}");
+        }
+        assert!(fast(r#"{"a":{"b":1,"b":2}}"#).is_err());
     }
 
     #[test]
