@@ -157,7 +157,7 @@ impl QuotaService {
                 },
             ));
         }
-        let secs = Decimal::from((to - from).num_seconds().max(1));
+        let secs = Decimal::from(crate::rating::prorated_secs(from, to).max(1));
         let answers = match customer {
             Some(c) => {
                 let mut v = Vec::new();
