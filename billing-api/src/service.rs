@@ -243,7 +243,8 @@ pub async fn serve_until(
     let sched = tokio::spawn(scheduler(finalizer, sync, every, stop_rx.clone()));
     tokio::spawn(refresh_keys(api.clone(), stop_rx));
     tracing::info!(addr = %listener.local_addr()?, "billing-api listening");
-    axum::serve(listener, router(api))
+    // hyper's own 414/431/400 answers carry the error envelope too.
+    axum::serve(serving::JsonErrors::new(listener), router(api))
         .with_graceful_shutdown(shutdown)
         .await?;
     let _ = stop_tx.send(true);

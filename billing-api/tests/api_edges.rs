@@ -224,3 +224,136 @@ async fn every_error_carries_the_envelope() {
     assert_eq!(s, 400, "{v}");
     assert!(v["code"].is_string() && v["message"].is_string(), "{v}");
 }
+
+/// One response read off a raw connection: status, head, JSON body.
+fn raw_response(raw: &[u8]) -> (u16, String, Value) {
+    let text = String::from_utf8_lossy(raw);
+    let (head, body) = text.split_once("\r\n\r\n").expect("a response head");
+    let status = head[9..12].parse().unwrap();
+    let head = head.to_ascii_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map(|v| v.trim().parse().unwrap())
+        .expect("content-length");
+    assert_eq!(body.len(), len, "content-length matches the body: {text}");
+    let v = serde_json::from_str(body).unwrap_or(Value::Null);
+    (status, head, v)
+}
+
+/// Item 9: hyper answers a head it cannot parse before the router sees it
+/// (a 100 kB path: 414); the `billing-api serve` process answers that with
+/// the envelope too, and a normal request on the same server still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_uri_over_the_limit_gets_the_envelope_from_the_real_server() {
+    use std::process::{Command, Stdio};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (url, _st, _pool) = pg("apiedges_uri").await;
+    let (ch, db, _usage) = clickhouse("apiedges_uri").await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let hash = Command::new(env!("CARGO_BIN_EXE_billing-api"))
+        .args(["hash-key", "edges-key"])
+        .output()
+        .unwrap();
+    let hash = String::from_utf8(hash.stdout).unwrap().trim().to_owned();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_billing-api"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .env("TALLY_DATABASE_URL", &url)
+        .env("TALLY_CLICKHOUSE_URL", &ch)
+        .env("TALLY_CLICKHOUSE_DATABASE", &db)
+        .env("TALLY_ADMIN_KEY_SHA256", &hash)
+        .env_remove("STRIPE_SECRET_KEY")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while http.get(format!("{base}/healthz")).send().await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "serve did not come up"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    // A normal request first on the kept-alive connection.
+    s.write_all(b"GET /v1/plans HTTP/1.1\r\nhost: x\r\nauthorization: Bearer edges-key\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    let plans = loop {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            if let Ok(v) = serde_json::from_str::<Value>(body) {
+                assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+                break v;
+            }
+        }
+    };
+    assert_eq!(plans.as_array().map(Vec::len), Some(4), "{plans}");
+    let long = format!(
+        "GET /v1/customers/{} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer edges-key\r\n\r\n",
+        "c".repeat(100_000)
+    );
+    // The server may answer and close before it has read all of it.
+    let _ = s.write_all(long.as_bytes()).await;
+    let mut raw = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut raw))
+        .await
+        .expect("closed after the 414")
+        .unwrap();
+    let (status, head, v) = raw_response(&raw);
+    assert_eq!(status, 414, "{head}");
+    assert!(head.contains("content-type: application/json"), "{head}");
+    assert!(says(&v, "uri_too_long", &["longer"]), "{v}");
+
+    // The server still answers, on a new connection.
+    let r = http
+        .get(format!("{base}/v1/plans"))
+        .bearer_auth("edges-key")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (s404, v) = {
+        let r = http
+            .get(format!("{base}/v1/nothing-here"))
+            .bearer_auth("edges-key")
+            .send()
+            .await
+            .unwrap();
+        (r.status(), r.json::<Value>().await.unwrap())
+    };
+    assert_eq!(s404, 404, "{v}");
+    assert!(v["code"].is_string(), "{v}");
+
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no exit after SIGTERM"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "exit status {status}");
+}

@@ -84,7 +84,8 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
     };
     let listener = tokio::net::TcpListener::bind(&cfg.listen).await?;
     tracing::info!(addr = %listener.local_addr()?, "collector listening");
-    axum::serve(listener, router(state))
+    // hyper's own 414/431/400 answers carry the error envelope too.
+    axum::serve(serving::JsonErrors::new(listener), router(state))
         .with_graceful_shutdown(async move {
             let _ = shutdown.wait_for(|v| *v).await;
         })

@@ -193,7 +193,7 @@ pub async fn run(
     });
     let ingest_stop = stop_http();
     let ingest_http = tokio::spawn(async move {
-        axum::serve(ingest_listener, router(ingest_state))
+        axum::serve(serving::JsonErrors::new(ingest_listener), router(ingest_state))
             .with_graceful_shutdown(ingest_stop)
             .await
     });
