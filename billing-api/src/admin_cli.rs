@@ -8,9 +8,15 @@
 //! billing-api admin preview <customer> <plan> [--version N] [--at-period-end]
 //! billing-api admin switch  <customer> <plan> [--version N] [--at-period-end] --yes
 //! billing-api admin audit   <customer>
+//! billing-api admin scheduled-changes list     --customer <customer>
+//! billing-api admin scheduled-changes withdraw --customer <customer> --change <id>
 //! ```
 //!
-//! `switch` without `--yes` only previews. Output is text for people;
+//! `switch` without `--yes` only previews. `scheduled-changes` lists the
+//! switches that start later (`--at-period-end`), each with its id, and
+//! withdraws one by id: the plan before it runs on (the API's
+//! `/v1/customers/{id}/scheduled-changes`; withdrawing again answers the
+//! same change, one already in effect is refused). Output is text for people;
 //! `--json` prints the API's JSON instead.
 
 use clap::{Args, Subcommand};
@@ -55,6 +61,28 @@ pub enum AdminCommand {
     },
     /// The customer's audit log.
     Audit { customer: String },
+    /// List or withdraw plan switches scheduled for later.
+    #[command(subcommand)]
+    ScheduledChanges(ScheduledCommand),
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum ScheduledCommand {
+    /// The customer's scheduled plan switches, in order, with their ids.
+    List {
+        /// The customer's Tally id.
+        #[arg(long)]
+        customer: String,
+    },
+    /// Withdraw a scheduled switch: the plan before it runs on.
+    Withdraw {
+        /// The customer's Tally id.
+        #[arg(long)]
+        customer: String,
+        /// The scheduled change's id (from `scheduled-changes list`).
+        #[arg(long, value_name = "ID")]
+        change: i64,
+    },
 }
 
 #[derive(Args, Debug, Clone)]
@@ -279,8 +307,71 @@ pub async fn run(args: &AdminArgs) -> anyhow::Result<String> {
                 );
             }
         }
+        AdminCommand::ScheduledChanges(ScheduledCommand::List { customer }) => {
+            // The customer first, so that an unknown one is an error
+            // naming the flag rather than an empty list.
+            let path = format!("/v1/customers/{}", urlencode(customer));
+            c.call(M::GET, &path, None)
+                .await
+                .map_err(|e| naming(&format!("--customer {customer}"), e))?;
+            let v = c
+                .call(M::GET, &format!("{path}/scheduled-changes"), None)
+                .await
+                .map_err(|e| naming(&format!("--customer {customer}"), e))?;
+            if args.json {
+                return Ok(v.to_string());
+            }
+            let changes = v.as_array().cloned().unwrap_or_default();
+            if changes.is_empty() {
+                let _ = writeln!(out, "no scheduled changes for {customer}");
+            }
+            for ch in &changes {
+                let _ = writeln!(
+                    out,
+                    "change {}: {} v{} from {}",
+                    ch["id"],
+                    ch["plan"].as_str().unwrap_or(""),
+                    ch["version"],
+                    ch["start"].as_str().unwrap_or("")
+                );
+            }
+        }
+        AdminCommand::ScheduledChanges(ScheduledCommand::Withdraw { customer, change }) => {
+            let v = c
+                .call(
+                    M::DELETE,
+                    &format!(
+                        "/v1/customers/{}/scheduled-changes/{change}",
+                        urlencode(customer)
+                    ),
+                    None,
+                )
+                .await
+                .map_err(|e| naming(&format!("--customer {customer} --change {change}"), e))?;
+            if args.json {
+                return Ok(v.to_string());
+            }
+            let _ = writeln!(
+                out,
+                "withdrew change {} of {customer}: {} v{} from {} (the plan before it runs on)",
+                v["id"],
+                v["plan"].as_str().unwrap_or(""),
+                v["version"],
+                v["start"].as_str().unwrap_or("")
+            );
+        }
     }
     Ok(out)
+}
+
+/// An answer of the API refusing `flags`, prefixed with them (an error
+/// reaching the API already names `--url`).
+fn naming(flags: &str, e: anyhow::Error) -> anyhow::Error {
+    if e.to_string().starts_with("--url") {
+        e
+    } else {
+        anyhow::anyhow!("{flags}: {e}")
+    }
 }
 
 /// Percent-encodes a path or query component.

@@ -1,8 +1,8 @@
 //! The `billing-api serve` process: loads the catalog at start, answers
 //! the API, its scheduler finalizes closed periods by itself, the staff
 //! command line (`billing-api admin`) finds a customer, previews and
-//! confirms a switch and reads the audit log through it, and SIGTERM stops
-//! it cleanly.
+//! confirms a switch, lists and withdraws a scheduled switch and reads the
+//! audit log through it, and SIGTERM stops it cleanly.
 
 #[path = "../../aggregator/tests/support/mod.rs"]
 mod pipeline;
@@ -220,6 +220,91 @@ async fn serve_loads_catalog_finalizes_and_stops_on_sigterm() {
     let (ok, out, _) = admin(&["audit", "cus_s"]);
     assert!(
         ok && out.contains("subscription.switch") && out.contains("/carol"),
+        "{out}"
+    );
+
+    // Scheduled changes: listed with their ids, withdrawn by id; errors
+    // name the flag.
+    let (ok, out, err) = admin(&["scheduled-changes", "list", "--customer", "cus_s"]);
+    assert!(ok && out.contains(": team v1 from "), "{out}{err}");
+    let (ok, out, err) = admin(&["--json", "scheduled-changes", "list", "--customer", "cus_s"]);
+    assert!(ok, "{err}");
+    let listed: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let change = listed[0]["id"].as_i64().expect("a change id");
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    let change_s = change.to_string();
+    for (args, words) in [
+        (&["scheduled-changes", "list"][..], &["--customer"][..]),
+        (
+            &["scheduled-changes", "list", "--customer", "nobody"],
+            &["--customer nobody", "404"],
+        ),
+        (
+            &["scheduled-changes", "withdraw", "--change", &change_s],
+            &["--customer"],
+        ),
+        (
+            &[
+                "scheduled-changes",
+                "withdraw",
+                "--customer",
+                "cus_s",
+                "--change",
+                "abc",
+            ],
+            &["--change", "abc"],
+        ),
+        (
+            &["scheduled-changes", "withdraw", "--customer", "cus_s"],
+            &["--change"],
+        ),
+        (
+            &[
+                "scheduled-changes",
+                "withdraw",
+                "--customer",
+                "cus_s",
+                "--change",
+                "987654",
+            ],
+            &["--change 987654", "404"],
+        ),
+    ] {
+        let (ok, out, err) = admin(args);
+        assert!(!ok, "{args:?}: {out}");
+        for w in words {
+            assert!(err.contains(w), "{args:?} should say {w}: {err}");
+        }
+    }
+    let withdraw = [
+        "scheduled-changes",
+        "withdraw",
+        "--customer",
+        "cus_s",
+        "--change",
+        &change_s,
+    ];
+    let (ok, out, err) = admin(&withdraw);
+    assert!(
+        ok && out.contains(&format!("withdrew change {change} of cus_s: team v1 from ")),
+        "{out}{err}"
+    );
+    // Again: the same change (safe to retry).
+    let (ok, again, err) = admin(&withdraw);
+    assert!(ok && again == out, "{again}{err}");
+    let (ok, out, err) = admin(&["scheduled-changes", "list", "--customer", "cus_s"]);
+    assert!(
+        ok && out.contains("no scheduled changes for cus_s"),
+        "{out}{err}"
+    );
+    let (_, out, _) = admin(&["find", "cus_s"]);
+    assert!(
+        out.contains("plan: payg v1") && !out.contains("scheduled:"),
+        "{out}"
+    );
+    let (ok, out, _) = admin(&["audit", "cus_s"]);
+    assert!(
+        ok && out.contains("subscription.withdraw") && out.contains("/carol"),
         "{out}"
     );
     let out = Command::new(env!("CARGO_BIN_EXE_billing-api"))
