@@ -19,12 +19,12 @@
 //! `total = subtotal + adjustments_total + carried_in`, every part a sum of
 //! lines already rounded to the minor unit.
 
-use crate::adjust::{adjustments, AdjustmentLine, OriginalInvoice};
-use crate::catalog::PlanVersion;
-use crate::rating::{rate, Line, Period, Rated, SeatInterval, Segment};
 use crate::state::{sync_status, Invoice, PlanSegment, StateResult, StateStore};
 use crate::usage::{segment_usage_from, PeriodUsage};
 use aggregator::UsageStore;
+use billing_domain::adjust::{adjustments, AdjustmentLine, OriginalInvoice};
+use billing_domain::catalog::PlanVersion;
+use billing_domain::rating::{rate, Line, Period, Rated, SeatInterval, Segment};
 use chrono::{DateTime, Datelike, TimeZone, Utc};
 use rust_decimal::Decimal;
 use schemas::MeterCatalog;

@@ -20,9 +20,9 @@ pub mod postgres;
 pub mod sqlite;
 
 use crate::auth::ApiKey;
-use crate::catalog::PlanVersion;
 use crate::invoice::{InvoiceBody, NewInvoice};
-use crate::rating::{Period, SeatInterval};
+use billing_domain::catalog::PlanVersion;
+use billing_domain::rating::{Period, SeatInterval};
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use rust_decimal::Decimal;

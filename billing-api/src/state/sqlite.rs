@@ -40,9 +40,9 @@ use super::{
     SUBSCRIPTION_COLUMNS, WITHDRAW_ACTION,
 };
 use crate::auth::ApiKey;
-use crate::catalog::PlanVersion;
 use crate::invoice::NewInvoice;
-use crate::rating::{Period, SeatInterval};
+use billing_domain::catalog::PlanVersion;
+use billing_domain::rating::{Period, SeatInterval};
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use rust_decimal::Decimal;
