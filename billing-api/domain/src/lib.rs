@@ -1,6 +1,7 @@
 //! Tally's billing rules, free of I/O: the catalog and its validation
 //! ([`catalog`]), rating with allowances ([`rating`]), re-rating into
-//! adjustment lines ([`adjust`]), quota decisions ([`quota`]), webhook
+//! adjustment lines ([`adjust`]), invoice building, periods and numbering
+//! ([`invoice`]), quota decisions ([`quota`]), webhook
 //! signatures ([`webhook`]) and how decimals and instants are read from
 //! request bodies and catalog files ([`wire`]).
 //!
@@ -12,6 +13,7 @@
 
 pub mod adjust;
 pub mod catalog;
+pub mod invoice;
 pub mod quota;
 pub mod rating;
 pub mod webhook;
