@@ -124,7 +124,7 @@ pub struct NewInvoice {
     pub body: InvoiceBody,
     /// What finalization will do with it: `pending` (send), `carried_forward`
     /// (below the minimum charge) or `nothing_due` (zero).
-    pub sync_status: String,
+    pub sync_status: SyncStatus,
 }
 
 /// The rating a finalized invoice billed for its own period.
@@ -178,11 +178,11 @@ pub fn build(
     let carried_in = rated.money(carried.iter().map(|c| c.total).sum());
     let total = rated.money(rated.total + adjustments_total + carried_in);
     let status = if total.is_zero() {
-        sync_status::NOTHING_DUE
+        SyncStatus::NothingDue
     } else if total < min_charge {
-        sync_status::CARRIED_FORWARD
+        SyncStatus::CarriedForward
     } else {
-        sync_status::PENDING
+        SyncStatus::Pending
     };
     NewInvoice {
         id: invoice_id(customer, period),
@@ -199,21 +199,61 @@ pub fn build(
             adjusted,
             carried,
         },
-        sync_status: status.to_owned(),
+        sync_status: status,
     }
 }
 
-/// Delivery of a finalized invoice to the payment provider.
-pub mod sync_status {
+/// Delivery of a finalized invoice to the payment provider, stored and
+/// answered as its snake_case name (`carried_forward`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncStatus {
     /// Waiting to be sent to Stripe (or Stripe sync is off).
-    pub const PENDING: &str = "pending";
-    pub const SYNCED: &str = "synced";
+    Pending,
+    Synced,
     /// Below the minimum charge: not sent, added to the next invoice.
-    pub const CARRIED_FORWARD: &str = "carried_forward";
+    CarriedForward,
     /// Total zero: nothing to send.
-    pub const NOTHING_DUE: &str = "nothing_due";
+    NothingDue,
     /// Sent but Stripe's total disagrees, or Stripe refused it; needs a human.
-    pub const FAILED: &str = "failed";
+    Failed,
+}
+
+impl SyncStatus {
+    pub const ALL: [SyncStatus; 5] = [
+        SyncStatus::Pending,
+        SyncStatus::Synced,
+        SyncStatus::CarriedForward,
+        SyncStatus::NothingDue,
+        SyncStatus::Failed,
+    ];
+
+    /// The stored and answered name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncStatus::Pending => "pending",
+            SyncStatus::Synced => "synced",
+            SyncStatus::CarriedForward => "carried_forward",
+            SyncStatus::NothingDue => "nothing_due",
+            SyncStatus::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for SyncStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for SyncStatus {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        SyncStatus::ALL
+            .into_iter()
+            .find(|v| v.as_str() == s)
+            .ok_or_else(|| format!("unknown sync status {s:?}"))
+    }
 }
 
 /// A finalized invoice: immutable except for its status fields.
@@ -231,7 +271,7 @@ pub struct Invoice {
     pub total: Decimal,
     pub body: InvoiceBody,
     pub finalized_at: DateTime<Utc>,
-    pub sync_status: String,
+    pub sync_status: SyncStatus,
     pub stripe_invoice_id: Option<String>,
     pub carried_to: Option<String>,
     /// `open`, `paid`, `payment_failed` or `void` (from Stripe's webhooks).
@@ -243,6 +283,15 @@ pub struct Invoice {
 mod tests {
     use super::*;
     use chrono::TimeZone;
+
+    #[test]
+    fn sync_statuses_read_back_their_names() {
+        for s in SyncStatus::ALL {
+            assert_eq!(s.as_str().parse::<SyncStatus>(), Ok(s));
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
+        assert!("bogus".parse::<SyncStatus>().is_err());
+    }
 
     #[test]
     fn periods_are_written_yyyy_mm() {

@@ -166,7 +166,7 @@ pub struct PublishedPlan {
     pub retired: bool,
 }
 
-pub use billing_domain::invoice::{sync_status, Invoice};
+pub use billing_domain::invoice::{Invoice, SyncStatus};
 
 pub trait StateStore: Send + Sync + 'static {
     fn migrate(&self) -> BoxFuture<'_, StateResult<()>>;
@@ -329,7 +329,7 @@ pub trait StateStore: Send + Sync + 'static {
     fn set_sync_status<'a>(
         &'a self,
         invoice: &'a str,
-        status: &'a str,
+        status: SyncStatus,
         error: Option<&'a str>,
     ) -> BoxFuture<'a, StateResult<()>>;
     // Quota settings (audited).
@@ -485,7 +485,10 @@ pub(crate) fn invoice_from(r: &impl StateRow) -> StateResult<Invoice> {
         body: serde_json::from_value(r.json("body")?)
             .map_err(|e| StateError::Invalid(format!("stored invoice body: {e}")))?,
         finalized_at: r.time("finalized_at")?,
-        sync_status: r.text("sync_status")?,
+        sync_status: r
+            .text("sync_status")?
+            .parse()
+            .map_err(|e| StateError::Invalid(format!("stored invoice: {e}")))?,
         stripe_invoice_id: r.opt_text("stripe_invoice_id")?,
         carried_to: r.opt_text("carried_to")?,
         payment_status: r.text("payment_status")?,
