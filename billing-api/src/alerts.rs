@@ -24,13 +24,13 @@
 //!   sent again): receivers deduplicate on `Tally-Alert-Id`.
 //! - Without `--alert-webhook-url` nothing is evaluated or sent.
 
-use crate::catalog::PriceModel;
 use crate::metrics::Metrics;
-use crate::quota::cost_to_date;
 use crate::quota_service::{Entry, QuotaService};
-use crate::rating::matches;
 use crate::state::{Alert, AlertOutcome, NewAlert, StateStore};
-use crate::webhook;
+use billing_domain::catalog::PriceModel;
+use billing_domain::quota::cost_to_date;
+use billing_domain::rating::matches;
+use billing_domain::webhook;
 use chrono::{DateTime, Duration, Utc};
 use rust_decimal::Decimal;
 use serde_json::json;
@@ -134,7 +134,7 @@ pub fn evaluate(customer: &str, e: &Entry, thresholds: &[u32]) -> anyhow::Result
         }
     }
     let period_secs =
-        Decimal::from(crate::rating::prorated_secs(e.period.start, e.period.end).max(1));
+        Decimal::from(billing_domain::rating::prorated_secs(e.period.start, e.period.end).max(1));
     for p in &e.plan.prices {
         let allowance = match (&p.allowance_per_seat, &p.model) {
             (Some(per_seat), _) => {
@@ -143,7 +143,7 @@ pub fn evaluate(customer: &str, e: &Entry, thresholds: &[u32]) -> anyhow::Result
                     .iter()
                     .map(|s| {
                         Decimal::from(s.seats)
-                            * Decimal::from(crate::rating::prorated_secs(s.start, s.end))
+                            * Decimal::from(billing_domain::rating::prorated_secs(s.start, s.end))
                     })
                     .sum();
                 *per_seat * seat_secs / period_secs

@@ -22,16 +22,12 @@
 //! names the person. The webhook is authenticated by its Stripe signature.
 
 use crate::auth::{self, ApiKey, Authenticator, Principal, Role};
-use crate::catalog::{CatalogError, PlanVersion};
 use crate::invoice::{self, month_of, NewInvoice, PlannedSwitch};
 use crate::metrics::Metrics;
-use crate::quota::{Ask, Decision};
 use crate::quota_service::{QuotaService, Snapshot};
-use crate::rating::{Period, Rated};
 use crate::state::{
     App, AuditEntry, Customer, Invoice, PublishedPlan, StateError, StateStore, Subscription,
 };
-use crate::webhook;
 use aggregator::UsageStore;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
@@ -40,6 +36,10 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
+use billing_domain::catalog::{CatalogError, PlanVersion};
+use billing_domain::quota::{Ask, Decision};
+use billing_domain::rating::{Period, Rated};
+use billing_domain::webhook;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use schemas::MeterCatalog;
@@ -1043,7 +1043,7 @@ pub struct RerateReport {
     pub reproduces: bool,
     /// Lines that differ (late usage since finalization shows up here and
     /// on the next invoice as adjustments).
-    pub differences: Vec<crate::adjust::AdjustmentLine>,
+    pub differences: Vec<billing_domain::adjust::AdjustmentLine>,
 }
 
 /// Re-rates a finalized invoice from raw events and compares.
@@ -1059,11 +1059,11 @@ async fn rerate_invoice(
     let rerated =
         invoice::rerate(app.state.as_ref(), app.usage.as_ref(), &app.meters, &inv).await?;
     let billed = invoice::billed(&inv);
-    let original = crate::adjust::OriginalInvoice {
+    let original = billing_domain::adjust::OriginalInvoice {
         number: inv.number.clone(),
         period: inv.period,
     };
-    let differences = crate::adjust::adjustments(&billed, &rerated, &original);
+    let differences = billing_domain::adjust::adjustments(&billed, &rerated, &original);
     Ok(Json(RerateReport {
         invoice: inv.number,
         period: inv.period,

@@ -34,16 +34,16 @@
 //!   spending cap the forecast passes (the free tier), is listed as not
 //!   fitting, after those that fit.
 
-use crate::catalog::PlanVersion;
 use crate::invoice::{month_of, PlanCache};
-use crate::quota::{projection, Running};
 use crate::quota_service::QuotaService;
-use crate::rating::{
+use crate::state::StateStore;
+use aggregator::{Granularity, UsageQuery, UsageStore};
+use billing_domain::catalog::price_groups;
+use billing_domain::catalog::PlanVersion;
+use billing_domain::quota::{projection, Running};
+use billing_domain::rating::{
     matches, rate, with_minor_units, LineKind, Period, Rated, SeatInterval, Segment, UsageItem,
 };
-use crate::state::StateStore;
-use crate::usage::price_groups;
-use aggregator::{Granularity, UsageQuery, UsageStore};
 use chrono::{DateTime, Duration, Utc};
 use rust_decimal::Decimal;
 use schemas::{Aggregation, MeterCatalog};

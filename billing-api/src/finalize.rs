@@ -21,10 +21,10 @@
 
 use crate::invoice::{build, following, month_of, previous, rate_segments, PlanCache};
 use crate::metrics::Metrics;
-use crate::rating::Period;
 use crate::state::{Invoice, StateStore};
 use crate::usage::PeriodUsage;
 use aggregator::UsageStore;
+use billing_domain::rating::Period;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use schemas::MeterCatalog;

@@ -1,23 +1,22 @@
 #![doc = include_str!("../README.md")]
 
-pub mod adjust;
 pub mod admin_cli;
 pub mod alerts;
 pub mod api;
 pub mod auth;
-pub mod catalog;
 pub mod costs;
 pub mod dashboard;
 pub mod finalize;
 pub mod invoice;
 pub mod metrics;
 pub mod options;
-pub mod quota;
 pub mod quota_service;
-pub mod rating;
 pub mod service;
 pub mod state;
 pub mod stripe_sync;
 pub mod usage;
-pub mod webhook;
 pub mod wire;
+
+// The domain's modules at their old paths, for the crates and tests that
+// name them there.
+pub use billing_domain::{adjust, catalog, quota, rating, webhook};

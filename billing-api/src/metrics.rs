@@ -163,7 +163,7 @@ impl Metrics {
             .unwrap();
         // Labels: `allow`/`none`, and `deny` with each reason's code.
         m.quota_decisions.with_label_values(&["allow", "none"]);
-        for reason in crate::quota::Reason::ALL {
+        for reason in billing_domain::quota::Reason::ALL {
             m.quota_decisions
                 .with_label_values(&["deny", reason.as_str()]);
         }

@@ -3,9 +3,9 @@
 //! both read the same flags and environment variables the same way.
 
 use crate::alerts::{parse_thresholds, AlertConfig};
-use crate::catalog::Catalog;
 use crate::finalize::FinalizeConfig;
 use crate::stripe_sync::StripeConfig;
+use billing_domain::catalog::Catalog;
 use clap::Args;
 use rust_decimal::Decimal;
 use schemas::MeterCatalog;

@@ -1,7 +1,7 @@
 //! Quota checks served from memory.
 //!
 //! For every customer with a plan now, the service keeps what
-//! [`crate::quota::decide`] needs: the current plan version, usage of the
+//! [`billing_domain::quota::decide`] needs: the current plan version, usage of the
 //! open period through the last complete hour (rollups), seats, what runs
 //! now (instances and volumes seen in the last complete hour: instance-
 //! seconds ÷ 3600, rounded up; GB-seconds ÷ 3600), the suspension flag and
@@ -16,13 +16,13 @@
 //! what the control plane caches changes (plan, limits, cap, suspension), for
 //! the snapshot endpoint.
 
-use crate::catalog::{Limits, PlanVersion};
 use crate::invoice::{month_of, PlanCache};
-use crate::quota::{decide, Ask, Decision, QuotaInput, Running};
-use crate::rating::{Period, SeatInterval, UsageItem};
 use crate::state::{PlanSegment, StateStore};
 use crate::usage::{segment_usage, PeriodUsage};
 use aggregator::{UsageQuery, UsageStore};
+use billing_domain::catalog::{Limits, PlanVersion};
+use billing_domain::quota::{decide, Ask, Decision, QuotaInput, Running};
+use billing_domain::rating::{Period, SeatInterval, UsageItem};
 use chrono::{DateTime, Duration, DurationRound, Utc};
 use rust_decimal::Decimal;
 use schemas::MeterCatalog;

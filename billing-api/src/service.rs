@@ -5,7 +5,6 @@
 use crate::alerts::{AlertConfig, AlertRaiser, AlertSender};
 use crate::api::{router, ApiState};
 use crate::auth::{Authenticator, KEY_REFRESH};
-use crate::catalog::Catalog;
 use crate::finalize::Finalizer;
 use crate::metrics::Metrics;
 use crate::options::{BillingOptions, ServeOptions};
@@ -13,6 +12,7 @@ use crate::quota_service::QuotaService;
 use crate::state::{StateError, StateStore};
 use crate::stripe_sync::StripeSync;
 use aggregator::UsageStore;
+use billing_domain::catalog::Catalog;
 use chrono::Utc;
 use schemas::MeterCatalog;
 use std::future::Future;

@@ -29,7 +29,7 @@
 //! `--stripe-api-base` at its default); see `billing-api/README.md`.
 
 use crate::metrics::Metrics;
-use crate::state::{sync_status, Invoice, StateStore};
+use crate::state::{Invoice, StateStore, SyncStatus};
 use rust_decimal::Decimal;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -383,12 +383,12 @@ impl StripeSync {
                 lines.len()
             );
             self.state
-                .set_sync_status(&inv.id, sync_status::FAILED, Some(&msg))
+                .set_sync_status(&inv.id, SyncStatus::Failed, Some(&msg))
                 .await?;
             anyhow::bail!(msg);
         }
         self.state
-            .set_sync_status(&inv.id, sync_status::SYNCED, None)
+            .set_sync_status(&inv.id, SyncStatus::Synced, None)
             .await?;
         self.metrics.invoices_synced.inc();
         Ok(stripe_id.to_string())

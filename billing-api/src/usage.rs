@@ -11,29 +11,12 @@
 //! ([`PeriodUsage`]): one query per (meter, grouping) instead of one per
 //! customer and meter.
 
-use crate::catalog::PlanVersion;
-use crate::rating::{Period, UsageItem};
 use aggregator::{UsageQuery, UsageRow, UsageStore};
+use billing_domain::catalog::{price_groups, PlanVersion};
+use billing_domain::rating::{Period, UsageItem};
 use chrono::{DateTime, Utc};
 use schemas::MeterCatalog;
 use std::collections::{BTreeSet, HashMap};
-
-/// The (meter, group-by dimensions) questions a plan's prices need.
-pub(crate) fn price_groups(plan: &PlanVersion) -> Vec<(String, Vec<String>)> {
-    let priced: BTreeSet<&str> = plan.prices.iter().map(|p| p.meter.as_str()).collect();
-    priced
-        .into_iter()
-        .map(|meter| {
-            let group_by: BTreeSet<String> = plan
-                .prices
-                .iter()
-                .filter(|p| p.meter == meter)
-                .flat_map(|p| p.filter.keys().cloned())
-                .collect();
-            (meter.to_owned(), group_by.into_iter().collect())
-        })
-        .collect()
-}
 
 fn items<'a>(meter: &str, rows: &'a [UsageRow]) -> impl Iterator<Item = UsageItem> + 'a {
     let meter = meter.to_owned();

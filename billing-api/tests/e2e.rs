@@ -9,7 +9,7 @@ mod support;
 
 use billing_api::invoice::{month_of, previous};
 use billing_api::metrics::Metrics;
-use billing_api::state::{sync_status, Customer, StateStore};
+use billing_api::state::{Customer, StateStore, SyncStatus};
 use billing_api::stripe_sync::{minor_units, StripeConfig, StripeSync};
 use chrono::{Duration, Utc};
 use collector::sources::simulator::{ground_truth, Workload};
@@ -103,8 +103,8 @@ async fn collector_to_stripe_totals_match_to_the_cent() {
     let mut sent = 0;
     for c in &customers {
         for inv in st.invoices_of(c).await.unwrap() {
-            match inv.sync_status.as_str() {
-                sync_status::SYNCED => {
+            match inv.sync_status {
+                SyncStatus::Synced => {
                     sent += 1;
                     let sid = inv.stripe_invoice_id.as_deref().unwrap();
                     assert_eq!(

@@ -7,7 +7,7 @@ mod support;
 
 use billing_api::invoice::{self, following, month_of, previous};
 use billing_api::rating::LineKind;
-use billing_api::state::{sync_status, Customer, StateStore};
+use billing_api::state::{Customer, StateStore, SyncStatus};
 use chrono::{Duration, Utc};
 use rust_decimal::Decimal;
 use schemas::MeterCatalog;
@@ -121,8 +121,8 @@ async fn finalize_number_rerate_and_adjust_late_usage() {
     assert_eq!(b_q.total, d("30.60"));
     // $0.40 is below Stripe's $0.50 minimum: carried forward, not sent.
     assert_eq!(c_q.total, d("0.40"));
-    assert_eq!(c_q.sync_status, sync_status::CARRIED_FORWARD);
-    assert_eq!(a_q.sync_status, sync_status::PENDING);
+    assert_eq!(c_q.sync_status, SyncStatus::CarriedForward);
+    assert_eq!(a_q.sync_status, SyncStatus::Pending);
     let req = a_q
         .body
         .lines
@@ -200,7 +200,7 @@ async fn finalize_number_rerate_and_adjust_late_usage() {
     assert_eq!(c_p.carried_in, d("0.40"));
     assert_eq!(c_p.total, d("1.20"));
     assert_eq!(c_p.body.carried[0].invoice_number, "TALLY-000003");
-    assert_eq!(c_p.sync_status, sync_status::PENDING);
+    assert_eq!(c_p.sync_status, SyncStatus::Pending);
     assert_eq!(
         st.invoice(&c_q.id).await.unwrap().carried_to,
         Some(c_p.id.clone())

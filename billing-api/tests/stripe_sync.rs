@@ -7,7 +7,7 @@ mod support;
 
 use billing_api::invoice::{month_of, previous};
 use billing_api::metrics::Metrics;
-use billing_api::state::{sync_status, Customer, StateStore};
+use billing_api::state::{Customer, StateStore, SyncStatus};
 use billing_api::stripe_sync::{minor_units, stripe_lines, StripeConfig, StripeSync};
 use chrono::{Duration, Utc};
 use std::collections::BTreeMap;
@@ -107,7 +107,7 @@ async fn assert_exactly_once(st: &dyn StateStore, standin: &StandIn) {
     }
     for c in ["cus_x", "cus_y", "cus_z"] {
         for inv in st.invoices_of(c).await.unwrap() {
-            assert_eq!(inv.sync_status, sync_status::SYNCED, "{}", inv.number);
+            assert_eq!(inv.sync_status, SyncStatus::Synced, "{}", inv.number);
             assert_eq!(by_tally.get(&inv.id), Some(&1), "{} in Stripe", inv.number);
             let sid = inv.stripe_invoice_id.clone().unwrap();
             let s = invoices.iter().find(|i| i.id == sid).unwrap();

@@ -20,9 +20,9 @@ pub mod postgres;
 pub mod sqlite;
 
 use crate::auth::ApiKey;
-use crate::catalog::PlanVersion;
-use crate::invoice::{InvoiceBody, NewInvoice};
-use crate::rating::{Period, SeatInterval};
+use billing_domain::catalog::PlanVersion;
+use billing_domain::invoice::NewInvoice;
+use billing_domain::rating::{Period, SeatInterval};
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use rust_decimal::Decimal;
@@ -166,41 +166,7 @@ pub struct PublishedPlan {
     pub retired: bool,
 }
 
-/// Delivery of a finalized invoice to the payment provider.
-pub mod sync_status {
-    /// Waiting to be sent to Stripe (or Stripe sync is off).
-    pub const PENDING: &str = "pending";
-    pub const SYNCED: &str = "synced";
-    /// Below the minimum charge: not sent, added to the next invoice.
-    pub const CARRIED_FORWARD: &str = "carried_forward";
-    /// Total zero: nothing to send.
-    pub const NOTHING_DUE: &str = "nothing_due";
-    /// Sent but Stripe's total disagrees, or Stripe refused it; needs a human.
-    pub const FAILED: &str = "failed";
-}
-
-/// A finalized invoice: immutable except for its status fields.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Invoice {
-    pub id: String,
-    pub seq: i64,
-    pub number: String,
-    pub customer_id: String,
-    pub period: Period,
-    pub currency: String,
-    pub subtotal: Decimal,
-    pub adjustments_total: Decimal,
-    pub carried_in: Decimal,
-    pub total: Decimal,
-    pub body: InvoiceBody,
-    pub finalized_at: DateTime<Utc>,
-    pub sync_status: String,
-    pub stripe_invoice_id: Option<String>,
-    pub carried_to: Option<String>,
-    /// `open`, `paid`, `payment_failed` or `void` (from Stripe's webhooks).
-    pub payment_status: String,
-    pub sync_error: Option<String>,
-}
+pub use billing_domain::invoice::{Invoice, SyncStatus};
 
 pub trait StateStore: Send + Sync + 'static {
     fn migrate(&self) -> BoxFuture<'_, StateResult<()>>;
@@ -363,7 +329,7 @@ pub trait StateStore: Send + Sync + 'static {
     fn set_sync_status<'a>(
         &'a self,
         invoice: &'a str,
-        status: &'a str,
+        status: SyncStatus,
         error: Option<&'a str>,
     ) -> BoxFuture<'a, StateResult<()>>;
     // Quota settings (audited).
@@ -519,7 +485,10 @@ pub(crate) fn invoice_from(r: &impl StateRow) -> StateResult<Invoice> {
         body: serde_json::from_value(r.json("body")?)
             .map_err(|e| StateError::Invalid(format!("stored invoice body: {e}")))?,
         finalized_at: r.time("finalized_at")?,
-        sync_status: r.text("sync_status")?,
+        sync_status: r
+            .text("sync_status")?
+            .parse()
+            .map_err(|e| StateError::Invalid(format!("stored invoice: {e}")))?,
         stripe_invoice_id: r.opt_text("stripe_invoice_id")?,
         carried_to: r.opt_text("carried_to")?,
         payment_status: r.text("payment_status")?,

@@ -33,16 +33,16 @@ use super::{
     alert_from, api_key_from, app_from, audit_entry_from, by_customer, carried_ids,
     check_carried_moved, check_first_subscription, check_plan_usable, conflict_or, customer_from,
     customer_not_found, invoice_from, plan_from, published_plan_from, retire_refused, seats_from,
-    seats_value, segments_from, subscription_from, sync_status, withdrawn_earlier, Alert,
-    AlertOutcome, App, AuditEntry, AuditRecord, Customer, Invoice, NewAlert, PlanSegment,
-    PublishedPlan, QuotaSettings, StateError, StateResult, StateRow, StateStore, Subscription,
-    SwitchOutcome, SwitchWrites, WithdrawWrites, ALERT_COLUMNS, API_KEY_COLUMNS, INVOICE_COLUMNS,
+    seats_value, segments_from, subscription_from, withdrawn_earlier, Alert, AlertOutcome, App,
+    AuditEntry, AuditRecord, Customer, Invoice, NewAlert, PlanSegment, PublishedPlan,
+    QuotaSettings, StateError, StateResult, StateRow, StateStore, Subscription, SwitchOutcome,
+    SwitchWrites, SyncStatus, WithdrawWrites, ALERT_COLUMNS, API_KEY_COLUMNS, INVOICE_COLUMNS,
     SUBSCRIPTION_COLUMNS, WITHDRAW_ACTION,
 };
 use crate::auth::ApiKey;
-use crate::catalog::PlanVersion;
 use crate::invoice::NewInvoice;
-use crate::rating::{Period, SeatInterval};
+use billing_domain::catalog::PlanVersion;
+use billing_domain::rating::{Period, SeatInterval};
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use rust_decimal::Decimal;
@@ -875,7 +875,7 @@ impl StateStore for SqliteState {
                     .bind(dec_text(n.total))
                     .bind(json_text(&body))
                     .bind(micros(finalized_at))
-                    .bind(&n.sync_status)
+                    .bind(n.sync_status.as_str())
                     .fetch_one(&mut *tx)
                     .await?;
                 let carried = carried_ids(&n);
@@ -922,7 +922,7 @@ impl StateStore for SqliteState {
         Box::pin(async move {
             let sql = format!(
                 "SELECT {INVOICE_COLUMNS} FROM invoices WHERE sync_status = '{}' ORDER BY seq LIMIT ?1",
-                sync_status::PENDING
+                SyncStatus::Pending
             );
             let rows = sqlx::query(&sql)
                 .bind(limit as i64)
@@ -979,13 +979,13 @@ impl StateStore for SqliteState {
     fn set_sync_status<'a>(
         &'a self,
         invoice: &'a str,
-        status: &'a str,
+        status: SyncStatus,
         error: Option<&'a str>,
     ) -> BoxFuture<'a, StateResult<()>> {
         Box::pin(async move {
             sqlx::query("UPDATE invoices SET sync_status = ?2, sync_error = ?3 WHERE id = ?1")
                 .bind(invoice)
-                .bind(status)
+                .bind(status.as_str())
                 .bind(error)
                 .execute(&self.writer)
                 .await?;

@@ -36,9 +36,8 @@
 //! billed, not what may be used, so usage beyond the free allowance is
 //! stopped here rather than given away.
 
-use crate::catalog::PlanVersion;
+use crate::catalog::{price_groups, PlanVersion};
 use crate::rating::{rate, with_minor_units, Period, SeatInterval, Segment, UsageItem};
-use crate::usage::price_groups;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};

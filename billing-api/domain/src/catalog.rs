@@ -11,7 +11,7 @@
 use rust_decimal::{Decimal, RoundingStrategy};
 use schemas::MeterCatalog;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -409,7 +409,7 @@ pub struct Catalog {
 impl Catalog {
     /// The default catalog a PaaS can start from (`billing-api/catalog.json`).
     pub fn default_catalog() -> Self {
-        Self::from_json(include_str!("../catalog.json")).expect("built-in catalog.json parses")
+        Self::from_json(include_str!("../../catalog.json")).expect("built-in catalog.json parses")
     }
 
     /// Reads a catalog file; an error names the field (`plans[0].flat_fee`).
@@ -455,6 +455,23 @@ impl Catalog {
             .filter(|p| p.plan == plan)
             .max_by_key(|p| p.version)
     }
+}
+
+/// The (meter, group-by dimensions) questions a plan's prices need.
+pub fn price_groups(plan: &PlanVersion) -> Vec<(String, Vec<String>)> {
+    let priced: BTreeSet<&str> = plan.prices.iter().map(|p| p.meter.as_str()).collect();
+    priced
+        .into_iter()
+        .map(|meter| {
+            let group_by: BTreeSet<String> = plan
+                .prices
+                .iter()
+                .filter(|p| p.meter == meter)
+                .flat_map(|p| p.filter.keys().cloned())
+                .collect();
+            (meter.to_owned(), group_by.into_iter().collect())
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -635,6 +652,6 @@ mod tests {
             );
         }
         // The default catalog is all strings.
-        Catalog::from_json(include_str!("../catalog.json")).unwrap();
+        Catalog::from_json(include_str!("../../catalog.json")).unwrap();
     }
 }

@@ -1,0 +1,20 @@
+//! Tally's billing rules, free of I/O: the catalog and its validation
+//! ([`catalog`]), rating with allowances ([`rating`]), re-rating into
+//! adjustment lines ([`adjust`]), invoice building, periods and numbering
+//! ([`invoice`]), quota decisions ([`quota`]), webhook
+//! signatures ([`webhook`]) and how decimals and instants are read from
+//! request bodies and catalog files ([`wire`]).
+//!
+//! Nothing here reads a clock, a store or the network: callers pass the
+//! instant, the usage and the plans in, and get amounts, lines and decisions
+//! out. The billing API (`billing-api`) is the only caller that does I/O
+//! with them; it re-exports these modules at their old paths
+//! (`billing_api::rating`, …).
+
+pub mod adjust;
+pub mod catalog;
+pub mod invoice;
+pub mod quota;
+pub mod rating;
+pub mod webhook;
+pub mod wire;
