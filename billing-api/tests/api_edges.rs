@@ -246,41 +246,16 @@ fn raw_response(raw: &[u8]) -> (u16, String, Value) {
 /// the envelope too, and a normal request on the same server still works.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_uri_over_the_limit_gets_the_envelope_from_the_real_server() {
-    use std::process::{Command, Stdio};
+    use std::process::Stdio;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (url, _st, _pool) = pg("apiedges_uri").await;
     let (ch, db, _usage) = clickhouse("apiedges_uri").await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let hash = Command::new(env!("CARGO_BIN_EXE_billing-api"))
-        .args(["hash-key", "edges-key"])
-        .output()
-        .unwrap();
-    let hash = String::from_utf8(hash.stdout).unwrap().trim().to_owned();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_billing-api"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .env("TALLY_DATABASE_URL", &url)
-        .env("TALLY_CLICKHOUSE_URL", &ch)
-        .env("TALLY_CLICKHOUSE_DATABASE", &db)
-        .env("TALLY_ADMIN_KEY_SHA256", &hash)
-        .env_remove("STRIPE_SECRET_KEY")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let Served {
+        mut child,
+        port,
+        base,
+    } = spawn_serve(&url, &ch, &db, "edges-key", &[], Stdio::null()).await;
     let http = reqwest::Client::new();
-    let base = format!("http://127.0.0.1:{port}");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while http.get(format!("{base}/healthz")).send().await.is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "serve did not come up"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
 
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await

@@ -11,7 +11,7 @@ mod support;
 use billing_api::invoice::{month_of, previous};
 use billing_api::state::{Customer, StateStore};
 use chrono::{Duration, Utc};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Instant;
 use support::*;
 
@@ -20,42 +20,20 @@ async fn serve_loads_catalog_finalizes_and_stops_on_sigterm() {
     let (url, st, _pool) = pg("serve").await;
     let (ch, db, usage) = clickhouse("serve").await;
     // No catalog yet: serve publishes the default one at start.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let hash = Command::new(env!("CARGO_BIN_EXE_billing-api"))
-        .args(["hash-key", "serve-key"])
-        .output()
-        .unwrap();
-    let hash = String::from_utf8(hash.stdout).unwrap().trim().to_owned();
-    let log =
-        std::fs::File::create(std::env::temp_dir().join(format!("serve-{port}.log"))).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_billing-api"))
-        .args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--finalize-every-secs",
-            "1",
-        ])
-        .env("TALLY_DATABASE_URL", &url)
-        .env("TALLY_CLICKHOUSE_URL", &ch)
-        .env("TALLY_CLICKHOUSE_DATABASE", &db)
-        .env("TALLY_ADMIN_KEY_SHA256", &hash)
-        .env_remove("STRIPE_SECRET_KEY")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let hash = hash_key("serve-key");
+    let log = std::fs::File::create(std::env::temp_dir().join(format!("serve-{db}.log"))).unwrap();
+    let Served {
+        mut child, base, ..
+    } = spawn_serve(
+        &url,
+        &ch,
+        &db,
+        "serve-key",
+        &["--finalize-every-secs", "1"],
+        log.into(),
+    )
+    .await;
     let http = reqwest::Client::new();
-    let base = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + std::time::Duration::from_secs(30);
-    while http.get(format!("{base}/healthz")).send().await.is_err() {
-        assert!(Instant::now() < deadline, "serve did not come up");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
     let plans: serde_json::Value = http
         .get(format!("{base}/v1/plans"))
         .bearer_auth("serve-key")
