@@ -2,11 +2,14 @@
 //! document refuses is refused with a `{code, message}` naming the field,
 //! and every error answer carries that envelope.
 
+#[path = "support/served.rs"]
+mod served;
 mod support;
 
 use chrono::{Duration, Utc};
 use reqwest::Method as M;
 use serde_json::{json, Value};
+use served::*;
 use support::*;
 
 fn says(v: &Value, code: &str, words: &[&str]) -> bool {

@@ -6,11 +6,14 @@
 
 #[path = "../../aggregator/tests/support/mod.rs"]
 mod pipeline;
+#[path = "support/served.rs"]
+mod served;
 mod support;
 
 use billing_api::invoice::{month_of, previous};
 use billing_api::state::{Customer, StateStore};
 use chrono::{Duration, Utc};
+use served::*;
 use std::process::Command;
 use std::time::Instant;
 use support::*;
