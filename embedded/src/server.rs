@@ -193,9 +193,12 @@ pub async fn run(
     });
     let ingest_stop = stop_http();
     let ingest_http = tokio::spawn(async move {
-        axum::serve(serving::JsonErrors::new(ingest_listener), router(ingest_state))
-            .with_graceful_shutdown(ingest_stop)
-            .await
+        axum::serve(
+            serving::JsonErrors::new(ingest_listener),
+            router(ingest_state),
+        )
+        .with_graceful_shutdown(ingest_stop)
+        .await
     });
     let billing = tokio::spawn(serve_until(
         billing_listener,
