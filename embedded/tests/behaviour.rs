@@ -552,6 +552,8 @@ async fn sub_second_switch_bills_the_whole_period(mode: Mode) {
         "{d}"
     );
     assert_eq!(dec(&d["total"]), fee, "the whole month's fee: {d}");
+    // Issue 11 item 15: written with the currency's digits in both modes.
+    assert_eq!(d["total"], format!("{fee:.2}"), "{d}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
