@@ -8,7 +8,7 @@ use aggregator::metrics::Metrics;
 use aggregator::pipeline::{DeadLetter, DeadLetterSink, Message, Processor};
 use aggregator::store::clickhouse::ClickHouseStore;
 use aggregator::store::sqlite::SqliteStore;
-use aggregator::store::RawRow;
+use aggregator::store::{RawRow, IMPORTED_PARTITION};
 use aggregator::{Granularity, UsageQuery, UsageRow, UsageStore, UsageWriter};
 use chrono::{DateTime, Duration, DurationRound, Utc};
 use futures::future::BoxFuture;
@@ -239,4 +239,47 @@ async fn sqlite_answers_as_clickhouse_does() {
     assert_eq!(r_lite.max_offset, Some(next));
     assert_eq!((r_lite.repaired_keys, r_ch.repaired_keys), (1, 1));
     assert_eq!(lite2.totals().await.unwrap(), ch.totals().await.unwrap());
+
+    // Imported rows (`tally import`) seed every partition's deduplication,
+    // an empty one's too, in both stores (SQLite used to load none).
+    let imported = RawRow {
+        id: "imported-1".into(),
+        partition: IMPORTED_PARTITION,
+        offset: 0,
+        ..late_row(t0)
+    };
+    lite2.write_raw(vec![imported.clone()]).await.unwrap();
+    ch.write_raw(vec![imported]).await.unwrap();
+    let e_lite = lite2.load_partition(1, window).await.unwrap();
+    let e_ch = ch.load_partition(1, window).await.unwrap();
+    assert_eq!((e_lite.max_offset, e_ch.max_offset), (None, None));
+    let ids = |s: &aggregator::store::PartitionState| {
+        let mut v: Vec<String> = s.seen.iter().map(|(_, id, _)| id.clone()).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(ids(&e_ch), ["imported-1"]);
+    assert_eq!(ids(&e_lite), ids(&e_ch));
+    // And a live partition's keys include them beside its own.
+    let l_lite = lite2.load_partition(0, window).await.unwrap();
+    let l_ch = ch.load_partition(0, window).await.unwrap();
+    assert!(ids(&l_ch).contains(&"imported-1".to_owned()));
+    assert_eq!(ids(&l_lite), ids(&l_ch));
+}
+
+fn late_row(t0: DateTime<Utc>) -> RawRow {
+    RawRow {
+        customer: "cus_a".into(),
+        meter: "requests".into(),
+        time: t0 + Duration::minutes(5),
+        app: "web".into(),
+        dims: "{}".into(),
+        quantity: Decimal::from(500),
+        unique_value: String::new(),
+        source: "test".into(),
+        id: "late-1".into(),
+        event_type: "tally.requests".into(),
+        partition: 0,
+        offset: 0,
+    }
 }

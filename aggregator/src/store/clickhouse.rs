@@ -259,13 +259,9 @@ impl ClickHouseStore {
                 .bind(partition)
                 .fetch_one()
                 .await?;
-            if roll.count == 0 || roll.max < rollup_version(raw.max) {
-                // Rollups of version v cover offsets below v.
-                let after = if roll.count == 0 {
-                    String::new()
-                } else {
-                    format!(" AND kafka_offset >= {}", roll.max)
-                };
+            let roll_max = (roll.count > 0).then_some(roll.max);
+            if let Some(from) = super::repair_from(st.max_offset, roll_max) {
+                let after = format!(" AND kafka_offset >= {from}");
                 let touched = format!(
                     "SELECT customer, meter, toStartOfHour(time), app, dims FROM usage_events WHERE kafka_partition = {partition}{after}"
                 );
@@ -291,13 +287,14 @@ impl ClickHouseStore {
                 );
             }
         }
-        // The partition's own keys, and those of imported rows (see
-        // IMPORTED_PARTITION), even while the partition is still empty.
+        // The partition's own keys, and those of imported rows, even while
+        // the partition is still empty.
+        let [own, imported] = super::dedup_partitions(partition);
         let seen: Vec<SourceId> = self
             .client
             .query("SELECT source, id, toUInt32(min(time)) FROM usage_events WHERE kafka_partition IN (?, ?) AND time >= toDateTime(?) GROUP BY source, id")
-            .bind(partition)
-            .bind(super::IMPORTED_PARTITION)
+            .bind(own)
+            .bind(imported)
             .bind(window_start.timestamp() as u32)
             .fetch_all()
             .await?;

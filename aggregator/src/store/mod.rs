@@ -28,6 +28,29 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 /// (`pipeline::rollup_version`).
 pub const IMPORTED_PARTITION: u32 = 1_000_000;
 
+/// The partitions whose recent (source, id) keys seed a live partition's
+/// deduplication when it is loaded: its own and the imported rows'
+/// ([`IMPORTED_PARTITION`]), also while the partition itself is empty. Every
+/// store loads exactly these.
+pub fn dedup_partitions(partition: u32) -> [u32; 2] {
+    [partition, IMPORTED_PARTITION]
+}
+
+/// Whether a partition's rollups must be re-derived from its raw rows on
+/// load, and from which offset: the last batch's raw rows landed (highest
+/// offset `raw_max`) but its rollup write, which records version
+/// `rollup_version(offset)` and covers offsets below it, did not
+/// (`roll_max` is the highest version recorded). None when nothing is to
+/// repair. Every store decides with this.
+pub fn repair_from(raw_max: Option<u64>, roll_max: Option<u64>) -> Option<u64> {
+    let raw = raw_max?;
+    match roll_max {
+        Some(v) if v >= crate::pipeline::rollup_version(raw) => None,
+        Some(v) => Some(v),
+        None => Some(0),
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct RawRow {
     pub customer: String,
@@ -372,6 +395,19 @@ pub fn split_hours(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn rollups_are_repaired_only_when_the_last_batch_lost_them() {
+        // Nothing written: nothing to repair.
+        assert_eq!(repair_from(None, None), None);
+        // Raw rows but no rollups at all: every raw row.
+        assert_eq!(repair_from(Some(9), None), Some(0));
+        // Rollups of version 10 cover offsets below 10, so all of 0..=9.
+        assert_eq!(repair_from(Some(9), Some(10)), None);
+        // Rollups through offset 4 only: offsets 5.. again.
+        assert_eq!(repair_from(Some(9), Some(5)), Some(5));
+        assert_eq!(dedup_partitions(3), [3, IMPORTED_PARTITION]);
+    }
+
     use super::*;
 
     #[test]

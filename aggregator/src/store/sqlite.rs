@@ -451,16 +451,19 @@ impl SqliteStore {
             max_offset: raw_max.map(|m| m as u64),
             ..Default::default()
         };
-        let Some(raw_max) = raw_max else {
-            return Ok(st);
+        let roll_max: Option<i64> = match raw_max {
+            Some(_) => {
+                sqlx::query_scalar(
+                    "SELECT max(version) FROM usage_rollups_hourly WHERE kafka_partition = ?",
+                )
+                .bind(partition as i64)
+                .fetch_one(&self.pool)
+                .await?
+            }
+            None => None,
         };
-        let roll_max: Option<i64> = sqlx::query_scalar(
-            "SELECT max(version) FROM usage_rollups_hourly WHERE kafka_partition = ?",
-        )
-        .bind(partition as i64)
-        .fetch_one(&self.pool)
-        .await?;
-        if roll_max.is_none_or(|r| (r as u64) < rollup_version(raw_max as u64)) {
+        let repair = super::repair_from(raw_max.map(|m| m as u64), roll_max.map(|r| r as u64));
+        if let (Some(from), Some(raw_max)) = (repair, raw_max) {
             // The last batch's raw rows landed but its rollups did not:
             // re-derive every key it touched from raw rows.
             let rows = sqlx::query(
@@ -468,8 +471,7 @@ impl SqliteStore {
                  WHERE kafka_partition = ? AND kafka_offset >= ?",
             )
             .bind(partition as i64)
-            // Rollups of version v cover offsets below v.
-            .bind(roll_max.unwrap_or(0))
+            .bind(from as i64)
             .fetch_all(&self.pool)
             .await?;
             let keys: Vec<RollupKey> = rows
@@ -493,10 +495,12 @@ impl SqliteStore {
                 "repaired rollups after an interrupted batch"
             );
         }
+        let [own, imported] = super::dedup_partitions(partition);
         let seen = sqlx::query(
-            "SELECT source, id, min(time) AS t FROM usage_events WHERE kafka_partition = ? AND time >= ? GROUP BY source, id",
+            "SELECT source, id, min(time) AS t FROM usage_events WHERE kafka_partition IN (?, ?) AND time >= ? GROUP BY source, id",
         )
-        .bind(partition as i64)
+        .bind(own as i64)
+        .bind(imported as i64)
         .bind(window_start.timestamp())
         .fetch_all(&self.pool)
         .await?;
