@@ -452,12 +452,6 @@ fn dim_value(v: &Value) -> Option<String> {
     }
 }
 
-fn is_customer_id(s: &str) -> bool {
-    s.len() <= 128
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._:@-".contains(c))
-}
-
 impl UsageEvent {
     /// Validates one event against the meter catalog and the time window.
     /// Returns every problem found, not just the first.
@@ -485,7 +479,7 @@ impl UsageEvent {
         let event_type = str_field(ev, "type", 256, &mut errs);
         let subject = str_field(ev, "subject", 128, &mut errs);
         if let Some(s) = subject {
-            if !is_customer_id(s) {
+            if !crate::ids::is_id(s) {
                 errs.push(FieldError::new(
                     "subject",
                     "invalid_value",
