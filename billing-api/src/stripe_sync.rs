@@ -13,7 +13,8 @@
 //!
 //! Every POST carries an idempotency key derived from stable ids
 //! (`tally-customer-<customer>`, `tally-invoice-<invoice>`,
-//! `tally-item-<invoice>-<line>`, `tally-finalize-<invoice>`), so a process
+//! `tally-item-<invoice>-<line>`, `tally-finalize-<invoice>`; all built by
+//! [`idempotency_key`]), so a process
 //! killed at any point and restarted re-sends the same requests and Stripe
 //! returns the objects it already created instead of creating new ones; the
 //! stored ids and the line read-back make a retry safe even after Stripe
@@ -30,6 +31,7 @@
 
 use crate::metrics::Metrics;
 use crate::state::{Invoice, StateStore, SyncStatus};
+use billing_domain::catalog::currency_digits;
 use rust_decimal::Decimal;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -73,21 +75,14 @@ pub struct StripeSync {
     metrics: Metrics,
 }
 
-/// Stripe's zero-decimal currencies; every other currency Tally prices in
-/// has two decimals.
-const ZERO_DECIMAL: &[&str] = &[
-    "bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga", "pyg", "rwf", "ugx", "vnd", "vuv",
-    "xaf", "xof", "xpf",
-];
-
-/// An amount in the currency's minor unit (cents for USD). Amounts on
-/// invoices are already rounded to the minor unit; anything else is an error.
+/// An amount in the currency's minor unit (cents for USD, yen for JPY, fils
+/// for KWD; [`currency_digits`], the rule catalog validation holds plans
+/// to). Amounts on invoices are already rounded to the plan's minor unit,
+/// which is never finer; anything else is an error. (Stripe also wants the
+/// last of a three-digit currency's digits to be 0; such an invoice is
+/// refused by Stripe and stays `pending` with the error.)
 pub fn minor_units(amount: Decimal, currency: &str) -> anyhow::Result<i64> {
-    let dp = if ZERO_DECIMAL.contains(&currency.to_ascii_lowercase().as_str()) {
-        0
-    } else {
-        2
-    };
+    let dp = currency_digits(currency);
     let scaled = amount * Decimal::from(10i64.pow(dp));
     anyhow::ensure!(
         scaled.fract().is_zero(),
@@ -97,6 +92,37 @@ pub fn minor_units(amount: Decimal, currency: &str) -> anyhow::Result<i64> {
     scaled
         .to_i64()
         .ok_or_else(|| anyhow::anyhow!("{amount} {currency} is out of range"))
+}
+
+/// A POST to Stripe, named by the stable ids its idempotency key is made of.
+#[derive(Debug, Clone, Copy)]
+pub enum Request<'a> {
+    CreateCustomer {
+        customer: &'a str,
+    },
+    CreateInvoice {
+        invoice: &'a str,
+    },
+    /// One of [`stripe_lines`], by its stable line key.
+    CreateItem {
+        invoice: &'a str,
+        line: &'a str,
+    },
+    Finalize {
+        invoice: &'a str,
+    },
+}
+
+/// The idempotency key of a request: the same request for the same Tally
+/// object gets the same key in every run and every process, so a retry
+/// after a crash gets back what the first attempt created.
+pub fn idempotency_key(r: Request<'_>) -> String {
+    match r {
+        Request::CreateCustomer { customer } => format!("tally-customer-{customer}"),
+        Request::CreateInvoice { invoice } => format!("tally-invoice-{invoice}"),
+        Request::CreateItem { invoice, line } => format!("tally-item-{invoice}-{line}"),
+        Request::Finalize { invoice } => format!("tally-finalize-{invoice}"),
+    }
 }
 
 /// The lines an invoice sends to Stripe: (stable key, description, amount).
@@ -240,7 +266,7 @@ impl StripeSync {
         let created = self
             .call(
                 "create_customer",
-                Some(format!("tally-customer-{customer}")),
+                Some(idempotency_key(Request::CreateCustomer { customer })),
                 |cl| {
                     let meta = meta.clone();
                     let name = c.name.clone();
@@ -276,7 +302,7 @@ impl StripeSync {
                 let created = self
                     .call(
                         "create_invoice",
-                        Some(format!("tally-invoice-{}", inv.id)),
+                        Some(idempotency_key(Request::CreateInvoice { invoice: &inv.id })),
                         |cl| {
                             let (customer, meta) = (customer.clone(), meta.clone());
                             let desc = format!(
@@ -331,7 +357,10 @@ impl StripeSync {
                 .into();
                 self.call(
                     "create_invoice_item",
-                    Some(format!("tally-item-{}-{key}", inv.id)),
+                    Some(idempotency_key(Request::CreateItem {
+                        invoice: &inv.id,
+                        line: key,
+                    })),
                     |cl| {
                         let (customer, meta, invoice) =
                             (customer.clone(), meta.clone(), stripe_id.clone());
@@ -351,7 +380,7 @@ impl StripeSync {
             }
             self.call(
                 "finalize_invoice",
-                Some(format!("tally-finalize-{}", inv.id)),
+                Some(idempotency_key(Request::Finalize { invoice: &inv.id })),
                 |cl| {
                     let id = stripe_id.clone();
                     async move {
@@ -412,5 +441,54 @@ impl StripeSync {
             }
         }
         Ok((ok, failed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dec(s: &str) -> Decimal {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn amounts_go_to_stripe_in_the_currencys_minor_unit() {
+        assert_eq!(minor_units(dec("12.34"), "USD").unwrap(), 1234);
+        assert_eq!(minor_units(dec("12"), "usd").unwrap(), 1200);
+        assert_eq!(minor_units(dec("500"), "JPY").unwrap(), 500);
+        // Three-digit currencies used to be converted as cents and fail.
+        assert_eq!(minor_units(dec("1.234"), "KWD").unwrap(), 1234);
+        assert!(minor_units(dec("0.005"), "USD").is_err());
+        assert!(minor_units(dec("1.5"), "JPY").is_err());
+    }
+
+    #[test]
+    fn each_request_has_one_stable_key() {
+        let keys = [
+            idempotency_key(Request::CreateCustomer { customer: "cus_a" }),
+            idempotency_key(Request::CreateInvoice { invoice: "inv_1" }),
+            idempotency_key(Request::CreateItem {
+                invoice: "inv_1",
+                line: "l0",
+            }),
+            idempotency_key(Request::CreateItem {
+                invoice: "inv_1",
+                line: "a0",
+            }),
+            idempotency_key(Request::Finalize { invoice: "inv_1" }),
+        ];
+        assert_eq!(
+            keys,
+            [
+                "tally-customer-cus_a",
+                "tally-invoice-inv_1",
+                "tally-item-inv_1-l0",
+                "tally-item-inv_1-a0",
+                "tally-finalize-inv_1",
+            ]
+        );
+        let again = idempotency_key(Request::CreateInvoice { invoice: "inv_1" });
+        assert_eq!(again, keys[1]);
     }
 }

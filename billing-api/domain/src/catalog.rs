@@ -160,6 +160,76 @@ pub struct Limits {
     pub default_spending_cap: Option<Decimal>,
 }
 
+/// ISO 4217 currencies whose minor unit is not the cent (their exponent);
+/// every other code has 2. Stripe takes amounts in this unit.
+const NOT_TWO_DIGITS: &[(&str, u32)] = &[
+    ("BHD", 3),
+    ("BIF", 0),
+    ("CLP", 0),
+    ("DJF", 0),
+    ("GNF", 0),
+    ("IQD", 3),
+    ("ISK", 0),
+    ("JOD", 3),
+    ("JPY", 0),
+    ("KMF", 0),
+    ("KRW", 0),
+    ("KWD", 3),
+    ("LYD", 3),
+    ("MGA", 0),
+    ("OMR", 3),
+    ("PYG", 0),
+    ("RWF", 0),
+    ("TND", 3),
+    ("UGX", 0),
+    ("VND", 0),
+    ("VUV", 0),
+    ("XAF", 0),
+    ("XOF", 0),
+    ("XPF", 0),
+];
+
+/// Digits after the point of `currency`'s minor unit (any case): 2 for USD,
+/// 0 for JPY, 3 for KWD. The one home of this rule: a plan's `minor_units`
+/// may not exceed it (catalog validation), and Stripe sync converts amounts
+/// with it, so every amount a valid plan bills is a whole number of the
+/// unit Stripe counts in.
+pub fn currency_digits(currency: &str) -> u32 {
+    NOT_TWO_DIGITS
+        .iter()
+        .find(|(c, _)| c.eq_ignore_ascii_case(currency))
+        .map_or(2, |(_, d)| *d)
+}
+
+/// A published plan version and whether it is retired (retired versions
+/// keep billing their current subscribers but take no new ones).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PublishedPlan {
+    pub plan: PlanVersion,
+    pub retired: bool,
+}
+
+/// The latest version of each plan that is not retired, by plan key: what a
+/// new subscription gets when it names no version, and what the advisor
+/// compares. The one home of this rule.
+pub fn latest_active(plans: &[PublishedPlan]) -> BTreeMap<&str, &PlanVersion> {
+    let mut out: BTreeMap<&str, &PlanVersion> = BTreeMap::new();
+    for p in plans.iter().filter(|p| !p.retired) {
+        let have = out.entry(p.plan.plan.as_str()).or_insert(&p.plan);
+        if have.version < p.plan.version {
+            *have = &p.plan;
+        }
+    }
+    out
+}
+
+/// The spending cap in force: the customer's own, else the plan's default.
+/// The one home of this rule (quota checks, alerts, the snapshot, the cost
+/// report).
+pub fn cap_in_force(plan: &PlanVersion, own: Option<Decimal>) -> Option<Decimal> {
+    own.or(plan.limits.default_spending_cap)
+}
+
 impl Limits {
     pub fn is_unlimited(&self) -> bool {
         self == &Limits::default()
@@ -286,11 +356,15 @@ impl PlanVersion {
                 );
             }
         }
-        if self.minor_units > 4 {
+        let carried = currency_digits(&self.currency);
+        if self.minor_units > carried {
             err(
                 "minor_units".into(),
                 "invalid_value",
-                "minor_units must be 0..=4".into(),
+                format!(
+                    "minor_units must be 0..={carried}: {} has {carried} digits after the point, got {}",
+                    self.currency, self.minor_units
+                ),
             );
         }
         for (name, v) in [
@@ -481,6 +555,55 @@ mod tests {
 
     fn plan(v: serde_json::Value) -> PlanVersion {
         serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn a_plan_may_not_round_finer_than_its_currency() {
+        assert_eq!(
+            [
+                currency_digits("USD"),
+                currency_digits("jpy"),
+                currency_digits("KWD")
+            ],
+            [2, 0, 3]
+        );
+        let with = |currency: &str, digits: u32| {
+            plan(
+                json!({"plan":"p","version":1,"name":"P","currency":currency,"minor_units":digits}),
+            )
+            .validate(&MeterCatalog::default_catalog())
+        };
+        // A USD plan with three digits used to publish, rate, and then fail
+        // to sync (Stripe counts USD in cents).
+        let errs = with("USD", 3).unwrap_err();
+        assert_eq!(
+            errs.iter()
+                .map(|e| (e.field.as_str(), e.code))
+                .collect::<Vec<_>>(),
+            [("minor_units", "invalid_value")]
+        );
+        assert!(
+            errs[0].message.contains("USD has 2 digits"),
+            "{}",
+            errs[0].message
+        );
+        assert_eq!(with("JPY", 2).unwrap_err()[0].field, "minor_units");
+        for (c, d) in [("USD", 2), ("USD", 0), ("JPY", 0), ("KWD", 3), ("KWD", 2)] {
+            assert_eq!(with(c, d), Ok(()), "{c} with {d}");
+        }
+    }
+
+    #[test]
+    fn the_customers_cap_wins_over_the_plans_default() {
+        let mut p = plan(json!({"plan":"p","version":1,"name":"P","currency":"USD"}));
+        assert_eq!(cap_in_force(&p, None), None);
+        p.limits.default_spending_cap = Some(Decimal::from(50));
+        assert_eq!(cap_in_force(&p, None), Some(Decimal::from(50)));
+        assert_eq!(
+            cap_in_force(&p, Some(Decimal::from(5))),
+            Some(Decimal::from(5))
+        );
+        assert_eq!(cap_in_force(&p, Some(Decimal::ZERO)), Some(Decimal::ZERO));
     }
 
     #[test]
