@@ -9,9 +9,13 @@
 //!   a cap of 0 (the free tier) raises nothing, since any usage would be
 //!   100 % of it. Cost is the month-to-date usage cost before the plan's
 //!   maximum (what the cap check compares). Allowances are a price's
-//!   `allowance_per_seat` (× the seats held over the period) or a zero-priced
-//!   first tier (the free tier's 750 instance-hours); usage is that
-//!   price's matching quantity in price units.
+//!   free units as rating frees them (`rating::free_units`): its
+//!   `allowance_per_seat` (× the seats held while the plan in force now has
+//!   been in force) or a zero-priced first tier (the free tier's 750
+//!   instance-hours); usage is that price's matching quantity in price
+//!   units since the plan in force now started (after a mid-period switch,
+//!   the new plan's allowance counts the new plan's usage, as the invoice
+//!   does).
 //! - **Once per period**: the alert is a row keyed by (customer, period,
 //!   kind, subject, threshold); a second evaluation, or another replica,
 //!   inserts nothing. Crossing 80 % and 100 % in one refresh raises both.
@@ -27,9 +31,9 @@
 use crate::metrics::Metrics;
 use crate::quota_service::{Entry, QuotaService};
 use crate::state::{Alert, AlertOutcome, NewAlert, StateStore};
-use billing_domain::catalog::PriceModel;
+use billing_domain::catalog::cap_in_force;
 use billing_domain::quota::cost_to_date;
-use billing_domain::rating::matches;
+use billing_domain::rating::{free_units, matches};
 use billing_domain::webhook;
 use chrono::{DateTime, Duration, Utc};
 use rust_decimal::Decimal;
@@ -119,7 +123,7 @@ pub fn evaluate(customer: &str, e: &Entry, thresholds: &[u32]) -> anyhow::Result
                 }),
             });
         };
-    let cap = e.spending_cap.or(e.plan.limits.default_spending_cap);
+    let cap = cap_in_force(&e.plan, e.spending_cap);
     if let Some(cap) = cap.filter(|c| *c > Decimal::ZERO) {
         let (_, cost) = cost_to_date(&e.input())?;
         for t in crossed(cost, cap, thresholds) {
@@ -133,29 +137,12 @@ pub fn evaluate(customer: &str, e: &Entry, thresholds: &[u32]) -> anyhow::Result
             );
         }
     }
-    let period_secs =
-        Decimal::from(billing_domain::rating::prorated_secs(e.period.start, e.period.end).max(1));
+    // The plan in force now is rated from where it started, with the usage
+    // since then: its allowances are that segment's.
+    let since = billing_domain::quota::since(&e.input());
     for p in &e.plan.prices {
-        let allowance = match (&p.allowance_per_seat, &p.model) {
-            (Some(per_seat), _) => {
-                let seat_secs: Decimal = e
-                    .seats
-                    .iter()
-                    .map(|s| {
-                        Decimal::from(s.seats)
-                            * Decimal::from(billing_domain::rating::prorated_secs(s.start, s.end))
-                    })
-                    .sum();
-                *per_seat * seat_secs / period_secs
-            }
-            (None, PriceModel::Graduated { tiers })
-                if tiers.len() > 1
-                    && tiers[0].unit_price.is_zero()
-                    && tiers[0].flat_price.is_zero() =>
-            {
-                tiers[0].up_to.unwrap_or_default()
-            }
-            _ => continue,
+        let Some(allowance) = free_units(p, &e.seats, &e.period, since, e.period.end) else {
+            continue;
         };
         if allowance <= Decimal::ZERO {
             continue;

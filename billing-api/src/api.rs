@@ -36,7 +36,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
-use billing_domain::catalog::{CatalogError, PlanVersion};
+use billing_domain::catalog::{latest_active, CatalogError, PlanVersion};
 use billing_domain::quota::{Ask, Decision};
 use billing_domain::rating::{Period, Rated};
 use billing_domain::webhook;
@@ -190,11 +190,7 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> 
 }
 
 fn valid_id(field: &str, v: &str) -> Result<(), ApiError> {
-    let ok = !v.is_empty()
-        && v.len() <= 128
-        && v.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_-.:@".contains(&b));
-    if ok {
+    if schemas::ids::is_id(v) {
         Ok(())
     } else {
         Err(ApiError::invalid(format!(
@@ -574,10 +570,9 @@ async fn resolve_plan(app: &ApiState, plan: &str, version: Option<u32>) -> Resul
     let mine = listed.iter().filter(|p| p.plan.plan == plan);
     let not_found = |what: String| ApiError::new(StatusCode::NOT_FOUND, "not_found", what);
     match version {
-        None => mine
-            .filter(|p| !p.retired)
-            .map(|p| p.plan.version)
-            .max()
+        None => latest_active(&listed)
+            .get(plan)
+            .map(|p| p.version)
             .ok_or_else(|| not_found(format!("plan {plan} has no active version"))),
         Some(v) => match mine.into_iter().find(|p| p.plan.version == v) {
             None => Err(not_found(format!("plan {plan} version {v} not found"))),

@@ -38,8 +38,8 @@ use crate::invoice::{month_of, PlanCache};
 use crate::quota_service::QuotaService;
 use crate::state::StateStore;
 use aggregator::{Granularity, UsageQuery, UsageStore};
-use billing_domain::catalog::price_groups;
 use billing_domain::catalog::PlanVersion;
+use billing_domain::catalog::{cap_in_force, latest_active, price_groups};
 use billing_domain::quota::{projection, Running};
 use billing_domain::rating::{
     matches, rate, with_minor_units, LineKind, Period, Rated, SeatInterval, Segment, UsageItem,
@@ -503,9 +503,8 @@ pub async fn report(
         fees: money(fees),
         plan_adjustments: money(adjustments),
         forecast: m.forecast()?,
-        spending_cap: m
-            .own_cap
-            .or_else(|| plan.and_then(|p| p.limits.default_spending_cap))
+        spending_cap: plan
+            .map_or(m.own_cap, |p| cap_in_force(p, m.own_cap))
             .map(money),
         own_spending_cap: m.own_cap.map(money),
         by_meter: by_meter
@@ -535,17 +534,8 @@ pub async fn advisor(
     customer: &str,
     now: DateTime<Utc>,
 ) -> anyhow::Result<Advisor> {
-    // The latest live version of each plan.
-    let mut latest: BTreeMap<String, PlanVersion> = BTreeMap::new();
-    for p in state.list_plans().await?.into_iter().filter(|p| !p.retired) {
-        let keep = latest
-            .get(&p.plan.plan)
-            .is_none_or(|have| have.version < p.plan.version);
-        if keep {
-            latest.insert(p.plan.plan.clone(), p.plan);
-        }
-    }
-    let candidates: Vec<PlanVersion> = latest.into_values().collect();
+    let listed = state.list_plans().await?;
+    let candidates: Vec<PlanVersion> = latest_active(&listed).into_values().cloned().collect();
     let m = Month::load(state, usage, meters, quota, customer, now, &candidates).await?;
     let currency = m.currency();
     let own = m.forecast()?;

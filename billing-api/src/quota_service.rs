@@ -2,7 +2,8 @@
 //!
 //! For every customer with a plan now, the service keeps what
 //! [`billing_domain::quota::decide`] needs: the current plan version, usage of the
-//! open period through the last complete hour (rollups), seats, what runs
+//! open period through the last complete hour (rollups) on each of the
+//! period's plan segments (so the month to date is the draft's), seats, what runs
 //! now (instances and volumes seen in the last complete hour: instance-
 //! seconds ÷ 3600, rounded up; GB-seconds ÷ 3600), the suspension flag and
 //! the spending cap.
@@ -20,9 +21,9 @@ use crate::invoice::{month_of, PlanCache};
 use crate::state::{PlanSegment, StateStore};
 use crate::usage::{segment_usage, PeriodUsage};
 use aggregator::{UsageQuery, UsageStore};
-use billing_domain::catalog::{Limits, PlanVersion};
+use billing_domain::catalog::{cap_in_force, Limits, PlanVersion};
 use billing_domain::quota::{decide, Ask, Decision, QuotaInput, Running};
-use billing_domain::rating::{Period, SeatInterval, UsageItem};
+use billing_domain::rating::{Period, SeatInterval, Segment, UsageItem};
 use chrono::{DateTime, Duration, DurationRound, Utc};
 use rust_decimal::Decimal;
 use schemas::MeterCatalog;
@@ -37,7 +38,12 @@ pub struct Entry {
     pub period: Period,
     /// Usage and gauges are through this instant (an hour boundary).
     pub as_of: DateTime<Utc>,
+    /// Usage of the plan in force now, from where it started (the period
+    /// start, or a switch inside the period) through `as_of`.
     pub usage_to_date: Vec<UsageItem>,
+    /// The period's plan segments before the plan in force now, with their
+    /// usage (see [`QuotaInput::earlier`]).
+    pub earlier: Vec<Segment>,
     pub seats: Vec<SeatInterval>,
     pub running: Running,
     pub suspended: bool,
@@ -81,6 +87,7 @@ impl Entry {
             period: self.period,
             now: self.as_of,
             usage_to_date: &self.usage_to_date,
+            earlier: &self.earlier,
             seats: &self.seats,
             running: &self.running,
             suspended: self.suspended,
@@ -215,20 +222,65 @@ impl QuotaService {
         let settings = st.quota_settings().await?;
         let mut plans = PlanCache::default();
         let mut current: HashMap<String, PlanVersion> = HashMap::new();
-        for (c, ss) in &segs {
-            if let Some(s) = ss.iter().find(|s| s.start <= now && now < s.end) {
-                current.insert(c.clone(), plans.get(st, &s.plan, s.version).await?.clone());
-            }
-        }
+        // Customers whose plan in force now started inside the period: the
+        // segments before it, each rated with its own plan and usage (as
+        // the draft rates them), and the current plan's usage from its
+        // start. Everyone else is read in one pass below.
+        let mut earlier: HashMap<String, Vec<Segment>> = HashMap::new();
         let mut usage: HashMap<String, Vec<UsageItem>> = HashMap::new();
-        if as_of > period.start && !current.is_empty() {
+        for (c, ss) in &segs {
+            let Some(cur) = ss.iter().find(|s| s.start <= now && now < s.end) else {
+                continue;
+            };
+            let plan = plans.get(st, &cur.plan, cur.version).await?.clone();
+            let since = cur.start.max(period.start);
+            if since > period.start {
+                let mut before = Vec::new();
+                for s in ss.iter().filter(|s| s.end <= since && s.end > period.start) {
+                    let p = plans.get(st, &s.plan, s.version).await?.clone();
+                    let (start, end) = (s.start.max(period.start), s.end);
+                    let u = if as_of > start {
+                        segment_usage(
+                            self.usage.as_ref(),
+                            &self.meters,
+                            &p,
+                            c,
+                            start,
+                            end.min(as_of),
+                        )
+                        .await?
+                    } else {
+                        Vec::new()
+                    };
+                    before.push(Segment {
+                        plan: p,
+                        start,
+                        end,
+                        usage: u,
+                    });
+                }
+                let u = if as_of > since {
+                    segment_usage(self.usage.as_ref(), &self.meters, &plan, c, since, as_of).await?
+                } else {
+                    Vec::new()
+                };
+                usage.insert(c.clone(), u);
+                earlier.insert(c.clone(), before);
+            }
+            current.insert(c.clone(), plan);
+        }
+        let whole: HashMap<&String, &PlanVersion> = current
+            .iter()
+            .filter(|(c, _)| !earlier.contains_key(*c))
+            .collect();
+        if as_of > period.start && !whole.is_empty() {
             let to_date = Period {
                 start: period.start,
                 end: as_of,
             };
             match only {
                 Some(c) => {
-                    if let Some(plan) = current.get(c) {
+                    if let Some(plan) = current.get(c).filter(|_| !earlier.contains_key(c)) {
                         let u = segment_usage(
                             self.usage.as_ref(),
                             &self.meters,
@@ -242,15 +294,15 @@ impl QuotaService {
                     }
                 }
                 None => {
-                    let mut ids: Vec<String> = current.keys().cloned().collect();
+                    let mut ids: Vec<String> = whole.keys().map(|c| c.to_string()).collect();
                     ids.sort();
                     let mut distinct: Vec<PlanVersion> = Vec::new();
-                    for p in current.values() {
+                    for p in whole.values() {
                         if !distinct
                             .iter()
                             .any(|d| d.plan == p.plan && d.version == p.version)
                         {
-                            distinct.push(p.clone());
+                            distinct.push((*p).clone());
                         }
                     }
                     let pu = PeriodUsage::fetch(
@@ -261,8 +313,8 @@ impl QuotaService {
                         &ids,
                     )
                     .await?;
-                    for (c, plan) in &current {
-                        usage.insert(c.clone(), pu.items(plan, c)?);
+                    for (c, plan) in &whole {
+                        usage.insert(c.to_string(), pu.items(plan, c)?);
                     }
                 }
             }
@@ -284,6 +336,7 @@ impl QuotaService {
                     period,
                     as_of,
                     usage_to_date: usage.remove(&c).unwrap_or_default(),
+                    earlier: earlier.remove(&c).unwrap_or_default(),
                     seats: seats_all.get(&c).cloned().unwrap_or_default(),
                     running: running.remove(&c).unwrap_or_default(),
                     suspended,
@@ -378,7 +431,7 @@ impl QuotaService {
                 plan_version: e.plan.version,
                 limits: e.plan.limits.clone(),
                 suspended: e.suspended,
-                spending_cap: e.spending_cap.or(e.plan.limits.default_spending_cap),
+                spending_cap: cap_in_force(&e.plan, e.spending_cap),
                 version: e.version,
             })
             .collect();

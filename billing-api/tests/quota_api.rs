@@ -222,3 +222,94 @@ async fn quota_checks_from_memory_follow_changes_at_once() {
         "{m}"
     );
 }
+
+/// After a switch inside the period, the quota check's month to date is
+/// the draft's total: the usage before the switch is rated on the plan it
+/// was used on, and the new plan's fees from the switch on (issue 12; the
+/// check used to rate the whole month's usage on the new plan).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_switch_the_month_to_date_is_the_drafts_total() {
+    let api = Api::start("quota_switch").await;
+    let now = Utc::now();
+    let period_start = billing_api::invoice::month_of(now).start;
+    let last_hour = now.duration_trunc(Duration::hours(1)).unwrap() - Duration::hours(1);
+    let (s, _) = api
+        .call(
+            M::POST,
+            "/v1/customers",
+            Some(json!({"id": "cus_s", "external_id": "cus_s", "name": "S"})),
+        )
+        .await;
+    assert_eq!(s, 201);
+    let (s, v) = api
+        .call(
+            M::POST,
+            "/v1/customers/cus_s/subscription",
+            Some(json!({"plan": "payg", "starts_at": period_start})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    // 10 M requests on pay-as-you-go ($4.00); on the business plan they
+    // would be inside its free 50 M.
+    Writer::new(api.usage.clone())
+        .write(&[(
+            "s1".into(),
+            "cus_s",
+            last_hour.max(period_start) + Duration::minutes(5),
+            "tally.requests",
+            requests("web", 10_000_000),
+        )])
+        .await;
+    let (s, sw) = api
+        .call(
+            M::POST,
+            "/v1/customers/cus_s/plan-switch",
+            Some(json!({"plan": "business"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{sw}");
+    let (_, k) = api
+        .call(
+            M::POST,
+            "/v1/keys",
+            Some(json!({"role": "control-plane", "label": "deploy"})),
+        )
+        .await;
+    let cp = k["key"].as_str().unwrap().to_owned();
+    let (s, d) = api
+        .call_as(
+            &cp,
+            M::POST,
+            "/v1/quota/check",
+            Some(start("cus_s", "web", "t4g.nano", 1)),
+        )
+        .await;
+    assert_eq!(s, 200, "{d}");
+    assert_eq!(d["plan"], "business", "{d}");
+    let (s, draft) = api
+        .call(M::GET, "/v1/customers/cus_s/invoices/draft", None)
+        .await;
+    assert_eq!(s, 200, "{draft}");
+    let lines = draft["body"]["lines"].as_array().unwrap();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["kind"] == "usage" && l["amount"] == "4.00"),
+        "the requests are rated on pay-as-you-go: {draft}"
+    );
+    assert_eq!(
+        d["month_to_date"], draft["total"],
+        "check {d}\ndraft {draft}"
+    );
+    // A full refresh builds the same entry as the reload after the switch.
+    api.quota.refresh(Utc::now()).await.unwrap();
+    let (_, again) = api
+        .call_as(
+            &cp,
+            M::POST,
+            "/v1/quota/check",
+            Some(start("cus_s", "web", "t4g.nano", 1)),
+        )
+        .await;
+    assert_eq!(again["month_to_date"], draft["total"], "{again}");
+}

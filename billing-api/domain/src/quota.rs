@@ -30,13 +30,17 @@
 //!   instance-seconds of the type; `(S − current) × seconds_left`
 //!   GB-seconds).
 //!
-//! The projected cost is the rated total of the whole period on the
-//! customer's current plan. The cap check compares the cost *before* the
-//! plan's maximum: a plan maximum (the free tier's $0) limits what is
+//! The month to date and the projected cost are rated exactly as the
+//! draft invoice rates the period: the plan segments that ended earlier in
+//! the period with their own usage (`QuotaInput::earlier`), then the plan
+//! in force now from where it starts to the period end, with its usage so
+//! far (and, for the forecast, the projection; counters are projected from
+//! the whole period's usage, as the dashboard's forecast projects them).
+//! The cap check compares the cost *before* the plan's maximum: a plan maximum (the free tier's $0) limits what is
 //! billed, not what may be used, so usage beyond the free allowance is
 //! stopped here rather than given away.
 
-use crate::catalog::{price_groups, PlanVersion};
+use crate::catalog::{cap_in_force, price_groups, PlanVersion};
 use crate::rating::{rate, with_minor_units, Period, SeatInterval, Segment, UsageItem};
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -103,8 +107,13 @@ pub struct QuotaInput<'a> {
     pub plan: &'a PlanVersion,
     pub period: Period,
     pub now: DateTime<Utc>,
-    /// Usage of `[period.start, now)`, grouped as the plan's prices need.
+    /// Usage of `[since, now)`, where `since` is where `earlier` ends (the
+    /// period start when it is empty), grouped as `plan`'s prices need.
     pub usage_to_date: &'a [UsageItem],
+    /// The period's plan segments that ended before the plan in force now
+    /// started, in order, each with its usage: what the draft rates before
+    /// `plan`'s segment. Empty for a customer on one plan all period.
+    pub earlier: &'a [Segment],
     pub seats: &'a [SeatInterval],
     pub running: &'a Running,
     pub suspended: bool,
@@ -154,22 +163,32 @@ fn secs(a: DateTime<Utc>, b: DateTime<Utc>) -> Decimal {
     Decimal::from(crate::rating::prorated_secs(a, b).max(0))
 }
 
-/// (billed total, cost before the plan's maximum) of the period with `usage`.
+/// Where the plan in force now starts: the end of the earlier segments, or
+/// the period start.
+pub fn since(q: &QuotaInput) -> DateTime<Utc> {
+    q.earlier
+        .last()
+        .map_or(q.period.start, |s| s.end.max(q.period.start))
+}
+
+/// (billed total, cost before the plan's maximum) of the period: the
+/// earlier segments as they are, then the plan in force now with `usage`.
 fn rated_total(q: &QuotaInput, usage: Vec<UsageItem>) -> anyhow::Result<(Decimal, Decimal)> {
-    let seg = Segment {
+    let mut segments = q.earlier.to_vec();
+    segments.push(Segment {
         plan: q.plan.clone(),
-        start: q.period.start,
+        start: since(q),
         end: q.period.end,
         usage,
-    };
-    let r = rate(&q.period, &[seg], q.seats)?;
+    });
+    let r = rate(&q.period, &segments, q.seats)?;
     Ok((r.total, r.before_maximum()))
 }
 
 /// What the rest of the period adds to `usage_to_date` (usage of
-/// `[period.start, now)`) under the forecast method above: counters at their
-/// month-to-date rate, instances and volumes as they run now. Items carry
-/// only the dimensions `plan` prices on.
+/// `[period.start, now)`, on every plan segment) under the forecast method
+/// above: counters at their month-to-date rate, instances and volumes as
+/// they run now. Gauge items carry only the dimensions `plan` prices on.
 pub fn projection(
     plan: &PlanVersion,
     period: Period,
@@ -213,16 +232,18 @@ pub fn projection(
     out
 }
 
-/// The projected month-end usage, plus `extra`.
+/// The projected usage of the plan in force now to the period end, plus
+/// `extra`. Counters are projected from the whole period's usage, on every
+/// segment, as the dashboard's forecast does.
 fn projected_usage(q: &QuotaInput, extra: Vec<UsageItem>) -> Vec<UsageItem> {
     let mut out: Vec<UsageItem> = q.usage_to_date.to_vec();
-    out.extend(projection(
-        q.plan,
-        q.period,
-        q.now,
-        q.usage_to_date,
-        q.running,
-    ));
+    let month: Vec<UsageItem> = q
+        .earlier
+        .iter()
+        .flat_map(|s| s.usage.iter().cloned())
+        .chain(q.usage_to_date.iter().cloned())
+        .collect();
+    out.extend(projection(q.plan, q.period, q.now, &month, q.running));
     out.extend(extra);
     out
 }
@@ -245,10 +266,7 @@ fn priced_type(plan: &PlanVersion, ty: &str) -> bool {
 
 /// The decision for `ask`.
 pub fn decide(q: &QuotaInput, ask: &Ask) -> anyhow::Result<Decision> {
-    let cap = q
-        .spending_cap
-        .or(q.plan.limits.default_spending_cap)
-        .map(|c| with_minor_units(c, q.plan.minor_units));
+    let cap = cap_in_force(q.plan, q.spending_cap).map(|c| with_minor_units(c, q.plan.minor_units));
     let left = secs(q.now.max(q.period.start), q.period.end);
     // The asked volume's size now (0 when new or when asking for instances).
     let volume_now = match ask {

@@ -295,6 +295,59 @@ fn price_amount(
 
 /// Whether a price applies to a usage item: same meter, and the item has
 /// every dimension value the price filters on.
+/// Seat-seconds of `seats` inside `[start, end)` (interval lengths floored
+/// as proration floors them).
+pub fn seat_secs(seats: &[SeatInterval], start: DateTime<Utc>, end: DateTime<Utc>) -> i64 {
+    seats
+        .iter()
+        .map(|iv| {
+            let (a, b) = (iv.start.max(start), iv.end.min(end));
+            if b > a {
+                iv.seats as i64 * secs(a, b)
+            } else {
+                0
+            }
+        })
+        .sum()
+}
+
+/// The meter quantity a price's per-seat allowance frees in a segment with
+/// `seat_secs` seat-seconds of a period of `period_secs` (as a decimal):
+/// `allowance_per_seat × per × seat_secs / period_secs`. None when the
+/// price has no per-seat allowance.
+pub fn seat_allowance(p: &MeterPrice, seat_secs: i64, period_secs: Decimal) -> Option<Decimal> {
+    p.allowance_per_seat
+        .map(|a| a * p.per * Decimal::from(seat_secs) / period_secs)
+}
+
+/// The price units a segment `[start, end)` of `period` gets free under
+/// `p`: its per-seat allowance, else the first tier of a graduated price
+/// whose first tier is free (a free tier's allowance, as rating applies
+/// it to the segment's usage). None when the price frees nothing. Usage
+/// alerts count against this.
+pub fn free_units(
+    p: &MeterPrice,
+    seats: &[SeatInterval],
+    period: &Period,
+    start: DateTime<Utc>,
+    end: DateTime<Utc>,
+) -> Option<Decimal> {
+    let den = Decimal::from(secs(period.start, period.end).max(1));
+    if let Some(q) = seat_allowance(p, seat_secs(seats, start, end), den) {
+        return Some(q / p.per);
+    }
+    match &p.model {
+        PriceModel::Graduated { tiers }
+            if tiers.len() > 1
+                && tiers[0].unit_price.is_zero()
+                && tiers[0].flat_price.is_zero() =>
+        {
+            tiers[0].up_to
+        }
+        _ => None,
+    }
+}
+
 pub fn matches(p: &MeterPrice, u: &UsageItem) -> bool {
     p.meter == u.meter && p.filter.iter().all(|(k, v)| u.dims.get(k) == Some(v))
 }
@@ -390,17 +443,7 @@ pub fn rate(
             });
         }
         // Seat-seconds inside the segment: seat fees and per-seat allowances.
-        let seat_secs: i64 = seats
-            .iter()
-            .map(|iv| {
-                let (a, b) = (iv.start.max(s.start), iv.end.min(s.end));
-                if b > a {
-                    iv.seats as i64 * secs(a, b)
-                } else {
-                    0
-                }
-            })
-            .sum();
+        let seat_secs = seat_secs(seats, s.start, s.end);
         if !plan.seat_fee.is_zero() && seat_secs > 0 {
             let q = Decimal::from(seat_secs);
             let exact = q * plan.seat_fee / den;
@@ -426,10 +469,7 @@ pub fn rate(
             if q.is_zero() {
                 continue;
             }
-            let allowance = p
-                .allowance_per_seat
-                .map(|a| a * p.per * Decimal::from(seat_secs) / den)
-                .unwrap_or_default();
+            let allowance = seat_allowance(p, seat_secs, den).unwrap_or_default();
             let (exact, unit_price, tiers) = price_amount(p, (q - allowance).max(Decimal::ZERO), f);
             let what = p.filter.values().cloned().collect::<Vec<_>>().join(", ");
             let description = if what.is_empty() {

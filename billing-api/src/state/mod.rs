@@ -158,13 +158,7 @@ pub struct App {
     pub name: String,
 }
 
-/// A published plan version and whether it is retired (retired versions
-/// keep billing their current subscribers but take no new ones).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct PublishedPlan {
-    pub plan: PlanVersion,
-    pub retired: bool,
-}
+pub use billing_domain::catalog::PublishedPlan;
 
 pub use billing_domain::invoice::{Invoice, SyncStatus};
 
