@@ -30,7 +30,7 @@
 
 use crate::metrics::Metrics;
 use crate::quota_service::{Entry, QuotaService};
-use crate::state::{Alert, AlertOutcome, NewAlert, StateStore};
+use crate::state::{Alert, AlertKind, AlertOutcome, NewAlert, StateStore};
 use billing_domain::catalog::cap_in_force;
 use billing_domain::quota::cost_to_date;
 use billing_domain::rating::{free_units, matches};
@@ -102,11 +102,11 @@ pub fn evaluate(customer: &str, e: &Entry, thresholds: &[u32]) -> anyhow::Result
     let mut out = Vec::new();
     let period = json!({"start": e.period.start, "end": e.period.end});
     let mut raise =
-        |kind: &str, subject: String, t: u32, used: Decimal, limit: Decimal, unit: &str| {
+        |kind: AlertKind, subject: String, t: u32, used: Decimal, limit: Decimal, unit: &str| {
             out.push(NewAlert {
                 customer_id: customer.to_owned(),
                 period_start: e.period.start,
-                kind: kind.to_owned(),
+                kind,
                 subject: subject.clone(),
                 threshold: t,
                 payload: json!({
@@ -128,7 +128,7 @@ pub fn evaluate(customer: &str, e: &Entry, thresholds: &[u32]) -> anyhow::Result
         let (_, cost) = cost_to_date(&e.input())?;
         for t in crossed(cost, cap, thresholds) {
             raise(
-                "spending_cap",
+                AlertKind::SpendingCap,
                 String::new(),
                 t,
                 cost,
@@ -161,7 +161,7 @@ pub fn evaluate(customer: &str, e: &Entry, thresholds: &[u32]) -> anyhow::Result
         let unit = p.unit_name.clone().unwrap_or_else(|| p.meter.clone());
         for t in crossed(used, allowance, thresholds) {
             raise(
-                "allowance",
+                AlertKind::Allowance,
                 subject.clone(),
                 t,
                 used.round_dp(6).normalize(),
@@ -174,13 +174,13 @@ pub fn evaluate(customer: &str, e: &Entry, thresholds: &[u32]) -> anyhow::Result
 }
 
 /// (customer, period start, kind, subject, threshold): what makes an alert once-only.
-type AlertKey = (String, DateTime<Utc>, String, String, u32);
+type AlertKey = (String, DateTime<Utc>, AlertKind, String, u32);
 
 fn key(a: &NewAlert) -> AlertKey {
     (
         a.customer_id.clone(),
         a.period_start,
-        a.kind.clone(),
+        a.kind,
         a.subject.clone(),
         a.threshold,
     )
@@ -235,7 +235,10 @@ impl AlertRaiser {
         let raised = state.record_alerts(&fresh, now).await?;
         self.recorded.lock().unwrap().extend(fresh.iter().map(key));
         for a in &raised {
-            metrics.alerts_raised.with_label_values(&[&a.kind]).inc();
+            metrics
+                .alerts_raised
+                .with_label_values(&[a.kind.as_str()])
+                .inc();
             tracing::info!(customer = %a.customer_id, kind = %a.kind, subject = %a.subject, threshold = a.threshold, "usage alert raised");
         }
         Ok(raised)

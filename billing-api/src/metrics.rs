@@ -153,8 +153,8 @@ impl Metrics {
         r.register(Box::new(m.quota_decisions.clone())).unwrap();
         r.register(Box::new(m.alerts_raised.clone())).unwrap();
         r.register(Box::new(m.alert_deliveries.clone())).unwrap();
-        for kind in ["spending_cap", "allowance"] {
-            m.alerts_raised.with_label_values(&[kind]);
+        for kind in billing_domain::alert::AlertKind::ALL {
+            m.alerts_raised.with_label_values(&[kind.as_str()]);
         }
         for outcome in ["delivered", "retry", "gave_up"] {
             m.alert_deliveries.with_label_values(&[outcome]);

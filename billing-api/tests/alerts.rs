@@ -136,7 +136,7 @@ async fn alerts_are_raised_once_per_period_signed_and_retried() {
         .map(|a| {
             (
                 a.customer_id.clone(),
-                a.kind.clone(),
+                a.kind.to_string(),
                 a.subject.clone(),
                 a.threshold,
             )

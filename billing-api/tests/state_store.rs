@@ -14,8 +14,8 @@ use billing_api::rating::{rate, Line, Period, SeatInterval, Segment, UsageItem};
 use billing_api::state::postgres::PgState;
 use billing_api::state::sqlite::{micros, SqliteState};
 use billing_api::state::{
-    Alert, AlertOutcome, App, AuditEntry, Customer, Invoice, NewAlert, PlanSegment, PublishedPlan,
-    StateError, StateStore, Subscription, SwitchOutcome, SyncStatus,
+    Alert, AlertOutcome, AlertStatus, App, AuditEntry, Customer, Invoice, NewAlert, PaymentStatus,
+    PlanSegment, PublishedPlan, StateError, StateStore, Subscription, SwitchOutcome, SyncStatus,
 };
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use rust_decimal::Decimal;
@@ -312,7 +312,7 @@ fn finalized(n: &NewInvoice, seq: i64, at: DateTime<Utc>) -> Invoice {
         sync_status: n.sync_status.clone(),
         stripe_invoice_id: None,
         carried_to: None,
-        payment_status: "open".into(),
+        payment_status: PaymentStatus::Open,
         sync_error: None,
     }
 }
@@ -1264,14 +1264,20 @@ async fn invoices(db: Db) {
         "internal",
         "Stripe invoice ids are unique"
     );
-    assert!(st.set_payment_status("in_1", "paid").await.unwrap());
-    assert!(!st.set_payment_status("in_unknown", "paid").await.unwrap());
+    assert!(st
+        .set_payment_status("in_1", PaymentStatus::Paid)
+        .await
+        .unwrap());
+    assert!(!st
+        .set_payment_status("in_unknown", PaymentStatus::Paid)
+        .await
+        .unwrap());
     assert_eq!(
         st.invoice(&a_oct.id).await.unwrap(),
         Invoice {
             sync_status: SyncStatus::Synced.into(),
             stripe_invoice_id: Some("in_1".into()),
-            payment_status: "paid".into(),
+            payment_status: PaymentStatus::Paid,
             ..expected[0].clone()
         }
     );
@@ -1321,7 +1327,7 @@ async fn invoices(db: Db) {
         Invoice {
             sync_status: SyncStatus::Failed.into(),
             sync_error: Some("x".into()),
-            payment_status: "void".into(),
+            payment_status: PaymentStatus::Void,
             stripe_invoice_id: Some("in_9".into()),
             carried_to: Some(a_oct.id.clone()),
             ..expected[0].clone()
@@ -1549,7 +1555,7 @@ fn new_alert(customer: &str, kind: &str, subject: &str, threshold: u32) -> NewAl
     NewAlert {
         customer_id: customer.into(),
         period_start: nov(1),
-        kind: kind.into(),
+        kind: kind.parse().unwrap(),
         subject: subject.into(),
         threshold,
         payload: json!({"customer": customer, "kind": kind, "threshold": threshold,
@@ -1607,7 +1613,7 @@ async fn alerts(db: Db) {
         id: stored.id,
         alert: a.clone(),
         created_at: stored.created_at,
-        status: "pending".into(),
+        status: AlertStatus::Pending,
         attempts: 0,
         next_attempt_at: due,
         delivered_at: None,
@@ -1685,7 +1691,7 @@ async fn alerts(db: Db) {
         settled,
         vec![
             Alert {
-                status: "delivered".into(),
+                status: AlertStatus::Delivered,
                 attempts: 1,
                 delivered_at: Some(delivered_at),
                 ..leased(&expected[0], later + lease)
@@ -1696,7 +1702,7 @@ async fn alerts(db: Db) {
                 ..leased(&expected[1], retry_at)
             },
             Alert {
-                status: "failed".into(),
+                status: AlertStatus::Failed,
                 attempts: 1,
                 last_error: Some("HTTP 410".into()),
                 ..leased(&expected[2], now2 + lease)

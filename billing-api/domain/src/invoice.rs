@@ -203,56 +203,31 @@ pub fn build(
     }
 }
 
-/// Delivery of a finalized invoice to the payment provider, stored and
-/// answered as its snake_case name (`carried_forward`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum SyncStatus {
-    /// Waiting to be sent to Stripe (or Stripe sync is off).
-    Pending,
-    Synced,
-    /// Below the minimum charge: not sent, added to the next invoice.
-    CarriedForward,
-    /// Total zero: nothing to send.
-    NothingDue,
-    /// Sent but Stripe's total disagrees, or Stripe refused it; needs a human.
-    Failed,
-}
-
-impl SyncStatus {
-    pub const ALL: [SyncStatus; 5] = [
-        SyncStatus::Pending,
-        SyncStatus::Synced,
-        SyncStatus::CarriedForward,
-        SyncStatus::NothingDue,
-        SyncStatus::Failed,
-    ];
-
-    /// The stored and answered name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SyncStatus::Pending => "pending",
-            SyncStatus::Synced => "synced",
-            SyncStatus::CarriedForward => "carried_forward",
-            SyncStatus::NothingDue => "nothing_due",
-            SyncStatus::Failed => "failed",
-        }
+crate::named! {
+    /// Delivery of a finalized invoice to the payment provider, stored and
+    /// answered as its snake_case name (`carried_forward`).
+    pub enum SyncStatus ("sync status") {
+        /// Waiting to be sent to Stripe (or Stripe sync is off).
+        Pending => "pending",
+        Synced => "synced",
+        /// Below the minimum charge: not sent, added to the next invoice.
+        CarriedForward => "carried_forward",
+        /// Total zero: nothing to send.
+        NothingDue => "nothing_due",
+        /// Sent but Stripe's total disagrees, or Stripe refused it; needs a human.
+        Failed => "failed",
     }
 }
 
-impl std::fmt::Display for SyncStatus {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for SyncStatus {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        SyncStatus::ALL
-            .into_iter()
-            .find(|v| v.as_str() == s)
-            .ok_or_else(|| format!("unknown sync status {s:?}"))
+crate::named! {
+    /// Whether a finalized invoice is paid, as Stripe's webhooks report it
+    /// (`webhook::payment_status`).
+    pub enum PaymentStatus ("payment status") {
+        /// Not (yet) reported paid.
+        Open => "open",
+        Paid => "paid",
+        PaymentFailed => "payment_failed",
+        Void => "void",
     }
 }
 
@@ -274,8 +249,8 @@ pub struct Invoice {
     pub sync_status: SyncStatus,
     pub stripe_invoice_id: Option<String>,
     pub carried_to: Option<String>,
-    /// `open`, `paid`, `payment_failed` or `void` (from Stripe's webhooks).
-    pub payment_status: String,
+    /// From Stripe's webhooks.
+    pub payment_status: PaymentStatus,
     pub sync_error: Option<String>,
 }
 
@@ -287,8 +262,13 @@ mod tests {
     #[test]
     fn sync_statuses_read_back_their_names() {
         for s in SyncStatus::ALL {
-            assert_eq!(s.as_str().parse::<SyncStatus>(), Ok(s));
+            assert_eq!(s.as_str().parse::<SyncStatus>(), Ok(*s));
             assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
+        let names: Vec<&str> = PaymentStatus::ALL.iter().map(|p| p.as_str()).collect();
+        assert_eq!(names, ["open", "paid", "payment_failed", "void"]);
+        for p in PaymentStatus::ALL {
+            assert_eq!(serde_json::to_value(p).unwrap(), p.as_str());
         }
         assert!("bogus".parse::<SyncStatus>().is_err());
     }

@@ -1,7 +1,8 @@
 //! Tally's billing rules, free of I/O: the catalog and its validation
 //! ([`catalog`]), rating with allowances ([`rating`]), re-rating into
 //! adjustment lines ([`adjust`]), invoice building, periods and numbering
-//! ([`invoice`]), quota decisions ([`quota`]), webhook
+//! ([`invoice`]), alert kinds and statuses ([`alert`]), quota decisions
+//! ([`quota`]), status enums ([`names`]), webhook
 //! signatures ([`webhook`]) and how decimals and instants are read from
 //! request bodies and catalog files ([`wire`]).
 //!
@@ -12,8 +13,10 @@
 //! (`billing_api::rating`, …).
 
 pub mod adjust;
+pub mod alert;
 pub mod catalog;
 pub mod invoice;
+pub mod names;
 pub mod quota;
 pub mod rating;
 pub mod webhook;

@@ -8,6 +8,7 @@
 //! in constant time) and `t` is within the tolerance of now (replays of an
 //! old delivery are refused).
 
+use crate::invoice::PaymentStatus;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
@@ -85,11 +86,11 @@ pub fn verify(
 }
 
 /// The payment status an event type sets, if it is one Tally handles.
-pub fn payment_status(event_type: &str) -> Option<&'static str> {
+pub fn payment_status(event_type: &str) -> Option<PaymentStatus> {
     match event_type {
-        "invoice.paid" => Some("paid"),
-        "invoice.payment_failed" => Some("payment_failed"),
-        "invoice.voided" => Some("void"),
+        "invoice.paid" => Some(PaymentStatus::Paid),
+        "invoice.payment_failed" => Some(PaymentStatus::PaymentFailed),
+        "invoice.voided" => Some(PaymentStatus::Void),
         _ => None,
     }
 }

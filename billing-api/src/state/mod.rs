@@ -64,8 +64,7 @@ pub type QuotaSettings = (bool, Option<Decimal>);
 pub struct NewAlert {
     pub customer_id: String,
     pub period_start: DateTime<Utc>,
-    /// `spending_cap` or `allowance`.
-    pub kind: String,
+    pub kind: AlertKind,
     /// What the threshold is of: empty for the cap, the price for an
     /// allowance (e.g. `compute instance_type=t4g.small`).
     pub subject: String,
@@ -82,8 +81,7 @@ pub struct Alert {
     #[serde(flatten)]
     pub alert: NewAlert,
     pub created_at: DateTime<Utc>,
-    /// `pending`, `delivered` or `failed` (gave up).
-    pub status: String,
+    pub status: AlertStatus,
     pub attempts: u32,
     pub next_attempt_at: DateTime<Utc>,
     pub delivered_at: Option<DateTime<Utc>>,
@@ -160,7 +158,8 @@ pub struct App {
 
 pub use billing_domain::catalog::PublishedPlan;
 
-pub use billing_domain::invoice::{Invoice, SyncStatus};
+pub use billing_domain::alert::{AlertKind, AlertStatus};
+pub use billing_domain::invoice::{Invoice, PaymentStatus, SyncStatus};
 
 pub trait StateStore: Send + Sync + 'static {
     fn migrate(&self) -> BoxFuture<'_, StateResult<()>>;
@@ -362,7 +361,7 @@ pub trait StateStore: Send + Sync + 'static {
     fn set_payment_status<'a>(
         &'a self,
         stripe_invoice_id: &'a str,
-        status: &'a str,
+        status: PaymentStatus,
     ) -> BoxFuture<'a, StateResult<bool>>;
 
     /// Raises the alerts not raised before, due for delivery from `now`;
@@ -485,7 +484,10 @@ pub(crate) fn invoice_from(r: &impl StateRow) -> StateResult<Invoice> {
             .map_err(|e| StateError::Invalid(format!("stored invoice: {e}")))?,
         stripe_invoice_id: r.opt_text("stripe_invoice_id")?,
         carried_to: r.opt_text("carried_to")?,
-        payment_status: r.text("payment_status")?,
+        payment_status: r
+            .text("payment_status")?
+            .parse()
+            .map_err(|e| StateError::Invalid(format!("stored invoice: {e}")))?,
         sync_error: r.opt_text("sync_error")?,
     })
 }
@@ -538,13 +540,19 @@ pub(crate) fn alert_from(r: &impl StateRow) -> StateResult<Alert> {
         alert: NewAlert {
             customer_id: r.text("customer_id")?,
             period_start: r.time("period_start")?,
-            kind: r.text("kind")?,
+            kind: r
+                .text("kind")?
+                .parse()
+                .map_err(|e| StateError::Invalid(format!("stored alert: {e}")))?,
             subject: r.text("subject")?,
             threshold: r.int("threshold")? as u32,
             payload: r.json("payload")?,
         },
         created_at: r.time("created_at")?,
-        status: r.text("status")?,
+        status: r
+            .text("status")?
+            .parse()
+            .map_err(|e| StateError::Invalid(format!("stored alert: {e}")))?,
         attempts: r.int("attempts")? as u32,
         next_attempt_at: r.time("next_attempt_at")?,
         delivered_at: r.opt_time("delivered_at")?,

@@ -34,10 +34,10 @@ use super::{
     check_carried_moved, check_first_subscription, check_plan_usable, conflict_or, customer_from,
     customer_not_found, invoice_from, plan_from, published_plan_from, retire_refused, seats_from,
     seats_value, segments_from, subscription_from, withdrawn_earlier, Alert, AlertOutcome, App,
-    AuditEntry, AuditRecord, Customer, Invoice, NewAlert, PlanSegment, PublishedPlan,
-    QuotaSettings, StateError, StateResult, StateRow, StateStore, Subscription, SwitchOutcome,
-    SwitchWrites, SyncStatus, WithdrawWrites, ALERT_COLUMNS, API_KEY_COLUMNS, INVOICE_COLUMNS,
-    SUBSCRIPTION_COLUMNS, WITHDRAW_ACTION,
+    AuditEntry, AuditRecord, Customer, Invoice, NewAlert, PaymentStatus, PlanSegment,
+    PublishedPlan, QuotaSettings, StateError, StateResult, StateRow, StateStore, Subscription,
+    SwitchOutcome, SwitchWrites, SyncStatus, WithdrawWrites, ALERT_COLUMNS, API_KEY_COLUMNS,
+    INVOICE_COLUMNS, SUBSCRIPTION_COLUMNS, WITHDRAW_ACTION,
 };
 use crate::auth::ApiKey;
 use crate::invoice::NewInvoice;
@@ -996,13 +996,13 @@ impl StateStore for SqliteState {
     fn set_payment_status<'a>(
         &'a self,
         stripe_invoice_id: &'a str,
-        status: &'a str,
+        status: PaymentStatus,
     ) -> BoxFuture<'a, StateResult<bool>> {
         Box::pin(async move {
             let n =
                 sqlx::query("UPDATE invoices SET payment_status = ?2 WHERE stripe_invoice_id = ?1")
                     .bind(stripe_invoice_id)
-                    .bind(status)
+                    .bind(status.as_str())
                     .execute(&self.writer)
                     .await?
                     .rows_affected();
@@ -1170,7 +1170,7 @@ impl StateStore for SqliteState {
                 )
                 .bind(&a.customer_id)
                 .bind(micros(a.period_start))
-                .bind(&a.kind)
+                .bind(a.kind.as_str())
                 .bind(&a.subject)
                 .bind(a.threshold as i32)
                 .bind(json_text(&a.payload))
