@@ -137,31 +137,9 @@ fn meters(c: &Common) -> anyhow::Result<MeterCatalog> {
     }
 }
 
-fn init_tracing() {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if std::env::var("TALLY_LOG_FORMAT").is_ok_and(|v| v == "json") {
-        b.json().init()
-    } else {
-        b.init()
-    }
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("signal handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    init_tracing();
+    serving::process::init_tracing();
     match Cli::parse().command {
         Command::Run {
             common,
@@ -197,7 +175,7 @@ async fn main() -> anyhow::Result<()> {
             }
             let (tx, rx) = tokio::sync::watch::channel(false);
             tokio::spawn(async move {
-                shutdown_signal().await;
+                serving::process::shutdown_signal().await;
                 tracing::info!("shutdown requested; finishing the current batch");
                 let _ = tx.send(true);
             });

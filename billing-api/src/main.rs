@@ -83,7 +83,7 @@ async fn setup(c: &Common) -> anyhow::Result<Parts> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    billing_api::service::init_tracing();
+    serving::process::init_tracing();
     match Cli::parse().command {
         Command::Serve {
             common,

@@ -211,7 +211,7 @@ pub async fn serve(
         every,
         quota_every,
         alerts,
-        shutdown_signal(),
+        serving::process::shutdown_signal(),
     )
     .await
 }
@@ -309,30 +309,5 @@ async fn send_alerts(sender: AlertSender, mut stop: watch::Receiver<bool>) {
             _ = tokio::time::sleep(Duration::from_secs(5)) => {}
             _ = stop.changed() => return,
         }
-    }
-}
-
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`), as JSON when
-/// `TALLY_LOG_FORMAT=json`.
-pub fn init_tracing() {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if std::env::var("TALLY_LOG_FORMAT").is_ok_and(|v| v == "json") {
-        b.json().init()
-    } else {
-        b.init()
-    }
-}
-
-/// Completes on SIGTERM or Ctrl-C.
-pub async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("signal handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
     }
 }

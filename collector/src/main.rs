@@ -51,29 +51,15 @@ enum Command {
     },
 }
 
-fn init_tracing() {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let json = std::env::var("TALLY_LOG_FORMAT").is_ok_and(|v| v == "json");
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        b.json().init()
-    } else {
-        b.init()
-    }
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    init_tracing();
+    serving::process::init_tracing();
     match Cli::parse().command {
         Command::Serve { config } => {
             let cfg = collector::Config::load(&config)?;
             let (tx, rx) = tokio::sync::watch::channel(false);
             tokio::spawn(async move {
-                shutdown_signal().await;
+                serving::process::shutdown_signal().await;
                 tracing::info!("shutdown requested");
                 let _ = tx.send(true);
             });
@@ -152,15 +138,6 @@ async fn post_events(
         }
     }
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("signal handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }
 
 #[cfg(test)]

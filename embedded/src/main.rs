@@ -56,10 +56,10 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    billing_api::service::init_tracing();
+    serving::process::init_tracing();
     match Cli::parse().command {
         Command::Serve(cfg) => {
-            embedded::server::run(*cfg, billing_api::service::shutdown_signal()).await
+            embedded::server::run(*cfg, serving::process::shutdown_signal()).await
         }
         Command::Finalize {
             data_dir,

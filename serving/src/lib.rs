@@ -45,6 +45,8 @@
 //! them to `writev`, a memcpy of answers that are small JSON documents and
 //! assets.
 
+pub mod process;
+
 use axum::serve::Listener;
 use std::io;
 use std::pin::Pin;
