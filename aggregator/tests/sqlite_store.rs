@@ -219,18 +219,8 @@ async fn sqlite_answers_as_clickhouse_does() {
     // from raw rows on the next load.
     let next = s_lite.max_offset.unwrap() + 1;
     let late = RawRow {
-        customer: "cus_a".into(),
-        meter: "requests".into(),
-        time: t0 + Duration::minutes(5),
-        app: "web".into(),
-        dims: "{}".into(),
-        quantity: Decimal::from(500),
-        unique_value: String::new(),
-        source: "test".into(),
-        id: "late-1".into(),
-        event_type: "tally.requests".into(),
-        partition: 0,
         offset: next,
+        ..late_row(t0)
     };
     lite2.write_raw(vec![late.clone()]).await.unwrap();
     ch.write_raw(vec![late]).await.unwrap();
@@ -267,6 +257,7 @@ async fn sqlite_answers_as_clickhouse_does() {
     assert_eq!(ids(&l_lite), ids(&l_ch));
 }
 
+/// A row of partition 0 (offset 0: set it) at `t0` + 5 minutes.
 fn late_row(t0: DateTime<Utc>) -> RawRow {
     RawRow {
         customer: "cus_a".into(),

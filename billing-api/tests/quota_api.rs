@@ -10,6 +10,38 @@ use reqwest::Method as M;
 use serde_json::{json, Value};
 use support::*;
 
+/// A new customer `id` subscribed to `plan` from `from`.
+async fn subscribed(api: &Api, id: &str, plan: &str, from: chrono::DateTime<Utc>) {
+    let (s, _) = api
+        .call(
+            M::POST,
+            "/v1/customers",
+            Some(json!({"id": id, "external_id": id, "name": id})),
+        )
+        .await;
+    assert_eq!(s, 201);
+    let (s, v) = api
+        .call(
+            M::POST,
+            &format!("/v1/customers/{id}/subscription"),
+            Some(json!({"plan": plan, "starts_at": from})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+}
+
+/// A new control-plane key.
+async fn control_plane_key(api: &Api) -> String {
+    let (_, k) = api
+        .call(
+            M::POST,
+            "/v1/keys",
+            Some(json!({"role": "control-plane", "label": "deploy"})),
+        )
+        .await;
+    k["key"].as_str().unwrap().to_owned()
+}
+
 fn start(customer: &str, app: &str, ty: &str, n: u32) -> Value {
     json!({"customer_id": customer, "ask": {"kind": "start_instances", "app": app, "instance_type": ty, "count": n}})
 }
@@ -40,32 +72,10 @@ async fn quota_checks_from_memory_follow_changes_at_once() {
         ])
         .await;
     for (id, plan) in [("cus_f", "free"), ("cus_p", "payg")] {
-        let (s, _) = api
-            .call(
-                M::POST,
-                "/v1/customers",
-                Some(json!({"id": id, "external_id": id, "name": id})),
-            )
-            .await;
-        assert_eq!(s, 201);
-        let (s, v) = api
-            .call(
-                M::POST,
-                &format!("/v1/customers/{id}/subscription"),
-                Some(json!({"plan": plan, "starts_at": period_start})),
-            )
-            .await;
-        assert_eq!(s, 201, "{v}");
+        subscribed(&api, id, plan, period_start).await;
     }
     assert_eq!(api.quota.refresh(Utc::now()).await.unwrap(), 2);
-    let (_, k) = api
-        .call(
-            M::POST,
-            "/v1/keys",
-            Some(json!({"role": "control-plane", "label": "deploy"})),
-        )
-        .await;
-    let cp = k["key"].as_str().unwrap().to_owned();
+    let cp = control_plane_key(&api).await;
     let check = |body: Value| {
         let (api, cp) = (&api, cp.clone());
         async move {
@@ -233,22 +243,7 @@ async fn after_a_switch_the_month_to_date_is_the_drafts_total() {
     let now = Utc::now();
     let period_start = billing_api::invoice::month_of(now).start;
     let last_hour = now.duration_trunc(Duration::hours(1)).unwrap() - Duration::hours(1);
-    let (s, _) = api
-        .call(
-            M::POST,
-            "/v1/customers",
-            Some(json!({"id": "cus_s", "external_id": "cus_s", "name": "S"})),
-        )
-        .await;
-    assert_eq!(s, 201);
-    let (s, v) = api
-        .call(
-            M::POST,
-            "/v1/customers/cus_s/subscription",
-            Some(json!({"plan": "payg", "starts_at": period_start})),
-        )
-        .await;
-    assert_eq!(s, 201, "{v}");
+    subscribed(&api, "cus_s", "payg", period_start).await;
     // 10 M requests on pay-as-you-go ($4.00); on the business plan they
     // would be inside its free 50 M.
     Writer::new(api.usage.clone())
@@ -268,14 +263,7 @@ async fn after_a_switch_the_month_to_date_is_the_drafts_total() {
         )
         .await;
     assert_eq!(s, 200, "{sw}");
-    let (_, k) = api
-        .call(
-            M::POST,
-            "/v1/keys",
-            Some(json!({"role": "control-plane", "label": "deploy"})),
-        )
-        .await;
-    let cp = k["key"].as_str().unwrap().to_owned();
+    let cp = control_plane_key(&api).await;
     let (s, d) = api
         .call_as(
             &cp,
