@@ -39,8 +39,15 @@ struct Common {
         default_value = "http://127.0.0.1:18123"
     )]
     clickhouse_url: String,
-    #[arg(long, env = "TALLY_CLICKHOUSE_DATABASE", default_value = "tally")]
-    database: String,
+    /// ClickHouse database. The same flag name as billing-api's and tally's;
+    /// `--database`, its old name here, is still accepted.
+    #[arg(
+        long,
+        alias = "database",
+        env = "TALLY_CLICKHOUSE_DATABASE",
+        default_value = "tally"
+    )]
+    clickhouse_database: String,
     /// Meter catalog (JSON); the built-in one when absent.
     #[arg(long, env = "TALLY_METERS_FILE")]
     meters_file: Option<PathBuf>,
@@ -164,7 +171,8 @@ async fn main() -> anyhow::Result<()> {
                 ),
             };
             let metrics = Metrics::new();
-            let mut store = ClickHouseStore::new(&common.clickhouse_url, &common.database);
+            let mut store =
+                ClickHouseStore::new(&common.clickhouse_url, &common.clickhouse_database);
             store.metrics = Some(metrics.clone());
             // ClickHouse may still be starting: retry migrations.
             let mut wait = Duration::from_millis(200);
@@ -213,7 +221,7 @@ async fn main() -> anyhow::Result<()> {
             .await
         }
         Command::Migrate { common } => {
-            ClickHouseStore::new(&common.clickhouse_url, &common.database)
+            ClickHouseStore::new(&common.clickhouse_url, &common.clickhouse_database)
                 .apply_migrations()
                 .await
         }
@@ -247,7 +255,7 @@ async fn main() -> anyhow::Result<()> {
                 .get(&meter)
                 .ok_or_else(|| anyhow::anyhow!("--meter: unknown meter {meter:?}"))?;
             anyhow::ensure!(from < to, "--from must be before --to");
-            let store = ClickHouseStore::new(&common.clickhouse_url, &common.database);
+            let store = ClickHouseStore::new(&common.clickhouse_url, &common.clickhouse_database);
             let q = UsageQuery {
                 customer,
                 meter: meter.clone(),
@@ -264,7 +272,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Totals { common, raw } => {
-            let store = ClickHouseStore::new(&common.clickhouse_url, &common.database);
+            let store = ClickHouseStore::new(&common.clickhouse_url, &common.clickhouse_database);
             let t = if raw {
                 store.raw_totals().await?
             } else {
@@ -282,5 +290,17 @@ mod tests {
     fn cli_is_well_formed() {
         use clap::CommandFactory;
         super::Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn the_clickhouse_database_flag_has_the_name_it_has_everywhere() {
+        use clap::Parser;
+        for flag in ["--clickhouse-database", "--database"] {
+            let cli = super::Cli::try_parse_from(["aggregator", "migrate", flag, "other"]).unwrap();
+            let super::Command::Migrate { common } = cli.command else {
+                panic!("parsed as another command");
+            };
+            assert_eq!(common.clickhouse_database, "other", "{flag}");
+        }
     }
 }
