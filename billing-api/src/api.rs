@@ -1433,16 +1433,51 @@ async fn stripe_webhook(
 
 // ---------------------------------------------------------------- costs
 
+/// The instant a cost report is as of.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct AsOf {
+    /// RFC 3339; default now. An earlier instant of this month or the last,
+    /// never a future one: a page that shows several reports asks them all
+    /// as of the first one's `as_of`, so their figures agree (forecasts move
+    /// with the clock).
+    #[serde(default, deserialize_with = "crate::wire::opt_instant")]
+    #[param(value_type = Option<String>, example = "2026-11-14T09:30:00Z")]
+    pub at: Option<DateTime<Utc>>,
+}
+
+/// The instant of `?at=`, checked: not after now, not before last month.
+fn as_of(q: AsOf) -> Result<DateTime<Utc>, ApiError> {
+    let now = crate::wire::now();
+    let Some(at) = q.at else { return Ok(now) };
+    if at > now {
+        return Err(ApiError::invalid(format!(
+            "at: {at} is in the future (now is {now})"
+        )));
+    }
+    if at < invoice::previous(month_of(now)).start {
+        return Err(ApiError::invalid(format!(
+            "at: {at} is before last month; cost reports are of the open months"
+        )));
+    }
+    Ok(at)
+}
+
 /// The open month: month-to-date cost and forecast, cost by meter, app and
-/// day, the plan and the spending cap (admin or the customer).
-#[utoipa::path(get, path = "/v1/customers/{id}/costs", params(("id" = String, Path)),
-    responses((status = 200, body = crate::costs::CostReport), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+/// day, the plan and the spending cap (admin or the customer), as of now or
+/// `?at=`.
+#[utoipa::path(get, path = "/v1/customers/{id}/costs", params(("id" = String, Path), AsOf),
+    responses((status = 200, body = crate::costs::CostReport), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
 async fn customer_costs(
     State(app): State<Arc<ApiState>>,
     axum::Extension(who): axum::Extension<Principal>,
     Path(id): Path<String>,
+    q: Result<Query<AsOf>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<crate::costs::CostReport> {
     who.read_customer(&id, &format!("customer {id}"))?;
+    let at = as_of(query(q)?)?;
     app.state.customer(&id).await?;
     let r = crate::costs::report(
         app.state.as_ref(),
@@ -1450,22 +1485,26 @@ async fn customer_costs(
         &app.meters,
         &app.quota,
         &id,
-        crate::wire::now(),
+        at,
     )
     .await?;
     Ok(Json(r))
 }
 
 /// This month's usage priced on every published plan, with the saving
-/// against the customer's forecast (admin or the customer).
-#[utoipa::path(get, path = "/v1/customers/{id}/plan-advisor", params(("id" = String, Path)),
-    responses((status = 200, body = crate::costs::Advisor), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+/// against the customer's forecast (admin or the customer), as of now or
+/// `?at=`.
+#[utoipa::path(get, path = "/v1/customers/{id}/plan-advisor", params(("id" = String, Path), AsOf),
+    responses((status = 200, body = crate::costs::Advisor), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
 async fn plan_advisor(
     State(app): State<Arc<ApiState>>,
     axum::Extension(who): axum::Extension<Principal>,
     Path(id): Path<String>,
+    q: Result<Query<AsOf>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<crate::costs::Advisor> {
     who.read_customer(&id, &format!("customer {id}"))?;
+    let at = as_of(query(q)?)?;
     app.state.customer(&id).await?;
     let r = crate::costs::advisor(
         app.state.as_ref(),
@@ -1473,7 +1512,7 @@ async fn plan_advisor(
         &app.meters,
         &app.quota,
         &id,
-        crate::wire::now(),
+        at,
     )
     .await?;
     Ok(Json(r))

@@ -213,6 +213,46 @@ async fn cost_report_and_plan_advisor_match_hand_computed_figures() {
         .await;
     assert_eq!(s, 200, "{adv}");
     assert_eq!(adv["plans"].as_array().unwrap().len(), 4);
+
+    // `?at=` asks again as of the report's instant: the same figures,
+    // however much later; a future instant, one before last month, or
+    // text that is no instant are refused naming `at`.
+    for (path, first) in [("costs", &c), ("plan-advisor", &adv)] {
+        let at = first["as_of"].as_str().unwrap();
+        let (s, again) = api
+            .call_as(
+                &token,
+                M::GET,
+                &format!("/v1/customers/cus_c/{path}?at={at}"),
+                None,
+            )
+            .await;
+        assert_eq!(s, 200, "{again}");
+        assert_eq!(&again, first, "{path} as of {at}");
+    }
+    let future = (Utc::now() + chrono::Duration::hours(1))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let ancient = "2001-01-01T00:00:00Z";
+    for (at, status, code) in [
+        (future.as_str(), 422, "invalid"),
+        (ancient, 422, "invalid"),
+        ("yesterday", 400, "bad_query"),
+    ] {
+        let (s, v) = api
+            .call_as(
+                &token,
+                M::GET,
+                &format!("/v1/customers/cus_c/costs?at={at}"),
+                None,
+            )
+            .await;
+        assert_eq!(
+            (s.as_u16(), v["code"].as_str()),
+            (status, Some(code)),
+            "{at}: {v}"
+        );
+        assert!(v["message"].as_str().unwrap().contains("at: "), "{at}: {v}");
+    }
     let (s, _) = api
         .call(
             M::POST,

@@ -301,8 +301,14 @@ async fn dashboard_in_chromium_shows_the_api_figures_and_sets_the_cap() {
             v
         }
     };
-    let costs = get("/v1/customers/cus_d/costs".into()).await;
-    let adv = get("/v1/customers/cus_d/plan-advisor".into()).await;
+    // As of the instant the page showed (forecasts move with the clock).
+    let at = browser.js("return document.body.dataset.asOf;").await;
+    let at = at
+        .as_str()
+        .expect("the page records its as_of")
+        .replace('+', "%2B");
+    let costs = get(format!("/v1/customers/cus_d/costs?at={at}")).await;
+    let adv = get(format!("/v1/customers/cus_d/plan-advisor?at={at}")).await;
     let invoices = get("/v1/customers/cus_d/invoices".into()).await;
 
     assert_eq!(page["customer"], "cus_d");

@@ -151,8 +151,10 @@ async function loadCosts() {
   return c;
 }
 
-async function loadAdvisor() {
-  const a = await api("GET", `/v1/customers/${encodeURIComponent(customer)}/plan-advisor`);
+// As of the cost report's instant, so both tables show the same moment.
+async function loadAdvisor(at) {
+  const a = await api("GET",
+    `/v1/customers/${encodeURIComponent(customer)}/plan-advisor?at=${encodeURIComponent(at)}`);
   const body = $("advisor").querySelector("tbody");
   body.replaceChildren();
   for (const p of a.plans) {
@@ -229,7 +231,9 @@ async function main() {
     if (!me.customer_id) throw Object.assign(new Error("this page needs a customer credential"), { code: "forbidden" });
     customer = me.customer_id;
     $("customer").textContent = customer;
-    await Promise.all([loadCosts(), loadAdvisor(), loadInvoices()]);
+    const [c] = await Promise.all([loadCosts(), loadInvoices()]);
+    await loadAdvisor(c.as_of);
+    document.body.dataset.asOf = c.as_of;
     document.body.dataset.loaded = "true";
   } catch (e) {
     showError(e);
