@@ -9,6 +9,7 @@ use chrono::{Duration, Utc};
 use rand::Rng;
 use rust_decimal::Decimal;
 use std::process::{Command, Stdio};
+use std::time::{Duration as StdDuration, Instant};
 use support::*;
 
 const CUSTOMERS: i64 = 2000;
@@ -44,11 +45,16 @@ async fn finalization_killed_and_restarted_invoices_each_customer_once() {
             .await
             .unwrap()
     };
+    // Each run is killed a random 0–300 ms after it has written its first
+    // invoice, so the kill lands among its batches however long a loaded
+    // machine takes to start the process; after three such kills one run
+    // goes on to the end.
     let (mut mid_run_kills, mut runs) = (0, 0);
     let mut rng = rand::rng();
     loop {
         runs += 1;
-        assert!(runs < 200, "finalization never completed");
+        assert!(runs < 50, "finalization never completed in {runs} runs");
+        let before = count().await;
         let mut child = Command::new(exe)
             .args([
                 "finalize",
@@ -64,16 +70,34 @@ async fn finalization_killed_and_restarted_invoices_each_customer_once() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let wait = rng.random_range(100..900);
-        tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
-        if let Some(status) = child.try_wait().unwrap() {
+        let last = mid_run_kills >= 3;
+        let started = Instant::now();
+        let mut kill_at: Option<Instant> = None;
+        let finished = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break Some(status);
+            }
+            assert!(
+                started.elapsed() < StdDuration::from_secs(300),
+                "a finalization run went on for 300 s"
+            );
+            match kill_at {
+                Some(at) if Instant::now() >= at => break None,
+                None if !last && count().await > before => {
+                    kill_at =
+                        Some(Instant::now() + StdDuration::from_millis(rng.random_range(0..300)));
+                }
+                _ => {}
+            }
+            tokio::time::sleep(StdDuration::from_millis(10)).await;
+        };
+        if let Some(status) = finished {
             assert!(status.success());
             break;
         }
         child.kill().unwrap();
         child.wait().unwrap();
-        let n = count().await;
-        if n > 0 && n < CUSTOMERS {
+        if count().await < CUSTOMERS {
             mid_run_kills += 1;
         }
     }
