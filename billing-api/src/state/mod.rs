@@ -1,22 +1,24 @@
 //! Billing state behind one interface: customers, published plan versions,
 //! the plan history of each customer (subscription segments), seat changes,
 //! invoices, API keys, quota settings, usage alerts and the append-only
-//! audit log. Two implementations behave identically (the same errors in
-//! the same situations, the same orderings, the same audit entries):
-//! PostgreSQL (`postgres.rs`) for the distributed service and SQLite
-//! (`sqlite.rs`) for the embedded mode; `tests/state_store.rs` runs every
-//! scenario against both.
+//! audit log. One implementation (`sql.rs`, its SQL written once) runs on
+//! two databases through a small [`dialect::Dialect`] each: PostgreSQL
+//! (`postgres.rs`) for the distributed service and SQLite (`sqlite.rs`) for
+//! the embedded mode; `tests/state_store.rs` runs every scenario against
+//! both.
 //!
 //! Every admin change is written together with its audit entry in one
 //! transaction (who, when, what, before and after).
 //!
-//! What does not depend on the SQL dialect lives here and is shared by both:
+//! What does not touch SQL at all lives here:
 //! turning rows into these types (`StateRow` abstracts each backend's
 //! encodings of times, decimals and JSON), clipping plan segments and seat
 //! intervals to a period, the audit entries (`AuditRecord`), and the
 //! checks that decide between NotFound, Conflict and Invalid.
 
+pub mod dialect;
 pub mod postgres;
+pub mod sql;
 pub mod sqlite;
 
 use crate::auth::ApiKey;
@@ -422,7 +424,7 @@ pub(crate) const ALERT_COLUMNS: &str =
 /// nullable accessors over its own encodings (PostgreSQL's native types;
 /// SQLite's integer microseconds, decimal text and JSON text); the row →
 /// struct conversions below are written once over them.
-pub(crate) trait StateRow {
+pub trait StateRow {
     fn opt_text(&self, col: &str) -> StateResult<Option<String>>;
     /// An `INT` column (versions, seats, thresholds, attempts).
     fn opt_int(&self, col: &str) -> StateResult<Option<i64>>;

@@ -1,0 +1,1116 @@
+//! The state store, its SQL written once for both databases. What differs
+//! between them (binding, transactions, pools, row locks, migrations) is a
+//! [`Dialect`]: [`PgState`](super::postgres::PgState) and
+//! [`SqliteState`](super::sqlite::SqliteState) are this store over each.
+//!
+//! Conventions that keep one text valid on both: `$N` placeholders;
+//! `CAST($1 AS TEXT) IS NULL` for an optional filter; times set by the
+//! store (created, published, retired, revoked, delivered, audited) are the
+//! process clock's, bound like any other value, never a database function;
+//! a row lock is `D::FOR_UPDATE` appended to the `SELECT`.
+//!
+//! Concurrency: every change to one customer's plan history, seats, apps,
+//! keys or quota settings first reads the customer row with
+//! `D::FOR_UPDATE` inside its transaction ([`lock_customer`]); finalization
+//! batches lock the invoice counter the same way, so invoice numbers stay
+//! gapless; alert claims skip rows another claimer holds.
+
+use super::dialect::{q, Dialect, Query};
+use super::{
+    alert_from, api_key_from, app_from, audit_entry_from, by_customer, carried_ids,
+    check_carried_moved, check_first_subscription, check_plan_usable, conflict_or, customer_from,
+    customer_not_found, invoice_from, plan_from, published_plan_from, retire_refused, seats_from,
+    seats_value, segments_from, subscription_from, withdrawn_earlier, Alert, AlertOutcome, App,
+    AuditEntry, AuditRecord, Customer, Invoice, NewAlert, PaymentStatus, PlanSegment,
+    PublishedPlan, QuotaSettings, StateError, StateResult, StateRow, StateStore, Subscription,
+    SwitchOutcome, SwitchWrites, SyncStatus, WithdrawWrites, ALERT_COLUMNS, API_KEY_COLUMNS,
+    INVOICE_COLUMNS, SUBSCRIPTION_COLUMNS, WITHDRAW_ACTION,
+};
+use crate::auth::ApiKey;
+use billing_domain::catalog::PlanVersion;
+use billing_domain::invoice::NewInvoice;
+use billing_domain::rating::{Period, SeatInterval};
+use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
+use rust_decimal::Decimal;
+use std::collections::HashMap;
+
+/// The billing state over one SQL database.
+#[derive(Clone)]
+pub struct SqlState<D> {
+    pub(super) db: D,
+}
+
+/// A transaction of the store.
+struct Tx<D: Dialect>(D::Tx);
+
+impl<D: Dialect> Tx<D> {
+    async fn all(&mut self, q: Query) -> StateResult<Vec<D::Row>> {
+        Ok(D::fetch(&mut self.0, q).await?)
+    }
+    async fn opt(&mut self, q: Query) -> StateResult<Option<D::Row>> {
+        Ok(self.all(q).await?.into_iter().next())
+    }
+    async fn one(&mut self, q: Query) -> StateResult<D::Row> {
+        self.opt(q)
+            .await?
+            .ok_or(StateError::Db(sqlx::Error::RowNotFound))
+    }
+    async fn run(&mut self, q: Query) -> StateResult<u64> {
+        Ok(D::run(&mut self.0, q).await?)
+    }
+    /// A statement whose unique or foreign-key violation means `what`.
+    async fn run_or(&mut self, q: Query, what: String) -> StateResult<u64> {
+        D::run(&mut self.0, q)
+            .await
+            .map_err(|e| conflict_or(e, what))
+    }
+    async fn commit(self) -> StateResult<()> {
+        Ok(D::commit(self.0).await?)
+    }
+
+    /// Writes the audit entry of a change, in the change's transaction.
+    async fn audit(&mut self, actor: &str, at: DateTime<Utc>, rec: AuditRecord) -> StateResult<()> {
+        self.run(
+            q(
+                "INSERT INTO audit_log (at, actor, action, subject, before, after) \
+               VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(at)
+            .bind(actor)
+            .bind(rec.action)
+            .bind(rec.subject)
+            .bind(rec.before)
+            .bind(rec.after),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// The customer must exist; its row stays locked until commit, so
+    /// changes to one customer are serialized.
+    async fn lock_customer(&mut self, customer: &str) -> StateResult<()> {
+        let sql = format!("SELECT id FROM customers WHERE id = $1{}", D::FOR_UPDATE);
+        self.opt(q(sql).bind(customer))
+            .await?
+            .ok_or_else(|| customer_not_found(customer))?;
+        Ok(())
+    }
+
+    /// The plan version must be published and not retired.
+    async fn require_plan(&mut self, plan: &str, version: u32) -> StateResult<()> {
+        let retired = self
+            .opt(
+                q(
+                    "SELECT retired_at IS NOT NULL AS retired FROM plan_versions \
+                   WHERE plan = $1 AND version = $2",
+                )
+                .bind(plan)
+                .bind(version as i32),
+            )
+            .await?
+            .map(|r| r.flag("retired"))
+            .transpose()?;
+        check_plan_usable(retired, plan, version)
+    }
+
+    /// The customer's plan history in order.
+    async fn history(&mut self, customer: &str) -> StateResult<Vec<Subscription>> {
+        let sql = format!(
+            "SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE customer_id = $1 ORDER BY starts_at"
+        );
+        self.all(q(sql).bind(customer))
+            .await?
+            .iter()
+            .map(subscription_from)
+            .collect()
+    }
+}
+
+impl<D: Dialect> SqlState<D> {
+    async fn begin(&self) -> StateResult<Tx<D>> {
+        Ok(Tx(self.db.begin().await?))
+    }
+    async fn read(&self, q: Query) -> StateResult<Vec<D::Row>> {
+        Ok(self.db.read(q).await?)
+    }
+    async fn read_opt(&self, q: Query) -> StateResult<Option<D::Row>> {
+        Ok(self.read(q).await?.into_iter().next())
+    }
+    async fn read_one(&self, q: Query) -> StateResult<D::Row> {
+        self.read_opt(q)
+            .await?
+            .ok_or(StateError::Db(sqlx::Error::RowNotFound))
+    }
+    async fn execute(&self, q: Query) -> StateResult<u64> {
+        Ok(self.db.execute(q).await?)
+    }
+
+    /// Plan segments inside the period, of one customer or of all.
+    async fn segments(
+        &self,
+        customer: Option<&str>,
+        period: Period,
+    ) -> StateResult<HashMap<String, Vec<PlanSegment>>> {
+        let rows = self
+            .read(
+                q(
+                    "SELECT customer_id, plan, version, starts_at, ends_at FROM subscriptions \
+                   WHERE (CAST($1 AS TEXT) IS NULL OR customer_id = $1) \
+                   AND starts_at < $3 AND (ends_at IS NULL OR ends_at > $2) \
+                   ORDER BY customer_id, starts_at",
+                )
+                .bind(customer)
+                .bind(period.start)
+                .bind(period.end),
+            )
+            .await?;
+        segments_from(&rows, period)
+    }
+
+    /// Seat intervals inside the period, of one customer or of all.
+    async fn seats(
+        &self,
+        customer: Option<&str>,
+        period: Period,
+    ) -> StateResult<HashMap<String, Vec<SeatInterval>>> {
+        let rows = self
+            .read(
+                q("SELECT customer_id, effective_at, seats FROM seat_changes \
+                   WHERE (CAST($1 AS TEXT) IS NULL OR customer_id = $1) AND effective_at < $2 \
+                   ORDER BY customer_id, effective_at")
+                .bind(customer)
+                .bind(period.end),
+            )
+            .await?;
+        seats_from(&rows, period)
+    }
+
+    /// Invoices matching `filter` (with `$1` bound to `arg`), by number.
+    async fn invoices_where(&self, filter: &str, arg: Option<&str>) -> StateResult<Vec<Invoice>> {
+        let sql = format!("SELECT {INVOICE_COLUMNS} FROM invoices WHERE {filter} ORDER BY seq");
+        self.read(q(sql).bind(arg))
+            .await?
+            .iter()
+            .map(invoice_from)
+            .collect()
+    }
+
+    /// Reads a customer's current value of one column and writes the new
+    /// one, with its audit entry, in one transaction on the locked row.
+    async fn set_customer_field(
+        &self,
+        customer: &str,
+        column: &str,
+        value: impl Into<super::dialect::Arg> + Send,
+        actor: &str,
+        audit: impl FnOnce(&D::Row) -> StateResult<AuditRecord> + Send,
+    ) -> StateResult<()> {
+        let mut tx = self.begin().await?;
+        let now = Utc::now();
+        tx.lock_customer(customer).await?;
+        let before = tx
+            .one(q(format!("SELECT {column} FROM customers WHERE id = $1")).bind(customer))
+            .await?;
+        let rec = audit(&before)?;
+        tx.run(
+            q(format!("UPDATE customers SET {column} = $2 WHERE id = $1"))
+                .bind(customer)
+                .bind(value),
+        )
+        .await?;
+        tx.audit(actor, now, rec).await?;
+        tx.commit().await
+    }
+}
+
+impl<D: Dialect> StateStore for SqlState<D> {
+    fn migrate(&self) -> BoxFuture<'_, StateResult<()>> {
+        Box::pin(self.db.migrate())
+    }
+
+    fn publish_plan<'a>(
+        &'a self,
+        plan: &'a PlanVersion,
+        actor: &'a str,
+    ) -> BoxFuture<'a, StateResult<()>> {
+        Box::pin(async move {
+            let body =
+                serde_json::to_value(plan).map_err(|e| StateError::Invalid(e.to_string()))?;
+            let mut tx = self.begin().await?;
+            let now = Utc::now();
+            tx.run_or(
+                q(
+                    "INSERT INTO plan_versions (plan, version, body, published_at) \
+                   VALUES ($1, $2, $3, $4)",
+                )
+                .bind(&plan.plan)
+                .bind(plan.version as i32)
+                .bind(&body)
+                .bind(now),
+                format!(
+                    "plan {} version {} is already published",
+                    plan.plan, plan.version
+                ),
+            )
+            .await?;
+            tx.audit(actor, now, AuditRecord::plan_publish(plan, body))
+                .await?;
+            tx.commit().await
+        })
+    }
+
+    fn plan_version<'a>(
+        &'a self,
+        plan: &'a str,
+        version: u32,
+    ) -> BoxFuture<'a, StateResult<PlanVersion>> {
+        Box::pin(async move {
+            let row = self
+                .read_opt(
+                    q("SELECT body FROM plan_versions WHERE plan = $1 AND version = $2")
+                        .bind(plan)
+                        .bind(version as i32),
+                )
+                .await?
+                .ok_or_else(|| StateError::NotFound(format!("plan {plan} version {version}")))?;
+            plan_from(&row, plan, version)
+        })
+    }
+
+    fn create_customer<'a>(
+        &'a self,
+        c: &'a Customer,
+        actor: &'a str,
+    ) -> BoxFuture<'a, StateResult<()>> {
+        Box::pin(async move {
+            let mut tx = self.begin().await?;
+            let now = Utc::now();
+            tx.run_or(
+                q("INSERT INTO customers (id, external_id, name, created_at) VALUES ($1, $2, $3, $4)")
+                    .bind(&c.id)
+                    .bind(&c.external_id)
+                    .bind(&c.name)
+                    .bind(now),
+                format!("customer {} or external id {} exists", c.id, c.external_id),
+            )
+            .await?;
+            tx.audit(actor, now, AuditRecord::customer_create(c))
+                .await?;
+            tx.commit().await
+        })
+    }
+
+    fn customer_by_external_id<'a>(
+        &'a self,
+        external_id: &'a str,
+    ) -> BoxFuture<'a, StateResult<Customer>> {
+        Box::pin(async move {
+            let row = self
+                .read_opt(
+                    q("SELECT id, external_id, name FROM customers WHERE external_id = $1")
+                        .bind(external_id),
+                )
+                .await?
+                .ok_or_else(|| {
+                    StateError::NotFound(format!("customer with external id {external_id}"))
+                })?;
+            customer_from(&row)
+        })
+    }
+
+    fn subscribe<'a>(
+        &'a self,
+        customer: &'a str,
+        plan: &'a str,
+        version: u32,
+        at: DateTime<Utc>,
+        actor: &'a str,
+    ) -> BoxFuture<'a, StateResult<()>> {
+        Box::pin(async move {
+            let mut tx = self.begin().await?;
+            let now = Utc::now();
+            tx.lock_customer(customer).await?;
+            tx.require_plan(plan, version).await?;
+            let any = tx
+                .opt(q("SELECT 1 FROM subscriptions WHERE customer_id = $1 LIMIT 1").bind(customer))
+                .await?;
+            check_first_subscription(customer, any.is_some())?;
+            tx.run(insert_subscription(customer, plan, version, at))
+                .await?;
+            tx.audit(
+                actor,
+                now,
+                AuditRecord::subscription_start(customer, plan, version, at),
+            )
+            .await?;
+            tx.commit().await
+        })
+    }
+
+    fn switch_plan<'a>(
+        &'a self,
+        customer: &'a str,
+        plan: &'a str,
+        version: u32,
+        at: DateTime<Utc>,
+        actor: &'a str,
+    ) -> BoxFuture<'a, StateResult<SwitchOutcome>> {
+        Box::pin(async move {
+            let mut tx = self.begin().await?;
+            let now = Utc::now();
+            tx.lock_customer(customer).await?;
+            tx.require_plan(plan, version).await?;
+            let rows = tx.history(customer).await?;
+            let w = SwitchWrites::plan(rows, customer, plan, version, at)?;
+            if !w.changes() {
+                return Ok(w.outcome());
+            }
+            for old in &w.withdrawn {
+                tx.run(q("DELETE FROM subscriptions WHERE id = $1").bind(old.id))
+                    .await?;
+                tx.audit(
+                    actor,
+                    now,
+                    AuditRecord::subscription_withdraw(customer, old, "switch"),
+                )
+                .await?;
+            }
+            if w.cut_end != w.cut.end {
+                tx.run(
+                    q("UPDATE subscriptions SET ends_at = $2 WHERE id = $1")
+                        .bind(w.cut.id)
+                        .bind(w.cut_end),
+                )
+                .await?;
+            }
+            if w.insert {
+                tx.run(insert_subscription(customer, plan, version, at))
+                    .await?;
+                tx.audit(
+                    actor,
+                    now,
+                    AuditRecord::subscription_switch(customer, &w.cut, plan, version, at),
+                )
+                .await?;
+            }
+            tx.commit().await?;
+            Ok(w.outcome())
+        })
+    }
+
+    fn subscriptions<'a>(
+        &'a self,
+        customer: &'a str,
+    ) -> BoxFuture<'a, StateResult<Vec<Subscription>>> {
+        Box::pin(async move {
+            // A read: one snapshot, no lock.
+            let mut tx = Tx::<D>(self.db.snapshot().await?);
+            tx.opt(q("SELECT 1 FROM customers WHERE id = $1").bind(customer))
+                .await?
+                .ok_or_else(|| customer_not_found(customer))?;
+            let rows = tx.history(customer).await?;
+            tx.commit().await?;
+            Ok(rows)
+        })
+    }
+
+    fn withdraw_change<'a>(
+        &'a self,
+        customer: &'a str,
+        id: i64,
+        now: DateTime<Utc>,
+        actor: &'a str,
+    ) -> BoxFuture<'a, StateResult<Subscription>> {
+        Box::pin(async move {
+            let mut tx = self.begin().await?;
+            tx.lock_customer(customer).await?;
+            let rows = tx.history(customer).await?;
+            let Some(w) = WithdrawWrites::plan(&rows, customer, id, now)? else {
+                let entries = tx
+                    .all(
+                        q(
+                            "SELECT id, at, actor, action, subject, before, after FROM audit_log \
+                           WHERE subject = $1 AND action = $2 ORDER BY id",
+                        )
+                        .bind(format!("customer:{customer}"))
+                        .bind(WITHDRAW_ACTION),
+                    )
+                    .await?
+                    .iter()
+                    .map(audit_entry_from)
+                    .collect::<StateResult<Vec<_>>>()?;
+                return withdrawn_earlier(&entries, customer, id);
+            };
+            tx.run(q("DELETE FROM subscriptions WHERE id = $1").bind(w.withdrawn.id))
+                .await?;
+            tx.run(
+                q("UPDATE subscriptions SET ends_at = $2 WHERE id = $1")
+                    .bind(w.previous.id)
+                    .bind(w.withdrawn.end),
+            )
+            .await?;
+            tx.audit(
+                actor,
+                Utc::now(),
+                AuditRecord::subscription_withdraw(customer, &w.withdrawn, "withdrawal"),
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(w.withdrawn)
+        })
+    }
+
+    fn set_seats<'a>(
+        &'a self,
+        customer: &'a str,
+        seats: u32,
+        at: DateTime<Utc>,
+        actor: &'a str,
+    ) -> BoxFuture<'a, StateResult<()>> {
+        Box::pin(async move {
+            let seats_i = seats_value(seats)?;
+            let mut tx = self.begin().await?;
+            let now = Utc::now();
+            tx.lock_customer(customer).await?;
+            let before = tx
+                .opt(
+                    q("SELECT seats FROM seat_changes WHERE customer_id = $1 AND effective_at <= $2 \
+                       ORDER BY effective_at DESC LIMIT 1")
+                    .bind(customer)
+                    .bind(at),
+                )
+                .await?
+                .map(|r| r.int("seats"))
+                .transpose()?;
+            tx.run(
+                q("INSERT INTO seat_changes (customer_id, effective_at, seats) VALUES ($1, $2, $3) \
+                   ON CONFLICT (customer_id, effective_at) DO UPDATE SET seats = excluded.seats")
+                .bind(customer)
+                .bind(at)
+                .bind(seats_i),
+            )
+            .await?;
+            tx.audit(
+                actor,
+                now,
+                AuditRecord::seats_set(customer, before, seats, at),
+            )
+            .await?;
+            tx.commit().await
+        })
+    }
+
+    fn plan_segments<'a>(
+        &'a self,
+        customer: &'a str,
+        period: Period,
+    ) -> BoxFuture<'a, StateResult<Vec<PlanSegment>>> {
+        Box::pin(async move {
+            Ok(self
+                .segments(Some(customer), period)
+                .await?
+                .remove(customer)
+                .unwrap_or_default())
+        })
+    }
+
+    fn seat_intervals<'a>(
+        &'a self,
+        customer: &'a str,
+        period: Period,
+    ) -> BoxFuture<'a, StateResult<Vec<SeatInterval>>> {
+        Box::pin(async move {
+            Ok(self
+                .seats(Some(customer), period)
+                .await?
+                .remove(customer)
+                .unwrap_or_default())
+        })
+    }
+
+    fn audit_log<'a>(&'a self, subject: &'a str) -> BoxFuture<'a, StateResult<Vec<AuditEntry>>> {
+        Box::pin(async move {
+            self.read(
+                q(
+                    "SELECT id, at, actor, action, subject, before, after FROM audit_log \
+                   WHERE subject = $1 ORDER BY id",
+                )
+                .bind(subject),
+            )
+            .await?
+            .iter()
+            .map(audit_entry_from)
+            .collect()
+        })
+    }
+
+    fn list_plans(&self) -> BoxFuture<'_, StateResult<Vec<PublishedPlan>>> {
+        Box::pin(async move {
+            self.read(q(
+                "SELECT body, retired_at IS NOT NULL AS retired FROM plan_versions ORDER BY plan, version",
+            ))
+            .await?
+            .iter()
+            .map(published_plan_from)
+            .collect()
+        })
+    }
+
+    fn retire_plan<'a>(
+        &'a self,
+        plan: &'a str,
+        version: u32,
+        actor: &'a str,
+    ) -> BoxFuture<'a, StateResult<()>> {
+        Box::pin(async move {
+            let mut tx = self.begin().await?;
+            let now = Utc::now();
+            let n = tx
+                .run(
+                    q("UPDATE plan_versions SET retired_at = $3 \
+                       WHERE plan = $1 AND version = $2 AND retired_at IS NULL")
+                    .bind(plan)
+                    .bind(version as i32)
+                    .bind(now),
+                )
+                .await?;
+            if n == 0 {
+                let exists = tx
+                    .opt(
+                        q("SELECT 1 FROM plan_versions WHERE plan = $1 AND version = $2")
+                            .bind(plan)
+                            .bind(version as i32),
+                    )
+                    .await?;
+                return Err(retire_refused(exists.is_some(), plan, version));
+            }
+            tx.audit(actor, now, AuditRecord::plan_retire(plan, version))
+                .await?;
+            tx.commit().await
+        })
+    }
+
+    fn customer<'a>(&'a self, id: &'a str) -> BoxFuture<'a, StateResult<Customer>> {
+        Box::pin(async move {
+            let row = self
+                .read_opt(q("SELECT id, external_id, name FROM customers WHERE id = $1").bind(id))
+                .await?
+                .ok_or_else(|| customer_not_found(id))?;
+            customer_from(&row)
+        })
+    }
+
+    fn list_customers<'a>(
+        &'a self,
+        after: Option<&'a str>,
+        limit: u32,
+    ) -> BoxFuture<'a, StateResult<Vec<Customer>>> {
+        Box::pin(async move {
+            self.read(
+                q("SELECT id, external_id, name FROM customers \
+                   WHERE (CAST($1 AS TEXT) IS NULL OR id > $1) ORDER BY id LIMIT $2")
+                .bind(after)
+                .bind(limit as i64),
+            )
+            .await?
+            .iter()
+            .map(customer_from)
+            .collect()
+        })
+    }
+
+    fn create_app<'a>(&'a self, app: &'a App, actor: &'a str) -> BoxFuture<'a, StateResult<()>> {
+        Box::pin(async move {
+            let mut tx = self.begin().await?;
+            let now = Utc::now();
+            tx.lock_customer(&app.customer_id).await?;
+            tx.run_or(
+                q("INSERT INTO apps (customer_id, app, name, created_at) VALUES ($1, $2, $3, $4)")
+                    .bind(&app.customer_id)
+                    .bind(&app.app)
+                    .bind(&app.name)
+                    .bind(now),
+                format!("app {} exists", app.app),
+            )
+            .await?;
+            tx.audit(actor, now, AuditRecord::app_create(app)).await?;
+            tx.commit().await
+        })
+    }
+
+    fn apps<'a>(&'a self, customer: &'a str) -> BoxFuture<'a, StateResult<Vec<App>>> {
+        Box::pin(async move {
+            self.read(
+                q("SELECT customer_id, app, name FROM apps WHERE customer_id = $1 ORDER BY app")
+                    .bind(customer),
+            )
+            .await?
+            .iter()
+            .map(app_from)
+            .collect()
+        })
+    }
+
+    fn plan_segments_all(
+        &self,
+        period: Period,
+    ) -> BoxFuture<'_, StateResult<HashMap<String, Vec<PlanSegment>>>> {
+        Box::pin(self.segments(None, period))
+    }
+
+    fn seat_intervals_all(
+        &self,
+        period: Period,
+    ) -> BoxFuture<'_, StateResult<HashMap<String, Vec<SeatInterval>>>> {
+        Box::pin(self.seats(None, period))
+    }
+
+    fn billing_start(&self) -> BoxFuture<'_, StateResult<Option<DateTime<Utc>>>> {
+        Box::pin(async move {
+            self.read_one(q("SELECT min(starts_at) AS s FROM subscriptions"))
+                .await?
+                .opt_time("s")
+        })
+    }
+
+    fn invoices_in_period(
+        &self,
+        start: DateTime<Utc>,
+    ) -> BoxFuture<'_, StateResult<HashMap<String, Invoice>>> {
+        Box::pin(async move {
+            let sql = format!("SELECT {INVOICE_COLUMNS} FROM invoices WHERE period_start = $1");
+            self.read(q(sql).bind(start))
+                .await?
+                .iter()
+                .map(|r| invoice_from(r).map(|i| (i.customer_id.clone(), i)))
+                .collect()
+        })
+    }
+
+    fn open_carried<'a>(
+        &'a self,
+        customer: Option<&'a str>,
+    ) -> BoxFuture<'a, StateResult<HashMap<String, Vec<Invoice>>>> {
+        Box::pin(async move {
+            Ok(by_customer(
+                self.invoices_where(
+                    "sync_status = 'carried_forward' AND carried_to IS NULL \
+                     AND (CAST($1 AS TEXT) IS NULL OR customer_id = $1)",
+                    customer,
+                )
+                .await?,
+            ))
+        })
+    }
+
+    fn insert_invoices(
+        &self,
+        new: Vec<NewInvoice>,
+        finalized_at: DateTime<Utc>,
+    ) -> BoxFuture<'_, StateResult<Vec<Invoice>>> {
+        Box::pin(async move {
+            let mut tx = self.begin().await?;
+            // The counter row lock serializes finalizers until commit.
+            let mut last = tx
+                .one(q(format!(
+                    "SELECT last FROM invoice_numbers WHERE id{}",
+                    D::FOR_UPDATE
+                )))
+                .await?
+                .bigint("last")?;
+            let mut written = Vec::with_capacity(new.len());
+            for n in new {
+                let exists = tx
+                    .opt(
+                        q("SELECT 1 FROM invoices WHERE customer_id = $1 AND period_start = $2")
+                            .bind(&n.customer_id)
+                            .bind(n.period.start),
+                    )
+                    .await?;
+                if exists.is_some() {
+                    continue;
+                }
+                last += 1;
+                let number = crate::invoice::invoice_number(last);
+                let body = serde_json::to_value(&n.body)
+                    .map_err(|e| StateError::Invalid(e.to_string()))?;
+                let row = tx
+                    .one(
+                        q(format!(
+                            "INSERT INTO invoices (id, seq, number, customer_id, period_start, period_end, \
+                             currency, subtotal, adjustments_total, carried_in, total, body, finalized_at, \
+                             sync_status) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
+                             RETURNING {INVOICE_COLUMNS}"
+                        ))
+                        .bind(&n.id)
+                        .bind(last)
+                        .bind(number)
+                        .bind(&n.customer_id)
+                        .bind(n.period.start)
+                        .bind(n.period.end)
+                        .bind(&n.currency)
+                        .bind(n.subtotal)
+                        .bind(n.adjustments_total)
+                        .bind(n.carried_in)
+                        .bind(n.total)
+                        .bind(body)
+                        .bind(finalized_at)
+                        .bind(n.sync_status.as_str()),
+                    )
+                    .await?;
+                // An invoice under the minimum points the earlier ones it
+                // carries at itself; each is carried once.
+                let carried = carried_ids(&n);
+                let mut moved = 0;
+                for id in &carried {
+                    moved += tx
+                        .run(
+                            q("UPDATE invoices SET carried_to = $1 WHERE id = $2 AND customer_id = $3 \
+                               AND carried_to IS NULL AND sync_status = 'carried_forward'")
+                            .bind(&n.id)
+                            .bind(id)
+                            .bind(&n.customer_id),
+                        )
+                        .await?;
+                }
+                check_carried_moved(&n, moved, carried.len())?;
+                written.push(invoice_from(&row)?);
+            }
+            tx.run(q("UPDATE invoice_numbers SET last = $1 WHERE id").bind(last))
+                .await?;
+            tx.commit().await?;
+            Ok(written)
+        })
+    }
+
+    fn invoice<'a>(&'a self, id: &'a str) -> BoxFuture<'a, StateResult<Invoice>> {
+        Box::pin(async move {
+            self.invoices_where("id = $1", Some(id))
+                .await?
+                .pop()
+                .ok_or_else(|| StateError::NotFound(format!("invoice {id}")))
+        })
+    }
+
+    fn invoices_of<'a>(&'a self, customer: &'a str) -> BoxFuture<'a, StateResult<Vec<Invoice>>> {
+        Box::pin(self.invoices_where("customer_id = $1", Some(customer)))
+    }
+
+    fn pending_sync(&self, limit: u32) -> BoxFuture<'_, StateResult<Vec<Invoice>>> {
+        Box::pin(async move {
+            let sql = format!(
+                "SELECT {INVOICE_COLUMNS} FROM invoices WHERE sync_status = $1 ORDER BY seq LIMIT $2"
+            );
+            self.read(q(sql).bind(SyncStatus::Pending.as_str()).bind(limit as i64))
+                .await?
+                .iter()
+                .map(invoice_from)
+                .collect()
+        })
+    }
+
+    fn stripe_customer<'a>(
+        &'a self,
+        customer: &'a str,
+    ) -> BoxFuture<'a, StateResult<Option<String>>> {
+        Box::pin(async move {
+            self.read_opt(
+                q("SELECT stripe_customer_id FROM customers WHERE id = $1").bind(customer),
+            )
+            .await?
+            .ok_or_else(|| customer_not_found(customer))?
+            .opt_text("stripe_customer_id")
+        })
+    }
+
+    fn set_stripe_customer<'a>(
+        &'a self,
+        customer: &'a str,
+        stripe_id: &'a str,
+    ) -> BoxFuture<'a, StateResult<()>> {
+        Box::pin(async move {
+            self.execute(
+                q("UPDATE customers SET stripe_customer_id = $2 WHERE id = $1")
+                    .bind(customer)
+                    .bind(stripe_id),
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
+    fn set_stripe_invoice<'a>(
+        &'a self,
+        invoice: &'a str,
+        stripe_id: &'a str,
+    ) -> BoxFuture<'a, StateResult<()>> {
+        Box::pin(async move {
+            self.execute(
+                q("UPDATE invoices SET stripe_invoice_id = $2 WHERE id = $1")
+                    .bind(invoice)
+                    .bind(stripe_id),
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
+    fn set_sync_status<'a>(
+        &'a self,
+        invoice: &'a str,
+        status: SyncStatus,
+        error: Option<&'a str>,
+    ) -> BoxFuture<'a, StateResult<()>> {
+        Box::pin(async move {
+            self.execute(
+                q("UPDATE invoices SET sync_status = $2, sync_error = $3 WHERE id = $1")
+                    .bind(invoice)
+                    .bind(status.as_str())
+                    .bind(error),
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
+    fn set_payment_status<'a>(
+        &'a self,
+        stripe_invoice_id: &'a str,
+        status: PaymentStatus,
+    ) -> BoxFuture<'a, StateResult<bool>> {
+        Box::pin(async move {
+            let n = self
+                .execute(
+                    q("UPDATE invoices SET payment_status = $2 WHERE stripe_invoice_id = $1")
+                        .bind(stripe_invoice_id)
+                        .bind(status.as_str()),
+                )
+                .await?;
+            Ok(n > 0)
+        })
+    }
+
+    fn create_api_key<'a>(
+        &'a self,
+        key: &'a ApiKey,
+        actor: &'a str,
+    ) -> BoxFuture<'a, StateResult<()>> {
+        Box::pin(async move {
+            let mut tx = self.begin().await?;
+            let now = Utc::now();
+            if let Some(c) = &key.customer_id {
+                tx.lock_customer(c).await?;
+            }
+            tx.run_or(
+                q(
+                    "INSERT INTO api_keys (id, role, customer_id, label, key_sha256, created_at) \
+                   VALUES ($1, $2, $3, $4, $5, $6)",
+                )
+                .bind(&key.id)
+                .bind(key.role.as_str())
+                .bind(&key.customer_id)
+                .bind(&key.label)
+                .bind(&key.key_sha256)
+                .bind(key.created_at),
+                format!("key {} exists", key.id),
+            )
+            .await?;
+            tx.audit(actor, now, AuditRecord::key_create(key)).await?;
+            tx.commit().await
+        })
+    }
+
+    fn api_keys(&self) -> BoxFuture<'_, StateResult<Vec<ApiKey>>> {
+        Box::pin(async move {
+            let sql =
+                format!("SELECT {API_KEY_COLUMNS} FROM api_keys ORDER BY created_at DESC, id");
+            self.read(q(sql)).await?.iter().map(api_key_from).collect()
+        })
+    }
+
+    fn revoke_api_key<'a>(
+        &'a self,
+        id: &'a str,
+        actor: &'a str,
+    ) -> BoxFuture<'a, StateResult<ApiKey>> {
+        Box::pin(async move {
+            let mut tx = self.begin().await?;
+            let now = Utc::now();
+            let sql = format!(
+                "UPDATE api_keys SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL \
+                 RETURNING {API_KEY_COLUMNS}"
+            );
+            let row = tx
+                .opt(q(sql).bind(id).bind(now))
+                .await?
+                .ok_or_else(|| StateError::NotFound(format!("active key {id}")))?;
+            let key = api_key_from(&row)?;
+            tx.audit(actor, now, AuditRecord::key_revoke(&key)).await?;
+            tx.commit().await?;
+            Ok(key)
+        })
+    }
+
+    fn set_spending_cap<'a>(
+        &'a self,
+        customer: &'a str,
+        cap: Option<Decimal>,
+        actor: &'a str,
+    ) -> BoxFuture<'a, StateResult<()>> {
+        Box::pin(
+            self.set_customer_field(customer, "spending_cap", cap, actor, move |r| {
+                Ok(AuditRecord::spending_cap_set(
+                    customer,
+                    r.opt_decimal("spending_cap")?,
+                    cap,
+                ))
+            }),
+        )
+    }
+
+    fn set_suspended<'a>(
+        &'a self,
+        customer: &'a str,
+        suspended: bool,
+        actor: &'a str,
+    ) -> BoxFuture<'a, StateResult<()>> {
+        Box::pin(
+            self.set_customer_field(customer, "suspended", suspended, actor, move |r| {
+                Ok(AuditRecord::suspended_set(
+                    customer,
+                    r.flag("suspended")?,
+                    suspended,
+                ))
+            }),
+        )
+    }
+
+    fn quota_settings(&self) -> BoxFuture<'_, StateResult<HashMap<String, QuotaSettings>>> {
+        Box::pin(async move {
+            self.read(q("SELECT id, suspended, spending_cap FROM customers"))
+                .await?
+                .iter()
+                .map(|r| {
+                    Ok((
+                        r.text("id")?,
+                        (r.flag("suspended")?, r.opt_decimal("spending_cap")?),
+                    ))
+                })
+                .collect()
+        })
+    }
+
+    fn record_alerts<'a>(
+        &'a self,
+        alerts: &'a [NewAlert],
+        now: DateTime<Utc>,
+    ) -> BoxFuture<'a, StateResult<Vec<NewAlert>>> {
+        Box::pin(async move {
+            let mut raised = Vec::new();
+            let mut tx = self.begin().await?;
+            let created_at = Utc::now();
+            for a in alerts {
+                let n = tx
+                    .run(
+                        q("INSERT INTO usage_alerts (customer_id, period_start, kind, subject, threshold, \
+                           payload, created_at, next_attempt_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                           ON CONFLICT (customer_id, period_start, kind, subject, threshold) DO NOTHING")
+                        .bind(&a.customer_id)
+                        .bind(a.period_start)
+                        .bind(a.kind.as_str())
+                        .bind(&a.subject)
+                        .bind(a.threshold as i32)
+                        .bind(&a.payload)
+                        .bind(created_at)
+                        .bind(now),
+                    )
+                    .await?;
+                if n > 0 {
+                    raised.push(a.clone());
+                }
+            }
+            tx.commit().await?;
+            Ok(raised)
+        })
+    }
+
+    fn claim_due_alerts(
+        &self,
+        now: DateTime<Utc>,
+        lease: chrono::Duration,
+        limit: u32,
+    ) -> BoxFuture<'_, StateResult<Vec<Alert>>> {
+        Box::pin(async move {
+            // One statement: a claimer skips the rows another one holds
+            // (SQLite: the statement holds the only write lock throughout).
+            let sql = format!(
+                "UPDATE usage_alerts SET next_attempt_at = $2 WHERE id IN ( \
+                   SELECT id FROM usage_alerts WHERE status = 'pending' AND next_attempt_at <= $1 \
+                   ORDER BY next_attempt_at, id LIMIT $3{}) \
+                 RETURNING {ALERT_COLUMNS}",
+                D::SKIP_LOCKED
+            );
+            let rows = self
+                .db
+                .write(q(sql).bind(now).bind(now + lease).bind(limit as i64))
+                .await?;
+            let mut out = rows
+                .iter()
+                .map(alert_from)
+                .collect::<StateResult<Vec<Alert>>>()?;
+            out.sort_by_key(|a| a.id);
+            Ok(out)
+        })
+    }
+
+    fn settle_alert(&self, id: i64, outcome: AlertOutcome) -> BoxFuture<'_, StateResult<()>> {
+        Box::pin(async move {
+            let q = match outcome {
+                AlertOutcome::Delivered => q(
+                    "UPDATE usage_alerts SET status = 'delivered', attempts = attempts + 1, \
+                     delivered_at = $2, last_error = NULL WHERE id = $1",
+                )
+                .bind(id)
+                .bind(Utc::now()),
+                AlertOutcome::Retry { at, error } => q(
+                    "UPDATE usage_alerts SET attempts = attempts + 1, next_attempt_at = $2, \
+                     last_error = $3 WHERE id = $1",
+                )
+                .bind(id)
+                .bind(at)
+                .bind(error),
+                AlertOutcome::GaveUp { error } => q(
+                    "UPDATE usage_alerts SET status = 'failed', attempts = attempts + 1, \
+                     last_error = $2 WHERE id = $1",
+                )
+                .bind(id)
+                .bind(error),
+            };
+            self.execute(q).await?;
+            Ok(())
+        })
+    }
+
+    fn alerts_of<'a>(&'a self, customer: &'a str) -> BoxFuture<'a, StateResult<Vec<Alert>>> {
+        Box::pin(async move {
+            let sql = format!(
+                "SELECT {ALERT_COLUMNS} FROM usage_alerts WHERE customer_id = $1 ORDER BY id"
+            );
+            self.read(q(sql).bind(customer))
+                .await?
+                .iter()
+                .map(alert_from)
+                .collect()
+        })
+    }
+}
+
+/// A new open segment of the customer's plan history.
+fn insert_subscription(customer: &str, plan: &str, version: u32, at: DateTime<Utc>) -> Query {
+    q("INSERT INTO subscriptions (customer_id, plan, version, starts_at) VALUES ($1, $2, $3, $4)")
+        .bind(customer)
+        .bind(plan)
+        .bind(version as i32)
+        .bind(at)
+}
