@@ -113,38 +113,44 @@ impl IntoResponse for ApiError {
     }
 }
 
+// The one place where a failure becomes a status: a state error by its
+// kind, a denied access decision by whether the caller may learn the thing
+// exists, anything else a logged 500 that tells the caller nothing more.
+
 impl From<StateError> for ApiError {
     fn from(e: StateError) -> Self {
         let status = match &e {
             StateError::NotFound(_) => StatusCode::NOT_FOUND,
             StateError::Conflict(_) => StatusCode::CONFLICT,
             StateError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            StateError::Db(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            StateError::Db(_) => return Self::internal(&e),
         };
-        if status.is_server_error() {
-            tracing::error!(error = %e, "state store error");
-            return Self::new(status, "internal", "internal error");
-        }
         Self::new(status, e.code(), e.to_string())
+    }
+}
+
+impl From<auth::Denied> for ApiError {
+    fn from(d: auth::Denied) -> Self {
+        match d {
+            auth::Denied::Forbidden(m) => Self::new(StatusCode::FORBIDDEN, "forbidden", m),
+            auth::Denied::Hidden(m) => Self::new(StatusCode::NOT_FOUND, "not_found", m),
+        }
     }
 }
 
 impl From<anyhow::Error> for ApiError {
     fn from(e: anyhow::Error) -> Self {
-        if let Some(s) = e.downcast_ref::<StateError>() {
-            if !matches!(s, StateError::Db(_)) {
-                return Self::new(
-                    match s {
-                        StateError::NotFound(_) => StatusCode::NOT_FOUND,
-                        StateError::Conflict(_) => StatusCode::CONFLICT,
-                        _ => StatusCode::UNPROCESSABLE_ENTITY,
-                    },
-                    s.code(),
-                    s.to_string(),
-                );
-            }
+        match e.downcast_ref::<StateError>() {
+            Some(StateError::Db(_)) | None => Self::internal(&format!("{e:#}")),
+            Some(_) => e.downcast::<StateError>().expect("just checked").into(),
         }
-        tracing::error!(error = %format!("{e:#}"), "request failed");
+    }
+}
+
+impl ApiError {
+    /// A 500: the cause goes to the log, not to the caller.
+    fn internal(cause: &dyn std::fmt::Display) -> Self {
+        tracing::error!(error = %cause, "request failed");
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
@@ -1529,16 +1535,12 @@ pub struct Me {
 /// Who the credential is (the dashboard learns its customer from this).
 #[utoipa::path(get, path = "/v1/me", responses((status = 200, body = Me), (status = 401, body = ErrorBody)))]
 async fn whoami(axum::Extension(who): axum::Extension<Principal>) -> Json<Me> {
-    let (role, customer_id) = match who {
-        Principal::Admin { .. } => ("admin", None),
-        Principal::ControlPlane { .. } => ("control-plane", None),
-        Principal::Collector { .. } => ("collector", None),
-        Principal::Customer { customer_id } => ("customer", Some(customer_id)),
+    let role = who.role().as_str().into();
+    let customer_id = match who {
+        Principal::Customer { customer_id } => Some(customer_id),
+        _ => None,
     };
-    Json(Me {
-        role: role.into(),
-        customer_id,
-    })
+    Json(Me { role, customer_id })
 }
 
 #[derive(OpenApi)]

@@ -26,8 +26,7 @@
 //! 404, the same answer as for an id that does not exist, so nothing about
 //! other customers leaks.
 
-use crate::api::ApiError;
-use axum::http::StatusCode;
+pub use billing_domain::access::{Denied, Principal, Role};
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -40,37 +39,6 @@ use subtle::ConstantTimeEq;
 pub const KEY_REFRESH: Duration = Duration::from_secs(5);
 /// Longest customer session a mint may ask for.
 pub const MAX_SESSION_SECS: i64 = 24 * 3600;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "kebab-case")]
-pub enum Role {
-    Admin,
-    ControlPlane,
-    Collector,
-    Customer,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Admin => "admin",
-            Role::ControlPlane => "control-plane",
-            Role::Collector => "collector",
-            Role::Customer => "customer",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Role> {
-        [
-            Role::Admin,
-            Role::ControlPlane,
-            Role::Collector,
-            Role::Customer,
-        ]
-        .into_iter()
-        .find(|r| r.as_str() == s)
-    }
-}
 
 /// A stored API key (without its secret).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -89,74 +57,6 @@ pub struct ApiKey {
 }
 
 /// Who is calling.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Principal {
-    /// Staff; `actor` is what the audit log records.
-    Admin {
-        actor: String,
-    },
-    ControlPlane {
-        key_id: String,
-    },
-    Collector {
-        key_id: String,
-    },
-    Customer {
-        customer_id: String,
-    },
-}
-
-fn forbidden(what: &str) -> ApiError {
-    ApiError::new(
-        StatusCode::FORBIDDEN,
-        "forbidden",
-        format!("this credential may not {what}"),
-    )
-}
-
-impl Principal {
-    /// The audit actor, for admins only.
-    pub fn admin(&self) -> Result<&str, ApiError> {
-        match self {
-            Principal::Admin { actor } => Ok(actor),
-            _ => Err(forbidden("use staff endpoints")),
-        }
-    }
-
-    /// Admins and the control plane (minting sessions, quota checks).
-    pub fn admin_or_control_plane(&self) -> Result<String, ApiError> {
-        match self {
-            Principal::Admin { actor } => Ok(actor.clone()),
-            Principal::ControlPlane { key_id } => Ok(format!("key:{key_id}")),
-            _ => Err(forbidden("use control-plane endpoints")),
-        }
-    }
-
-    /// Reading one customer's data: admins, or that customer. Another
-    /// customer gets `not_found`, exactly as for a missing id.
-    pub fn read_customer(&self, customer: &str, what: &str) -> Result<(), ApiError> {
-        match self {
-            Principal::Admin { .. } => Ok(()),
-            Principal::Customer { customer_id } if customer_id == customer => Ok(()),
-            Principal::Customer { .. } => Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("{what} not found"),
-            )),
-            _ => Err(forbidden("read customer data")),
-        }
-    }
-
-    /// Anyone authenticated except the collector (the catalog is not secret
-    /// to customers or the control plane).
-    pub fn read_catalog(&self) -> Result<(), ApiError> {
-        match self {
-            Principal::Collector { .. } => Err(forbidden("read the catalog")),
-            _ => Ok(()),
-        }
-    }
-}
-
 /// A new key: (record to store, the key to show once).
 pub fn new_key(role: Role, customer_id: Option<String>, label: String) -> (ApiKey, String) {
     let id = hex::encode(rand::random::<[u8; 8]>());

@@ -1,4 +1,4 @@
-//! Tally's billing rules, free of I/O: the catalog and its validation
+//! Tally's billing rules, free of I/O: access decisions ([`access`]), the catalog and its validation
 //! ([`catalog`]), rating with allowances ([`rating`]), re-rating into
 //! adjustment lines ([`adjust`]), invoice building, periods and numbering
 //! ([`invoice`]), alert kinds and statuses ([`alert`]), quota decisions
@@ -12,6 +12,7 @@
 //! with them; it re-exports these modules at their old paths
 //! (`billing_api::rating`, …).
 
+pub mod access;
 pub mod adjust;
 pub mod alert;
 pub mod catalog;
