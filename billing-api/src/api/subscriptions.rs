@@ -1,0 +1,385 @@
+//! The subscriptions endpoints.
+
+use super::*;
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Subscribe {
+    pub plan: String,
+    /// Default: the latest version that is not retired.
+    pub version: Option<u32>,
+    /// Default: now.
+    pub starts_at: Option<DateTime<Utc>>,
+}
+
+/// The plan version a request names (default: the latest that is not
+/// retired), refused when unknown (404) or retired (422); one catalog read.
+pub(super) async fn resolve_plan(
+    app: &ApiState,
+    plan: &str,
+    version: Option<u32>,
+) -> Result<u32, ApiError> {
+    let listed = app.state.list_plans().await?;
+    let mine = listed.iter().filter(|p| p.plan.plan == plan);
+    let not_found = |what: String| ApiError::new(StatusCode::NOT_FOUND, "not_found", what);
+    match version {
+        None => latest_active(&listed)
+            .get(plan)
+            .map(|p| p.version)
+            .ok_or_else(|| not_found(format!("plan {plan} has no active version"))),
+        Some(v) => match mine.into_iter().find(|p| p.plan.version == v) {
+            None => Err(not_found(format!("plan {plan} version {v} not found"))),
+            Some(p) if p.retired => Err(ApiError::invalid(format!(
+                "plan {plan} version {v} is retired"
+            ))),
+            Some(_) => Ok(v),
+        },
+    }
+}
+
+/// Refuses a change effective inside a period that is already invoiced.
+pub(super) async fn require_open(
+    app: &ApiState,
+    customer: &str,
+    at: DateTime<Utc>,
+) -> Result<(), ApiError> {
+    if let Some(last) = app.state.invoices_of(customer).await?.last() {
+        if at < last.period.end {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "period_finalized",
+                format!(
+                    "{at} falls in a period already invoiced ({}); changes take effect from {} on",
+                    last.number, last.period.end
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[utoipa::path(post, path = "/v1/customers/{id}/subscription", params(("id" = String, Path)), request_body = Subscribe,
+    responses((status = 201, body = PlanSwitchResult), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub(super) async fn subscribe(
+    State(app): State<Arc<ApiState>>,
+    axum::Extension(who): axum::Extension<Principal>,
+    Path(id): Path<String>,
+    Body(req): Body<Subscribe>,
+) -> Result<(StatusCode, Json<PlanSwitchResult>), ApiError> {
+    let actor = who.admin()?;
+    let version = resolve_plan(&app, &req.plan, req.version).await?;
+    let at = req.starts_at.unwrap_or_else(crate::wire::now);
+    require_open(&app, &id, at).await?;
+    app.state
+        .subscribe(&id, &req.plan, version, at, actor)
+        .await?;
+    app.quota_changed(&id).await;
+    Ok((
+        StatusCode::CREATED,
+        Json(PlanSwitchResult {
+            plan: req.plan,
+            version,
+            effective_at: at,
+            withdrawn: vec![],
+        }),
+    ))
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SubscriptionView {
+    /// The plan in effect now, if any: its real start, and its end (null
+    /// while it runs until changed; the instant of a scheduled switch).
+    pub current: Option<Subscription>,
+    /// Plans that start later (a switch at the period end), in order; each
+    /// can be withdrawn at `DELETE /v1/customers/{id}/scheduled-changes/{change}`.
+    pub scheduled: Vec<Subscription>,
+}
+
+/// No query parameters: any one is refused (400 `bad_query`, naming it).
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct NoParams {}
+
+/// A query string refused with the error envelope (400 `bad_query`).
+pub(super) fn query<T>(
+    q: Result<Query<T>, axum::extract::rejection::QueryRejection>,
+) -> Result<T, ApiError> {
+    q.map(|Query(q)| q)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_query", e.body_text()))
+}
+
+/// The plan history from now on: the row in effect and those after it.
+pub(super) fn from_now(history: Vec<Subscription>, now: DateTime<Utc>) -> SubscriptionView {
+    let mut current = None;
+    let mut scheduled = Vec::new();
+    for s in history {
+        if s.start > now {
+            scheduled.push(s);
+        } else if s.end.is_none_or(|e| e > now) {
+            current = Some(s);
+        }
+    }
+    SubscriptionView { current, scheduled }
+}
+
+/// The plan in effect now and any scheduled switch, as stored.
+#[utoipa::path(get, path = "/v1/customers/{id}/subscription", params(("id" = String, Path), NoParams),
+    responses((status = 200, body = SubscriptionView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub(super) async fn get_subscription(
+    State(app): State<Arc<ApiState>>,
+    axum::Extension(who): axum::Extension<Principal>,
+    Path(id): Path<String>,
+    q: Result<Query<NoParams>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<SubscriptionView> {
+    who.read_customer(&id, &format!("customer {id}"))?;
+    query(q)?;
+    let history = app.state.subscriptions(&id).await?;
+    Ok(Json(from_now(history, crate::wire::now())))
+}
+
+/// Switches that start later (at the period end), in order.
+#[utoipa::path(get, path = "/v1/customers/{id}/scheduled-changes", params(("id" = String, Path), NoParams),
+    responses((status = 200, body = Vec<Subscription>), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub(super) async fn list_scheduled_changes(
+    State(app): State<Arc<ApiState>>,
+    axum::Extension(who): axum::Extension<Principal>,
+    Path(id): Path<String>,
+    q: Result<Query<NoParams>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Vec<Subscription>> {
+    who.read_customer(&id, &format!("customer {id}"))?;
+    query(q)?;
+    let history = app.state.subscriptions(&id).await?;
+    // A first subscription that starts later is not a change of plan.
+    let first = history.first().map(|s| s.id);
+    let view = from_now(history, crate::wire::now());
+    Ok(Json(
+        view.scheduled
+            .into_iter()
+            .filter(|s| Some(s.id) != first)
+            .collect(),
+    ))
+}
+
+/// Withdraws a scheduled switch: the plan before it runs on. Staff only,
+/// audited (`subscription.withdraw`); withdrawing it again answers the same
+/// change (safe to retry); a change already in effect is a 409.
+#[utoipa::path(delete, path = "/v1/customers/{id}/scheduled-changes/{change}",
+    params(("id" = String, Path), ("change" = i64, Path, description = "the `id` of a scheduled change")),
+    responses((status = 200, body = Subscription, description = "the withdrawn change"), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub(super) async fn withdraw_scheduled_change(
+    State(app): State<Arc<ApiState>>,
+    axum::Extension(who): axum::Extension<Principal>,
+    Path((id, change)): Path<(String, String)>,
+) -> ApiResult<Subscription> {
+    let actor = who.admin()?;
+    let not_found = || {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("scheduled change {change} of customer {id} not found"),
+        )
+    };
+    let change_id: i64 = change.parse().map_err(|_| not_found())?;
+    let w = app
+        .state
+        .withdraw_change(&id, change_id, crate::wire::now(), actor)
+        .await?;
+    Ok(Json(w))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetSeats {
+    pub seats: u32,
+    /// Default: now. At or after the customer's first subscription start,
+    /// outside every invoiced period, at most [`SEATS_MAX_AHEAD_DAYS`] days
+    /// ahead, at most microsecond precision.
+    #[serde(default, deserialize_with = "crate::wire::opt_instant")]
+    pub at: Option<DateTime<Utc>>,
+}
+
+/// How far ahead a seat change may be dated.
+pub const SEATS_MAX_AHEAD_DAYS: i64 = 366;
+
+/// When a seat change may take effect: not before the customer's first
+/// subscription starts (seats without a plan bill nothing and would carry
+/// into every later period), not inside an invoiced period (409,
+/// [`require_open`]), and not more than [`SEATS_MAX_AHEAD_DAYS`] days after
+/// now (a typo like 9999 is refused rather than kept for ever).
+pub(super) async fn seats_at(
+    app: &ApiState,
+    customer: &str,
+    at: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Result<(), ApiError> {
+    let horizon = now + chrono::Duration::days(SEATS_MAX_AHEAD_DAYS);
+    if at > horizon {
+        return Err(ApiError::invalid(format!(
+            "at: {} is more than {SEATS_MAX_AHEAD_DAYS} days ahead (latest {})",
+            at.to_rfc3339(),
+            horizon.to_rfc3339()
+        )));
+    }
+    let history = Period {
+        start: DateTime::UNIX_EPOCH,
+        end: horizon.max(at) + chrono::Duration::seconds(1),
+    };
+    let first = app.state.plan_segments(customer, history).await?;
+    match first.first() {
+        None => Err(ApiError::invalid(
+            "at: the customer has no subscription; subscribe it before setting seats",
+        )),
+        Some(s) if at < s.start => Err(ApiError::invalid(format!(
+            "at: {} is before the customer's subscription starts ({})",
+            at.to_rfc3339(),
+            s.start.to_rfc3339()
+        ))),
+        Some(_) => require_open(app, customer, at).await,
+    }
+}
+
+#[utoipa::path(put, path = "/v1/customers/{id}/seats", params(("id" = String, Path)), request_body = SetSeats,
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub(super) async fn set_seats(
+    State(app): State<Arc<ApiState>>,
+    axum::Extension(who): axum::Extension<Principal>,
+    Path(id): Path<String>,
+    Body(req): Body<SetSeats>,
+) -> Result<StatusCode, ApiError> {
+    let actor = who.admin()?;
+    if req.seats > 100_000 {
+        return Err(ApiError::invalid("seats: 0 to 100000"));
+    }
+    app.state.customer(&id).await?;
+    let now = crate::wire::now();
+    let at = req.at.unwrap_or(now);
+    seats_at(&app, &id, at, now).await?;
+    app.state.set_seats(&id, req.seats, at, actor).await?;
+    app.quota_changed(&id).await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Effective {
+    Now,
+    PeriodEnd,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchRequest {
+    pub plan: String,
+    /// Default: the latest version that is not retired.
+    pub version: Option<u32>,
+    /// `now` (default) or `period_end`.
+    pub effective: Option<Effective>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SwitchPreview {
+    pub effective_at: DateTime<Utc>,
+    pub period: Period,
+    /// The open period as things stand.
+    pub current: Rated,
+    /// The open period with the switch applied.
+    pub with_switch: Rated,
+    /// `with_switch.total − current.total` for usage so far.
+    pub difference: Decimal,
+    /// Scheduled changes the switch would replace (withdraw).
+    pub replaces: Vec<Subscription>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PlanSwitchResult {
+    pub plan: String,
+    pub version: u32,
+    /// When the plan takes effect (for a switch to the plan already in
+    /// effect, which changes nothing: when it took effect).
+    pub effective_at: DateTime<Utc>,
+    /// Scheduled changes this switch replaced (withdrawn, audited).
+    #[serde(default)]
+    pub withdrawn: Vec<Subscription>,
+}
+
+pub(super) async fn planned(
+    app: &ApiState,
+    req: &SwitchRequest,
+) -> Result<PlannedSwitch, ApiError> {
+    let version = resolve_plan(app, &req.plan, req.version).await?;
+    // At the stored precision (microseconds), so the instant answered is
+    // the instant stored.
+    let now = crate::wire::now();
+    let at = match req.effective.unwrap_or(Effective::Now) {
+        Effective::Now => now,
+        Effective::PeriodEnd => month_of(now).end,
+    };
+    Ok(PlannedSwitch {
+        plan: req.plan.clone(),
+        version,
+        at,
+    })
+}
+
+/// The open period's lines as they are and with the switch, before confirming.
+#[utoipa::path(post, path = "/v1/customers/{id}/plan-switch/preview", params(("id" = String, Path)), request_body = SwitchRequest,
+    responses((status = 200, body = SwitchPreview), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub(super) async fn preview_switch(
+    State(app): State<Arc<ApiState>>,
+    axum::Extension(who): axum::Extension<Principal>,
+    Path(id): Path<String>,
+    Body(req): Body<SwitchRequest>,
+) -> ApiResult<SwitchPreview> {
+    who.read_customer(&id, &format!("customer {id}"))?;
+    app.state.customer(&id).await?;
+    let sw = planned(&app, &req).await?;
+    let period = month_of(crate::wire::now());
+    let (s, u, m) = (app.state.as_ref(), app.usage.as_ref(), app.meters.as_ref());
+    let current = invoice::rate_period(s, u, m, &id, period, None).await?;
+    let with_switch = invoice::rate_period(s, u, m, &id, period, Some(&sw)).await?;
+    let replaces = app
+        .state
+        .subscriptions(&id)
+        .await?
+        .into_iter()
+        .skip(1)
+        .filter(|r| r.start >= sw.at)
+        .collect();
+    Ok(Json(SwitchPreview {
+        effective_at: sw.at,
+        period,
+        difference: with_switch.money(with_switch.total - current.total),
+        current,
+        with_switch,
+        replaces,
+    }))
+}
+
+/// Switches the plan now or at the end of the period. A switch replaces
+/// the changes scheduled at or after its instant (`withdrawn`); a switch to
+/// the plan in effect then changes nothing but withdraws what was scheduled
+/// after it, so repeating a switch is harmless.
+#[utoipa::path(post, path = "/v1/customers/{id}/plan-switch", params(("id" = String, Path)), request_body = SwitchRequest,
+    responses((status = 200, body = PlanSwitchResult), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub(super) async fn switch_plan(
+    State(app): State<Arc<ApiState>>,
+    axum::Extension(who): axum::Extension<Principal>,
+    Path(id): Path<String>,
+    Body(req): Body<SwitchRequest>,
+) -> ApiResult<PlanSwitchResult> {
+    let actor = who.admin()?;
+    app.state.customer(&id).await?;
+    let sw = planned(&app, &req).await?;
+    require_open(&app, &id, sw.at).await?;
+    let done = app
+        .state
+        .switch_plan(&id, &sw.plan, sw.version, sw.at, actor)
+        .await?;
+    app.quota_changed(&id).await;
+    Ok(Json(PlanSwitchResult {
+        plan: sw.plan,
+        version: sw.version,
+        effective_at: done.effective_at,
+        withdrawn: done.withdrawn,
+    }))
+}
