@@ -2,7 +2,7 @@
 //! ([`catalog`]), rating with allowances ([`rating`]), re-rating into
 //! adjustment lines ([`adjust`]), invoice building, periods and numbering
 //! ([`invoice`]), alert kinds and statuses ([`alert`]), quota decisions
-//! ([`quota`]), status enums ([`names`]), webhook
+//! ([`quota`]), subscription rules ([`subscription`]), status enums ([`names`]), webhook
 //! signatures ([`webhook`]) and how decimals and instants are read from
 //! request bodies and catalog files ([`wire`]).
 //!
@@ -20,5 +20,6 @@ pub mod invoice;
 pub mod names;
 pub mod quota;
 pub mod rating;
+pub mod subscription;
 pub mod webhook;
 pub mod wire;

@@ -55,6 +55,16 @@ impl StateError {
     }
 }
 
+impl From<RuleError> for StateError {
+    fn from(e: RuleError) -> Self {
+        match e {
+            RuleError::NotFound(m) => StateError::NotFound(m),
+            RuleError::Conflict(m) => StateError::Conflict(m),
+            RuleError::Invalid(m) => StateError::Invalid(m),
+        }
+    }
+}
+
 pub type StateResult<T> = Result<T, StateError>;
 
 /// (suspended, the customer's own spending cap).
@@ -114,32 +124,6 @@ pub struct PlanSegment {
     pub end: DateTime<Utc>,
 }
 
-/// A row of a customer's plan history as stored, not clipped to a period:
-/// the plan runs from `start` (inclusive) to `end` (exclusive; none while it
-/// runs until changed). A row whose start is still ahead is a scheduled
-/// change (a switch at the period end), which can be withdrawn.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Subscription {
-    /// The change's id (for withdrawing it while it is scheduled).
-    pub id: i64,
-    pub plan: String,
-    pub version: u32,
-    pub start: DateTime<Utc>,
-    pub end: Option<DateTime<Utc>>,
-}
-
-/// What a plan switch did.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SwitchOutcome {
-    /// When the requested plan takes effect: the switch's instant, or the
-    /// start of the row that already runs that plan version from before it
-    /// (a repeated switch changes nothing).
-    pub effective_at: DateTime<Utc>,
-    /// Changes that started at or after the switch's instant, replaced by
-    /// it (withdrawn, each audited).
-    pub withdrawn: Vec<Subscription>,
-}
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuditEntry {
     pub id: i64,
@@ -162,6 +146,9 @@ pub use billing_domain::catalog::PublishedPlan;
 
 pub use billing_domain::alert::{AlertKind, AlertStatus};
 pub use billing_domain::invoice::{Invoice, PaymentStatus, SyncStatus};
+pub use billing_domain::subscription::{
+    check_first_subscription, RuleError, Subscription, SwitchOutcome, SwitchWrites, WithdrawWrites,
+};
 
 pub trait StateStore: Send + Sync + 'static {
     fn migrate(&self) -> BoxFuture<'_, StateResult<()>>;
@@ -678,16 +665,6 @@ pub(crate) fn check_plan_usable(
     }
 }
 
-/// `subscribe` starts only the first subscription.
-pub(crate) fn check_first_subscription(customer: &str, has_any: bool) -> StateResult<()> {
-    if has_any {
-        return Err(StateError::Conflict(format!(
-            "customer {customer} already has a subscription; switch plans instead"
-        )));
-    }
-    Ok(())
-}
-
 /// The columns a [`Subscription`] is read from.
 pub(crate) const SUBSCRIPTION_COLUMNS: &str = "id, plan, version, starts_at, ends_at";
 
@@ -700,134 +677,6 @@ pub(crate) fn subscription_from(r: &impl StateRow) -> StateResult<Subscription> 
         start: r.time("starts_at")?,
         end: r.opt_time("ends_at")?,
     })
-}
-
-/// The writes of a switch, decided from the customer's history (ordered by
-/// start) before anything is written. Applied in this order, which keeps
-/// one open row per customer at every step: delete `withdrawn`, set the
-/// end of `cut` to `cut_end`, insert the new row when `insert`.
-#[derive(Debug)]
-pub(crate) struct SwitchWrites {
-    pub withdrawn: Vec<Subscription>,
-    /// The row in effect at the switch's instant (before the change).
-    pub cut: Subscription,
-    pub cut_end: Option<DateTime<Utc>>,
-    pub insert: bool,
-    pub effective_at: DateTime<Utc>,
-}
-
-impl SwitchWrites {
-    pub(crate) fn plan(
-        rows: Vec<Subscription>,
-        customer: &str,
-        plan: &str,
-        version: u32,
-        at: DateTime<Utc>,
-    ) -> StateResult<Self> {
-        let Some(first) = rows.first() else {
-            return Err(StateError::Invalid(format!(
-                "customer {customer} has no subscription to switch from"
-            )));
-        };
-        if at <= first.start {
-            return Err(StateError::Invalid(format!(
-                "a switch at {at} must come after the customer's first plan starts ({})",
-                first.start
-            )));
-        }
-        let (earlier, later): (Vec<_>, Vec<_>) = rows.into_iter().partition(|r| r.start < at);
-        let cut = earlier
-            .last()
-            .expect("the first row starts before at")
-            .clone();
-        if cut.end.is_some_and(|e| e < at) {
-            return Err(StateError::Invalid(format!(
-                "customer {customer} has no plan in effect at {at}"
-            )));
-        }
-        let same = |r: &Subscription| r.plan == plan && r.version == version;
-        // The same switch again: the change it made is there already.
-        if let [only] = later.as_slice() {
-            if only.start == at && only.end.is_none() && same(only) {
-                return Ok(Self {
-                    effective_at: at,
-                    cut_end: cut.end,
-                    cut,
-                    withdrawn: vec![],
-                    insert: false,
-                });
-            }
-        }
-        if same(&cut) {
-            // Already on that plan at `at`: it runs on, and what was
-            // scheduled after it is withdrawn.
-            let cut_end = if later.is_empty() { cut.end } else { None };
-            return Ok(Self {
-                effective_at: cut.start,
-                cut_end,
-                cut,
-                withdrawn: later,
-                insert: false,
-            });
-        }
-        Ok(Self {
-            effective_at: at,
-            cut_end: Some(at),
-            cut,
-            withdrawn: later,
-            insert: true,
-        })
-    }
-
-    /// Whether anything is written (a switch repeated writes nothing, not
-    /// even an audit entry).
-    pub(crate) fn changes(&self) -> bool {
-        self.insert || !self.withdrawn.is_empty() || self.cut_end != self.cut.end
-    }
-
-    pub(crate) fn outcome(self) -> SwitchOutcome {
-        SwitchOutcome {
-            effective_at: self.effective_at,
-            withdrawn: self.withdrawn,
-        }
-    }
-}
-
-/// The writes of a withdrawal: delete `withdrawn`, give `previous` its end.
-#[derive(Debug)]
-pub(crate) struct WithdrawWrites {
-    pub withdrawn: Subscription,
-    pub previous: Subscription,
-}
-
-impl WithdrawWrites {
-    /// `Ok(None)`: no such row (look for an earlier withdrawal of it).
-    pub(crate) fn plan(
-        rows: &[Subscription],
-        customer: &str,
-        id: i64,
-        now: DateTime<Utc>,
-    ) -> StateResult<Option<Self>> {
-        let Some(i) = rows.iter().position(|r| r.id == id) else {
-            return Ok(None);
-        };
-        let row = &rows[i];
-        if row.start <= now {
-            return Err(StateError::Conflict(format!(
-                "change {id} of customer {customer} took effect at {}; switch plans instead",
-                row.start
-            )));
-        }
-        if i == 0 {
-            return Err(StateError::Conflict(format!(
-                "{id} is customer {customer}'s first subscription, not a scheduled change"
-            )));
-        }
-        Ok(Some(Self {
-            withdrawn: row.clone(),
-            previous: rows[i - 1].clone(),
-        }))
-    }
 }
 
 /// A change withdrawn earlier, from the customer's `subscription.withdraw`

@@ -1,0 +1,257 @@
+//! Subscription rules: a customer's plan history as rows, and what a
+//! switch or a withdrawal writes, decided from that history before anything
+//! is written (the state store applies the writes in its transaction).
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// Why a change of plan history is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RuleError {
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error("invalid: {0}")]
+    Invalid(String),
+}
+
+/// A row of a customer's plan history as stored, not clipped to a period:
+/// the plan runs from `start` (inclusive) to `end` (exclusive; none while it
+/// runs until changed). A row whose start is still ahead is a scheduled
+/// change (a switch at the period end), which can be withdrawn.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Subscription {
+    /// The change's id (for withdrawing it while it is scheduled).
+    pub id: i64,
+    pub plan: String,
+    pub version: u32,
+    pub start: DateTime<Utc>,
+    pub end: Option<DateTime<Utc>>,
+}
+
+/// What a plan switch did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwitchOutcome {
+    /// When the requested plan takes effect: the switch's instant, or the
+    /// start of the row that already runs that plan version from before it
+    /// (a repeated switch changes nothing).
+    pub effective_at: DateTime<Utc>,
+    /// Changes that started at or after the switch's instant, replaced by
+    /// it (withdrawn, each audited).
+    pub withdrawn: Vec<Subscription>,
+}
+
+/// `subscribe` starts only the first subscription.
+pub fn check_first_subscription(customer: &str, has_any: bool) -> Result<(), RuleError> {
+    if has_any {
+        return Err(RuleError::Conflict(format!(
+            "customer {customer} already has a subscription; switch plans instead"
+        )));
+    }
+    Ok(())
+}
+
+/// The writes of a switch, decided from the customer's history (ordered by
+/// start) before anything is written. Applied in this order, which keeps
+/// one open row per customer at every step: delete `withdrawn`, set the
+/// end of `cut` to `cut_end`, insert the new row when `insert`.
+#[derive(Debug)]
+pub struct SwitchWrites {
+    pub withdrawn: Vec<Subscription>,
+    /// The row in effect at the switch's instant (before the change).
+    pub cut: Subscription,
+    pub cut_end: Option<DateTime<Utc>>,
+    pub insert: bool,
+    pub effective_at: DateTime<Utc>,
+}
+
+impl SwitchWrites {
+    pub fn plan(
+        rows: Vec<Subscription>,
+        customer: &str,
+        plan: &str,
+        version: u32,
+        at: DateTime<Utc>,
+    ) -> Result<Self, RuleError> {
+        let Some(first) = rows.first() else {
+            return Err(RuleError::Invalid(format!(
+                "customer {customer} has no subscription to switch from"
+            )));
+        };
+        if at <= first.start {
+            return Err(RuleError::Invalid(format!(
+                "a switch at {at} must come after the customer's first plan starts ({})",
+                first.start
+            )));
+        }
+        let (earlier, later): (Vec<_>, Vec<_>) = rows.into_iter().partition(|r| r.start < at);
+        let cut = earlier
+            .last()
+            .expect("the first row starts before at")
+            .clone();
+        if cut.end.is_some_and(|e| e < at) {
+            return Err(RuleError::Invalid(format!(
+                "customer {customer} has no plan in effect at {at}"
+            )));
+        }
+        let same = |r: &Subscription| r.plan == plan && r.version == version;
+        // The same switch again: the change it made is there already.
+        if let [only] = later.as_slice() {
+            if only.start == at && only.end.is_none() && same(only) {
+                return Ok(Self {
+                    effective_at: at,
+                    cut_end: cut.end,
+                    cut,
+                    withdrawn: vec![],
+                    insert: false,
+                });
+            }
+        }
+        if same(&cut) {
+            // Already on that plan at `at`: it runs on, and what was
+            // scheduled after it is withdrawn.
+            let cut_end = if later.is_empty() { cut.end } else { None };
+            return Ok(Self {
+                effective_at: cut.start,
+                cut_end,
+                cut,
+                withdrawn: later,
+                insert: false,
+            });
+        }
+        Ok(Self {
+            effective_at: at,
+            cut_end: Some(at),
+            cut,
+            withdrawn: later,
+            insert: true,
+        })
+    }
+
+    /// Whether anything is written (a switch repeated writes nothing, not
+    /// even an audit entry).
+    pub fn changes(&self) -> bool {
+        self.insert || !self.withdrawn.is_empty() || self.cut_end != self.cut.end
+    }
+
+    pub fn outcome(self) -> SwitchOutcome {
+        SwitchOutcome {
+            effective_at: self.effective_at,
+            withdrawn: self.withdrawn,
+        }
+    }
+}
+
+/// The writes of a withdrawal: delete `withdrawn`, give `previous` its end.
+#[derive(Debug)]
+pub struct WithdrawWrites {
+    pub withdrawn: Subscription,
+    pub previous: Subscription,
+}
+
+impl WithdrawWrites {
+    /// `Ok(None)`: no such row (look for an earlier withdrawal of it).
+    pub fn plan(
+        rows: &[Subscription],
+        customer: &str,
+        id: i64,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Self>, RuleError> {
+        let Some(i) = rows.iter().position(|r| r.id == id) else {
+            return Ok(None);
+        };
+        let row = &rows[i];
+        if row.start <= now {
+            return Err(RuleError::Conflict(format!(
+                "change {id} of customer {customer} took effect at {}; switch plans instead",
+                row.start
+            )));
+        }
+        if i == 0 {
+            return Err(RuleError::Conflict(format!(
+                "{id} is customer {customer}'s first subscription, not a scheduled change"
+            )));
+        }
+        Ok(Some(Self {
+            withdrawn: row.clone(),
+            previous: rows[i - 1].clone(),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(day: u32) -> DateTime<Utc> {
+        format!("2026-11-{day:02}T00:00:00Z").parse().unwrap()
+    }
+
+    fn row(id: i64, plan: &str, start: u32, end: Option<u32>) -> Subscription {
+        Subscription {
+            id,
+            plan: plan.into(),
+            version: 1,
+            start: t(start),
+            end: end.map(t),
+        }
+    }
+
+    #[test]
+    fn a_switch_cuts_the_row_in_effect_and_withdraws_what_was_scheduled_after() {
+        let rows = vec![row(1, "payg", 1, Some(20)), row(2, "team", 20, None)];
+        let w = SwitchWrites::plan(rows, "c", "business", 1, t(10)).unwrap();
+        assert_eq!((w.cut.id, w.cut_end, w.insert), (1, Some(t(10)), true));
+        assert_eq!(w.withdrawn, vec![row(2, "team", 20, None)]);
+        assert!(w.changes());
+        assert_eq!(w.outcome().effective_at, t(10));
+    }
+
+    #[test]
+    fn the_same_switch_again_writes_nothing() {
+        let rows = vec![row(1, "payg", 1, Some(10)), row(2, "team", 10, None)];
+        let w = SwitchWrites::plan(rows, "c", "team", 1, t(10)).unwrap();
+        assert!(!w.changes(), "{w:?}");
+        // Switching to the plan already in effect keeps its start.
+        let w = SwitchWrites::plan(vec![row(1, "payg", 1, None)], "c", "payg", 1, t(5)).unwrap();
+        assert!(!w.changes());
+        assert_eq!(w.outcome().effective_at, t(1));
+    }
+
+    #[test]
+    fn refusals_say_why() {
+        assert!(matches!(
+            SwitchWrites::plan(vec![], "c", "payg", 1, t(5)),
+            Err(RuleError::Invalid(_))
+        ));
+        assert!(matches!(
+            SwitchWrites::plan(vec![row(1, "payg", 5, None)], "c", "team", 1, t(5)),
+            Err(RuleError::Invalid(_))
+        ));
+        let rows = vec![row(1, "payg", 1, Some(20)), row(2, "team", 20, None)];
+        // A change that took effect, or the first row, cannot be withdrawn.
+        assert!(matches!(
+            WithdrawWrites::plan(&rows, "c", 2, t(21)),
+            Err(RuleError::Conflict(_))
+        ));
+        assert!(matches!(
+            WithdrawWrites::plan(
+                &[row(1, "payg", 5, Some(20)), row(2, "team", 20, None)],
+                "c",
+                1,
+                t(1)
+            ),
+            Err(RuleError::Conflict(_))
+        ));
+        assert!(WithdrawWrites::plan(&rows, "c", 9, t(2)).unwrap().is_none());
+        let w = WithdrawWrites::plan(&rows, "c", 2, t(2)).unwrap().unwrap();
+        assert_eq!((w.withdrawn.id, w.previous.id), (2, 1));
+        assert_eq!(
+            check_first_subscription("c", true),
+            Err(RuleError::Conflict(
+                "customer c already has a subscription; switch plans instead".into()
+            ))
+        );
+    }
+}
