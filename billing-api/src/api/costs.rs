@@ -33,6 +33,20 @@ pub(super) fn as_of(q: AsOf) -> Result<DateTime<Utc>, ApiError> {
     Ok(at)
 }
 
+/// A cost report's instant, once the caller may read the customer's and
+/// the customer exists.
+async fn report_at(
+    app: &ApiState,
+    who: &Principal,
+    id: &str,
+    q: Result<Query<AsOf>, axum::extract::rejection::QueryRejection>,
+) -> Result<DateTime<Utc>, ApiError> {
+    who.read_customer(id, &format!("customer {id}"))?;
+    let at = as_of(query(q)?)?;
+    app.state.customer(id).await?;
+    Ok(at)
+}
+
 /// The open month: month-to-date cost and forecast, cost by meter, app and
 /// day, the plan and the spending cap (admin or the customer), as of now or
 /// `?at=`.
@@ -45,18 +59,9 @@ pub(super) async fn customer_costs(
     Path(id): Path<String>,
     q: Result<Query<AsOf>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<crate::costs::CostReport> {
-    who.read_customer(&id, &format!("customer {id}"))?;
-    let at = as_of(query(q)?)?;
-    app.state.customer(&id).await?;
-    let r = crate::costs::report(
-        app.state.as_ref(),
-        app.usage.as_ref(),
-        &app.meters,
-        &app.quota,
-        &id,
-        at,
-    )
-    .await?;
+    let at = report_at(&app, &who, &id, q).await?;
+    let (state, usage) = (app.state.as_ref(), app.usage.as_ref());
+    let r = crate::costs::report(state, usage, &app.meters, &app.quota, &id, at).await?;
     Ok(Json(r))
 }
 
@@ -72,18 +77,9 @@ pub(super) async fn plan_advisor(
     Path(id): Path<String>,
     q: Result<Query<AsOf>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<crate::costs::Advisor> {
-    who.read_customer(&id, &format!("customer {id}"))?;
-    let at = as_of(query(q)?)?;
-    app.state.customer(&id).await?;
-    let r = crate::costs::advisor(
-        app.state.as_ref(),
-        app.usage.as_ref(),
-        &app.meters,
-        &app.quota,
-        &id,
-        at,
-    )
-    .await?;
+    let at = report_at(&app, &who, &id, q).await?;
+    let (state, usage) = (app.state.as_ref(), app.usage.as_ref());
+    let r = crate::costs::advisor(state, usage, &app.meters, &app.quota, &id, at).await?;
     Ok(Json(r))
 }
 

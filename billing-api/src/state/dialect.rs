@@ -124,3 +124,38 @@ arg_from!(Json:
     &serde_json::Value => |v: &serde_json::Value| Some(v.clone()),
     Option<serde_json::Value> => |v| v,
 );
+
+/// The statement methods of a [`Dialect`] over sqlx, the same text for
+/// every database (each binds with its own `bound`): reads on the `$reader`
+/// pool, single-statement writes on the `$writer` pool, and statements
+/// inside a transaction.
+macro_rules! sqlx_statements {
+    ($row:ty, $reader:ident, $writer:ident) => {
+        async fn read(&self, q: Query) -> sqlx::Result<Vec<$row>> {
+            bound(&q.sql, q.args).fetch_all(&self.$reader).await
+        }
+
+        async fn write(&self, q: Query) -> sqlx::Result<Vec<$row>> {
+            bound(&q.sql, q.args).fetch_all(&self.$writer).await
+        }
+
+        async fn execute(&self, q: Query) -> sqlx::Result<u64> {
+            Ok(bound(&q.sql, q.args)
+                .execute(&self.$writer)
+                .await?
+                .rows_affected())
+        }
+
+        async fn fetch(tx: &mut Self::Tx, q: Query) -> sqlx::Result<Vec<$row>> {
+            bound(&q.sql, q.args).fetch_all(&mut **tx).await
+        }
+
+        async fn run(tx: &mut Self::Tx, q: Query) -> sqlx::Result<u64> {
+            Ok(bound(&q.sql, q.args)
+                .execute(&mut **tx)
+                .await?
+                .rows_affected())
+        }
+    };
+}
+pub(crate) use sqlx_statements;

@@ -6,7 +6,7 @@
 //! `FOR UPDATE SKIP LOCKED` for alert claims; reads in a snapshot are
 //! `REPEATABLE READ`.
 
-use super::dialect::{Arg, Dialect, Query};
+use super::dialect::{sqlx_statements, Arg, Dialect, Query};
 use super::sql::SqlState;
 use super::{StateResult, StateRow};
 use chrono::{DateTime, Utc};
@@ -125,29 +125,5 @@ impl Dialect for PgDialect {
         tx.commit().await
     }
 
-    async fn read(&self, q: Query) -> sqlx::Result<Vec<PgRow>> {
-        bound(&q.sql, q.args).fetch_all(&self.pool).await
-    }
-
-    async fn write(&self, q: Query) -> sqlx::Result<Vec<PgRow>> {
-        bound(&q.sql, q.args).fetch_all(&self.pool).await
-    }
-
-    async fn execute(&self, q: Query) -> sqlx::Result<u64> {
-        Ok(bound(&q.sql, q.args)
-            .execute(&self.pool)
-            .await?
-            .rows_affected())
-    }
-
-    async fn fetch(tx: &mut Self::Tx, q: Query) -> sqlx::Result<Vec<PgRow>> {
-        bound(&q.sql, q.args).fetch_all(&mut **tx).await
-    }
-
-    async fn run(tx: &mut Self::Tx, q: Query) -> sqlx::Result<u64> {
-        Ok(bound(&q.sql, q.args)
-            .execute(&mut **tx)
-            .await?
-            .rows_affected())
-    }
+    sqlx_statements!(PgRow, pool, pool);
 }

@@ -29,7 +29,7 @@
 //! one customer's plan history and finalization batches are serialized,
 //! and the invoice numbers stay gapless.
 
-use super::dialect::{Arg, Dialect, Query};
+use super::dialect::{sqlx_statements, Arg, Dialect, Query};
 use super::sql::SqlState;
 use super::{StateError, StateResult, StateRow};
 use chrono::{DateTime, Utc};
@@ -244,29 +244,5 @@ impl Dialect for SqliteDialect {
         tx.commit().await
     }
 
-    async fn read(&self, q: Query) -> sqlx::Result<Vec<SqliteRow>> {
-        bound(&q.sql, q.args).fetch_all(&self.reader).await
-    }
-
-    async fn write(&self, q: Query) -> sqlx::Result<Vec<SqliteRow>> {
-        bound(&q.sql, q.args).fetch_all(&self.writer).await
-    }
-
-    async fn execute(&self, q: Query) -> sqlx::Result<u64> {
-        Ok(bound(&q.sql, q.args)
-            .execute(&self.writer)
-            .await?
-            .rows_affected())
-    }
-
-    async fn fetch(tx: &mut Self::Tx, q: Query) -> sqlx::Result<Vec<SqliteRow>> {
-        bound(&q.sql, q.args).fetch_all(&mut **tx).await
-    }
-
-    async fn run(tx: &mut Self::Tx, q: Query) -> sqlx::Result<u64> {
-        Ok(bound(&q.sql, q.args)
-            .execute(&mut **tx)
-            .await?
-            .rows_affected())
-    }
+    sqlx_statements!(SqliteRow, reader, writer);
 }
