@@ -11,7 +11,7 @@
 //!
 //! Concurrency: every change to one customer's plan history, seats, apps,
 //! keys or quota settings first reads the customer row with
-//! `D::FOR_UPDATE` inside its transaction ([`lock_customer`]); finalization
+//! `D::FOR_UPDATE` inside its transaction (`Tx::lock_customer`); finalization
 //! batches lock the invoice counter the same way, so invoice numbers stay
 //! gapless; alert claims skip rows another claimer holds.
 
