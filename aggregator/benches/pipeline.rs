@@ -27,7 +27,7 @@ use support::*;
 async fn raw_produce(brokers: &str, topic: &str, payloads: &[(String, Vec<u8>)]) -> f64 {
     // Exactly the collector's producer, so the ratio isolates the
     // collector's own work (HTTP, validation, batching).
-    let p = collector::sink::new_producer(&collector::sink::KafkaSettings {
+    let p = collector::kafka::new_producer(&collector::kafka::KafkaSettings {
         brokers: brokers.into(),
         topic: topic.into(),
         partitions: 4,
@@ -99,11 +99,11 @@ async fn main() {
             )
         })
         .collect();
-    aggregator::pipeline::ensure_topic(&env.brokers, &env.topic, 4)
+    aggregator::kafka::ensure_topic(&env.brokers, &env.topic, 4)
         .await
         .unwrap();
     let raw_topic = format!("{}-raw", env.topic);
-    aggregator::pipeline::ensure_topic(&env.brokers, &raw_topic, 4)
+    aggregator::kafka::ensure_topic(&env.brokers, &raw_topic, 4)
         .await
         .unwrap();
     let raw_rate = raw_produce(&env.brokers, &raw_topic, &payloads).await;
@@ -137,7 +137,7 @@ async fn main() {
     // n messages the collector just wrote.
     // The aggregator's own consumer configuration, so the ratio isolates
     // its work (decode, validate, dedup, roll up, insert) from the broker.
-    let consumer = aggregator::pipeline::consumer(&aggregator::pipeline::PipelineConfig {
+    let consumer = aggregator::kafka::consumer(&aggregator::kafka::PipelineConfig {
         brokers: env.brokers.clone(),
         topic: env.topic.clone(),
         dlq_topic: env.dlq_topic(),

@@ -4,7 +4,8 @@
 //! commits. Messages still invalid go back to the dead-letter topic; events
 //! already counted are dropped by deduplication, so a replay can be repeated.
 
-use crate::pipeline::{header, producer, DLQ_CODE};
+use crate::kafka::{header, producer};
+use crate::pipeline::DLQ_CODE;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::Message;

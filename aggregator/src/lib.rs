@@ -1,7 +1,10 @@
 #![doc = include_str!("../README.md")]
 
 pub mod dedup;
+#[cfg(feature = "kafka")]
 pub mod dlq;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod metrics;
 pub mod pipeline;
 pub mod rollup;

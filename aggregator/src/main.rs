@@ -1,5 +1,5 @@
+use aggregator::kafka::PipelineConfig;
 use aggregator::metrics::Metrics;
-use aggregator::pipeline::PipelineConfig;
 use aggregator::store::clickhouse::ClickHouseStore;
 use aggregator::{Granularity, UsageQuery, UsageStore};
 use axum::routing::get;
@@ -137,11 +137,7 @@ fn parse_granularity(s: &str) -> Result<Granularity, String> {
 }
 
 fn meters(c: &Common) -> anyhow::Result<MeterCatalog> {
-    match &c.meters_file {
-        Some(p) => MeterCatalog::from_json(&std::fs::read_to_string(p)?)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", p.display())),
-        None => Ok(MeterCatalog::default_catalog()),
-    }
+    MeterCatalog::load(c.meters_file.as_deref()).map_err(anyhow::Error::msg)
 }
 
 #[tokio::main]
@@ -211,7 +207,7 @@ async fn main() -> anyhow::Result<()> {
                 batch_max_wait: Duration::from_millis(batch_max_wait_ms),
                 static_partitions,
             };
-            aggregator::pipeline::run(
+            aggregator::kafka::run(
                 cfg,
                 Arc::new(store),
                 Arc::new(meters(&common)?),

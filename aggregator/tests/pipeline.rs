@@ -380,15 +380,15 @@ async fn poison_message_goes_to_dead_letters_and_replays_after_a_fix() {
             .expect("dead letters arrive")
             .unwrap();
         let h = m.headers().expect("dead letters carry headers");
-        let code = aggregator::pipeline::header(h, aggregator::pipeline::DLQ_CODE)
+        let code = aggregator::kafka::header(h, aggregator::pipeline::DLQ_CODE)
             .unwrap()
             .to_string();
         assert!(
-            aggregator::pipeline::header(h, aggregator::pipeline::DLQ_REASON)
+            aggregator::kafka::header(h, aggregator::pipeline::DLQ_REASON)
                 .is_some_and(|r| !r.is_empty())
         );
         assert_eq!(
-            aggregator::pipeline::header(h, aggregator::pipeline::DLQ_SOURCE_PARTITION),
+            aggregator::kafka::header(h, aggregator::pipeline::DLQ_SOURCE_PARTITION),
             Some("0")
         );
         codes.push(code);

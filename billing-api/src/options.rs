@@ -43,11 +43,8 @@ pub struct BillingOptions {
 
 impl BillingOptions {
     pub fn meters(&self) -> anyhow::Result<MeterCatalog> {
-        match &self.meters_file {
-            Some(p) => MeterCatalog::from_json(&std::fs::read_to_string(p)?)
-                .map_err(|e| anyhow::anyhow!("--meters-file {}: {e}", p.display())),
-            None => Ok(MeterCatalog::default_catalog()),
-        }
+        MeterCatalog::load(self.meters_file.as_deref())
+            .map_err(|e| anyhow::anyhow!("--meters-file {e}"))
     }
 
     pub fn catalog(&self) -> anyhow::Result<Catalog> {

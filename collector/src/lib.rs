@@ -3,11 +3,16 @@
 pub mod api;
 pub mod auth;
 pub mod config;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod metrics;
+#[cfg(feature = "kafka")]
 pub mod server;
 pub mod sink;
 pub mod sources;
 pub mod spool;
 
 pub use config::Config;
-pub use sink::{Delivery, Envelope, EventSink, KafkaSink};
+#[cfg(feature = "kafka")]
+pub use kafka::KafkaSink;
+pub use sink::{Delivery, Envelope, EventSink};

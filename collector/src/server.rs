@@ -8,24 +8,22 @@
 use crate::api::{router, IngestState};
 use crate::auth::KeySet;
 use crate::config::{Config, SourceConfig};
+use crate::kafka::{KafkaSettings, KafkaSink};
 use crate::metrics::Metrics;
-use crate::sink::{ensure_topic, EventSink, KafkaSettings, KafkaSink};
+use crate::sink::EventSink;
 use crate::sources::inventory::InventorySource;
 use crate::sources::prometheus::PrometheusSource;
 use crate::sources::simulator::SimulatorSource;
 use crate::sources::{Source, SourceRunner};
 use crate::spool::Spool;
 use schemas::MeterCatalog;
+use serving::kafka::ensure_topic;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
 pub fn load_meters(cfg: &Config) -> anyhow::Result<MeterCatalog> {
-    match &cfg.meters_file {
-        Some(p) => MeterCatalog::from_json(&std::fs::read_to_string(p)?)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", p.display())),
-        None => Ok(MeterCatalog::default_catalog()),
-    }
+    MeterCatalog::load(cfg.meters_file.as_deref()).map_err(anyhow::Error::msg)
 }
 
 pub fn build_sources(cfg: &Config) -> Vec<Box<dyn Source>> {

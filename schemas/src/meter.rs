@@ -71,6 +71,18 @@ impl MeterCatalog {
         Self::from_json(include_str!("../meters.json")).expect("built-in meters.json is valid")
     }
 
+    /// The catalog every binary starts with: the meter file at `path` when
+    /// one is given (`--meters-file`), the default catalog otherwise. An
+    /// error names the file, and says whether it could not be read or
+    /// which definitions are wrong.
+    pub fn load(path: Option<&std::path::Path>) -> Result<Self, String> {
+        let Some(path) = path else {
+            return Ok(Self::default_catalog());
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Self::from_json(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
     pub fn from_json(text: &str) -> Result<Self, String> {
         let cat: MeterCatalog = serde_json::from_str(text).map_err(|e| format!("meters: {e}"))?;
         cat.validate()?;
@@ -135,6 +147,37 @@ impl MeterCatalog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn load_reads_the_file_or_falls_back_to_the_default() {
+        assert_eq!(
+            MeterCatalog::load(None).unwrap().meters.len(),
+            MeterCatalog::default_catalog().meters.len()
+        );
+        let dir = std::env::temp_dir().join(format!("tally-meters-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let one = dir.join("one.json");
+        let mut cat = MeterCatalog::default_catalog();
+        cat.meters.truncate(1);
+        std::fs::write(&one, serde_json::to_string(&cat).unwrap()).unwrap();
+        assert_eq!(MeterCatalog::load(Some(&one)).unwrap().meters.len(), 1);
+
+        let missing = dir.join("missing.json");
+        let err = MeterCatalog::load(Some(&missing)).unwrap_err();
+        assert!(
+            err.starts_with(&format!("{}: ", missing.display())),
+            "{err}"
+        );
+
+        let bad = dir.join("bad.json");
+        std::fs::write(&bad, r#"{"meters":[{"key":""}]}"#).unwrap();
+        let err = MeterCatalog::load(Some(&bad)).unwrap_err();
+        assert!(
+            err.starts_with(&format!("{}: meters", bad.display())),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn default_catalog_is_valid_and_has_paas_meters() {

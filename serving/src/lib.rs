@@ -45,6 +45,8 @@
 //! them to `writev`, a memcpy of answers that are small JSON documents and
 //! assets.
 
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod process;
 
 use axum::serve::Listener;
