@@ -9,7 +9,6 @@ use crate::pipeline::{
     DLQ_SOURCE_PARTITION, DLQ_SOURCE_TOPIC,
 };
 use crate::store::UsageWriter;
-use futures::future::BoxFuture;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{Header, Message as _, OwnedHeaders};
@@ -48,50 +47,48 @@ impl KafkaDeadLetters {
 }
 
 impl DeadLetterSink for KafkaDeadLetters {
-    fn send(&self, letters: Vec<DeadLetter>) -> BoxFuture<'_, anyhow::Result<()>> {
-        Box::pin(async move {
-            let mut futs = Vec::new();
-            for l in &letters {
-                let (p, o) = (
-                    l.message.partition.to_string(),
-                    l.message.offset.to_string(),
-                );
-                let headers = OwnedHeaders::new()
-                    .insert(Header {
-                        key: DLQ_CODE,
-                        value: Some(l.code.as_str()),
-                    })
-                    .insert(Header {
-                        key: DLQ_REASON,
-                        value: Some(l.reason.as_str()),
-                    })
-                    .insert(Header {
-                        key: DLQ_SOURCE_TOPIC,
-                        value: Some(self.source_topic.as_str()),
-                    })
-                    .insert(Header {
-                        key: DLQ_SOURCE_PARTITION,
-                        value: Some(p.as_str()),
-                    })
-                    .insert(Header {
-                        key: DLQ_SOURCE_OFFSET,
-                        value: Some(o.as_str()),
-                    });
-                let mut rec: FutureRecord<'_, [u8], [u8]> =
-                    FutureRecord::to(&self.topic).headers(headers);
-                if let Some(k) = &l.message.key {
-                    rec = rec.key(k.as_slice());
-                }
-                if let Some(v) = &l.message.payload {
-                    rec = rec.payload(v.as_slice());
-                }
-                futs.push(self.producer.send(rec, Duration::from_secs(10)));
+    async fn send(&self, letters: Vec<DeadLetter>) -> anyhow::Result<()> {
+        let mut futs = Vec::new();
+        for l in &letters {
+            let (p, o) = (
+                l.message.partition.to_string(),
+                l.message.offset.to_string(),
+            );
+            let headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: DLQ_CODE,
+                    value: Some(l.code.as_str()),
+                })
+                .insert(Header {
+                    key: DLQ_REASON,
+                    value: Some(l.reason.as_str()),
+                })
+                .insert(Header {
+                    key: DLQ_SOURCE_TOPIC,
+                    value: Some(self.source_topic.as_str()),
+                })
+                .insert(Header {
+                    key: DLQ_SOURCE_PARTITION,
+                    value: Some(p.as_str()),
+                })
+                .insert(Header {
+                    key: DLQ_SOURCE_OFFSET,
+                    value: Some(o.as_str()),
+                });
+            let mut rec: FutureRecord<'_, [u8], [u8]> =
+                FutureRecord::to(&self.topic).headers(headers);
+            if let Some(k) = &l.message.key {
+                rec = rec.key(k.as_slice());
             }
-            for r in futures::future::join_all(futs).await {
-                r.map_err(|(e, _)| anyhow::anyhow!("dead-letter produce failed: {e}"))?;
+            if let Some(v) = &l.message.payload {
+                rec = rec.payload(v.as_slice());
             }
-            Ok(())
-        })
+            futs.push(self.producer.send(rec, Duration::from_secs(10)));
+        }
+        for r in futures::future::join_all(futs).await {
+            r.map_err(|(e, _)| anyhow::anyhow!("dead-letter produce failed: {e}"))?;
+        }
+        Ok(())
     }
 }
 

@@ -10,4 +10,4 @@ pub mod pipeline;
 pub mod rollup;
 pub mod store;
 
-pub use store::{Granularity, UsageQuery, UsageRow, UsageStore, UsageWriter};
+pub use store::{DynUsageStore, Granularity, UsageQuery, UsageRow, UsageStore, UsageWriter};

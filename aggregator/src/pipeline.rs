@@ -28,10 +28,10 @@ use crate::metrics::Metrics;
 use crate::rollup::{hour_of, RollupKey, RollupValue};
 use crate::store::{to_stored_precision, RawRow, UsageWriter};
 use chrono::{DateTime, TimeZone, Utc};
-use futures::future::BoxFuture;
 use schemas::event::previous_month_start;
 use schemas::{parse_single, AcceptWindow, FieldError, MeterCatalog, UsageEvent};
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -54,7 +54,7 @@ pub struct DeadLetter {
 
 /// Where invalid messages go.
 pub trait DeadLetterSink: Send + Sync {
-    fn send(&self, letters: Vec<DeadLetter>) -> BoxFuture<'_, anyhow::Result<()>>;
+    fn send(&self, letters: Vec<DeadLetter>) -> impl Future<Output = anyhow::Result<()>> + Send;
 }
 
 #[derive(Debug)]
@@ -252,7 +252,7 @@ impl<W: UsageWriter> Processor<W> {
     pub async fn process(
         &mut self,
         msgs: Vec<Message>,
-        dlq: &dyn DeadLetterSink,
+        dlq: &impl DeadLetterSink,
         stop: &watch::Receiver<bool>,
     ) -> anyhow::Result<Commits> {
         let mut commits = Commits::new();

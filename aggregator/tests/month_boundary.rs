@@ -20,7 +20,6 @@ use aggregator::UsageWriter;
 use chrono::{DateTime, Duration as CDuration, Utc};
 use collector::sink::Envelope;
 use collector::spool::Spool;
-use futures::future::BoxFuture;
 use rust_decimal::Decimal;
 use schemas::event::{previous_month_start, stamp_accepted};
 use schemas::{MeterCatalog, RawEvent};
@@ -75,9 +74,9 @@ fn stamped(offset: i64, mut ev: RawEvent, at: DateTime<Utc>) -> Message {
 #[derive(Default)]
 struct Letters(Mutex<Vec<DeadLetter>>);
 impl DeadLetterSink for Letters {
-    fn send(&self, letters: Vec<DeadLetter>) -> BoxFuture<'_, anyhow::Result<()>> {
+    async fn send(&self, letters: Vec<DeadLetter>) -> anyhow::Result<()> {
         self.0.lock().unwrap().extend(letters);
-        Box::pin(async { Ok(()) })
+        Ok(())
     }
 }
 

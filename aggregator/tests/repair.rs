@@ -9,7 +9,6 @@ use aggregator::metrics::Metrics;
 use aggregator::pipeline::{DeadLetter, DeadLetterSink, Message, Processor};
 use aggregator::store::{RawRow, UsageWriter};
 use chrono::Utc;
-use futures::future::BoxFuture;
 use rust_decimal::Decimal;
 use schemas::MeterCatalog;
 use serde_json::json;
@@ -22,9 +21,9 @@ use support::*;
 struct Letters(Mutex<Vec<DeadLetter>>);
 
 impl DeadLetterSink for Letters {
-    fn send(&self, letters: Vec<DeadLetter>) -> BoxFuture<'_, anyhow::Result<()>> {
+    async fn send(&self, letters: Vec<DeadLetter>) -> anyhow::Result<()> {
         self.0.lock().unwrap().extend(letters);
-        Box::pin(async { Ok(()) })
+        Ok(())
     }
 }
 

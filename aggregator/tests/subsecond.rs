@@ -11,7 +11,6 @@ use aggregator::store::clickhouse::ClickHouseStore;
 use aggregator::store::sqlite::SqliteStore;
 use aggregator::{UsageQuery, UsageStore, UsageWriter};
 use chrono::{DateTime, Duration, DurationRound, Utc};
-use futures::future::BoxFuture;
 use rust_decimal::Decimal;
 use schemas::MeterCatalog;
 use serde_json::json;
@@ -19,8 +18,8 @@ use std::sync::Arc;
 
 struct NoDeadLetters;
 impl DeadLetterSink for NoDeadLetters {
-    fn send(&self, letters: Vec<DeadLetter>) -> BoxFuture<'_, anyhow::Result<()>> {
-        Box::pin(async move { anyhow::bail!("unexpected dead letters: {letters:?}") })
+    async fn send(&self, letters: Vec<DeadLetter>) -> anyhow::Result<()> {
+        anyhow::bail!("unexpected dead letters: {letters:?}")
     }
 }
 

@@ -135,7 +135,7 @@ async fn main() {
     // The finalization run.
     let f = Finalizer {
         state: st.clone(),
-        usage: store,
+        usage: aggregator::DynUsageStore::from_arc(store),
         meters,
         config: FinalizeConfig::default(),
         metrics: Metrics::new(),

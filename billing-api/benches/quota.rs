@@ -12,6 +12,7 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+use aggregator::DynUsageStore;
 use axum::routing::post;
 use billing_api::api::{router, ApiState};
 use billing_api::auth::Authenticator;
@@ -94,7 +95,11 @@ async fn main() {
         .await
         .unwrap();
     let meters = Arc::new(MeterCatalog::default_catalog());
-    let quota = Arc::new(QuotaService::new(st.clone(), store.clone(), meters.clone()));
+    let quota = Arc::new(QuotaService::new(
+        st.clone(),
+        DynUsageStore::from_arc(store.clone()),
+        meters.clone(),
+    ));
     let t = std::time::Instant::now();
     let n = quota.refresh(now).await.unwrap();
     let refresh_secs = t.elapsed().as_secs_f64();
@@ -102,7 +107,7 @@ async fn main() {
     let metrics = Metrics::new();
     let app = Arc::new(ApiState {
         state: st.clone(),
-        usage: store.clone(),
+        usage: DynUsageStore::from_arc(store.clone()),
         meters,
         metrics: metrics.clone(),
         auth: Arc::new(Authenticator::new(

@@ -30,7 +30,7 @@
 
 use crate::metrics::Metrics;
 use crate::quota_service::{Entry, QuotaService};
-use crate::state::{Alert, AlertKind, AlertOutcome, NewAlert, StateStore};
+use crate::state::{Alert, AlertKind, AlertOutcome, DynStateStore, NewAlert, StateStore};
 use billing_domain::catalog::cap_in_force;
 use billing_domain::quota::cost_to_date;
 use billing_domain::rating::{free_units, matches};
@@ -208,7 +208,7 @@ impl AlertRaiser {
     pub async fn raise(
         &self,
         quota: &QuotaService,
-        state: &dyn StateStore,
+        state: &(impl StateStore + ?Sized),
         metrics: &Metrics,
         now: DateTime<Utc>,
     ) -> anyhow::Result<Vec<NewAlert>> {
@@ -247,7 +247,7 @@ impl AlertRaiser {
 
 /// Delivers raised alerts.
 pub struct AlertSender {
-    pub state: Arc<dyn StateStore>,
+    pub state: Arc<DynStateStore<'static>>,
     pub config: AlertConfig,
     pub metrics: Metrics,
     pub http: reqwest::Client,
@@ -259,7 +259,7 @@ pub fn signature(secret: &str, t: i64, body: &[u8]) -> String {
 }
 
 impl AlertSender {
-    pub fn new(state: Arc<dyn StateStore>, config: AlertConfig, metrics: Metrics) -> Self {
+    pub fn new(state: Arc<DynStateStore<'static>>, config: AlertConfig, metrics: Metrics) -> Self {
         let http = reqwest::Client::builder()
             .timeout(std::time::Duration::from_secs(10))
             .build()

@@ -178,8 +178,8 @@ fn merged<'a>(items: impl Iterator<Item = &'a UsageItem>) -> Vec<UsageItem> {
 
 impl Month {
     async fn load(
-        state: &dyn StateStore,
-        usage: &dyn UsageStore,
+        state: &(impl StateStore + ?Sized),
+        usage: &(impl UsageStore + ?Sized),
         meters: &MeterCatalog,
         quota: &QuotaService,
         customer: &str,
@@ -428,8 +428,8 @@ pub fn share(amount: Decimal, weights: &[Decimal], dp: u32) -> Vec<Decimal> {
 
 /// The cost report of `customer`'s open month at `now`.
 pub async fn report(
-    state: &dyn StateStore,
-    usage: &dyn UsageStore,
+    state: &(impl StateStore + ?Sized),
+    usage: &(impl UsageStore + ?Sized),
     meters: &MeterCatalog,
     quota: &QuotaService,
     customer: &str,
@@ -527,8 +527,8 @@ pub async fn report(
 
 /// This month priced on every published plan.
 pub async fn advisor(
-    state: &dyn StateStore,
-    usage: &dyn UsageStore,
+    state: &(impl StateStore + ?Sized),
+    usage: &(impl UsageStore + ?Sized),
     meters: &MeterCatalog,
     quota: &QuotaService,
     customer: &str,

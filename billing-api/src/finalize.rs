@@ -21,9 +21,9 @@
 
 use crate::invoice::{build, following, month_of, previous, rate_segments, PlanCache};
 use crate::metrics::Metrics;
-use crate::state::{Invoice, StateStore};
+use crate::state::{DynStateStore, Invoice, StateStore};
 use crate::usage::PeriodUsage;
-use aggregator::UsageStore;
+use aggregator::DynUsageStore;
 use billing_domain::rating::Period;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -59,8 +59,8 @@ pub struct FinalizeReport {
 }
 
 pub struct Finalizer {
-    pub state: Arc<dyn StateStore>,
-    pub usage: Arc<dyn UsageStore>,
+    pub state: Arc<DynStateStore<'static>>,
+    pub usage: Arc<DynUsageStore<'static>>,
     pub meters: Arc<MeterCatalog>,
     pub config: FinalizeConfig,
     pub metrics: Metrics,

@@ -23,7 +23,7 @@ pub struct PlanCache(HashMap<(String, u32), PlanVersion>);
 impl PlanCache {
     pub async fn get(
         &mut self,
-        state: &dyn StateStore,
+        state: &(impl StateStore + ?Sized),
         plan: &str,
         version: u32,
     ) -> StateResult<&PlanVersion> {
@@ -41,8 +41,8 @@ impl PlanCache {
 /// the usage store (from raw events only when `raw`).
 #[allow(clippy::too_many_arguments)]
 pub async fn rate_segments(
-    state: &dyn StateStore,
-    usage: &dyn UsageStore,
+    state: &(impl StateStore + ?Sized),
+    usage: &(impl UsageStore + ?Sized),
     meters: &MeterCatalog,
     plans: &mut PlanCache,
     prefetched: Option<&PeriodUsage>,
@@ -106,8 +106,8 @@ pub fn with_switch(
 /// plan segments and seats from the state store, usage per segment from the
 /// usage store.
 pub async fn rate_period(
-    state: &dyn StateStore,
-    usage: &dyn UsageStore,
+    state: &(impl StateStore + ?Sized),
+    usage: &(impl UsageStore + ?Sized),
     meters: &MeterCatalog,
     customer: &str,
     period: Period,
@@ -117,8 +117,8 @@ pub async fn rate_period(
 }
 
 async fn rate_stored(
-    state: &dyn StateStore,
-    usage: &dyn UsageStore,
+    state: &(impl StateStore + ?Sized),
+    usage: &(impl UsageStore + ?Sized),
     meters: &MeterCatalog,
     customer: &str,
     period: Period,
@@ -141,8 +141,8 @@ async fn rate_stored(
 /// (the draft): its lines, pending adjustments for late usage of the
 /// previous period, and carried-forward amounts.
 pub async fn draft(
-    state: &dyn StateStore,
-    usage: &dyn UsageStore,
+    state: &(impl StateStore + ?Sized),
+    usage: &(impl UsageStore + ?Sized),
     meters: &MeterCatalog,
     customer: &str,
     period: Period,
@@ -176,8 +176,8 @@ pub async fn draft(
 /// the plan versions and seats it was billed with. Equal to the invoice's
 /// own lines when no late usage arrived since.
 pub async fn rerate(
-    state: &dyn StateStore,
-    usage: &dyn UsageStore,
+    state: &(impl StateStore + ?Sized),
+    usage: &(impl UsageStore + ?Sized),
     meters: &MeterCatalog,
     inv: &Invoice,
 ) -> anyhow::Result<Rated> {

@@ -1,13 +1,13 @@
 //! `billing-api`: the billing service and its admin commands.
 
+use aggregator::DynUsageStore;
 use billing_api::api::openapi_json;
 use billing_api::options::{BillingOptions, ServeOptions};
 use billing_api::service::{serve, Parts};
 use billing_api::state::postgres::PgState;
-use billing_api::state::StateStore;
+use billing_api::state::DynStateStore;
 use clap::{Args, Parser, Subcommand};
 use sha2::{Digest, Sha256};
-use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(
@@ -73,8 +73,8 @@ enum Command {
 }
 
 async fn setup(c: &Common) -> anyhow::Result<Parts> {
-    let state: Arc<dyn StateStore> = Arc::new(PgState::connect(&c.database_url).await?);
-    let usage = Arc::new(aggregator::store::clickhouse::ClickHouseStore::new(
+    let state = DynStateStore::new_arc(PgState::connect(&c.database_url).await?);
+    let usage = DynUsageStore::new_arc(aggregator::store::clickhouse::ClickHouseStore::new(
         &c.clickhouse_url,
         &c.clickhouse_database,
     ));

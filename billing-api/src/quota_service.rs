@@ -18,9 +18,9 @@
 //! the snapshot endpoint.
 
 use crate::invoice::{month_of, PlanCache};
-use crate::state::{PlanSegment, StateStore};
+use crate::state::{DynStateStore, PlanSegment, StateStore};
 use crate::usage::{segment_usage, PeriodUsage};
-use aggregator::{UsageQuery, UsageStore};
+use aggregator::{DynUsageStore, UsageQuery, UsageStore};
 use billing_domain::catalog::{cap_in_force, Limits, PlanVersion};
 use billing_domain::quota::{decide, Ask, Decision, QuotaInput, Running};
 use billing_domain::rating::{Period, SeatInterval, Segment, UsageItem};
@@ -103,8 +103,8 @@ struct Inner {
 }
 
 pub struct QuotaService {
-    pub state: Arc<dyn StateStore>,
-    pub usage: Arc<dyn UsageStore>,
+    pub state: Arc<DynStateStore<'static>>,
+    pub usage: Arc<DynUsageStore<'static>>,
     pub meters: Arc<MeterCatalog>,
     inner: RwLock<Inner>,
 }
@@ -123,8 +123,8 @@ fn same_limits(a: &Entry, b: &Entry) -> bool {
 
 impl QuotaService {
     pub fn new(
-        state: Arc<dyn StateStore>,
-        usage: Arc<dyn UsageStore>,
+        state: Arc<DynStateStore<'static>>,
+        usage: Arc<DynUsageStore<'static>>,
         meters: Arc<MeterCatalog>,
     ) -> Self {
         Self {

@@ -9,9 +9,9 @@ use crate::finalize::Finalizer;
 use crate::metrics::Metrics;
 use crate::options::{BillingOptions, ServeOptions};
 use crate::quota_service::QuotaService;
-use crate::state::{StateError, StateStore};
+use crate::state::{DynStateStore, StateError, StateStore};
 use crate::stripe_sync::StripeSync;
-use aggregator::UsageStore;
+use aggregator::DynUsageStore;
 use billing_domain::catalog::Catalog;
 use chrono::Utc;
 use schemas::MeterCatalog;
@@ -23,8 +23,8 @@ use tokio::sync::watch;
 /// The parts of a billing process over a state store and a usage store:
 /// the same for PostgreSQL + ClickHouse and for the embedded SQLite files.
 pub struct Parts {
-    pub state: Arc<dyn StateStore>,
-    pub usage: Arc<dyn UsageStore>,
+    pub state: Arc<DynStateStore<'static>>,
+    pub usage: Arc<DynUsageStore<'static>>,
     pub finalizer: Arc<Finalizer>,
     pub sync: Option<Arc<StripeSync>>,
     pub meters: Arc<MeterCatalog>,
@@ -34,8 +34,8 @@ pub struct Parts {
 /// Migrates the state store, publishes the catalog and builds the
 /// finalizer and (with a key) the Stripe sync.
 pub async fn setup(
-    state: Arc<dyn StateStore>,
-    usage: Arc<dyn UsageStore>,
+    state: Arc<DynStateStore<'static>>,
+    usage: Arc<DynUsageStore<'static>>,
     opts: &BillingOptions,
 ) -> anyhow::Result<Parts> {
     let meters = Arc::new(opts.meters()?);
@@ -125,7 +125,7 @@ impl Parts {
 /// A version already published with other terms is an error: published
 /// versions are immutable, so a changed plan needs a new version number.
 pub async fn load_catalog(
-    state: &dyn StateStore,
+    state: &(impl StateStore + ?Sized),
     catalog: &Catalog,
     meters: &schemas::MeterCatalog,
 ) -> anyhow::Result<usize> {

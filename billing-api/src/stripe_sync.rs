@@ -30,7 +30,7 @@
 //! `--stripe-api-base` at its default); see `billing-api/README.md`.
 
 use crate::metrics::Metrics;
-use crate::state::{Invoice, StateStore, SyncStatus};
+use crate::state::{DynStateStore, Invoice, StateStore, SyncStatus};
 use billing_domain::catalog::currency_digits;
 use rust_decimal::Decimal;
 use std::collections::{HashMap, HashSet};
@@ -71,7 +71,7 @@ impl StripeConfig {
 pub struct StripeSync {
     client: Client,
     config: StripeConfig,
-    state: Arc<dyn StateStore>,
+    state: Arc<DynStateStore<'static>>,
     metrics: Metrics,
 }
 
@@ -164,7 +164,7 @@ fn retryable(e: &StripeError) -> Option<&'static str> {
 }
 
 impl StripeSync {
-    pub fn new(config: StripeConfig, state: Arc<dyn StateStore>, metrics: Metrics) -> Self {
+    pub fn new(config: StripeConfig, state: Arc<DynStateStore<'static>>, metrics: Metrics) -> Self {
         let client = Client::from_url(config.api_base.as_str(), config.secret_key.clone());
         Self {
             client,

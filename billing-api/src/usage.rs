@@ -31,7 +31,7 @@ fn items<'a>(meter: &str, rows: &'a [UsageRow]) -> impl Iterator<Item = UsageIte
 /// Usage of `customer` in `[start, end)` for every meter `plan` prices;
 /// from raw events only when `raw`.
 pub async fn segment_usage_from(
-    store: &dyn UsageStore,
+    store: &(impl UsageStore + ?Sized),
     meters: &MeterCatalog,
     plan: &PlanVersion,
     customer: &str,
@@ -59,7 +59,7 @@ pub async fn segment_usage_from(
 
 /// Usage of `customer` in `[start, end)` for every meter `plan` prices.
 pub async fn segment_usage(
-    store: &dyn UsageStore,
+    store: &(impl UsageStore + ?Sized),
     meters: &MeterCatalog,
     plan: &PlanVersion,
     customer: &str,
@@ -85,7 +85,7 @@ impl PeriodUsage {
     /// Reads the period's usage of `customers` (sorted ids) for every
     /// question the plans ask, one pass per chunk of customers.
     pub async fn fetch<'a>(
-        store: &dyn UsageStore,
+        store: &(impl UsageStore + ?Sized),
         meters: &MeterCatalog,
         plans: impl IntoIterator<Item = &'a PlanVersion>,
         period: Period,

@@ -8,7 +8,7 @@ use axum::http::{HeaderMap, StatusCode};
 use billing_api::alerts::{AlertConfig, AlertRaiser, AlertSender};
 use billing_api::invoice::{month_of, previous};
 use billing_api::metrics::Metrics;
-use billing_api::state::StateStore;
+use billing_api::state::{DynStateStore, StateStore};
 use billing_api::webhook;
 use chrono::Duration;
 use reqwest::Method as M;
@@ -123,7 +123,7 @@ async fn alerts_are_raised_once_per_period_signed_and_retried() {
     let mut config = AlertConfig::new(url, SECRET.into(), vec![50, 80, 100]);
     config.max_attempts = 3;
     let metrics = Metrics::new();
-    let st: Arc<dyn StateStore> = api.st.clone();
+    let st: Arc<DynStateStore<'static>> = api.st.clone();
     let raiser = AlertRaiser::new(config.clone());
 
     api.quota.refresh(now).await.unwrap();

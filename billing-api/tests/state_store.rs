@@ -14,8 +14,9 @@ use billing_api::rating::{rate, Line, Period, SeatInterval, Segment, UsageItem};
 use billing_api::state::postgres::PgState;
 use billing_api::state::sqlite::{micros, SqliteState};
 use billing_api::state::{
-    Alert, AlertOutcome, AlertStatus, App, AuditEntry, Customer, Invoice, NewAlert, PaymentStatus,
-    PlanSegment, PublishedPlan, StateError, StateStore, Subscription, SwitchOutcome, SyncStatus,
+    Alert, AlertOutcome, AlertStatus, App, AuditEntry, Customer, DynStateStore, Invoice, NewAlert,
+    PaymentStatus, PlanSegment, PublishedPlan, StateError, StateStore, Subscription, SwitchOutcome,
+    SyncStatus,
 };
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use rust_decimal::Decimal;
@@ -60,7 +61,7 @@ impl Raw {
 
 /// A fresh, migrated store on one backend.
 struct Db {
-    st: Arc<dyn StateStore>,
+    st: Arc<DynStateStore<'static>>,
     raw: Raw,
     /// PostgreSQL URL or SQLite file: where another handle connects.
     at: Where,
@@ -95,7 +96,7 @@ impl Db {
             .await
             .unwrap();
         Db {
-            st,
+            st: DynStateStore::from_arc(st),
             raw: Raw::Lite(raw),
             at: Where::Lite(path),
             _dir: Some(dir),
@@ -104,13 +105,13 @@ impl Db {
 
     /// A second, independent handle on the same database, with pools of its
     /// own (as another process would have).
-    async fn other(&self) -> Arc<dyn StateStore> {
+    async fn other(&self) -> Arc<DynStateStore<'static>> {
         match &self.at {
-            Where::Pg(url) => Arc::new(PgState::connect(url).await.unwrap()),
+            Where::Pg(url) => DynStateStore::new_arc(PgState::connect(url).await.unwrap()),
             Where::Lite(path) => {
                 let st = SqliteState::open(path).await.unwrap();
                 st.migrate().await.unwrap();
-                Arc::new(st)
+                DynStateStore::new_arc(st)
             }
         }
     }
@@ -198,7 +199,7 @@ fn customer(id: &str) -> Customer {
     }
 }
 
-async fn customers(st: &dyn StateStore, ids: &[&str]) {
+async fn customers(st: &(impl StateStore + ?Sized), ids: &[&str]) {
     for id in ids {
         st.create_customer(&customer(id), "test").await.unwrap();
     }
@@ -207,7 +208,7 @@ async fn customers(st: &dyn StateStore, ids: &[&str]) {
 /// The audit log of `subject` is exactly `expected` (actor, action,
 /// before, after), with increasing ids, written between `since` and now.
 async fn assert_audit(
-    st: &dyn StateStore,
+    st: &(impl StateStore + ?Sized),
     subject: &str,
     since: DateTime<Utc>,
     expected: &[(&str, &str, Option<Value>, Option<Value>)],
@@ -550,7 +551,7 @@ async fn scheduled_changes(db: Db) {
     st.subscribe("cus_s", "payg", 1, nov(1), "signup")
         .await
         .unwrap();
-    let sr: &dyn StateStore = st.as_ref();
+    let sr: &DynStateStore<'_> = st.as_ref();
     let history = move || async move { sr.subscriptions("cus_s").await.unwrap() };
     let shape = |h: &[Subscription]| -> Vec<(String, u32, DateTime<Utc>, Option<DateTime<Utc>>)> {
         h.iter()

@@ -24,7 +24,7 @@ async fn finalized(
     String,
     String,
     String,
-    Arc<billing_api::state::postgres::PgState>,
+    Arc<billing_api::state::DynStateStore<'static>>,
 ) {
     let (url, st, _pool) = pg(test).await;
     let (ch, db, usage) = clickhouse(test).await;
@@ -96,7 +96,7 @@ fn config(standin: &StandIn) -> StripeConfig {
 
 /// Each Tally invoice exists once in the stand-in, with its lines once,
 /// finalized, and the same total to the cent.
-async fn assert_exactly_once(st: &dyn StateStore, standin: &StandIn) {
+async fn assert_exactly_once(st: &(impl StateStore + ?Sized), standin: &StandIn) {
     let mut tally_total = 0;
     let invoices = standin.invoices();
     let mut by_tally: BTreeMap<String, usize> = BTreeMap::new();

@@ -10,7 +10,6 @@ use billing_api::catalog::Catalog;
 use billing_api::rating::{rate, LineKind, Period, Segment};
 use billing_api::usage::segment_usage;
 use chrono::{DateTime, Duration, Utc};
-use futures::future::BoxFuture;
 use rust_decimal::Decimal;
 use schemas::MeterCatalog;
 use serde_json::json;
@@ -18,8 +17,8 @@ use std::sync::Arc;
 
 struct NoDeadLetters;
 impl DeadLetterSink for NoDeadLetters {
-    fn send(&self, letters: Vec<DeadLetter>) -> BoxFuture<'_, anyhow::Result<()>> {
-        Box::pin(async move { anyhow::bail!("unexpected dead letters: {letters:?}") })
+    async fn send(&self, letters: Vec<DeadLetter>) -> anyhow::Result<()> {
+        anyhow::bail!("unexpected dead letters: {letters:?}")
     }
 }
 

@@ -15,7 +15,7 @@
 
 use crate::auth::KeySet;
 use crate::metrics::Metrics;
-use crate::sink::{Envelope, EventSink};
+use crate::sink::{DynEventSink, Envelope, EventSink};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
@@ -31,7 +31,7 @@ use std::sync::Arc;
 
 #[derive(Clone)]
 pub struct IngestState {
-    pub sink: Arc<dyn EventSink>,
+    pub sink: Arc<DynEventSink<'static>>,
     pub meters: Arc<MeterCatalog>,
     pub keys: Arc<KeySet>,
     pub metrics: Metrics,
@@ -277,15 +277,14 @@ async fn ingest(
 mod tests {
     use super::*;
     use crate::sink::Delivery;
-    use futures::future::BoxFuture;
     use std::sync::Mutex;
 
     #[derive(Default)]
     struct Kept(Mutex<Vec<Envelope>>);
     impl EventSink for Kept {
-        fn send(&self, batch: Vec<Envelope>) -> BoxFuture<'_, anyhow::Result<Delivery>> {
+        async fn send(&self, batch: Vec<Envelope>) -> anyhow::Result<Delivery> {
             self.0.lock().unwrap().extend(batch);
-            Box::pin(async { Ok(Delivery::Kafka) })
+            Ok(Delivery::Kafka)
         }
     }
 
@@ -294,7 +293,7 @@ mod tests {
     async fn serve() -> (String, Arc<Kept>) {
         let sink = Arc::new(Kept::default());
         let state = IngestState {
-            sink: sink.clone(),
+            sink: DynEventSink::from_arc(sink.clone()),
             meters: Arc::new(MeterCatalog::default_catalog()),
             keys: Arc::new(KeySet::from_hex(&[hex::encode(crate::auth::hash_key(KEY))]).unwrap()),
             metrics: Metrics::new(),

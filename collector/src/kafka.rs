@@ -4,7 +4,7 @@
 use crate::metrics::Metrics;
 use crate::sink::{Delivery, Envelope, EventSink};
 use crate::spool::Spool;
-use futures::future::{join_all, BoxFuture};
+use futures::future::join_all;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -216,24 +216,22 @@ impl KafkaSink {
 }
 
 impl EventSink for KafkaSink {
-    fn send(&self, batch: Vec<Envelope>) -> BoxFuture<'_, anyhow::Result<Delivery>> {
-        Box::pin(async move {
-            let n = batch.len();
-            let failed = if self.skip_kafka() {
-                batch
-            } else {
-                self.produce_all(batch).await
-            };
-            if failed.is_empty() {
-                return Ok(Delivery::Kafka);
-            }
-            self.mark_down();
-            let spooled = failed.len();
-            let spool = self.spool.clone();
-            tokio::task::spawn_blocking(move || spool.append(&failed)).await??;
-            self.metrics.spool_events.add(spooled as i64);
-            tracing::debug!(events = spooled, of = n, "events spooled");
-            Ok(Delivery::Spool)
-        })
+    async fn send(&self, batch: Vec<Envelope>) -> anyhow::Result<Delivery> {
+        let n = batch.len();
+        let failed = if self.skip_kafka() {
+            batch
+        } else {
+            self.produce_all(batch).await
+        };
+        if failed.is_empty() {
+            return Ok(Delivery::Kafka);
+        }
+        self.mark_down();
+        let spooled = failed.len();
+        let spool = self.spool.clone();
+        tokio::task::spawn_blocking(move || spool.append(&failed)).await??;
+        self.metrics.spool_events.add(spooled as i64);
+        tracing::debug!(events = spooled, of = n, "events spooled");
+        Ok(Delivery::Spool)
     }
 }

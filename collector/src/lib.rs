@@ -15,4 +15,4 @@ pub mod spool;
 pub use config::Config;
 #[cfg(feature = "kafka")]
 pub use kafka::KafkaSink;
-pub use sink::{Delivery, Envelope, EventSink};
+pub use sink::{Delivery, DynEventSink, Envelope, EventSink};

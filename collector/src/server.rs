@@ -10,11 +10,11 @@ use crate::auth::KeySet;
 use crate::config::{Config, SourceConfig};
 use crate::kafka::{KafkaSettings, KafkaSink};
 use crate::metrics::Metrics;
-use crate::sink::EventSink;
+use crate::sink::DynEventSink;
 use crate::sources::inventory::InventorySource;
 use crate::sources::prometheus::PrometheusSource;
 use crate::sources::simulator::SimulatorSource;
-use crate::sources::{Source, SourceRunner};
+use crate::sources::{DynSource, SourceRunner};
 use crate::spool::Spool;
 use schemas::MeterCatalog;
 use serving::kafka::ensure_topic;
@@ -26,14 +26,14 @@ pub fn load_meters(cfg: &Config) -> anyhow::Result<MeterCatalog> {
     MeterCatalog::load(cfg.meters_file.as_deref()).map_err(anyhow::Error::msg)
 }
 
-pub fn build_sources(cfg: &Config) -> Vec<Box<dyn Source>> {
+pub fn build_sources(cfg: &Config) -> Vec<Box<DynSource<'static>>> {
     cfg.sources
         .iter()
-        .map(|s| -> Box<dyn Source> {
+        .map(|s| -> Box<DynSource<'static>> {
             match s {
-                SourceConfig::Inventory(c) => Box::new(InventorySource::new(c.clone())),
-                SourceConfig::Prometheus(c) => Box::new(PrometheusSource::new(c.clone())),
-                SourceConfig::Simulator(c) => Box::new(SimulatorSource::new(c.clone())),
+                SourceConfig::Inventory(c) => DynSource::new_box(InventorySource::new(c.clone())),
+                SourceConfig::Prometheus(c) => DynSource::new_box(PrometheusSource::new(c.clone())),
+                SourceConfig::Simulator(c) => DynSource::new_box(SimulatorSource::new(c.clone())),
             }
         })
         .collect()
@@ -56,7 +56,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
         delivery_timeout: Duration::from_millis(cfg.kafka.delivery_timeout_ms),
     };
     let kafka = KafkaSink::new(settings, spool, metrics.clone())?;
-    let sink: Arc<dyn EventSink> = kafka.clone();
+    let sink = DynEventSink::from_arc(kafka.clone());
 
     let (bg_tx, bg_rx) = watch::channel(false);
     let replayer = tokio::spawn(kafka.clone().run_replayer(bg_rx.clone()));

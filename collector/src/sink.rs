@@ -7,9 +7,9 @@
 //! the moment the collector may answer 2xx.
 
 use chrono::{DateTime, Utc};
-use futures::future::BoxFuture;
 use schemas::event::stamp_accepted;
 use schemas::{AcceptWindow, FieldError, MeterCatalog, RawEvent, UsageEvent};
+use std::future::Future;
 
 /// One event on its way to Kafka: keyed by customer, so a customer's events
 /// share a partition (and deduplication state).
@@ -59,7 +59,9 @@ impl Delivery {
 
 /// The transport edge of the collector. The distributed mode uses
 /// `crate::kafka::KafkaSink`; the embedded mode writes straight into its store.
-pub trait EventSink: Send + Sync + 'static {
+/// Behind a pointer it is [`DynEventSink`] (`Arc<DynEventSink<'static>>`).
+#[dynosaur::dynosaur(pub DynEventSink = dyn(box) EventSink)]
+pub trait EventSink: Send + Sync {
     /// Makes every envelope durable, or fails without acknowledging any.
-    fn send(&self, batch: Vec<Envelope>) -> BoxFuture<'_, anyhow::Result<Delivery>>;
+    fn send(&self, batch: Vec<Envelope>) -> impl Future<Output = anyhow::Result<Delivery>> + Send;
 }

@@ -34,7 +34,10 @@ pub fn dashboard_customer() -> String {
 }
 
 /// Creates the demo customers and their subscriptions (idempotent).
-pub async fn customers(state: &dyn StateStore, now: DateTime<Utc>) -> anyhow::Result<()> {
+pub async fn customers(
+    state: &(impl StateStore + ?Sized),
+    now: DateTime<Utc>,
+) -> anyhow::Result<()> {
     let start = month_of(now).start;
     let plans = state.list_plans().await?;
     for (i, plan) in PLANS.iter().enumerate() {
@@ -68,7 +71,7 @@ pub async fn customers(state: &dyn StateStore, now: DateTime<Utc>) -> anyhow::Re
 /// whole hour through `sink`; returns the end of the back-filled span (the
 /// simulator continues from there) and the number of events.
 pub async fn backfill(
-    sink: &dyn EventSink,
+    sink: &(impl EventSink + ?Sized),
     meters: &MeterCatalog,
     cfg: &SimulatorConfig,
     now: DateTime<Utc>,

@@ -21,7 +21,6 @@ use aggregator::metrics::Metrics as AggMetrics;
 use aggregator::pipeline::{Message, Processor};
 use aggregator::store::sqlite::SqliteStore;
 use collector::sink::{Delivery, Envelope, EventSink};
-use futures::future::BoxFuture;
 use schemas::MeterCatalog;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -37,19 +36,17 @@ pub struct StoreSink {
 }
 
 impl EventSink for StoreSink {
-    fn send(&self, batch: Vec<Envelope>) -> BoxFuture<'_, anyhow::Result<Delivery>> {
-        Box::pin(async move {
-            let (done, wait) = oneshot::channel();
-            self.tx
-                .send(Request { batch, done })
-                .await
-                .map_err(|_| anyhow::anyhow!("the usage writer has stopped"))?;
-            match wait.await {
-                Ok(Ok(())) => Ok(Delivery::Store),
-                Ok(Err(e)) => Err(anyhow::anyhow!("usage write failed: {e}")),
-                Err(_) => Err(anyhow::anyhow!("the usage writer stopped before writing")),
-            }
-        })
+    async fn send(&self, batch: Vec<Envelope>) -> anyhow::Result<Delivery> {
+        let (done, wait) = oneshot::channel();
+        self.tx
+            .send(Request { batch, done })
+            .await
+            .map_err(|_| anyhow::anyhow!("the usage writer has stopped"))?;
+        match wait.await {
+            Ok(Ok(())) => Ok(Delivery::Store),
+            Ok(Err(e)) => Err(anyhow::anyhow!("usage write failed: {e}")),
+            Err(_) => Err(anyhow::anyhow!("the usage writer stopped before writing")),
+        }
     }
 }
 

@@ -4,7 +4,6 @@
 use clap::{Parser, Subcommand};
 use embedded::server::{open_stores, Config};
 use std::path::PathBuf;
-use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(
@@ -67,7 +66,8 @@ async fn main() -> anyhow::Result<()> {
             billing,
         } => {
             let (usage, state) = open_stores(&data_dir).await?;
-            let state: Arc<dyn billing_api::state::StateStore> = state;
+            let state = billing_api::state::DynStateStore::from_arc(state);
+            let usage = aggregator::DynUsageStore::from_arc(usage);
             billing_api::service::setup(state, usage, &billing)
                 .await?
                 .finalize_once(now.unwrap_or_else(chrono::Utc::now))

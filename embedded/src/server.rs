@@ -20,18 +20,18 @@
 use crate::ingest;
 use crate::secrets::load_or_create;
 use aggregator::store::sqlite::SqliteStore;
-use aggregator::UsageWriter;
+use aggregator::{DynUsageStore, UsageWriter};
 use billing_api::auth::mint_session;
 use billing_api::options::{BillingOptions, ServeOptions};
 use billing_api::service::{serve_until, setup};
 use billing_api::state::sqlite::SqliteState;
-use billing_api::state::StateStore;
+use billing_api::state::{DynStateStore, StateStore};
 use chrono::Utc;
 use collector::api::{router, IngestState};
 use collector::auth::{hash_key, KeySet};
-use collector::sink::EventSink;
+use collector::sink::DynEventSink;
 use collector::sources::simulator::SimulatorSource;
-use collector::sources::{Source, SourceRunner};
+use collector::sources::{DynSource, Source, SourceRunner};
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::sync::watch;
@@ -115,8 +115,13 @@ pub async fn run(
     );
 
     // Billing over the SQLite state and usage.
-    let state_dyn: Arc<dyn StateStore> = state.clone();
-    let parts = setup(state_dyn, usage.clone(), &cfg.billing).await?;
+    let state_dyn = DynStateStore::from_arc(state.clone());
+    let parts = setup(
+        state_dyn,
+        DynUsageStore::from_arc(usage.clone()),
+        &cfg.billing,
+    )
+    .await?;
     let api = parts
         .api(&cfg.billing, &cfg.serve, admin_keys, session_secret.clone())
         .await?;
@@ -151,9 +156,9 @@ pub async fn run(
             source.restore(serde_json::json!({ "until": until.timestamp() }))?;
         }
         let runner = SourceRunner::new(
-            Box::new(source),
+            DynSource::new_box(source),
             &checkpoints,
-            sink.clone() as Arc<dyn EventSink>,
+            DynEventSink::from_arc(sink.clone()),
             parts.meters.clone(),
             collector_metrics.clone(),
         );
@@ -162,7 +167,7 @@ pub async fn run(
 
     let limits = collector::config::Limits::default();
     let ingest_state = IngestState {
-        sink: sink.clone() as Arc<dyn EventSink>,
+        sink: DynEventSink::from_arc(sink.clone()),
         meters: parts.meters.clone(),
         keys,
         metrics: collector_metrics,

@@ -29,7 +29,6 @@ use crate::rollup::{RollupKey, RollupValue};
 use anyhow::Context;
 use chrono::{DateTime, TimeZone, Utc};
 use clickhouse::{Client, Compression, Row};
-use futures::future::BoxFuture;
 use rust_decimal::Decimal;
 use schemas::{Aggregation, MeterDef};
 use serde::{Deserialize, Serialize};
@@ -470,159 +469,142 @@ impl ClickHouseStore {
 }
 
 impl UsageWriter for ClickHouseStore {
-    fn migrate(&self) -> BoxFuture<'_, anyhow::Result<()>> {
-        Box::pin(self.apply_migrations())
+    async fn migrate(&self) -> anyhow::Result<()> {
+        self.apply_migrations().await
     }
 
-    fn load_partition(
+    async fn load_partition(
         &self,
         partition: u32,
         window_start: DateTime<Utc>,
-    ) -> BoxFuture<'_, anyhow::Result<PartitionState>> {
-        Box::pin(self.partition_state(partition, window_start))
+    ) -> anyhow::Result<PartitionState> {
+        self.partition_state(partition, window_start).await
     }
 
-    fn write_raw(&self, rows: Vec<RawRow>) -> BoxFuture<'_, anyhow::Result<()>> {
-        Box::pin(async move {
-            let start = Instant::now();
-            let ingested_at = Utc::now().timestamp() as u32;
-            let mut ins = self.client.insert::<RawCh>("usage_events").await?;
-            for r in rows {
-                ins.write(&RawCh {
-                    customer: r.customer,
-                    meter: r.meter,
-                    time: r.time.timestamp() as u32,
-                    time_us: r.time.timestamp_subsec_micros(),
-                    app: r.app,
-                    dims: r.dims,
-                    quantity: to_ch(r.quantity),
-                    unique_value: r.unique_value,
-                    source: r.source,
-                    id: r.id,
-                    event_type: r.event_type,
-                    kafka_partition: r.partition,
-                    kafka_offset: r.offset,
-                    ingested_at,
-                })
-                .await?;
-            }
-            ins.end().await.context("inserting raw usage")?;
-            self.observe("usage_events", start);
-            Ok(())
-        })
+    async fn write_raw(&self, rows: Vec<RawRow>) -> anyhow::Result<()> {
+        let start = Instant::now();
+        let ingested_at = Utc::now().timestamp() as u32;
+        let mut ins = self.client.insert::<RawCh>("usage_events").await?;
+        for r in rows {
+            ins.write(&RawCh {
+                customer: r.customer,
+                meter: r.meter,
+                time: r.time.timestamp() as u32,
+                time_us: r.time.timestamp_subsec_micros(),
+                app: r.app,
+                dims: r.dims,
+                quantity: to_ch(r.quantity),
+                unique_value: r.unique_value,
+                source: r.source,
+                id: r.id,
+                event_type: r.event_type,
+                kafka_partition: r.partition,
+                kafka_offset: r.offset,
+                ingested_at,
+            })
+            .await?;
+        }
+        ins.end().await.context("inserting raw usage")?;
+        self.observe("usage_events", start);
+        Ok(())
     }
 
-    fn load_rollups(
+    async fn load_rollups(
         &self,
         pairs: Vec<(String, i64)>,
-    ) -> BoxFuture<'_, anyhow::Result<Vec<(RollupKey, RollupValue)>>> {
-        Box::pin(async move {
-            if pairs.is_empty() {
-                return Ok(vec![]);
-            }
-            let list: Vec<String> = pairs
-                .iter()
-                .map(|(c, h)| format!("({}, {h})", quote(c)))
-                .collect();
-            let sql = format!(
-                "SELECT customer, meter, toUInt32(hour), app, dims, argMax(events, version), argMax(quantity_sum, version), \
-                 argMax(quantity_max, version), toUInt32(argMax(latest_time, version)), argMax(latest_quantity, version), \
-                 any(kafka_partition), max(version) FROM usage_rollups_hourly WHERE (customer, toUInt32(hour)) IN ({}) \
-                 GROUP BY customer, meter, hour, app, dims",
-                list.join(", ")
-            );
-            let rows: Vec<RollupCh> = self
-                .client
-                .query(&sql)
-                .fetch_all()
-                .await
-                .context("loading rollups")?;
-            rows.into_iter()
-                .map(|r| {
-                    Ok((
-                        RollupKey {
-                            customer: r.customer,
-                            meter: r.meter,
-                            hour: r.hour as i64,
-                            app: r.app,
-                            dims: r.dims,
-                        },
-                        RollupValue {
-                            events: r.events,
-                            sum: from_ch(r.quantity_sum)?,
-                            max: from_ch(r.quantity_max)?,
-                            latest: (r.latest_time as i64, from_ch(r.latest_quantity)?),
-                            partition: r.kafka_partition,
-                            version: r.version,
-                        },
-                    ))
-                })
-                .collect()
-        })
+    ) -> anyhow::Result<Vec<(RollupKey, RollupValue)>> {
+        if pairs.is_empty() {
+            return Ok(vec![]);
+        }
+        let list: Vec<String> = pairs
+            .iter()
+            .map(|(c, h)| format!("({}, {h})", quote(c)))
+            .collect();
+        let sql = format!(
+            "SELECT customer, meter, toUInt32(hour), app, dims, argMax(events, version), argMax(quantity_sum, version), \
+             argMax(quantity_max, version), toUInt32(argMax(latest_time, version)), argMax(latest_quantity, version), \
+             any(kafka_partition), max(version) FROM usage_rollups_hourly WHERE (customer, toUInt32(hour)) IN ({}) \
+             GROUP BY customer, meter, hour, app, dims",
+            list.join(", ")
+        );
+        let rows: Vec<RollupCh> = self
+            .client
+            .query(&sql)
+            .fetch_all()
+            .await
+            .context("loading rollups")?;
+        rows.into_iter()
+            .map(|r| {
+                Ok((
+                    RollupKey {
+                        customer: r.customer,
+                        meter: r.meter,
+                        hour: r.hour as i64,
+                        app: r.app,
+                        dims: r.dims,
+                    },
+                    RollupValue {
+                        events: r.events,
+                        sum: from_ch(r.quantity_sum)?,
+                        max: from_ch(r.quantity_max)?,
+                        latest: (r.latest_time as i64, from_ch(r.latest_quantity)?),
+                        partition: r.kafka_partition,
+                        version: r.version,
+                    },
+                ))
+            })
+            .collect()
     }
 
-    fn write_rollups(
-        &self,
-        rows: Vec<(RollupKey, RollupValue)>,
-    ) -> BoxFuture<'_, anyhow::Result<()>> {
-        Box::pin(async move {
-            if rows.is_empty() {
-                return Ok(());
-            }
-            let start = Instant::now();
-            let mut ins = self
-                .client
-                .insert::<RollupCh>("usage_rollups_hourly")
-                .await?;
-            for (k, v) in rows {
-                ins.write(&RollupCh {
-                    customer: k.customer,
-                    meter: k.meter,
-                    hour: k.hour as u32,
-                    app: k.app,
-                    dims: k.dims,
-                    events: v.events,
-                    quantity_sum: to_ch(v.sum),
-                    quantity_max: to_ch(v.max),
-                    latest_time: v.latest.0 as u32,
-                    latest_quantity: to_ch(v.latest.1),
-                    kafka_partition: v.partition,
-                    version: v.version,
-                })
-                .await?;
-            }
-            ins.end().await.context("inserting rollups")?;
-            self.observe("usage_rollups_hourly", start);
-            Ok(())
-        })
+    async fn write_rollups(&self, rows: Vec<(RollupKey, RollupValue)>) -> anyhow::Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let start = Instant::now();
+        let mut ins = self
+            .client
+            .insert::<RollupCh>("usage_rollups_hourly")
+            .await?;
+        for (k, v) in rows {
+            ins.write(&RollupCh {
+                customer: k.customer,
+                meter: k.meter,
+                hour: k.hour as u32,
+                app: k.app,
+                dims: k.dims,
+                events: v.events,
+                quantity_sum: to_ch(v.sum),
+                quantity_max: to_ch(v.max),
+                latest_time: v.latest.0 as u32,
+                latest_quantity: to_ch(v.latest.1),
+                kafka_partition: v.partition,
+                version: v.version,
+            })
+            .await?;
+        }
+        ins.end().await.context("inserting rollups")?;
+        self.observe("usage_rollups_hourly", start);
+        Ok(())
     }
 }
 
 impl UsageStore for ClickHouseStore {
-    fn query<'a>(
-        &'a self,
-        meter: &'a MeterDef,
-        q: &'a UsageQuery,
-    ) -> BoxFuture<'a, anyhow::Result<Vec<UsageRow>>> {
-        Box::pin(async move {
-            let cells = self.cells(&[meter], q, Scope::One(&q.customer)).await?;
-            Ok(group_cells(meter, q, cells.into_iter().map(|(_, _, c)| c)))
-        })
+    async fn query(&self, meter: &MeterDef, q: &UsageQuery) -> anyhow::Result<Vec<UsageRow>> {
+        let cells = self.cells(&[meter], q, Scope::One(&q.customer)).await?;
+        Ok(group_cells(meter, q, cells.into_iter().map(|(_, _, c)| c)))
     }
 
-    fn query_all<'a>(
-        &'a self,
-        questions: &'a [(MeterDef, UsageQuery)],
-        customers: Option<(&'a str, &'a str)>,
-    ) -> BoxFuture<'a, anyhow::Result<Vec<super::PerCustomer>>> {
-        Box::pin(async move {
-            let Some((_, first)) = questions.first() else {
-                return Ok(vec![]);
-            };
-            let meters = super::meters_of(questions)?;
-            let cells = self.cells(&meters, first, Scope::All(customers)).await?;
-            Ok(super::answer_all(questions, cells))
-        })
+    async fn query_all(
+        &self,
+        questions: &[(MeterDef, UsageQuery)],
+        customers: Option<(&str, &str)>,
+    ) -> anyhow::Result<Vec<super::PerCustomer>> {
+        let Some((_, first)) = questions.first() else {
+            return Ok(vec![]);
+        };
+        let meters = super::meters_of(questions)?;
+        let cells = self.cells(&meters, first, Scope::All(customers)).await?;
+        Ok(super::answer_all(questions, cells))
     }
 }
 

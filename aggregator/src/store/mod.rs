@@ -12,11 +12,11 @@ pub mod sqlite;
 
 use crate::rollup::{RollupKey, RollupValue};
 use chrono::{DateTime, Datelike, TimeZone, Utc};
-use futures::future::BoxFuture;
 use rust_decimal::Decimal;
 use schemas::{Aggregation, MeterDef};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
 
 /// One raw row: what one event contributes to one meter.
 /// The partition number of usage rows imported from an embedded data
@@ -85,26 +85,26 @@ pub struct PartitionState {
 /// The aggregator's write path.
 pub trait UsageWriter: Send + Sync + 'static {
     /// Applies migrations (idempotent).
-    fn migrate(&self) -> BoxFuture<'_, anyhow::Result<()>>;
+    fn migrate(&self) -> impl Future<Output = anyhow::Result<()>> + Send;
     /// Loads the resume state of a partition and repairs its rollups if the
     /// last batch's rollup write did not happen.
     fn load_partition(
         &self,
         partition: u32,
         window_start: DateTime<Utc>,
-    ) -> BoxFuture<'_, anyhow::Result<PartitionState>>;
+    ) -> impl Future<Output = anyhow::Result<PartitionState>> + Send;
     /// Writes raw rows in one atomic operation.
-    fn write_raw(&self, rows: Vec<RawRow>) -> BoxFuture<'_, anyhow::Result<()>>;
+    fn write_raw(&self, rows: Vec<RawRow>) -> impl Future<Output = anyhow::Result<()>> + Send;
     /// Current rollup values of every key of these (customer, hour) pairs.
     fn load_rollups(
         &self,
         pairs: Vec<(String, i64)>,
-    ) -> BoxFuture<'_, anyhow::Result<Vec<(RollupKey, RollupValue)>>>;
+    ) -> impl Future<Output = anyhow::Result<Vec<(RollupKey, RollupValue)>>> + Send;
     /// Writes cumulative rollup values (idempotent: same version, same row).
     fn write_rollups(
         &self,
         rows: Vec<(RollupKey, RollupValue)>,
-    ) -> BoxFuture<'_, anyhow::Result<()>>;
+    ) -> impl Future<Output = anyhow::Result<()>> + Send;
     /// True when [`UsageWriter::write_batch`] writes raw rows and rollups in
     /// one atomic operation (SQLite: one transaction, one fsync). Otherwise
     /// the processor writes them as two steps, raw rows first.
@@ -116,8 +116,8 @@ pub trait UsageWriter: Send + Sync + 'static {
         &self,
         _rows: Vec<RawRow>,
         _rollups: Vec<(RollupKey, RollupValue)>,
-    ) -> BoxFuture<'_, anyhow::Result<()>> {
-        Box::pin(async { anyhow::bail!("this store writes raw rows and rollups separately") })
+    ) -> impl Future<Output = anyhow::Result<()>> + Send {
+        async { anyhow::bail!("this store writes raw rows and rollups separately") }
     }
 }
 
@@ -172,23 +172,25 @@ pub struct UsageRow {
     pub value: Decimal,
 }
 
-/// The read path billing uses.
-pub trait UsageStore: Send + Sync + 'static {
-    fn query<'a>(
-        &'a self,
-        meter: &'a MeterDef,
-        q: &'a UsageQuery,
-    ) -> BoxFuture<'a, anyhow::Result<Vec<UsageRow>>>;
+/// The read path billing uses. Behind a pointer it is [`DynUsageStore`]
+/// (`Arc<DynUsageStore<'static>>` where `Arc<dyn UsageStore>` would be).
+#[dynosaur::dynosaur(pub DynUsageStore = dyn(box) UsageStore)]
+pub trait UsageStore: Send + Sync {
+    fn query(
+        &self,
+        meter: &MeterDef,
+        q: &UsageQuery,
+    ) -> impl Future<Output = anyhow::Result<Vec<UsageRow>>> + Send;
     /// Several questions over the same range, asked of every customer (or
     /// of those with ids in the inclusive range `customers`) in one pass
     /// (`q.customer` is ignored): billing's finalization run reads a whole
     /// period this way. One answer per question, rows per customer;
     /// customers without usage are absent.
-    fn query_all<'a>(
-        &'a self,
-        questions: &'a [(MeterDef, UsageQuery)],
-        customers: Option<(&'a str, &'a str)>,
-    ) -> BoxFuture<'a, anyhow::Result<Vec<PerCustomer>>>;
+    fn query_all(
+        &self,
+        questions: &[(MeterDef, UsageQuery)],
+        customers: Option<(&str, &str)>,
+    ) -> impl Future<Output = anyhow::Result<Vec<PerCustomer>>> + Send;
 }
 
 /// Answer rows by customer id.

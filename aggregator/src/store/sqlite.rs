@@ -19,7 +19,6 @@ use crate::pipeline::{rollup_version, DeadLetter, DeadLetterSink};
 use crate::rollup::{RollupKey, RollupValue};
 use anyhow::Context;
 use chrono::{DateTime, TimeZone, Utc};
-use futures::future::BoxFuture;
 use rust_decimal::Decimal;
 use schemas::{Aggregation, MeterDef};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -540,54 +539,46 @@ impl SqliteStore {
 }
 
 impl UsageWriter for SqliteStore {
-    fn migrate(&self) -> BoxFuture<'_, anyhow::Result<()>> {
-        Box::pin(self.apply_migrations())
+    async fn migrate(&self) -> anyhow::Result<()> {
+        self.apply_migrations().await
     }
 
-    fn load_partition(
+    async fn load_partition(
         &self,
         partition: u32,
         window_start: DateTime<Utc>,
-    ) -> BoxFuture<'_, anyhow::Result<PartitionState>> {
-        Box::pin(self.partition_state(partition, window_start))
+    ) -> anyhow::Result<PartitionState> {
+        self.partition_state(partition, window_start).await
     }
 
-    fn write_raw(&self, rows: Vec<RawRow>) -> BoxFuture<'_, anyhow::Result<()>> {
-        Box::pin(async move {
-            let mut tx = self.pool.begin().await?;
-            insert_raw(&mut tx, &rows).await?;
-            tx.commit().await.context("committing raw usage")?;
-            Ok(())
-        })
+    async fn write_raw(&self, rows: Vec<RawRow>) -> anyhow::Result<()> {
+        let mut tx = self.pool.begin().await?;
+        insert_raw(&mut tx, &rows).await?;
+        tx.commit().await.context("committing raw usage")?;
+        Ok(())
     }
 
-    fn load_rollups(
+    async fn load_rollups(
         &self,
         pairs: Vec<(String, i64)>,
-    ) -> BoxFuture<'_, anyhow::Result<Vec<(RollupKey, RollupValue)>>> {
-        Box::pin(async move {
-            let mut out = Vec::new();
-            for (customer, hour) in pairs {
-                let rows = sqlx::query(
-                    "SELECT * FROM usage_rollups_hourly WHERE customer = ? AND hour = ?",
-                )
-                .bind(&customer)
-                .bind(hour)
-                .fetch_all(&self.pool)
-                .await?;
-                for r in &rows {
-                    out.push(rollup_row(r)?);
-                }
+    ) -> anyhow::Result<Vec<(RollupKey, RollupValue)>> {
+        let mut out = Vec::new();
+        for (customer, hour) in pairs {
+            let rows =
+                sqlx::query("SELECT * FROM usage_rollups_hourly WHERE customer = ? AND hour = ?")
+                    .bind(&customer)
+                    .bind(hour)
+                    .fetch_all(&self.pool)
+                    .await?;
+            for r in &rows {
+                out.push(rollup_row(r)?);
             }
-            Ok(out)
-        })
+        }
+        Ok(out)
     }
 
-    fn write_rollups(
-        &self,
-        rows: Vec<(RollupKey, RollupValue)>,
-    ) -> BoxFuture<'_, anyhow::Result<()>> {
-        Box::pin(self.write_rollups_tx(rows))
+    async fn write_rollups(&self, rows: Vec<(RollupKey, RollupValue)>) -> anyhow::Result<()> {
+        self.write_rollups_tx(rows).await
     }
 
     fn atomic_batches(&self) -> bool {
@@ -596,72 +587,60 @@ impl UsageWriter for SqliteStore {
 
     /// Raw rows and rollups in one transaction: one fsync per batch, and
     /// no batch is ever stored without its rollups.
-    fn write_batch(
+    async fn write_batch(
         &self,
         rows: Vec<RawRow>,
         rollups: Vec<(RollupKey, RollupValue)>,
-    ) -> BoxFuture<'_, anyhow::Result<()>> {
-        Box::pin(async move {
-            let mut tx = self.pool.begin().await?;
-            insert_raw(&mut tx, &rows).await?;
-            insert_rollups(&mut tx, &rollups).await?;
-            tx.commit().await.context("committing usage")?;
-            Ok(())
-        })
+    ) -> anyhow::Result<()> {
+        let mut tx = self.pool.begin().await?;
+        insert_raw(&mut tx, &rows).await?;
+        insert_rollups(&mut tx, &rollups).await?;
+        tx.commit().await.context("committing usage")?;
+        Ok(())
     }
 }
 
 impl UsageStore for SqliteStore {
-    fn query<'a>(
-        &'a self,
-        meter: &'a MeterDef,
-        q: &'a UsageQuery,
-    ) -> BoxFuture<'a, anyhow::Result<Vec<UsageRow>>> {
-        Box::pin(async move {
-            let cells = self.cells(&[meter], q, Scope::One(&q.customer)).await?;
-            Ok(group_cells(meter, q, cells.into_iter().map(|(_, _, c)| c)))
-        })
+    async fn query(&self, meter: &MeterDef, q: &UsageQuery) -> anyhow::Result<Vec<UsageRow>> {
+        let cells = self.cells(&[meter], q, Scope::One(&q.customer)).await?;
+        Ok(group_cells(meter, q, cells.into_iter().map(|(_, _, c)| c)))
     }
 
-    fn query_all<'a>(
-        &'a self,
-        questions: &'a [(MeterDef, UsageQuery)],
-        customers: Option<(&'a str, &'a str)>,
-    ) -> BoxFuture<'a, anyhow::Result<Vec<PerCustomer>>> {
-        Box::pin(async move {
-            let Some((_, first)) = questions.first() else {
-                return Ok(vec![]);
-            };
-            let meters = super::meters_of(questions)?;
-            let cells = self.cells(&meters, first, Scope::All(customers)).await?;
-            Ok(super::answer_all(questions, cells))
-        })
+    async fn query_all(
+        &self,
+        questions: &[(MeterDef, UsageQuery)],
+        customers: Option<(&str, &str)>,
+    ) -> anyhow::Result<Vec<PerCustomer>> {
+        let Some((_, first)) = questions.first() else {
+            return Ok(vec![]);
+        };
+        let meters = super::meters_of(questions)?;
+        let cells = self.cells(&meters, first, Scope::All(customers)).await?;
+        Ok(super::answer_all(questions, cells))
     }
 }
 
 /// The embedded mode's dead-letter "topic": a table in the same file.
 impl DeadLetterSink for SqliteStore {
-    fn send(&self, letters: Vec<DeadLetter>) -> BoxFuture<'_, anyhow::Result<()>> {
-        Box::pin(async move {
-            let mut tx = self.pool.begin().await?;
-            let at = Utc::now().timestamp();
-            for l in &letters {
-                sqlx::query(
-                    "INSERT INTO dead_letters (at, code, reason, kafka_partition, kafka_offset, key, payload) \
-                     VALUES (?, ?, ?, ?, ?, ?, ?)",
-                )
-                .bind(at)
-                .bind(&l.code)
-                .bind(&l.reason)
-                .bind(l.message.partition)
-                .bind(l.message.offset)
-                .bind(&l.message.key)
-                .bind(&l.message.payload)
-                .execute(&mut *tx)
-                .await?;
-            }
-            tx.commit().await?;
-            Ok(())
-        })
+    async fn send(&self, letters: Vec<DeadLetter>) -> anyhow::Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let at = Utc::now().timestamp();
+        for l in &letters {
+            sqlx::query(
+                "INSERT INTO dead_letters (at, code, reason, kafka_partition, kafka_offset, key, payload) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(at)
+            .bind(&l.code)
+            .bind(&l.reason)
+            .bind(l.message.partition)
+            .bind(l.message.offset)
+            .bind(&l.message.key)
+            .bind(&l.message.payload)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
     }
 }

@@ -35,9 +35,10 @@ use crate::invoice::{self, month_of, NewInvoice, PlannedSwitch};
 use crate::metrics::Metrics;
 use crate::quota_service::{QuotaService, Snapshot};
 use crate::state::{
-    App, AuditEntry, Customer, Invoice, PublishedPlan, StateError, StateStore, Subscription,
+    App, AuditEntry, Customer, DynStateStore, Invoice, PublishedPlan, StateError, StateStore,
+    Subscription,
 };
-use aggregator::UsageStore;
+use aggregator::DynUsageStore;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -75,8 +76,8 @@ pub use self::{
 pub const MAX_BODY_BYTES: usize = 256 * 1024;
 
 pub struct ApiState {
-    pub state: Arc<dyn StateStore>,
-    pub usage: Arc<dyn UsageStore>,
+    pub state: Arc<DynStateStore<'static>>,
+    pub usage: Arc<DynUsageStore<'static>>,
     pub meters: Arc<MeterCatalog>,
     pub metrics: Metrics,
     /// Keys, bootstrap admin keys and customer sessions.

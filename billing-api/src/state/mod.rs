@@ -26,10 +26,10 @@ use billing_domain::catalog::PlanVersion;
 use billing_domain::invoice::NewInvoice;
 use billing_domain::rating::{Period, SeatInterval};
 use chrono::{DateTime, Utc};
-use futures::future::BoxFuture;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::future::Future;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -150,133 +150,138 @@ pub use billing_domain::subscription::{
     check_first_subscription, RuleError, Subscription, SwitchOutcome, SwitchWrites, WithdrawWrites,
 };
 
-pub trait StateStore: Send + Sync + 'static {
-    fn migrate(&self) -> BoxFuture<'_, StateResult<()>>;
+/// Billing state: one implementation over both databases
+/// (`sql::SqlState`). Behind a pointer it is [`DynStateStore`]
+/// (`Arc<DynStateStore<'static>>` where `Arc<DynStateStore<'static>>` would be).
+#[dynosaur::dynosaur(pub DynStateStore = dyn(box) StateStore)]
+pub trait StateStore: Send + Sync {
+    fn migrate(&self) -> impl Future<Output = StateResult<()>> + Send;
     /// Publishes a plan version; versions are immutable once published.
-    fn publish_plan<'a>(
-        &'a self,
-        plan: &'a PlanVersion,
-        actor: &'a str,
-    ) -> BoxFuture<'a, StateResult<()>>;
-    fn plan_version<'a>(
-        &'a self,
-        plan: &'a str,
+    fn publish_plan(
+        &self,
+        plan: &PlanVersion,
+        actor: &str,
+    ) -> impl Future<Output = StateResult<()>> + Send;
+    fn plan_version(
+        &self,
+        plan: &str,
         version: u32,
-    ) -> BoxFuture<'a, StateResult<PlanVersion>>;
-    fn create_customer<'a>(
-        &'a self,
-        c: &'a Customer,
-        actor: &'a str,
-    ) -> BoxFuture<'a, StateResult<()>>;
-    fn customer_by_external_id<'a>(
-        &'a self,
-        external_id: &'a str,
-    ) -> BoxFuture<'a, StateResult<Customer>>;
+    ) -> impl Future<Output = StateResult<PlanVersion>> + Send;
+    fn create_customer(
+        &self,
+        c: &Customer,
+        actor: &str,
+    ) -> impl Future<Output = StateResult<()>> + Send;
+    fn customer_by_external_id(
+        &self,
+        external_id: &str,
+    ) -> impl Future<Output = StateResult<Customer>> + Send;
     /// Starts the first subscription of a customer.
-    fn subscribe<'a>(
-        &'a self,
-        customer: &'a str,
-        plan: &'a str,
+    fn subscribe(
+        &self,
+        customer: &str,
+        plan: &str,
         version: u32,
         at: DateTime<Utc>,
-        actor: &'a str,
-    ) -> BoxFuture<'a, StateResult<()>>;
+        actor: &str,
+    ) -> impl Future<Output = StateResult<()>> + Send;
     /// Switches to the plan at `at`, in one transaction: changes starting
     /// at or after `at` (scheduled switches) are withdrawn, the plan in
     /// effect at `at` ends there and the new plan runs from `at` until
     /// changed. A switch to the plan version already in effect at `at`
     /// adds no segment (so repeating a switch changes nothing) but still
     /// withdraws what was scheduled after it.
-    fn switch_plan<'a>(
-        &'a self,
-        customer: &'a str,
-        plan: &'a str,
+    fn switch_plan(
+        &self,
+        customer: &str,
+        plan: &str,
         version: u32,
         at: DateTime<Utc>,
-        actor: &'a str,
-    ) -> BoxFuture<'a, StateResult<SwitchOutcome>>;
+        actor: &str,
+    ) -> impl Future<Output = StateResult<SwitchOutcome>> + Send;
     /// The customer's whole plan history, unclipped, in order.
-    fn subscriptions<'a>(
-        &'a self,
-        customer: &'a str,
-    ) -> BoxFuture<'a, StateResult<Vec<Subscription>>>;
+    fn subscriptions(
+        &self,
+        customer: &str,
+    ) -> impl Future<Output = StateResult<Vec<Subscription>>> + Send;
     /// Withdraws a scheduled change (a row of the history that starts after
     /// `now` and follows another): the plan before it runs on in its place.
     /// Audited. Withdrawing a change already withdrawn answers it again
     /// (safe to retry); one in effect already is a Conflict.
-    fn withdraw_change<'a>(
-        &'a self,
-        customer: &'a str,
+    fn withdraw_change(
+        &self,
+        customer: &str,
         id: i64,
         now: DateTime<Utc>,
-        actor: &'a str,
-    ) -> BoxFuture<'a, StateResult<Subscription>>;
+        actor: &str,
+    ) -> impl Future<Output = StateResult<Subscription>> + Send;
     /// Sets the seat count from `at` on.
-    fn set_seats<'a>(
-        &'a self,
-        customer: &'a str,
+    fn set_seats(
+        &self,
+        customer: &str,
         seats: u32,
         at: DateTime<Utc>,
-        actor: &'a str,
-    ) -> BoxFuture<'a, StateResult<()>>;
+        actor: &str,
+    ) -> impl Future<Output = StateResult<()>> + Send;
     /// The customer's plan segments inside the period, in order.
-    fn plan_segments<'a>(
-        &'a self,
-        customer: &'a str,
+    fn plan_segments(
+        &self,
+        customer: &str,
         period: Period,
-    ) -> BoxFuture<'a, StateResult<Vec<PlanSegment>>>;
+    ) -> impl Future<Output = StateResult<Vec<PlanSegment>>> + Send;
     /// The customer's seat intervals inside the period, in order.
-    fn seat_intervals<'a>(
-        &'a self,
-        customer: &'a str,
+    fn seat_intervals(
+        &self,
+        customer: &str,
         period: Period,
-    ) -> BoxFuture<'a, StateResult<Vec<SeatInterval>>>;
-    fn audit_log<'a>(&'a self, subject: &'a str) -> BoxFuture<'a, StateResult<Vec<AuditEntry>>>;
+    ) -> impl Future<Output = StateResult<Vec<SeatInterval>>> + Send;
+    fn audit_log(&self, subject: &str)
+        -> impl Future<Output = StateResult<Vec<AuditEntry>>> + Send;
 
     // Catalog administration.
-    fn list_plans(&self) -> BoxFuture<'_, StateResult<Vec<PublishedPlan>>>;
-    fn retire_plan<'a>(
-        &'a self,
-        plan: &'a str,
+    fn list_plans(&self) -> impl Future<Output = StateResult<Vec<PublishedPlan>>> + Send;
+    fn retire_plan(
+        &self,
+        plan: &str,
         version: u32,
-        actor: &'a str,
-    ) -> BoxFuture<'a, StateResult<()>>;
+        actor: &str,
+    ) -> impl Future<Output = StateResult<()>> + Send;
 
     // Customers and apps.
-    fn customer<'a>(&'a self, id: &'a str) -> BoxFuture<'a, StateResult<Customer>>;
+    fn customer(&self, id: &str) -> impl Future<Output = StateResult<Customer>> + Send;
     /// Customers ordered by id, after `after`, at most `limit`.
-    fn list_customers<'a>(
-        &'a self,
-        after: Option<&'a str>,
+    fn list_customers(
+        &self,
+        after: Option<&str>,
         limit: u32,
-    ) -> BoxFuture<'a, StateResult<Vec<Customer>>>;
-    fn create_app<'a>(&'a self, app: &'a App, actor: &'a str) -> BoxFuture<'a, StateResult<()>>;
-    fn apps<'a>(&'a self, customer: &'a str) -> BoxFuture<'a, StateResult<Vec<App>>>;
+    ) -> impl Future<Output = StateResult<Vec<Customer>>> + Send;
+    fn create_app(&self, app: &App, actor: &str) -> impl Future<Output = StateResult<()>> + Send;
+    fn apps(&self, customer: &str) -> impl Future<Output = StateResult<Vec<App>>> + Send;
 
     // Bulk reads for the finalization run.
     /// Plan segments of every customer inside the period.
     fn plan_segments_all(
         &self,
         period: Period,
-    ) -> BoxFuture<'_, StateResult<HashMap<String, Vec<PlanSegment>>>>;
+    ) -> impl Future<Output = StateResult<HashMap<String, Vec<PlanSegment>>>> + Send;
     /// Seat intervals of every customer inside the period.
     fn seat_intervals_all(
         &self,
         period: Period,
-    ) -> BoxFuture<'_, StateResult<HashMap<String, Vec<SeatInterval>>>>;
+    ) -> impl Future<Output = StateResult<HashMap<String, Vec<SeatInterval>>>> + Send;
     /// Start of the earliest subscription, if any.
-    fn billing_start(&self) -> BoxFuture<'_, StateResult<Option<DateTime<Utc>>>>;
+    fn billing_start(&self) -> impl Future<Output = StateResult<Option<DateTime<Utc>>>> + Send;
     /// Finalized invoices whose period starts at `start`, by customer.
     fn invoices_in_period(
         &self,
         start: DateTime<Utc>,
-    ) -> BoxFuture<'_, StateResult<HashMap<String, Invoice>>>;
+    ) -> impl Future<Output = StateResult<HashMap<String, Invoice>>> + Send;
     /// Invoices carried forward and not yet added to a later invoice, by
     /// customer (of one customer, or of all).
-    fn open_carried<'a>(
-        &'a self,
-        customer: Option<&'a str>,
-    ) -> BoxFuture<'a, StateResult<HashMap<String, Vec<Invoice>>>>;
+    fn open_carried(
+        &self,
+        customer: Option<&str>,
+    ) -> impl Future<Output = StateResult<HashMap<String, Vec<Invoice>>>> + Send;
 
     // Invoices.
     /// Finalizes invoices in one transaction: numbers them from the gapless
@@ -287,79 +292,82 @@ pub trait StateStore: Send + Sync + 'static {
         &self,
         new: Vec<NewInvoice>,
         finalized_at: DateTime<Utc>,
-    ) -> BoxFuture<'_, StateResult<Vec<Invoice>>>;
-    fn invoice<'a>(&'a self, id: &'a str) -> BoxFuture<'a, StateResult<Invoice>>;
-    fn invoices_of<'a>(&'a self, customer: &'a str) -> BoxFuture<'a, StateResult<Vec<Invoice>>>;
+    ) -> impl Future<Output = StateResult<Vec<Invoice>>> + Send;
+    fn invoice(&self, id: &str) -> impl Future<Output = StateResult<Invoice>> + Send;
+    fn invoices_of(&self, customer: &str)
+        -> impl Future<Output = StateResult<Vec<Invoice>>> + Send;
     /// Invoices waiting for Stripe, oldest first.
-    fn pending_sync(&self, limit: u32) -> BoxFuture<'_, StateResult<Vec<Invoice>>>;
+    fn pending_sync(&self, limit: u32) -> impl Future<Output = StateResult<Vec<Invoice>>> + Send;
 
     // Stripe mapping and status.
-    fn stripe_customer<'a>(
-        &'a self,
-        customer: &'a str,
-    ) -> BoxFuture<'a, StateResult<Option<String>>>;
-    fn set_stripe_customer<'a>(
-        &'a self,
-        customer: &'a str,
-        stripe_id: &'a str,
-    ) -> BoxFuture<'a, StateResult<()>>;
-    fn set_stripe_invoice<'a>(
-        &'a self,
-        invoice: &'a str,
-        stripe_id: &'a str,
-    ) -> BoxFuture<'a, StateResult<()>>;
-    fn set_sync_status<'a>(
-        &'a self,
-        invoice: &'a str,
+    fn stripe_customer(
+        &self,
+        customer: &str,
+    ) -> impl Future<Output = StateResult<Option<String>>> + Send;
+    fn set_stripe_customer(
+        &self,
+        customer: &str,
+        stripe_id: &str,
+    ) -> impl Future<Output = StateResult<()>> + Send;
+    fn set_stripe_invoice(
+        &self,
+        invoice: &str,
+        stripe_id: &str,
+    ) -> impl Future<Output = StateResult<()>> + Send;
+    fn set_sync_status(
+        &self,
+        invoice: &str,
         status: SyncStatus,
-        error: Option<&'a str>,
-    ) -> BoxFuture<'a, StateResult<()>>;
+        error: Option<&str>,
+    ) -> impl Future<Output = StateResult<()>> + Send;
     // Quota settings (audited).
     /// Sets or clears (None) the customer's monthly spending cap.
-    fn set_spending_cap<'a>(
-        &'a self,
-        customer: &'a str,
+    fn set_spending_cap(
+        &self,
+        customer: &str,
         cap: Option<Decimal>,
-        actor: &'a str,
-    ) -> BoxFuture<'a, StateResult<()>>;
-    fn set_suspended<'a>(
-        &'a self,
-        customer: &'a str,
+        actor: &str,
+    ) -> impl Future<Output = StateResult<()>> + Send;
+    fn set_suspended(
+        &self,
+        customer: &str,
         suspended: bool,
-        actor: &'a str,
-    ) -> BoxFuture<'a, StateResult<()>>;
+        actor: &str,
+    ) -> impl Future<Output = StateResult<()>> + Send;
     /// (suspended, spending cap) of every customer.
-    fn quota_settings(&self) -> BoxFuture<'_, StateResult<HashMap<String, QuotaSettings>>>;
+    fn quota_settings(
+        &self,
+    ) -> impl Future<Output = StateResult<HashMap<String, QuotaSettings>>> + Send;
 
     // API keys (audited).
-    fn create_api_key<'a>(
-        &'a self,
-        key: &'a ApiKey,
-        actor: &'a str,
-    ) -> BoxFuture<'a, StateResult<()>>;
+    fn create_api_key(
+        &self,
+        key: &ApiKey,
+        actor: &str,
+    ) -> impl Future<Output = StateResult<()>> + Send;
     /// Every key, revoked ones included, newest first.
-    fn api_keys(&self) -> BoxFuture<'_, StateResult<Vec<ApiKey>>>;
-    fn revoke_api_key<'a>(
-        &'a self,
-        id: &'a str,
-        actor: &'a str,
-    ) -> BoxFuture<'a, StateResult<ApiKey>>;
+    fn api_keys(&self) -> impl Future<Output = StateResult<Vec<ApiKey>>> + Send;
+    fn revoke_api_key(
+        &self,
+        id: &str,
+        actor: &str,
+    ) -> impl Future<Output = StateResult<ApiKey>> + Send;
 
     /// Sets the payment status of the invoice with this Stripe id; false
     /// when no invoice has it.
-    fn set_payment_status<'a>(
-        &'a self,
-        stripe_invoice_id: &'a str,
+    fn set_payment_status(
+        &self,
+        stripe_invoice_id: &str,
         status: PaymentStatus,
-    ) -> BoxFuture<'a, StateResult<bool>>;
+    ) -> impl Future<Output = StateResult<bool>> + Send;
 
     /// Raises the alerts not raised before, due for delivery from `now`;
     /// returns those it raised.
-    fn record_alerts<'a>(
-        &'a self,
-        alerts: &'a [NewAlert],
+    fn record_alerts(
+        &self,
+        alerts: &[NewAlert],
         now: DateTime<Utc>,
-    ) -> BoxFuture<'a, StateResult<Vec<NewAlert>>>;
+    ) -> impl Future<Output = StateResult<Vec<NewAlert>>> + Send;
     /// Claims up to `limit` pending alerts due at `now` for delivery: their
     /// next attempt moves to `now + lease`, so a replica that dies while
     /// sending leaves them to be retried after the lease, and two replicas
@@ -369,10 +377,14 @@ pub trait StateStore: Send + Sync + 'static {
         now: DateTime<Utc>,
         lease: chrono::Duration,
         limit: u32,
-    ) -> BoxFuture<'_, StateResult<Vec<Alert>>>;
+    ) -> impl Future<Output = StateResult<Vec<Alert>>> + Send;
     /// Records the end of one delivery attempt.
-    fn settle_alert(&self, id: i64, outcome: AlertOutcome) -> BoxFuture<'_, StateResult<()>>;
-    fn alerts_of<'a>(&'a self, customer: &'a str) -> BoxFuture<'a, StateResult<Vec<Alert>>>;
+    fn settle_alert(
+        &self,
+        id: i64,
+        outcome: AlertOutcome,
+    ) -> impl Future<Output = StateResult<()>> + Send;
+    fn alerts_of(&self, customer: &str) -> impl Future<Output = StateResult<Vec<Alert>>> + Send;
 }
 
 /// Clips `[start, end?)` spans to a period, dropping the ones outside it.

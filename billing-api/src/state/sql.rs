@@ -31,7 +31,6 @@ use billing_domain::catalog::PlanVersion;
 use billing_domain::invoice::NewInvoice;
 use billing_domain::rating::{Period, SeatInterval};
 use chrono::{DateTime, Utc};
-use futures::future::BoxFuture;
 use rust_decimal::Decimal;
 use std::collections::HashMap;
 
@@ -225,884 +224,753 @@ impl<D: Dialect> SqlState<D> {
 }
 
 impl<D: Dialect> StateStore for SqlState<D> {
-    fn migrate(&self) -> BoxFuture<'_, StateResult<()>> {
-        Box::pin(self.db.migrate())
+    async fn migrate(&self) -> StateResult<()> {
+        self.db.migrate().await
     }
 
-    fn publish_plan<'a>(
-        &'a self,
-        plan: &'a PlanVersion,
-        actor: &'a str,
-    ) -> BoxFuture<'a, StateResult<()>> {
-        Box::pin(async move {
-            let body =
-                serde_json::to_value(plan).map_err(|e| StateError::Invalid(e.to_string()))?;
-            let mut tx = self.begin().await?;
-            let now = Utc::now();
-            tx.run_or(
-                q(
-                    "INSERT INTO plan_versions (plan, version, body, published_at) \
-                   VALUES ($1, $2, $3, $4)",
-                )
-                .bind(&plan.plan)
-                .bind(plan.version as i32)
-                .bind(&body)
+    async fn publish_plan(&self, plan: &PlanVersion, actor: &str) -> StateResult<()> {
+        let body = serde_json::to_value(plan).map_err(|e| StateError::Invalid(e.to_string()))?;
+        let mut tx = self.begin().await?;
+        let now = Utc::now();
+        tx.run_or(
+            q(
+                "INSERT INTO plan_versions (plan, version, body, published_at) \
+               VALUES ($1, $2, $3, $4)",
+            )
+            .bind(&plan.plan)
+            .bind(plan.version as i32)
+            .bind(&body)
+            .bind(now),
+            format!(
+                "plan {} version {} is already published",
+                plan.plan, plan.version
+            ),
+        )
+        .await?;
+        tx.audit(actor, now, AuditRecord::plan_publish(plan, body))
+            .await?;
+        tx.commit().await
+    }
+
+    async fn plan_version(&self, plan: &str, version: u32) -> StateResult<PlanVersion> {
+        let row = self
+            .read_opt(
+                q("SELECT body FROM plan_versions WHERE plan = $1 AND version = $2")
+                    .bind(plan)
+                    .bind(version as i32),
+            )
+            .await?
+            .ok_or_else(|| StateError::NotFound(format!("plan {plan} version {version}")))?;
+        plan_from(&row, plan, version)
+    }
+
+    async fn create_customer(&self, c: &Customer, actor: &str) -> StateResult<()> {
+        let mut tx = self.begin().await?;
+        let now = Utc::now();
+        tx.run_or(
+            q("INSERT INTO customers (id, external_id, name, created_at) VALUES ($1, $2, $3, $4)")
+                .bind(&c.id)
+                .bind(&c.external_id)
+                .bind(&c.name)
                 .bind(now),
-                format!(
-                    "plan {} version {} is already published",
-                    plan.plan, plan.version
-                ),
-            )
+            format!("customer {} or external id {} exists", c.id, c.external_id),
+        )
+        .await?;
+        tx.audit(actor, now, AuditRecord::customer_create(c))
             .await?;
-            tx.audit(actor, now, AuditRecord::plan_publish(plan, body))
-                .await?;
-            tx.commit().await
-        })
+        tx.commit().await
     }
 
-    fn plan_version<'a>(
-        &'a self,
-        plan: &'a str,
-        version: u32,
-    ) -> BoxFuture<'a, StateResult<PlanVersion>> {
-        Box::pin(async move {
-            let row = self
-                .read_opt(
-                    q("SELECT body FROM plan_versions WHERE plan = $1 AND version = $2")
-                        .bind(plan)
-                        .bind(version as i32),
-                )
-                .await?
-                .ok_or_else(|| StateError::NotFound(format!("plan {plan} version {version}")))?;
-            plan_from(&row, plan, version)
-        })
-    }
-
-    fn create_customer<'a>(
-        &'a self,
-        c: &'a Customer,
-        actor: &'a str,
-    ) -> BoxFuture<'a, StateResult<()>> {
-        Box::pin(async move {
-            let mut tx = self.begin().await?;
-            let now = Utc::now();
-            tx.run_or(
-                q("INSERT INTO customers (id, external_id, name, created_at) VALUES ($1, $2, $3, $4)")
-                    .bind(&c.id)
-                    .bind(&c.external_id)
-                    .bind(&c.name)
-                    .bind(now),
-                format!("customer {} or external id {} exists", c.id, c.external_id),
+    async fn customer_by_external_id(&self, external_id: &str) -> StateResult<Customer> {
+        let row = self
+            .read_opt(
+                q("SELECT id, external_id, name FROM customers WHERE external_id = $1")
+                    .bind(external_id),
             )
-            .await?;
-            tx.audit(actor, now, AuditRecord::customer_create(c))
-                .await?;
-            tx.commit().await
-        })
+            .await?
+            .ok_or_else(|| {
+                StateError::NotFound(format!("customer with external id {external_id}"))
+            })?;
+        customer_from(&row)
     }
 
-    fn customer_by_external_id<'a>(
-        &'a self,
-        external_id: &'a str,
-    ) -> BoxFuture<'a, StateResult<Customer>> {
-        Box::pin(async move {
-            let row = self
-                .read_opt(
-                    q("SELECT id, external_id, name FROM customers WHERE external_id = $1")
-                        .bind(external_id),
-                )
-                .await?
-                .ok_or_else(|| {
-                    StateError::NotFound(format!("customer with external id {external_id}"))
-                })?;
-            customer_from(&row)
-        })
-    }
-
-    fn subscribe<'a>(
-        &'a self,
-        customer: &'a str,
-        plan: &'a str,
+    async fn subscribe(
+        &self,
+        customer: &str,
+        plan: &str,
         version: u32,
         at: DateTime<Utc>,
-        actor: &'a str,
-    ) -> BoxFuture<'a, StateResult<()>> {
-        Box::pin(async move {
-            let mut tx = self.begin().await?;
-            let now = Utc::now();
-            tx.lock_customer(customer).await?;
-            tx.require_plan(plan, version).await?;
-            let any = tx
-                .opt(q("SELECT 1 FROM subscriptions WHERE customer_id = $1 LIMIT 1").bind(customer))
+        actor: &str,
+    ) -> StateResult<()> {
+        let mut tx = self.begin().await?;
+        let now = Utc::now();
+        tx.lock_customer(customer).await?;
+        tx.require_plan(plan, version).await?;
+        let any = tx
+            .opt(q("SELECT 1 FROM subscriptions WHERE customer_id = $1 LIMIT 1").bind(customer))
+            .await?;
+        check_first_subscription(customer, any.is_some())?;
+        tx.run(insert_subscription(customer, plan, version, at))
+            .await?;
+        tx.audit(
+            actor,
+            now,
+            AuditRecord::subscription_start(customer, plan, version, at),
+        )
+        .await?;
+        tx.commit().await
+    }
+
+    async fn switch_plan(
+        &self,
+        customer: &str,
+        plan: &str,
+        version: u32,
+        at: DateTime<Utc>,
+        actor: &str,
+    ) -> StateResult<SwitchOutcome> {
+        let mut tx = self.begin().await?;
+        let now = Utc::now();
+        tx.lock_customer(customer).await?;
+        tx.require_plan(plan, version).await?;
+        let rows = tx.history(customer).await?;
+        let w = SwitchWrites::plan(rows, customer, plan, version, at)?;
+        if !w.changes() {
+            return Ok(w.outcome());
+        }
+        for old in &w.withdrawn {
+            tx.run(q("DELETE FROM subscriptions WHERE id = $1").bind(old.id))
                 .await?;
-            check_first_subscription(customer, any.is_some())?;
+            tx.audit(
+                actor,
+                now,
+                AuditRecord::subscription_withdraw(customer, old, "switch"),
+            )
+            .await?;
+        }
+        if w.cut_end != w.cut.end {
+            tx.run(
+                q("UPDATE subscriptions SET ends_at = $2 WHERE id = $1")
+                    .bind(w.cut.id)
+                    .bind(w.cut_end),
+            )
+            .await?;
+        }
+        if w.insert {
             tx.run(insert_subscription(customer, plan, version, at))
                 .await?;
             tx.audit(
                 actor,
                 now,
-                AuditRecord::subscription_start(customer, plan, version, at),
+                AuditRecord::subscription_switch(customer, &w.cut, plan, version, at),
             )
             .await?;
-            tx.commit().await
-        })
+        }
+        tx.commit().await?;
+        Ok(w.outcome())
     }
 
-    fn switch_plan<'a>(
-        &'a self,
-        customer: &'a str,
-        plan: &'a str,
-        version: u32,
-        at: DateTime<Utc>,
-        actor: &'a str,
-    ) -> BoxFuture<'a, StateResult<SwitchOutcome>> {
-        Box::pin(async move {
-            let mut tx = self.begin().await?;
-            let now = Utc::now();
-            tx.lock_customer(customer).await?;
-            tx.require_plan(plan, version).await?;
-            let rows = tx.history(customer).await?;
-            let w = SwitchWrites::plan(rows, customer, plan, version, at)?;
-            if !w.changes() {
-                return Ok(w.outcome());
-            }
-            for old in &w.withdrawn {
-                tx.run(q("DELETE FROM subscriptions WHERE id = $1").bind(old.id))
-                    .await?;
-                tx.audit(
-                    actor,
-                    now,
-                    AuditRecord::subscription_withdraw(customer, old, "switch"),
-                )
-                .await?;
-            }
-            if w.cut_end != w.cut.end {
-                tx.run(
-                    q("UPDATE subscriptions SET ends_at = $2 WHERE id = $1")
-                        .bind(w.cut.id)
-                        .bind(w.cut_end),
-                )
-                .await?;
-            }
-            if w.insert {
-                tx.run(insert_subscription(customer, plan, version, at))
-                    .await?;
-                tx.audit(
-                    actor,
-                    now,
-                    AuditRecord::subscription_switch(customer, &w.cut, plan, version, at),
-                )
-                .await?;
-            }
-            tx.commit().await?;
-            Ok(w.outcome())
-        })
+    async fn subscriptions(&self, customer: &str) -> StateResult<Vec<Subscription>> {
+        // A read: one snapshot, no lock.
+        let mut tx = Tx::<D>(self.db.snapshot().await?);
+        tx.opt(q("SELECT 1 FROM customers WHERE id = $1").bind(customer))
+            .await?
+            .ok_or_else(|| customer_not_found(customer))?;
+        let rows = tx.history(customer).await?;
+        tx.commit().await?;
+        Ok(rows)
     }
 
-    fn subscriptions<'a>(
-        &'a self,
-        customer: &'a str,
-    ) -> BoxFuture<'a, StateResult<Vec<Subscription>>> {
-        Box::pin(async move {
-            // A read: one snapshot, no lock.
-            let mut tx = Tx::<D>(self.db.snapshot().await?);
-            tx.opt(q("SELECT 1 FROM customers WHERE id = $1").bind(customer))
-                .await?
-                .ok_or_else(|| customer_not_found(customer))?;
-            let rows = tx.history(customer).await?;
-            tx.commit().await?;
-            Ok(rows)
-        })
-    }
-
-    fn withdraw_change<'a>(
-        &'a self,
-        customer: &'a str,
+    async fn withdraw_change(
+        &self,
+        customer: &str,
         id: i64,
         now: DateTime<Utc>,
-        actor: &'a str,
-    ) -> BoxFuture<'a, StateResult<Subscription>> {
-        Box::pin(async move {
-            let mut tx = self.begin().await?;
-            tx.lock_customer(customer).await?;
-            let rows = tx.history(customer).await?;
-            let Some(w) = WithdrawWrites::plan(&rows, customer, id, now)? else {
-                let entries = tx
-                    .all(
-                        q(
-                            "SELECT id, at, actor, action, subject, before, after FROM audit_log \
-                           WHERE subject = $1 AND action = $2 ORDER BY id",
-                        )
-                        .bind(format!("customer:{customer}"))
-                        .bind(WITHDRAW_ACTION),
+        actor: &str,
+    ) -> StateResult<Subscription> {
+        let mut tx = self.begin().await?;
+        tx.lock_customer(customer).await?;
+        let rows = tx.history(customer).await?;
+        let Some(w) = WithdrawWrites::plan(&rows, customer, id, now)? else {
+            let entries = tx
+                .all(
+                    q(
+                        "SELECT id, at, actor, action, subject, before, after FROM audit_log \
+                       WHERE subject = $1 AND action = $2 ORDER BY id",
                     )
-                    .await?
-                    .iter()
-                    .map(audit_entry_from)
-                    .collect::<StateResult<Vec<_>>>()?;
-                return withdrawn_earlier(&entries, customer, id);
-            };
-            tx.run(q("DELETE FROM subscriptions WHERE id = $1").bind(w.withdrawn.id))
-                .await?;
-            tx.run(
-                q("UPDATE subscriptions SET ends_at = $2 WHERE id = $1")
-                    .bind(w.previous.id)
-                    .bind(w.withdrawn.end),
-            )
-            .await?;
-            tx.audit(
-                actor,
-                Utc::now(),
-                AuditRecord::subscription_withdraw(customer, &w.withdrawn, "withdrawal"),
-            )
-            .await?;
-            tx.commit().await?;
-            Ok(w.withdrawn)
-        })
-    }
-
-    fn set_seats<'a>(
-        &'a self,
-        customer: &'a str,
-        seats: u32,
-        at: DateTime<Utc>,
-        actor: &'a str,
-    ) -> BoxFuture<'a, StateResult<()>> {
-        Box::pin(async move {
-            let seats_i = seats_value(seats)?;
-            let mut tx = self.begin().await?;
-            let now = Utc::now();
-            tx.lock_customer(customer).await?;
-            let before = tx
-                .opt(
-                    q("SELECT seats FROM seat_changes WHERE customer_id = $1 AND effective_at <= $2 \
-                       ORDER BY effective_at DESC LIMIT 1")
-                    .bind(customer)
-                    .bind(at),
+                    .bind(format!("customer:{customer}"))
+                    .bind(WITHDRAW_ACTION),
                 )
-                .await?
-                .map(|r| r.int("seats"))
-                .transpose()?;
-            tx.run(
-                q("INSERT INTO seat_changes (customer_id, effective_at, seats) VALUES ($1, $2, $3) \
-                   ON CONFLICT (customer_id, effective_at) DO UPDATE SET seats = excluded.seats")
-                .bind(customer)
-                .bind(at)
-                .bind(seats_i),
-            )
-            .await?;
-            tx.audit(
-                actor,
-                now,
-                AuditRecord::seats_set(customer, before, seats, at),
-            )
-            .await?;
-            tx.commit().await
-        })
-    }
-
-    fn plan_segments<'a>(
-        &'a self,
-        customer: &'a str,
-        period: Period,
-    ) -> BoxFuture<'a, StateResult<Vec<PlanSegment>>> {
-        Box::pin(async move {
-            Ok(self
-                .segments(Some(customer), period)
-                .await?
-                .remove(customer)
-                .unwrap_or_default())
-        })
-    }
-
-    fn seat_intervals<'a>(
-        &'a self,
-        customer: &'a str,
-        period: Period,
-    ) -> BoxFuture<'a, StateResult<Vec<SeatInterval>>> {
-        Box::pin(async move {
-            Ok(self
-                .seats(Some(customer), period)
-                .await?
-                .remove(customer)
-                .unwrap_or_default())
-        })
-    }
-
-    fn audit_log<'a>(&'a self, subject: &'a str) -> BoxFuture<'a, StateResult<Vec<AuditEntry>>> {
-        Box::pin(async move {
-            self.read(
-                q(
-                    "SELECT id, at, actor, action, subject, before, after FROM audit_log \
-                   WHERE subject = $1 ORDER BY id",
-                )
-                .bind(subject),
-            )
-            .await?
-            .iter()
-            .map(audit_entry_from)
-            .collect()
-        })
-    }
-
-    fn list_plans(&self) -> BoxFuture<'_, StateResult<Vec<PublishedPlan>>> {
-        Box::pin(async move {
-            self.read(q(
-                "SELECT body, retired_at IS NOT NULL AS retired FROM plan_versions ORDER BY plan, version",
-            ))
-            .await?
-            .iter()
-            .map(published_plan_from)
-            .collect()
-        })
-    }
-
-    fn retire_plan<'a>(
-        &'a self,
-        plan: &'a str,
-        version: u32,
-        actor: &'a str,
-    ) -> BoxFuture<'a, StateResult<()>> {
-        Box::pin(async move {
-            let mut tx = self.begin().await?;
-            let now = Utc::now();
-            let n = tx
-                .run(
-                    q("UPDATE plan_versions SET retired_at = $3 \
-                       WHERE plan = $1 AND version = $2 AND retired_at IS NULL")
-                    .bind(plan)
-                    .bind(version as i32)
-                    .bind(now),
-                )
-                .await?;
-            if n == 0 {
-                let exists = tx
-                    .opt(
-                        q("SELECT 1 FROM plan_versions WHERE plan = $1 AND version = $2")
-                            .bind(plan)
-                            .bind(version as i32),
-                    )
-                    .await?;
-                return Err(retire_refused(exists.is_some(), plan, version));
-            }
-            tx.audit(actor, now, AuditRecord::plan_retire(plan, version))
-                .await?;
-            tx.commit().await
-        })
-    }
-
-    fn customer<'a>(&'a self, id: &'a str) -> BoxFuture<'a, StateResult<Customer>> {
-        Box::pin(async move {
-            let row = self
-                .read_opt(q("SELECT id, external_id, name FROM customers WHERE id = $1").bind(id))
-                .await?
-                .ok_or_else(|| customer_not_found(id))?;
-            customer_from(&row)
-        })
-    }
-
-    fn list_customers<'a>(
-        &'a self,
-        after: Option<&'a str>,
-        limit: u32,
-    ) -> BoxFuture<'a, StateResult<Vec<Customer>>> {
-        Box::pin(async move {
-            self.read(
-                q("SELECT id, external_id, name FROM customers \
-                   WHERE (CAST($1 AS TEXT) IS NULL OR id > $1) ORDER BY id LIMIT $2")
-                .bind(after)
-                .bind(limit as i64),
-            )
-            .await?
-            .iter()
-            .map(customer_from)
-            .collect()
-        })
-    }
-
-    fn create_app<'a>(&'a self, app: &'a App, actor: &'a str) -> BoxFuture<'a, StateResult<()>> {
-        Box::pin(async move {
-            let mut tx = self.begin().await?;
-            let now = Utc::now();
-            tx.lock_customer(&app.customer_id).await?;
-            tx.run_or(
-                q("INSERT INTO apps (customer_id, app, name, created_at) VALUES ($1, $2, $3, $4)")
-                    .bind(&app.customer_id)
-                    .bind(&app.app)
-                    .bind(&app.name)
-                    .bind(now),
-                format!("app {} exists", app.app),
-            )
-            .await?;
-            tx.audit(actor, now, AuditRecord::app_create(app)).await?;
-            tx.commit().await
-        })
-    }
-
-    fn apps<'a>(&'a self, customer: &'a str) -> BoxFuture<'a, StateResult<Vec<App>>> {
-        Box::pin(async move {
-            self.read(
-                q("SELECT customer_id, app, name FROM apps WHERE customer_id = $1 ORDER BY app")
-                    .bind(customer),
-            )
-            .await?
-            .iter()
-            .map(app_from)
-            .collect()
-        })
-    }
-
-    fn plan_segments_all(
-        &self,
-        period: Period,
-    ) -> BoxFuture<'_, StateResult<HashMap<String, Vec<PlanSegment>>>> {
-        Box::pin(self.segments(None, period))
-    }
-
-    fn seat_intervals_all(
-        &self,
-        period: Period,
-    ) -> BoxFuture<'_, StateResult<HashMap<String, Vec<SeatInterval>>>> {
-        Box::pin(self.seats(None, period))
-    }
-
-    fn billing_start(&self) -> BoxFuture<'_, StateResult<Option<DateTime<Utc>>>> {
-        Box::pin(async move {
-            self.read_one(q("SELECT min(starts_at) AS s FROM subscriptions"))
-                .await?
-                .opt_time("s")
-        })
-    }
-
-    fn invoices_in_period(
-        &self,
-        start: DateTime<Utc>,
-    ) -> BoxFuture<'_, StateResult<HashMap<String, Invoice>>> {
-        Box::pin(async move {
-            let sql = format!("SELECT {INVOICE_COLUMNS} FROM invoices WHERE period_start = $1");
-            self.read(q(sql).bind(start))
                 .await?
                 .iter()
-                .map(|r| invoice_from(r).map(|i| (i.customer_id.clone(), i)))
-                .collect()
-        })
+                .map(audit_entry_from)
+                .collect::<StateResult<Vec<_>>>()?;
+            return withdrawn_earlier(&entries, customer, id);
+        };
+        tx.run(q("DELETE FROM subscriptions WHERE id = $1").bind(w.withdrawn.id))
+            .await?;
+        tx.run(
+            q("UPDATE subscriptions SET ends_at = $2 WHERE id = $1")
+                .bind(w.previous.id)
+                .bind(w.withdrawn.end),
+        )
+        .await?;
+        tx.audit(
+            actor,
+            Utc::now(),
+            AuditRecord::subscription_withdraw(customer, &w.withdrawn, "withdrawal"),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(w.withdrawn)
     }
 
-    fn open_carried<'a>(
-        &'a self,
-        customer: Option<&'a str>,
-    ) -> BoxFuture<'a, StateResult<HashMap<String, Vec<Invoice>>>> {
-        Box::pin(async move {
-            Ok(by_customer(
-                self.invoices_where(
-                    "sync_status = 'carried_forward' AND carried_to IS NULL \
-                     AND (CAST($1 AS TEXT) IS NULL OR customer_id = $1)",
-                    customer,
+    async fn set_seats(
+        &self,
+        customer: &str,
+        seats: u32,
+        at: DateTime<Utc>,
+        actor: &str,
+    ) -> StateResult<()> {
+        let seats_i = seats_value(seats)?;
+        let mut tx = self.begin().await?;
+        let now = Utc::now();
+        tx.lock_customer(customer).await?;
+        let before = tx
+            .opt(
+                q(
+                    "SELECT seats FROM seat_changes WHERE customer_id = $1 AND effective_at <= $2 \
+                   ORDER BY effective_at DESC LIMIT 1",
                 )
-                .await?,
-            ))
-        })
+                .bind(customer)
+                .bind(at),
+            )
+            .await?
+            .map(|r| r.int("seats"))
+            .transpose()?;
+        tx.run(
+            q(
+                "INSERT INTO seat_changes (customer_id, effective_at, seats) VALUES ($1, $2, $3) \
+               ON CONFLICT (customer_id, effective_at) DO UPDATE SET seats = excluded.seats",
+            )
+            .bind(customer)
+            .bind(at)
+            .bind(seats_i),
+        )
+        .await?;
+        tx.audit(
+            actor,
+            now,
+            AuditRecord::seats_set(customer, before, seats, at),
+        )
+        .await?;
+        tx.commit().await
     }
 
-    fn insert_invoices(
+    async fn plan_segments(&self, customer: &str, period: Period) -> StateResult<Vec<PlanSegment>> {
+        Ok(self
+            .segments(Some(customer), period)
+            .await?
+            .remove(customer)
+            .unwrap_or_default())
+    }
+
+    async fn seat_intervals(
+        &self,
+        customer: &str,
+        period: Period,
+    ) -> StateResult<Vec<SeatInterval>> {
+        Ok(self
+            .seats(Some(customer), period)
+            .await?
+            .remove(customer)
+            .unwrap_or_default())
+    }
+
+    async fn audit_log(&self, subject: &str) -> StateResult<Vec<AuditEntry>> {
+        self.read(
+            q(
+                "SELECT id, at, actor, action, subject, before, after FROM audit_log \
+               WHERE subject = $1 ORDER BY id",
+            )
+            .bind(subject),
+        )
+        .await?
+        .iter()
+        .map(audit_entry_from)
+        .collect()
+    }
+
+    async fn list_plans(&self) -> StateResult<Vec<PublishedPlan>> {
+        self.read(q(
+            "SELECT body, retired_at IS NOT NULL AS retired FROM plan_versions ORDER BY plan, version",
+        ))
+        .await?
+        .iter()
+        .map(published_plan_from)
+        .collect()
+    }
+
+    async fn retire_plan(&self, plan: &str, version: u32, actor: &str) -> StateResult<()> {
+        let mut tx = self.begin().await?;
+        let now = Utc::now();
+        let n = tx
+            .run(
+                q("UPDATE plan_versions SET retired_at = $3 \
+                   WHERE plan = $1 AND version = $2 AND retired_at IS NULL")
+                .bind(plan)
+                .bind(version as i32)
+                .bind(now),
+            )
+            .await?;
+        if n == 0 {
+            let exists = tx
+                .opt(
+                    q("SELECT 1 FROM plan_versions WHERE plan = $1 AND version = $2")
+                        .bind(plan)
+                        .bind(version as i32),
+                )
+                .await?;
+            return Err(retire_refused(exists.is_some(), plan, version));
+        }
+        tx.audit(actor, now, AuditRecord::plan_retire(plan, version))
+            .await?;
+        tx.commit().await
+    }
+
+    async fn customer(&self, id: &str) -> StateResult<Customer> {
+        let row = self
+            .read_opt(q("SELECT id, external_id, name FROM customers WHERE id = $1").bind(id))
+            .await?
+            .ok_or_else(|| customer_not_found(id))?;
+        customer_from(&row)
+    }
+
+    async fn list_customers(&self, after: Option<&str>, limit: u32) -> StateResult<Vec<Customer>> {
+        self.read(
+            q("SELECT id, external_id, name FROM customers \
+               WHERE (CAST($1 AS TEXT) IS NULL OR id > $1) ORDER BY id LIMIT $2")
+            .bind(after)
+            .bind(limit as i64),
+        )
+        .await?
+        .iter()
+        .map(customer_from)
+        .collect()
+    }
+
+    async fn create_app(&self, app: &App, actor: &str) -> StateResult<()> {
+        let mut tx = self.begin().await?;
+        let now = Utc::now();
+        tx.lock_customer(&app.customer_id).await?;
+        tx.run_or(
+            q("INSERT INTO apps (customer_id, app, name, created_at) VALUES ($1, $2, $3, $4)")
+                .bind(&app.customer_id)
+                .bind(&app.app)
+                .bind(&app.name)
+                .bind(now),
+            format!("app {} exists", app.app),
+        )
+        .await?;
+        tx.audit(actor, now, AuditRecord::app_create(app)).await?;
+        tx.commit().await
+    }
+
+    async fn apps(&self, customer: &str) -> StateResult<Vec<App>> {
+        self.read(
+            q("SELECT customer_id, app, name FROM apps WHERE customer_id = $1 ORDER BY app")
+                .bind(customer),
+        )
+        .await?
+        .iter()
+        .map(app_from)
+        .collect()
+    }
+
+    async fn plan_segments_all(
+        &self,
+        period: Period,
+    ) -> StateResult<HashMap<String, Vec<PlanSegment>>> {
+        self.segments(None, period).await
+    }
+
+    async fn seat_intervals_all(
+        &self,
+        period: Period,
+    ) -> StateResult<HashMap<String, Vec<SeatInterval>>> {
+        self.seats(None, period).await
+    }
+
+    async fn billing_start(&self) -> StateResult<Option<DateTime<Utc>>> {
+        self.read_one(q("SELECT min(starts_at) AS s FROM subscriptions"))
+            .await?
+            .opt_time("s")
+    }
+
+    async fn invoices_in_period(
+        &self,
+        start: DateTime<Utc>,
+    ) -> StateResult<HashMap<String, Invoice>> {
+        let sql = format!("SELECT {INVOICE_COLUMNS} FROM invoices WHERE period_start = $1");
+        self.read(q(sql).bind(start))
+            .await?
+            .iter()
+            .map(|r| invoice_from(r).map(|i| (i.customer_id.clone(), i)))
+            .collect()
+    }
+
+    async fn open_carried(
+        &self,
+        customer: Option<&str>,
+    ) -> StateResult<HashMap<String, Vec<Invoice>>> {
+        Ok(by_customer(
+            self.invoices_where(
+                "sync_status = 'carried_forward' AND carried_to IS NULL \
+                 AND (CAST($1 AS TEXT) IS NULL OR customer_id = $1)",
+                customer,
+            )
+            .await?,
+        ))
+    }
+
+    async fn insert_invoices(
         &self,
         new: Vec<NewInvoice>,
         finalized_at: DateTime<Utc>,
-    ) -> BoxFuture<'_, StateResult<Vec<Invoice>>> {
-        Box::pin(async move {
-            let mut tx = self.begin().await?;
-            // The counter row lock serializes finalizers until commit.
-            let mut last = tx
-                .one(q(format!(
-                    "SELECT last FROM invoice_numbers WHERE id{}",
-                    D::FOR_UPDATE
-                )))
-                .await?
-                .bigint("last")?;
-            let mut written = Vec::with_capacity(new.len());
-            for n in new {
-                let exists = tx
-                    .opt(
-                        q("SELECT 1 FROM invoices WHERE customer_id = $1 AND period_start = $2")
-                            .bind(&n.customer_id)
-                            .bind(n.period.start),
-                    )
-                    .await?;
-                if exists.is_some() {
-                    continue;
-                }
-                last += 1;
-                let number = crate::invoice::invoice_number(last);
-                let body = serde_json::to_value(&n.body)
-                    .map_err(|e| StateError::Invalid(e.to_string()))?;
-                let row = tx
-                    .one(
-                        q(format!(
-                            "INSERT INTO invoices (id, seq, number, customer_id, period_start, period_end, \
-                             currency, subtotal, adjustments_total, carried_in, total, body, finalized_at, \
-                             sync_status) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
-                             RETURNING {INVOICE_COLUMNS}"
-                        ))
-                        .bind(&n.id)
-                        .bind(last)
-                        .bind(number)
+    ) -> StateResult<Vec<Invoice>> {
+        let mut tx = self.begin().await?;
+        // The counter row lock serializes finalizers until commit.
+        let mut last = tx
+            .one(q(format!(
+                "SELECT last FROM invoice_numbers WHERE id{}",
+                D::FOR_UPDATE
+            )))
+            .await?
+            .bigint("last")?;
+        let mut written = Vec::with_capacity(new.len());
+        for n in new {
+            let exists = tx
+                .opt(
+                    q("SELECT 1 FROM invoices WHERE customer_id = $1 AND period_start = $2")
                         .bind(&n.customer_id)
-                        .bind(n.period.start)
-                        .bind(n.period.end)
-                        .bind(&n.currency)
-                        .bind(n.subtotal)
-                        .bind(n.adjustments_total)
-                        .bind(n.carried_in)
-                        .bind(n.total)
-                        .bind(body)
-                        .bind(finalized_at)
-                        .bind(n.sync_status.as_str()),
+                        .bind(n.period.start),
+                )
+                .await?;
+            if exists.is_some() {
+                continue;
+            }
+            last += 1;
+            let number = crate::invoice::invoice_number(last);
+            let body =
+                serde_json::to_value(&n.body).map_err(|e| StateError::Invalid(e.to_string()))?;
+            let row = tx
+                .one(
+                    q(format!(
+                        "INSERT INTO invoices (id, seq, number, customer_id, period_start, period_end, \
+                         currency, subtotal, adjustments_total, carried_in, total, body, finalized_at, \
+                         sync_status) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
+                         RETURNING {INVOICE_COLUMNS}"
+                    ))
+                    .bind(&n.id)
+                    .bind(last)
+                    .bind(number)
+                    .bind(&n.customer_id)
+                    .bind(n.period.start)
+                    .bind(n.period.end)
+                    .bind(&n.currency)
+                    .bind(n.subtotal)
+                    .bind(n.adjustments_total)
+                    .bind(n.carried_in)
+                    .bind(n.total)
+                    .bind(body)
+                    .bind(finalized_at)
+                    .bind(n.sync_status.as_str()),
+                )
+                .await?;
+            // An invoice under the minimum points the earlier ones it
+            // carries at itself; each is carried once.
+            let carried = carried_ids(&n);
+            let mut moved = 0;
+            for id in &carried {
+                moved += tx
+                    .run(
+                        q("UPDATE invoices SET carried_to = $1 WHERE id = $2 AND customer_id = $3 \
+                           AND carried_to IS NULL AND sync_status = 'carried_forward'")
+                        .bind(&n.id)
+                        .bind(id)
+                        .bind(&n.customer_id),
                     )
                     .await?;
-                // An invoice under the minimum points the earlier ones it
-                // carries at itself; each is carried once.
-                let carried = carried_ids(&n);
-                let mut moved = 0;
-                for id in &carried {
-                    moved += tx
-                        .run(
-                            q("UPDATE invoices SET carried_to = $1 WHERE id = $2 AND customer_id = $3 \
-                               AND carried_to IS NULL AND sync_status = 'carried_forward'")
-                            .bind(&n.id)
-                            .bind(id)
-                            .bind(&n.customer_id),
-                        )
-                        .await?;
-                }
-                check_carried_moved(&n, moved, carried.len())?;
-                written.push(invoice_from(&row)?);
             }
-            tx.run(q("UPDATE invoice_numbers SET last = $1 WHERE id").bind(last))
-                .await?;
-            tx.commit().await?;
-            Ok(written)
-        })
+            check_carried_moved(&n, moved, carried.len())?;
+            written.push(invoice_from(&row)?);
+        }
+        tx.run(q("UPDATE invoice_numbers SET last = $1 WHERE id").bind(last))
+            .await?;
+        tx.commit().await?;
+        Ok(written)
     }
 
-    fn invoice<'a>(&'a self, id: &'a str) -> BoxFuture<'a, StateResult<Invoice>> {
-        Box::pin(async move {
-            self.invoices_where("id = $1", Some(id))
-                .await?
-                .pop()
-                .ok_or_else(|| StateError::NotFound(format!("invoice {id}")))
-        })
+    async fn invoice(&self, id: &str) -> StateResult<Invoice> {
+        self.invoices_where("id = $1", Some(id))
+            .await?
+            .pop()
+            .ok_or_else(|| StateError::NotFound(format!("invoice {id}")))
     }
 
-    fn invoices_of<'a>(&'a self, customer: &'a str) -> BoxFuture<'a, StateResult<Vec<Invoice>>> {
-        Box::pin(self.invoices_where("customer_id = $1", Some(customer)))
+    async fn invoices_of(&self, customer: &str) -> StateResult<Vec<Invoice>> {
+        self.invoices_where("customer_id = $1", Some(customer))
+            .await
     }
 
-    fn pending_sync(&self, limit: u32) -> BoxFuture<'_, StateResult<Vec<Invoice>>> {
-        Box::pin(async move {
-            let sql = format!(
-                "SELECT {INVOICE_COLUMNS} FROM invoices WHERE sync_status = $1 ORDER BY seq LIMIT $2"
-            );
-            self.read(q(sql).bind(SyncStatus::Pending.as_str()).bind(limit as i64))
-                .await?
-                .iter()
-                .map(invoice_from)
-                .collect()
-        })
+    async fn pending_sync(&self, limit: u32) -> StateResult<Vec<Invoice>> {
+        let sql = format!(
+            "SELECT {INVOICE_COLUMNS} FROM invoices WHERE sync_status = $1 ORDER BY seq LIMIT $2"
+        );
+        self.read(q(sql).bind(SyncStatus::Pending.as_str()).bind(limit as i64))
+            .await?
+            .iter()
+            .map(invoice_from)
+            .collect()
     }
 
-    fn stripe_customer<'a>(
-        &'a self,
-        customer: &'a str,
-    ) -> BoxFuture<'a, StateResult<Option<String>>> {
-        Box::pin(async move {
-            self.read_opt(
-                q("SELECT stripe_customer_id FROM customers WHERE id = $1").bind(customer),
-            )
+    async fn stripe_customer(&self, customer: &str) -> StateResult<Option<String>> {
+        self.read_opt(q("SELECT stripe_customer_id FROM customers WHERE id = $1").bind(customer))
             .await?
             .ok_or_else(|| customer_not_found(customer))?
             .opt_text("stripe_customer_id")
-        })
     }
 
-    fn set_stripe_customer<'a>(
-        &'a self,
-        customer: &'a str,
-        stripe_id: &'a str,
-    ) -> BoxFuture<'a, StateResult<()>> {
-        Box::pin(async move {
-            self.execute(
-                q("UPDATE customers SET stripe_customer_id = $2 WHERE id = $1")
-                    .bind(customer)
-                    .bind(stripe_id),
-            )
-            .await?;
-            Ok(())
-        })
+    async fn set_stripe_customer(&self, customer: &str, stripe_id: &str) -> StateResult<()> {
+        self.execute(
+            q("UPDATE customers SET stripe_customer_id = $2 WHERE id = $1")
+                .bind(customer)
+                .bind(stripe_id),
+        )
+        .await?;
+        Ok(())
     }
 
-    fn set_stripe_invoice<'a>(
-        &'a self,
-        invoice: &'a str,
-        stripe_id: &'a str,
-    ) -> BoxFuture<'a, StateResult<()>> {
-        Box::pin(async move {
-            self.execute(
-                q("UPDATE invoices SET stripe_invoice_id = $2 WHERE id = $1")
-                    .bind(invoice)
-                    .bind(stripe_id),
-            )
-            .await?;
-            Ok(())
-        })
+    async fn set_stripe_invoice(&self, invoice: &str, stripe_id: &str) -> StateResult<()> {
+        self.execute(
+            q("UPDATE invoices SET stripe_invoice_id = $2 WHERE id = $1")
+                .bind(invoice)
+                .bind(stripe_id),
+        )
+        .await?;
+        Ok(())
     }
 
-    fn set_sync_status<'a>(
-        &'a self,
-        invoice: &'a str,
+    async fn set_sync_status(
+        &self,
+        invoice: &str,
         status: SyncStatus,
-        error: Option<&'a str>,
-    ) -> BoxFuture<'a, StateResult<()>> {
-        Box::pin(async move {
-            self.execute(
-                q("UPDATE invoices SET sync_status = $2, sync_error = $3 WHERE id = $1")
-                    .bind(invoice)
-                    .bind(status.as_str())
-                    .bind(error),
-            )
-            .await?;
-            Ok(())
-        })
+        error: Option<&str>,
+    ) -> StateResult<()> {
+        self.execute(
+            q("UPDATE invoices SET sync_status = $2, sync_error = $3 WHERE id = $1")
+                .bind(invoice)
+                .bind(status.as_str())
+                .bind(error),
+        )
+        .await?;
+        Ok(())
     }
 
-    fn set_payment_status<'a>(
-        &'a self,
-        stripe_invoice_id: &'a str,
+    async fn set_payment_status(
+        &self,
+        stripe_invoice_id: &str,
         status: PaymentStatus,
-    ) -> BoxFuture<'a, StateResult<bool>> {
-        Box::pin(async move {
-            let n = self
-                .execute(
-                    q("UPDATE invoices SET payment_status = $2 WHERE stripe_invoice_id = $1")
-                        .bind(stripe_invoice_id)
-                        .bind(status.as_str()),
+    ) -> StateResult<bool> {
+        let n = self
+            .execute(
+                q("UPDATE invoices SET payment_status = $2 WHERE stripe_invoice_id = $1")
+                    .bind(stripe_invoice_id)
+                    .bind(status.as_str()),
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn create_api_key(&self, key: &ApiKey, actor: &str) -> StateResult<()> {
+        let mut tx = self.begin().await?;
+        let now = Utc::now();
+        if let Some(c) = &key.customer_id {
+            tx.lock_customer(c).await?;
+        }
+        tx.run_or(
+            q(
+                "INSERT INTO api_keys (id, role, customer_id, label, key_sha256, created_at) \
+               VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(&key.id)
+            .bind(key.role.as_str())
+            .bind(&key.customer_id)
+            .bind(&key.label)
+            .bind(&key.key_sha256)
+            .bind(key.created_at),
+            format!("key {} exists", key.id),
+        )
+        .await?;
+        tx.audit(actor, now, AuditRecord::key_create(key)).await?;
+        tx.commit().await
+    }
+
+    async fn api_keys(&self) -> StateResult<Vec<ApiKey>> {
+        let sql = format!("SELECT {API_KEY_COLUMNS} FROM api_keys ORDER BY created_at DESC, id");
+        self.read(q(sql)).await?.iter().map(api_key_from).collect()
+    }
+
+    async fn revoke_api_key(&self, id: &str, actor: &str) -> StateResult<ApiKey> {
+        let mut tx = self.begin().await?;
+        let now = Utc::now();
+        let sql = format!(
+            "UPDATE api_keys SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL \
+             RETURNING {API_KEY_COLUMNS}"
+        );
+        let row = tx
+            .opt(q(sql).bind(id).bind(now))
+            .await?
+            .ok_or_else(|| StateError::NotFound(format!("active key {id}")))?;
+        let key = api_key_from(&row)?;
+        tx.audit(actor, now, AuditRecord::key_revoke(&key)).await?;
+        tx.commit().await?;
+        Ok(key)
+    }
+
+    async fn set_spending_cap(
+        &self,
+        customer: &str,
+        cap: Option<Decimal>,
+        actor: &str,
+    ) -> StateResult<()> {
+        self.set_customer_field(customer, "spending_cap", cap, actor, move |r| {
+            Ok(AuditRecord::spending_cap_set(
+                customer,
+                r.opt_decimal("spending_cap")?,
+                cap,
+            ))
+        })
+        .await
+    }
+
+    async fn set_suspended(&self, customer: &str, suspended: bool, actor: &str) -> StateResult<()> {
+        self.set_customer_field(customer, "suspended", suspended, actor, move |r| {
+            Ok(AuditRecord::suspended_set(
+                customer,
+                r.flag("suspended")?,
+                suspended,
+            ))
+        })
+        .await
+    }
+
+    async fn quota_settings(&self) -> StateResult<HashMap<String, QuotaSettings>> {
+        self.read(q("SELECT id, suspended, spending_cap FROM customers"))
+            .await?
+            .iter()
+            .map(|r| {
+                Ok((
+                    r.text("id")?,
+                    (r.flag("suspended")?, r.opt_decimal("spending_cap")?),
+                ))
+            })
+            .collect()
+    }
+
+    async fn record_alerts(
+        &self,
+        alerts: &[NewAlert],
+        now: DateTime<Utc>,
+    ) -> StateResult<Vec<NewAlert>> {
+        let mut raised = Vec::new();
+        let mut tx = self.begin().await?;
+        let created_at = Utc::now();
+        for a in alerts {
+            let n = tx
+                .run(
+                    q("INSERT INTO usage_alerts (customer_id, period_start, kind, subject, threshold, \
+                       payload, created_at, next_attempt_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                       ON CONFLICT (customer_id, period_start, kind, subject, threshold) DO NOTHING")
+                    .bind(&a.customer_id)
+                    .bind(a.period_start)
+                    .bind(a.kind.as_str())
+                    .bind(&a.subject)
+                    .bind(a.threshold as i32)
+                    .bind(&a.payload)
+                    .bind(created_at)
+                    .bind(now),
                 )
                 .await?;
-            Ok(n > 0)
-        })
-    }
-
-    fn create_api_key<'a>(
-        &'a self,
-        key: &'a ApiKey,
-        actor: &'a str,
-    ) -> BoxFuture<'a, StateResult<()>> {
-        Box::pin(async move {
-            let mut tx = self.begin().await?;
-            let now = Utc::now();
-            if let Some(c) = &key.customer_id {
-                tx.lock_customer(c).await?;
+            if n > 0 {
+                raised.push(a.clone());
             }
-            tx.run_or(
-                q(
-                    "INSERT INTO api_keys (id, role, customer_id, label, key_sha256, created_at) \
-                   VALUES ($1, $2, $3, $4, $5, $6)",
-                )
-                .bind(&key.id)
-                .bind(key.role.as_str())
-                .bind(&key.customer_id)
-                .bind(&key.label)
-                .bind(&key.key_sha256)
-                .bind(key.created_at),
-                format!("key {} exists", key.id),
-            )
-            .await?;
-            tx.audit(actor, now, AuditRecord::key_create(key)).await?;
-            tx.commit().await
-        })
+        }
+        tx.commit().await?;
+        Ok(raised)
     }
 
-    fn api_keys(&self) -> BoxFuture<'_, StateResult<Vec<ApiKey>>> {
-        Box::pin(async move {
-            let sql =
-                format!("SELECT {API_KEY_COLUMNS} FROM api_keys ORDER BY created_at DESC, id");
-            self.read(q(sql)).await?.iter().map(api_key_from).collect()
-        })
-    }
-
-    fn revoke_api_key<'a>(
-        &'a self,
-        id: &'a str,
-        actor: &'a str,
-    ) -> BoxFuture<'a, StateResult<ApiKey>> {
-        Box::pin(async move {
-            let mut tx = self.begin().await?;
-            let now = Utc::now();
-            let sql = format!(
-                "UPDATE api_keys SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL \
-                 RETURNING {API_KEY_COLUMNS}"
-            );
-            let row = tx
-                .opt(q(sql).bind(id).bind(now))
-                .await?
-                .ok_or_else(|| StateError::NotFound(format!("active key {id}")))?;
-            let key = api_key_from(&row)?;
-            tx.audit(actor, now, AuditRecord::key_revoke(&key)).await?;
-            tx.commit().await?;
-            Ok(key)
-        })
-    }
-
-    fn set_spending_cap<'a>(
-        &'a self,
-        customer: &'a str,
-        cap: Option<Decimal>,
-        actor: &'a str,
-    ) -> BoxFuture<'a, StateResult<()>> {
-        Box::pin(
-            self.set_customer_field(customer, "spending_cap", cap, actor, move |r| {
-                Ok(AuditRecord::spending_cap_set(
-                    customer,
-                    r.opt_decimal("spending_cap")?,
-                    cap,
-                ))
-            }),
-        )
-    }
-
-    fn set_suspended<'a>(
-        &'a self,
-        customer: &'a str,
-        suspended: bool,
-        actor: &'a str,
-    ) -> BoxFuture<'a, StateResult<()>> {
-        Box::pin(
-            self.set_customer_field(customer, "suspended", suspended, actor, move |r| {
-                Ok(AuditRecord::suspended_set(
-                    customer,
-                    r.flag("suspended")?,
-                    suspended,
-                ))
-            }),
-        )
-    }
-
-    fn quota_settings(&self) -> BoxFuture<'_, StateResult<HashMap<String, QuotaSettings>>> {
-        Box::pin(async move {
-            self.read(q("SELECT id, suspended, spending_cap FROM customers"))
-                .await?
-                .iter()
-                .map(|r| {
-                    Ok((
-                        r.text("id")?,
-                        (r.flag("suspended")?, r.opt_decimal("spending_cap")?),
-                    ))
-                })
-                .collect()
-        })
-    }
-
-    fn record_alerts<'a>(
-        &'a self,
-        alerts: &'a [NewAlert],
-        now: DateTime<Utc>,
-    ) -> BoxFuture<'a, StateResult<Vec<NewAlert>>> {
-        Box::pin(async move {
-            let mut raised = Vec::new();
-            let mut tx = self.begin().await?;
-            let created_at = Utc::now();
-            for a in alerts {
-                let n = tx
-                    .run(
-                        q("INSERT INTO usage_alerts (customer_id, period_start, kind, subject, threshold, \
-                           payload, created_at, next_attempt_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-                           ON CONFLICT (customer_id, period_start, kind, subject, threshold) DO NOTHING")
-                        .bind(&a.customer_id)
-                        .bind(a.period_start)
-                        .bind(a.kind.as_str())
-                        .bind(&a.subject)
-                        .bind(a.threshold as i32)
-                        .bind(&a.payload)
-                        .bind(created_at)
-                        .bind(now),
-                    )
-                    .await?;
-                if n > 0 {
-                    raised.push(a.clone());
-                }
-            }
-            tx.commit().await?;
-            Ok(raised)
-        })
-    }
-
-    fn claim_due_alerts(
+    async fn claim_due_alerts(
         &self,
         now: DateTime<Utc>,
         lease: chrono::Duration,
         limit: u32,
-    ) -> BoxFuture<'_, StateResult<Vec<Alert>>> {
-        Box::pin(async move {
-            // One statement: a claimer skips the rows another one holds
-            // (SQLite: the statement holds the only write lock throughout).
-            let sql = format!(
-                "UPDATE usage_alerts SET next_attempt_at = $2 WHERE id IN ( \
-                   SELECT id FROM usage_alerts WHERE status = 'pending' AND next_attempt_at <= $1 \
-                   ORDER BY next_attempt_at, id LIMIT $3{}) \
-                 RETURNING {ALERT_COLUMNS}",
-                D::SKIP_LOCKED
-            );
-            let rows = self
-                .db
-                .write(q(sql).bind(now).bind(now + lease).bind(limit as i64))
-                .await?;
-            let mut out = rows
-                .iter()
-                .map(alert_from)
-                .collect::<StateResult<Vec<Alert>>>()?;
-            out.sort_by_key(|a| a.id);
-            Ok(out)
-        })
+    ) -> StateResult<Vec<Alert>> {
+        // One statement: a claimer skips the rows another one holds
+        // (SQLite: the statement holds the only write lock throughout).
+        let sql = format!(
+            "UPDATE usage_alerts SET next_attempt_at = $2 WHERE id IN ( \
+               SELECT id FROM usage_alerts WHERE status = 'pending' AND next_attempt_at <= $1 \
+               ORDER BY next_attempt_at, id LIMIT $3{}) \
+             RETURNING {ALERT_COLUMNS}",
+            D::SKIP_LOCKED
+        );
+        let rows = self
+            .db
+            .write(q(sql).bind(now).bind(now + lease).bind(limit as i64))
+            .await?;
+        let mut out = rows
+            .iter()
+            .map(alert_from)
+            .collect::<StateResult<Vec<Alert>>>()?;
+        out.sort_by_key(|a| a.id);
+        Ok(out)
     }
 
-    fn settle_alert(&self, id: i64, outcome: AlertOutcome) -> BoxFuture<'_, StateResult<()>> {
-        Box::pin(async move {
-            let q = match outcome {
-                AlertOutcome::Delivered => q(
-                    "UPDATE usage_alerts SET status = 'delivered', attempts = attempts + 1, \
-                     delivered_at = $2, last_error = NULL WHERE id = $1",
-                )
-                .bind(id)
-                .bind(Utc::now()),
-                AlertOutcome::Retry { at, error } => q(
-                    "UPDATE usage_alerts SET attempts = attempts + 1, next_attempt_at = $2, \
-                     last_error = $3 WHERE id = $1",
-                )
-                .bind(id)
-                .bind(at)
-                .bind(error),
-                AlertOutcome::GaveUp { error } => q(
-                    "UPDATE usage_alerts SET status = 'failed', attempts = attempts + 1, \
-                     last_error = $2 WHERE id = $1",
-                )
-                .bind(id)
-                .bind(error),
-            };
-            self.execute(q).await?;
-            Ok(())
-        })
+    async fn settle_alert(&self, id: i64, outcome: AlertOutcome) -> StateResult<()> {
+        let q = match outcome {
+            AlertOutcome::Delivered => q(
+                "UPDATE usage_alerts SET status = 'delivered', attempts = attempts + 1, \
+                 delivered_at = $2, last_error = NULL WHERE id = $1",
+            )
+            .bind(id)
+            .bind(Utc::now()),
+            AlertOutcome::Retry { at, error } => q(
+                "UPDATE usage_alerts SET attempts = attempts + 1, next_attempt_at = $2, \
+                 last_error = $3 WHERE id = $1",
+            )
+            .bind(id)
+            .bind(at)
+            .bind(error),
+            AlertOutcome::GaveUp { error } => q(
+                "UPDATE usage_alerts SET status = 'failed', attempts = attempts + 1, \
+                 last_error = $2 WHERE id = $1",
+            )
+            .bind(id)
+            .bind(error),
+        };
+        self.execute(q).await?;
+        Ok(())
     }
 
-    fn alerts_of<'a>(&'a self, customer: &'a str) -> BoxFuture<'a, StateResult<Vec<Alert>>> {
-        Box::pin(async move {
-            let sql = format!(
-                "SELECT {ALERT_COLUMNS} FROM usage_alerts WHERE customer_id = $1 ORDER BY id"
-            );
-            self.read(q(sql).bind(customer))
-                .await?
-                .iter()
-                .map(alert_from)
-                .collect()
-        })
+    async fn alerts_of(&self, customer: &str) -> StateResult<Vec<Alert>> {
+        let sql =
+            format!("SELECT {ALERT_COLUMNS} FROM usage_alerts WHERE customer_id = $1 ORDER BY id");
+        self.read(q(sql).bind(customer))
+            .await?
+            .iter()
+            .map(alert_from)
+            .collect()
     }
 }
 

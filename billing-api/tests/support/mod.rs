@@ -7,7 +7,7 @@
 use aggregator::metrics::Metrics as AggMetrics;
 use aggregator::pipeline::{DeadLetter, DeadLetterSink, Message, Processor};
 use aggregator::store::clickhouse::ClickHouseStore;
-use aggregator::UsageWriter;
+use aggregator::{DynUsageStore, UsageWriter};
 use billing_api::api::{router, ApiState};
 use billing_api::auth::Authenticator;
 use billing_api::catalog::Catalog;
@@ -15,9 +15,8 @@ use billing_api::finalize::{FinalizeConfig, Finalizer};
 use billing_api::metrics::Metrics;
 use billing_api::service::load_catalog;
 use billing_api::state::postgres::PgState;
-use billing_api::state::StateStore;
+use billing_api::state::{DynStateStore, StateStore};
 use chrono::{DateTime, Utc};
-use futures::future::BoxFuture;
 use reqwest::{Method, StatusCode};
 use rust_decimal::Decimal;
 use schemas::MeterCatalog;
@@ -57,7 +56,7 @@ pub async fn pg_database(test: &str) -> String {
 }
 
 /// A fresh PostgreSQL database: its URL and a migrated state store.
-pub async fn pg(test: &str) -> (String, Arc<PgState>, sqlx::PgPool) {
+pub async fn pg(test: &str) -> (String, Arc<DynStateStore<'static>>, sqlx::PgPool) {
     let url = pg_database(test).await;
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(4)
@@ -66,7 +65,7 @@ pub async fn pg(test: &str) -> (String, Arc<PgState>, sqlx::PgPool) {
         .unwrap();
     let st = PgState::from_pool(pool.clone());
     st.migrate().await.unwrap();
-    (url, Arc::new(st), pool)
+    (url, DynStateStore::new_arc(st), pool)
 }
 
 /// A fresh, migrated SQLite state store (the embedded mode's) in a new
@@ -144,7 +143,7 @@ pub async fn clickhouse_exec(url: &str, sql: &str) -> String {
     text
 }
 
-pub async fn default_catalog(st: &dyn StateStore) {
+pub async fn default_catalog(st: &(impl StateStore + ?Sized)) {
     load_catalog(
         st,
         &Catalog::default_catalog(),
@@ -156,8 +155,8 @@ pub async fn default_catalog(st: &dyn StateStore) {
 
 struct NoDeadLetters;
 impl DeadLetterSink for NoDeadLetters {
-    fn send(&self, letters: Vec<DeadLetter>) -> BoxFuture<'_, anyhow::Result<()>> {
-        Box::pin(async move { anyhow::bail!("unexpected dead letters: {letters:?}") })
+    async fn send(&self, letters: Vec<DeadLetter>) -> anyhow::Result<()> {
+        anyhow::bail!("unexpected dead letters: {letters:?}")
     }
 }
 
@@ -211,13 +210,13 @@ impl Writer {
 }
 
 pub fn finalizer(
-    state: Arc<dyn StateStore>,
+    state: Arc<DynStateStore<'static>>,
     usage: Arc<ClickHouseStore>,
     batch: usize,
 ) -> Finalizer {
     Finalizer {
         state,
-        usage,
+        usage: DynUsageStore::from_arc(usage),
         meters: Arc::new(MeterCatalog::default_catalog()),
         config: FinalizeConfig {
             batch,
@@ -244,7 +243,7 @@ pub struct Api {
     pub base: String,
     pub http: reqwest::Client,
     pub pool: sqlx::PgPool,
-    pub st: Arc<PgState>,
+    pub st: Arc<DynStateStore<'static>>,
     pub usage: Arc<ClickHouseStore>,
     pub quota: Arc<billing_api::quota_service::QuotaService>,
 }
@@ -256,13 +255,13 @@ impl Api {
         default_catalog(st.as_ref()).await;
         let quota = Arc::new(billing_api::quota_service::QuotaService::new(
             st.clone(),
-            usage.clone(),
+            DynUsageStore::from_arc(usage.clone()),
             Arc::new(MeterCatalog::default_catalog()),
         ));
         let app = Arc::new(ApiState {
             quota: quota.clone(),
             state: st.clone(),
-            usage: usage.clone(),
+            usage: DynUsageStore::from_arc(usage.clone()),
             meters: Arc::new(MeterCatalog::default_catalog()),
             metrics: Metrics::new(),
             auth: Arc::new(Authenticator::new(

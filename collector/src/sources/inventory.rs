@@ -29,7 +29,6 @@
 
 use super::{cloud_event, Source};
 use chrono::{DateTime, Duration as CDuration, TimeZone, Utc};
-use futures::future::BoxFuture;
 use rust_decimal::Decimal;
 use schemas::event::previous_month_start;
 use schemas::ids::deterministic_id;
@@ -360,18 +359,16 @@ impl Source for InventorySource {
     fn snapshot(&self) -> serde_json::Value {
         serde_json::to_value(&self.sampler.state).expect("state serializes")
     }
-    fn poll(&mut self, now: DateTime<Utc>) -> BoxFuture<'_, anyhow::Result<Vec<RawEvent>>> {
-        Box::pin(async move {
-            let inv: Inventory = self
-                .http
-                .get(&self.cfg.url)
-                .send()
-                .await?
-                .error_for_status()?
-                .json()
-                .await?;
-            Ok(self.sampler.observe(&inv, now))
-        })
+    async fn poll(&mut self, now: DateTime<Utc>) -> anyhow::Result<Vec<RawEvent>> {
+        let inv: Inventory = self
+            .http
+            .get(&self.cfg.url)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        Ok(self.sampler.observe(&inv, now))
     }
 }
 

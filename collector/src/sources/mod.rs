@@ -19,17 +19,20 @@ pub mod prometheus;
 pub mod simulator;
 
 use crate::metrics::Metrics;
-use crate::sink::{Envelope, EventSink};
+use crate::sink::{DynEventSink, Envelope, EventSink};
 use chrono::{DateTime, Utc};
-use futures::future::BoxFuture;
 use schemas::{MeterCatalog, RawEvent};
 use serde::{Deserialize, Serialize};
 use std::fs;
+use std::future::Future;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// A usage source. Behind a pointer it is [`DynSource`]
+/// (`Box<DynSource<'static>>`).
+#[dynosaur::dynosaur(pub DynSource = dyn(box) Source)]
 pub trait Source: Send + Sync {
     /// Stable name; also the checkpoint file name and metric label.
     fn name(&self) -> &str;
@@ -38,7 +41,10 @@ pub trait Source: Send + Sync {
     fn restore(&mut self, state: serde_json::Value) -> anyhow::Result<()>;
     fn snapshot(&self) -> serde_json::Value;
     /// Observes the world at `now`, advances state, returns new events.
-    fn poll(&mut self, now: DateTime<Utc>) -> BoxFuture<'_, anyhow::Result<Vec<RawEvent>>>;
+    fn poll(
+        &mut self,
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = anyhow::Result<Vec<RawEvent>>> + Send;
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -62,18 +68,18 @@ pub fn write_json_atomic(path: &Path, value: &impl Serialize) -> std::io::Result
 }
 
 pub struct SourceRunner {
-    pub source: Box<dyn Source>,
+    pub source: Box<DynSource<'static>>,
     pub checkpoint_path: PathBuf,
-    pub sink: Arc<dyn EventSink>,
+    pub sink: Arc<DynEventSink<'static>>,
     pub meters: Arc<MeterCatalog>,
     pub metrics: Metrics,
 }
 
 impl SourceRunner {
     pub fn new(
-        source: Box<dyn Source>,
+        source: Box<DynSource<'static>>,
         checkpoint_dir: &Path,
-        sink: Arc<dyn EventSink>,
+        sink: Arc<DynEventSink<'static>>,
         meters: Arc<MeterCatalog>,
         metrics: Metrics,
     ) -> Self {
@@ -234,19 +240,17 @@ mod tests {
     }
 
     impl EventSink for MemSink {
-        fn send(&self, batch: Vec<Envelope>) -> BoxFuture<'_, anyhow::Result<Delivery>> {
-            Box::pin(async move {
-                if self.fail_first.load(Ordering::SeqCst) > 0 {
-                    self.fail_first.fetch_sub(1, Ordering::SeqCst);
-                    anyhow::bail!("sink down");
-                }
-                let mut a = self.accepted.lock().unwrap();
-                for e in batch {
-                    let v: serde_json::Value = serde_json::from_slice(&e.payload).unwrap();
-                    a.push(v["id"].as_str().unwrap().to_string());
-                }
-                Ok(Delivery::Kafka)
-            })
+        async fn send(&self, batch: Vec<Envelope>) -> anyhow::Result<Delivery> {
+            if self.fail_first.load(Ordering::SeqCst) > 0 {
+                self.fail_first.fetch_sub(1, Ordering::SeqCst);
+                anyhow::bail!("sink down");
+            }
+            let mut a = self.accepted.lock().unwrap();
+            for e in batch {
+                let v: serde_json::Value = serde_json::from_slice(&e.payload).unwrap();
+                a.push(v["id"].as_str().unwrap().to_string());
+            }
+            Ok(Delivery::Kafka)
         }
     }
 
@@ -269,7 +273,7 @@ mod tests {
         fn snapshot(&self) -> serde_json::Value {
             serde_json::json!(self.n)
         }
-        fn poll(&mut self, now: DateTime<Utc>) -> BoxFuture<'_, anyhow::Result<Vec<RawEvent>>> {
+        async fn poll(&mut self, now: DateTime<Utc>) -> anyhow::Result<Vec<RawEvent>> {
             self.n += 1;
             let ev = cloud_event(
                 format!("e{}", self.n),
@@ -279,15 +283,15 @@ mod tests {
                 now,
                 serde_json::json!({"app": "a", "count": 1}),
             );
-            Box::pin(async move { Ok(vec![ev]) })
+            Ok(vec![ev])
         }
     }
 
     fn runner(dir: &Path, sink: Arc<MemSink>) -> SourceRunner {
         SourceRunner::new(
-            Box::new(Counter { n: 0 }),
+            DynSource::new_box(Counter { n: 0 }),
             dir,
-            sink,
+            DynEventSink::from_arc(sink),
             Arc::new(MeterCatalog::default_catalog()),
             Metrics::new(),
         )

@@ -13,7 +13,6 @@
 
 use super::{cloud_event, Source};
 use chrono::{DateTime, Utc};
-use futures::future::BoxFuture;
 use rust_decimal::Decimal;
 use schemas::ids::deterministic_id;
 use schemas::RawEvent;
@@ -252,18 +251,16 @@ impl Source for PrometheusSource {
     fn snapshot(&self) -> serde_json::Value {
         serde_json::to_value(&self.scraper.state).expect("state serializes")
     }
-    fn poll(&mut self, now: DateTime<Utc>) -> BoxFuture<'_, anyhow::Result<Vec<RawEvent>>> {
-        Box::pin(async move {
-            let text = self
-                .http
-                .get(&self.scraper.cfg.url)
-                .send()
-                .await?
-                .error_for_status()?
-                .text()
-                .await?;
-            Ok(self.scraper.observe(&parse_text(&text), now))
-        })
+    async fn poll(&mut self, now: DateTime<Utc>) -> anyhow::Result<Vec<RawEvent>> {
+        let text = self
+            .http
+            .get(&self.scraper.cfg.url)
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?;
+        Ok(self.scraper.observe(&parse_text(&text), now))
     }
 }
 

@@ -13,7 +13,6 @@
 
 use super::{cloud_event, Source};
 use chrono::{DateTime, Duration as CDuration, TimeZone, Timelike, Utc};
-use futures::future::BoxFuture;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rust_decimal::Decimal;
@@ -252,15 +251,13 @@ impl Source for SimulatorSource {
     fn snapshot(&self) -> serde_json::Value {
         serde_json::to_value(&self.state).expect("serializes")
     }
-    fn poll(&mut self, now: DateTime<Utc>) -> BoxFuture<'_, anyhow::Result<Vec<RawEvent>>> {
-        Box::pin(async move {
-            let step = self.cfg.interval_secs as i64;
-            let end = now.timestamp().div_euclid(step) * step;
-            let start = self.state.until.unwrap_or(end - step).max(end - 3600);
-            self.state.until = Some(end);
-            let ts = |s| Utc.timestamp_opt(s, 0).single().expect("in range");
-            Ok(self.workload.events(ts(start), ts(end), step))
-        })
+    async fn poll(&mut self, now: DateTime<Utc>) -> anyhow::Result<Vec<RawEvent>> {
+        let step = self.cfg.interval_secs as i64;
+        let end = now.timestamp().div_euclid(step) * step;
+        let start = self.state.until.unwrap_or(end - step).max(end - 3600);
+        self.state.until = Some(end);
+        let ts = |s| Utc.timestamp_opt(s, 0).single().expect("in range");
+        Ok(self.workload.events(ts(start), ts(end), step))
     }
 }
 
