@@ -82,6 +82,11 @@ enum Command {
             default_value = "127.0.0.1:9464"
         )]
         metrics_listen: String,
+        /// Seconds the shutdown may take after SIGTERM (the batch in hand is
+        /// finished and committed first); a batch still being written then
+        /// is abandoned and consumed again at the next start.
+        #[arg(long, env = "TALLY_SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]
+        shutdown_timeout_secs: u64,
     },
     /// Apply ClickHouse migrations and exit.
     Migrate {
@@ -152,6 +157,7 @@ async fn main() -> anyhow::Result<()> {
             batch_max_wait_ms,
             assign,
             metrics_listen,
+            shutdown_timeout_secs,
         } => {
             let static_partitions = match assign.as_slice() {
                 [] => None,
@@ -207,14 +213,22 @@ async fn main() -> anyhow::Result<()> {
                 batch_max_wait: Duration::from_millis(batch_max_wait_ms),
                 static_partitions,
             };
-            aggregator::kafka::run(
+            let mut stopping = rx.clone();
+            let run = aggregator::kafka::run(
                 cfg,
                 Arc::new(store),
                 Arc::new(meters(&common)?),
                 metrics,
                 rx,
-            )
-            .await
+            );
+            tokio::pin!(run);
+            tokio::select! {
+                r = &mut run => r,
+                _ = stopping.wait_for(|v| *v) => {
+                    let deadline = serving::process::Deadline::after(Duration::from_secs(shutdown_timeout_secs));
+                    deadline.stage("current batch", run).await.unwrap_or(Ok(()))
+                }
+            }
         }
         Command::Migrate { common } => {
             ClickHouseStore::new(&common.clickhouse_url, &common.clickhouse_database)

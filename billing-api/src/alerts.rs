@@ -45,7 +45,7 @@ use std::sync::{Arc, Mutex};
 #[derive(Debug, Clone)]
 pub struct AlertConfig {
     pub url: String,
-    pub secret: String,
+    pub secret: serving::Secret,
     /// Percentages, ascending.
     pub thresholds: Vec<u32>,
     pub max_attempts: u32,
@@ -56,10 +56,10 @@ pub struct AlertConfig {
 impl AlertConfig {
     pub const DEFAULT_THRESHOLDS: [u32; 3] = [50, 80, 100];
 
-    pub fn new(url: String, secret: String, thresholds: Vec<u32>) -> Self {
+    pub fn new(url: String, secret: impl Into<serving::Secret>, thresholds: Vec<u32>) -> Self {
         Self {
             url,
-            secret,
+            secret: secret.into(),
             thresholds,
             max_attempts: 12,
             first_retry: Duration::seconds(10),
@@ -281,7 +281,7 @@ impl AlertSender {
             .header("tally-alert-id", a.id.to_string())
             .header(
                 "tally-signature",
-                signature(&self.config.secret, now.timestamp(), &body),
+                signature(self.config.secret.expose(), now.timestamp(), &body),
             )
             .body(body)
             .send()
@@ -346,7 +346,7 @@ mod tests {
         );
         assert!(parse_thresholds("50,x").unwrap_err().contains("\"x\""));
         assert!(parse_thresholds("0").is_err());
-        let c = AlertConfig::new("http://x".into(), "s".into(), vec![50]);
+        let c = AlertConfig::new("http://x".into(), "s", vec![50]);
         let t0 = Utc::now();
         assert_eq!(c.retry_at(t0, 1), t0 + Duration::seconds(10));
         assert_eq!(c.retry_at(t0, 3), t0 + Duration::seconds(40));

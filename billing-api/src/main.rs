@@ -112,16 +112,7 @@ async fn main() -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
                 .map_err(|e| anyhow::anyhow!("--listen {listen}: {e}"))?;
-            serve(
-                listener,
-                api,
-                p.finalizer,
-                p.sync,
-                opts.finalize_every(),
-                opts.quota_every(),
-                alerts,
-            )
-            .await
+            serve(listener, api, p.finalizer, p.sync, &opts, alerts).await
         }
         Command::Migrate { common } => {
             setup(&common).await?;

@@ -9,6 +9,7 @@ use billing_domain::catalog::Catalog;
 use clap::Args;
 use rust_decimal::Decimal;
 use schemas::MeterCatalog;
+use serving::Secret;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -32,7 +33,7 @@ pub struct BillingOptions {
     pub min_charge: Decimal,
     /// Stripe secret key; Stripe sync is off without one.
     #[arg(long, env = "STRIPE_SECRET_KEY", hide_env_values = true)]
-    pub stripe_secret_key: Option<String>,
+    pub stripe_secret_key: Option<Secret>,
     #[arg(
         long,
         env = "TALLY_STRIPE_API_BASE",
@@ -84,10 +85,10 @@ pub struct ServeOptions {
     /// Secret that signs customer session tokens (any string, 32+
     /// characters).
     #[arg(long, env = "TALLY_SESSION_SECRET", hide_env_values = true)]
-    pub session_secret: Option<String>,
+    pub session_secret: Option<Secret>,
     /// Stripe webhook endpoint secret (`whsec_…`); webhooks are refused without one.
     #[arg(long, env = "STRIPE_WEBHOOK_SECRET", hide_env_values = true)]
-    pub stripe_webhook_secret: Option<String>,
+    pub stripe_webhook_secret: Option<Secret>,
     /// Seconds between reloads of the quota state (usage, plans, caps).
     #[arg(long, env = "TALLY_QUOTA_REFRESH_SECS", default_value_t = 60)]
     pub quota_refresh_secs: u64,
@@ -99,10 +100,15 @@ pub struct ServeOptions {
     pub alert_webhook_url: Option<String>,
     /// Secret that signs usage alerts (`Tally-Signature`); required with the URL.
     #[arg(long, env = "TALLY_ALERT_WEBHOOK_SECRET", hide_env_values = true)]
-    pub alert_webhook_secret: Option<String>,
+    pub alert_webhook_secret: Option<Secret>,
     /// Percentages of the spending cap or an allowance that raise an alert.
     #[arg(long, env = "TALLY_ALERT_THRESHOLDS", default_value = "50,80,100")]
     pub alert_thresholds: String,
+    /// Seconds the whole shutdown may take after SIGTERM: open requests,
+    /// then the finalization or sync step in hand; what is still running
+    /// then is abandoned (and redone at the next start).
+    #[arg(long, env = "TALLY_SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]
+    pub shutdown_timeout_secs: u64,
 }
 
 impl ServeOptions {
@@ -149,7 +155,7 @@ impl ServeOptions {
         match &self.session_secret {
             Some(s) => {
                 anyhow::ensure!(s.len() >= 32, "--session-secret: at least 32 characters");
-                Ok(Some(s.clone().into_bytes()))
+                Ok(Some(s.expose().as_bytes().to_vec()))
             }
             None => Ok(None),
         }
@@ -161,5 +167,59 @@ impl ServeOptions {
 
     pub fn quota_every(&self) -> Duration {
         Duration::from_secs(self.quota_refresh_secs.max(1))
+    }
+
+    pub fn shutdown_limit(&self) -> Duration {
+        Duration::from_secs(self.shutdown_timeout_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        billing: BillingOptions,
+        #[command(flatten)]
+        serve: ServeOptions,
+    }
+
+    /// Options are logged and shown in panics with `{:?}`: no secret given
+    /// on the command line appears there, while each is read where used.
+    #[test]
+    fn secrets_never_print() {
+        let cli = Cli::try_parse_from([
+            "x",
+            "--stripe-secret-key",
+            "sk_test_SECRET1",
+            "--session-secret",
+            "SECRET2-0123456789abcdef0123456789abcdef",
+            "--stripe-webhook-secret",
+            "whsec_SECRET3",
+            "--alert-webhook-url",
+            "http://127.0.0.1:9/hook",
+            "--alert-webhook-secret",
+            "SECRET4-0123456789",
+        ])
+        .unwrap();
+        let shown = format!("{cli:?} {:?}", cli.serve.alerts().unwrap());
+        for s in ["SECRET1", "SECRET2", "SECRET3", "SECRET4"] {
+            assert!(!shown.contains(s), "{s} printed: {shown}");
+        }
+        assert_eq!(
+            cli.billing.stripe().unwrap().secret_key.expose(),
+            "sk_test_SECRET1"
+        );
+        assert_eq!(
+            cli.serve.session_secret().unwrap().unwrap(),
+            b"SECRET2-0123456789abcdef0123456789abcdef"
+        );
+        assert_eq!(
+            cli.serve.alerts().unwrap().unwrap().secret.expose(),
+            "SECRET4-0123456789"
+        );
     }
 }

@@ -192,15 +192,15 @@ pub async fn scheduler(
     }
 }
 
-/// Serves the API on `listener` until SIGTERM/Ctrl-C, then lets in-flight
-/// requests and the current scheduler step finish.
+/// Serves the API on `listener` until SIGTERM/Ctrl-C, then stops in
+/// order within `opts.shutdown_limit()`: in-flight requests, then the
+/// current scheduler step (see `serving::process`).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     api: Arc<ApiState>,
     finalizer: Arc<Finalizer>,
     sync: Option<Arc<StripeSync>>,
-    every: Duration,
-    quota_every: Duration,
+    opts: &ServeOptions,
     alerts: Option<AlertConfig>,
 ) -> anyhow::Result<()> {
     serve_until(
@@ -208,8 +208,7 @@ pub async fn serve(
         api,
         finalizer,
         sync,
-        every,
-        quota_every,
+        opts.clone(),
         alerts,
         serving::process::shutdown_signal(),
     )
@@ -218,17 +217,16 @@ pub async fn serve(
 
 /// [`serve`] until `shutdown` completes instead of a signal (the embedded
 /// process shares one shutdown between ingest and billing).
-#[allow(clippy::too_many_arguments)]
 pub async fn serve_until(
     listener: tokio::net::TcpListener,
     api: Arc<ApiState>,
     finalizer: Arc<Finalizer>,
     sync: Option<Arc<StripeSync>>,
-    every: Duration,
-    quota_every: Duration,
+    opts: ServeOptions,
     alerts: Option<AlertConfig>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let (every, quota_every) = (opts.finalize_every(), opts.quota_every());
     let (stop_tx, stop_rx) = watch::channel(false);
     if let Some(config) = &alerts {
         let sender = AlertSender::new(api.state.clone(), config.clone(), api.metrics.clone());
@@ -244,11 +242,10 @@ pub async fn serve_until(
     tokio::spawn(refresh_keys(api.clone(), stop_rx));
     tracing::info!(addr = %listener.local_addr()?, "billing-api listening");
     // hyper's own 414/431/400 answers carry the error envelope too.
-    axum::serve(serving::JsonErrors::new(listener), router(api))
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    let deadline =
+        serving::process::serve(listener, router(api), shutdown, opts.shutdown_limit()).await?;
     let _ = stop_tx.send(true);
-    let _ = sched.await;
+    let _ = deadline.stage("finalization and Stripe sync", sched).await;
     tracing::info!("billing-api stopped");
     Ok(())
 }

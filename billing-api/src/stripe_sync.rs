@@ -47,7 +47,7 @@ use stripe::{
 #[derive(Debug, Clone)]
 pub struct StripeConfig {
     pub api_base: String,
-    pub secret_key: String,
+    pub secret_key: serving::Secret,
     /// Attempts per call (the first included).
     pub max_attempts: u32,
     /// First backoff; doubles per attempt.
@@ -57,7 +57,7 @@ pub struct StripeConfig {
 }
 
 impl StripeConfig {
-    pub fn new(api_base: impl Into<String>, secret_key: impl Into<String>) -> Self {
+    pub fn new(api_base: impl Into<String>, secret_key: impl Into<serving::Secret>) -> Self {
         Self {
             api_base: api_base.into(),
             secret_key: secret_key.into(),
@@ -165,7 +165,7 @@ fn retryable(e: &StripeError) -> Option<&'static str> {
 
 impl StripeSync {
     pub fn new(config: StripeConfig, state: Arc<DynStateStore<'static>>, metrics: Metrics) -> Self {
-        let client = Client::from_url(config.api_base.as_str(), config.secret_key.clone());
+        let client = Client::from_url(config.api_base.as_str(), config.secret_key.expose());
         Self {
             client,
             config,

@@ -120,7 +120,7 @@ async fn alerts_are_raised_once_per_period_signed_and_retried() {
         ),
     ])
     .await;
-    let mut config = AlertConfig::new(url, SECRET.into(), vec![50, 80, 100]);
+    let mut config = AlertConfig::new(url, SECRET, vec![50, 80, 100]);
     config.max_attempts = 3;
     let metrics = Metrics::new();
     let st: Arc<DynStateStore<'static>> = api.st.clone();

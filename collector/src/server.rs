@@ -83,18 +83,29 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
     let listener = tokio::net::TcpListener::bind(&cfg.listen).await?;
     tracing::info!(addr = %listener.local_addr()?, "collector listening");
     // hyper's own 414/431/400 answers carry the error envelope too.
-    axum::serve(serving::JsonErrors::new(listener), router(state))
-        .with_graceful_shutdown(async move {
-            let _ = shutdown.wait_for(|v| *v).await;
-        })
-        .await?;
+    // Ordered, within one time limit from the stop (serving::process):
+    // open requests, the sources' last polls, the producer's flush, the
+    // spool replayer. Events still only in the producer's queue at the
+    // deadline were never acknowledged (2xx comes after Kafka's ack or
+    // the spool's fsync).
+    let limit = Duration::from_secs(cfg.shutdown_timeout_secs);
+    let stop = async move {
+        let _ = shutdown.wait_for(|v| *v).await;
+    };
+    let deadline = serving::process::serve(listener, router(state), stop, limit).await?;
     tracing::info!("http stopped; stopping sources and flushing");
     let _ = bg_tx.send(true);
-    let limit = Duration::from_secs(cfg.shutdown_timeout_secs);
-    let _ = tokio::time::timeout(limit, futures::future::join_all(source_tasks)).await;
+    let _ = deadline
+        .stage("sources", futures::future::join_all(source_tasks))
+        .await;
     let k = kafka.clone();
-    let _ = tokio::task::spawn_blocking(move || k.flush(limit)).await;
-    let _ = replayer.await;
+    let _ = deadline
+        .stage(
+            "kafka flush",
+            tokio::task::spawn_blocking(move || k.flush(limit)),
+        )
+        .await;
+    let _ = deadline.stage("spool replayer", replayer).await;
     tracing::info!("collector stopped");
     Ok(())
 }

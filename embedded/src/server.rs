@@ -196,22 +196,19 @@ pub async fn run(
         shutdown.await;
         let _ = done_tx.send(true);
     });
-    let ingest_stop = stop_http();
-    let ingest_http = tokio::spawn(async move {
-        axum::serve(
-            serving::JsonErrors::new(ingest_listener),
-            router(ingest_state),
-        )
-        .with_graceful_shutdown(ingest_stop)
-        .await
-    });
+    let limit = cfg.serve.shutdown_limit();
+    let ingest_http = tokio::spawn(serving::process::serve(
+        ingest_listener,
+        router(ingest_state),
+        stop_http(),
+        limit,
+    ));
     let billing = tokio::spawn(serve_until(
         billing_listener,
         api,
         parts.finalizer.clone(),
         parts.sync.clone(),
-        cfg.serve.finalize_every(),
-        cfg.serve.quota_every(),
+        cfg.serve.clone(),
         alerts,
         stop_http(),
     ));
@@ -226,16 +223,19 @@ pub async fn run(
     );
     tracing::info!(%ingest_addr, %billing_addr, data_dir = %dir.display(), "tally (embedded) running");
 
-    let ingest_res = ingest_http.await?;
+    // Ordered, within one time limit from the signal (serving::process):
+    // both APIs' open requests, billing's step in hand, the sources, then
+    // the writer's queue (every event in it was acknowledged only after
+    // its commit, so nothing acknowledged waits there).
+    let deadline = ingest_http.await??;
     let billing_res = billing.await?;
     let _ = stop_tx.send(true);
-    for s in sources {
-        let _ = s.await;
-    }
+    let _ = deadline
+        .stage("sources", futures::future::join_all(sources))
+        .await;
     // Every sink is gone now: the writer drains its queue and ends.
-    let _ = writer.await;
+    let _ = deadline.stage("usage writer", writer).await;
     tracing::info!("tally (embedded) stopped");
-    ingest_res?;
     billing_res
 }
 

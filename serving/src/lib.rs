@@ -48,6 +48,9 @@
 #[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod process;
+mod secret;
+
+pub use secret::Secret;
 
 use axum::serve::Listener;
 use std::io;

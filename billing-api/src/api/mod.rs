@@ -82,7 +82,7 @@ pub struct ApiState {
     pub metrics: Metrics,
     /// Keys, bootstrap admin keys and customer sessions.
     pub auth: Arc<Authenticator>,
-    pub webhook_secret: Option<String>,
+    pub webhook_secret: Option<serving::Secret>,
     pub min_charge: Decimal,
     pub quota: Arc<QuotaService>,
 }

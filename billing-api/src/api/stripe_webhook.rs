@@ -30,7 +30,7 @@ pub(super) async fn stripe_webhook(
         .get("stripe-signature")
         .and_then(|v| v.to_str().ok());
     if let Err(e) = webhook::verify(
-        secret,
+        secret.expose(),
         &body,
         sig,
         crate::wire::now().timestamp(),
