@@ -27,17 +27,16 @@
 //!   the alert `failed`. Delivery is at least once (a lost response is
 //!   sent again): receivers deduplicate on `Tally-Alert-Id`.
 //! - Without `--alert-webhook-url` nothing is evaluated or sent.
+//!
+//! The rules (what is crossed, thresholds, back-off) are
+//! `billing_domain::alert`; this module records, schedules and sends.
 
 use crate::metrics::Metrics;
-use crate::quota_service::{Entry, QuotaService};
+use crate::quota_service::QuotaService;
 use crate::state::{Alert, AlertKind, AlertOutcome, DynStateStore, NewAlert, StateStore};
-use billing_domain::catalog::cap_in_force;
-use billing_domain::quota::cost_to_date;
-use billing_domain::rating::{free_units, matches};
+pub use billing_domain::alert::{evaluate, parse_thresholds, retry_delay};
 use billing_domain::webhook;
 use chrono::{DateTime, Duration, Utc};
-use rust_decimal::Decimal;
-use serde_json::json;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
@@ -68,109 +67,8 @@ impl AlertConfig {
 
     /// When to try again after `attempts` failed attempts.
     pub fn retry_at(&self, now: DateTime<Utc>, attempts: u32) -> DateTime<Utc> {
-        let factor = 1i32 << attempts.saturating_sub(1).min(16);
-        now + (self.first_retry * factor).min(Duration::hours(1))
+        now + retry_delay(self.first_retry, attempts)
     }
-}
-
-/// Parses `50,80,100`: whole percentages from 1 to 1000.
-pub fn parse_thresholds(s: &str) -> Result<Vec<u32>, String> {
-    let mut v = Vec::new();
-    for part in s.split(',') {
-        let t: u32 = part.trim().parse().map_err(|_| {
-            format!("alert-thresholds: {part:?} is not a whole percentage (e.g. 50,80,100)")
-        })?;
-        if !(1..=1000).contains(&t) {
-            return Err(format!("alert-thresholds: {t} is outside 1..=1000"));
-        }
-        v.push(t);
-    }
-    v.sort_unstable();
-    v.dedup();
-    Ok(v)
-}
-
-fn crossed(used: Decimal, limit: Decimal, thresholds: &[u32]) -> impl Iterator<Item = u32> + '_ {
-    thresholds
-        .iter()
-        .copied()
-        .filter(move |t| used * Decimal::ONE_HUNDRED >= limit * Decimal::from(*t))
-}
-
-/// The alerts `entry` warrants now (pure; recording makes them once-only).
-pub fn evaluate(customer: &str, e: &Entry, thresholds: &[u32]) -> anyhow::Result<Vec<NewAlert>> {
-    let mut out = Vec::new();
-    let period = json!({"start": e.period.start, "end": e.period.end});
-    let mut raise =
-        |kind: AlertKind, subject: String, t: u32, used: Decimal, limit: Decimal, unit: &str| {
-            out.push(NewAlert {
-                customer_id: customer.to_owned(),
-                period_start: e.period.start,
-                kind,
-                subject: subject.clone(),
-                threshold: t,
-                payload: json!({
-                    "type": "usage_alert",
-                    "customer_id": customer,
-                    "period": period,
-                    "kind": kind,
-                    "subject": subject,
-                    "threshold_percent": t,
-                    "used": used,
-                    "limit": limit,
-                    "unit": unit,
-                    "as_of": e.as_of,
-                }),
-            });
-        };
-    let cap = cap_in_force(&e.plan, e.spending_cap);
-    if let Some(cap) = cap.filter(|c| *c > Decimal::ZERO) {
-        let (_, cost) = cost_to_date(&e.input())?;
-        for t in crossed(cost, cap, thresholds) {
-            raise(
-                AlertKind::SpendingCap,
-                String::new(),
-                t,
-                cost,
-                cap,
-                &e.plan.currency,
-            );
-        }
-    }
-    // The plan in force now is rated from where it started, with the usage
-    // since then: its allowances are that segment's.
-    let since = billing_domain::quota::since(&e.input());
-    for p in &e.plan.prices {
-        let Some(allowance) = free_units(p, &e.seats, &e.period, since, e.period.end) else {
-            continue;
-        };
-        if allowance <= Decimal::ZERO {
-            continue;
-        }
-        let used: Decimal = e
-            .usage_to_date
-            .iter()
-            .filter(|u| matches(p, u))
-            .map(|u| u.quantity)
-            .sum::<Decimal>()
-            / p.per;
-        let mut subject = p.meter.clone();
-        for (k, v) in &p.filter {
-            subject.push_str(&format!(" {k}={v}"));
-        }
-        let unit = p.unit_name.clone().unwrap_or_else(|| p.meter.clone());
-        for t in crossed(used, allowance, thresholds) {
-            raise(
-                AlertKind::Allowance,
-                subject.clone(),
-                t,
-                used.round_dp(6).normalize(),
-                allowance.round_dp(6).normalize(),
-                &unit,
-            );
-        }
-    }
-    Ok(out)
 }
 
 /// (customer, period start, kind, subject, threshold): what makes an alert once-only.
@@ -218,7 +116,7 @@ impl AlertRaiser {
             let mut oldest: Option<DateTime<Utc>> = None;
             for (c, e) in quota.entries() {
                 oldest = Some(oldest.map_or(e.period.start, |o| o.min(e.period.start)));
-                for a in evaluate(&c, &e, &self.config.thresholds)? {
+                for a in evaluate(&c, &e.input(), &self.config.thresholds)? {
                     if !recorded.contains(&key(&a)) {
                         fresh.push(a);
                     }
@@ -351,7 +249,5 @@ mod tests {
         assert_eq!(c.retry_at(t0, 1), t0 + Duration::seconds(10));
         assert_eq!(c.retry_at(t0, 3), t0 + Duration::seconds(40));
         assert_eq!(c.retry_at(t0, 11), t0 + Duration::hours(1));
-        let half: Vec<u32> = crossed(Decimal::from(5), Decimal::from(10), &[50, 80, 100]).collect();
-        assert_eq!(half, vec![50]);
     }
 }

@@ -1,7 +1,9 @@
 //! Tally's billing rules, free of I/O: access decisions ([`access`]), the catalog and its validation
 //! ([`catalog`]), rating with allowances ([`rating`]), re-rating into
 //! adjustment lines ([`adjust`]), invoice building, periods and numbering
-//! ([`invoice`]), alert kinds and statuses ([`alert`]), quota decisions
+//! ([`invoice`]), usage alerts: what raises one, thresholds, back-off and
+//! their kinds and statuses ([`alert`]), the cost report and plan advisor
+//! arithmetic ([`costs`]), quota decisions
 //! ([`quota`]), subscription rules ([`subscription`]), status enums ([`names`]), webhook
 //! signatures ([`webhook`]) and how decimals and instants are read from
 //! request bodies and catalog files ([`wire`]).
@@ -16,6 +18,7 @@ pub mod access;
 pub mod adjust;
 pub mod alert;
 pub mod catalog;
+pub mod costs;
 pub mod invoice;
 pub mod names;
 pub mod quota;

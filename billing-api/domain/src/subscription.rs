@@ -180,8 +180,130 @@ impl WithdrawWrites {
     }
 }
 
+/// The open-period rule: a change of plan or seats may not take effect
+/// inside a period that is already invoiced (its invoice is immutable), only
+/// from that period's end on. `last_invoiced` is the customer's latest
+/// invoice, by number and period end.
+pub fn check_open(
+    at: DateTime<Utc>,
+    last_invoiced: Option<(&str, DateTime<Utc>)>,
+) -> Result<(), PeriodFinalized> {
+    match last_invoiced {
+        Some((number, end)) if at < end => Err(PeriodFinalized {
+            at,
+            invoice: number.to_owned(),
+            open_from: end,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// A change refused by [`check_open`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{at} falls in a period already invoiced ({invoice}); changes take effect from {open_from} on"
+)]
+pub struct PeriodFinalized {
+    pub at: DateTime<Utc>,
+    /// The number of the invoice of that period.
+    pub invoice: String,
+    /// The first instant a change may take effect.
+    pub open_from: DateTime<Utc>,
+}
+
+/// Whether a customer may subscribe to a plan version: `retired` is `None`
+/// when the version does not exist.
+pub fn check_plan_usable(retired: Option<bool>, plan: &str, version: u32) -> Result<(), RuleError> {
+    match retired {
+        None => Err(RuleError::NotFound(format!(
+            "plan {plan} version {version}"
+        ))),
+        Some(true) => Err(RuleError::Invalid(format!(
+            "plan {plan} version {version} is retired"
+        ))),
+        Some(false) => Ok(()),
+    }
+}
+
+/// Why retiring a plan version changed nothing: it is retired already, or
+/// does not exist.
+pub fn retire_refused(exists: bool, plan: &str, version: u32) -> RuleError {
+    if exists {
+        RuleError::Conflict(format!("plan {plan} version {version} is already retired"))
+    } else {
+        RuleError::NotFound(format!("plan {plan} version {version}"))
+    }
+}
+
+/// A withdrawal repeated: the change `id` withdrawn earlier, found among
+/// the `before` images of the customer's earlier withdrawals, is the
+/// answer again; a change never scheduled is not found.
+pub fn withdrawn_earlier<'a>(
+    withdrawals: impl IntoIterator<Item = &'a serde_json::Value>,
+    customer: &str,
+    id: i64,
+) -> Result<Subscription, RuleError> {
+    withdrawals
+        .into_iter()
+        .filter_map(|b| serde_json::from_value::<Subscription>(b.clone()).ok())
+        .find(|s| s.id == id)
+        .ok_or_else(|| RuleError::NotFound(format!("scheduled change {id} of customer {customer}")))
+}
+
 #[cfg(test)]
 mod tests {
+    use chrono::TimeZone;
+
+    #[test]
+    fn changes_only_from_the_end_of_the_last_invoiced_period() {
+        let end = Utc.with_ymd_and_hms(2026, 12, 1, 0, 0, 0).unwrap();
+        let before = end - chrono::Duration::seconds(1);
+        assert_eq!(check_open(before, None), Ok(()));
+        assert_eq!(check_open(end, Some(("TLY-000007", end))), Ok(()));
+        let e = check_open(before, Some(("TLY-000007", end))).unwrap_err();
+        assert_eq!((e.invoice.as_str(), e.open_from), ("TLY-000007", end));
+        assert!(
+            e.to_string().contains("already invoiced (TLY-000007)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn plan_usability_retirement_and_repeated_withdrawals() {
+        assert_eq!(check_plan_usable(Some(false), "payg", 1), Ok(()));
+        assert!(matches!(
+            check_plan_usable(None, "payg", 9),
+            Err(RuleError::NotFound(_))
+        ));
+        assert!(matches!(
+            check_plan_usable(Some(true), "payg", 1),
+            Err(RuleError::Invalid(_))
+        ));
+        assert!(matches!(
+            retire_refused(true, "payg", 1),
+            RuleError::Conflict(_)
+        ));
+        assert!(matches!(
+            retire_refused(false, "payg", 1),
+            RuleError::NotFound(_)
+        ));
+        let s = Subscription {
+            id: 4,
+            plan: "team".into(),
+            version: 1,
+            start: Utc.with_ymd_and_hms(2026, 12, 1, 0, 0, 0).unwrap(),
+            end: None,
+        };
+        let images = [
+            serde_json::json!({"unrelated": true}),
+            serde_json::to_value(&s).unwrap(),
+        ];
+        assert_eq!(withdrawn_earlier(&images, "cus_1", 4), Ok(s));
+        assert!(matches!(
+            withdrawn_earlier(&images, "cus_1", 5),
+            Err(RuleError::NotFound(_))
+        ));
+    }
     use super::*;
 
     fn t(day: u32) -> DateTime<Utc> {

@@ -22,8 +22,7 @@ pub(super) async fn list_customers(
     q: Result<Query<ListCustomers>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Vec<Customer>> {
     who.admin()?;
-    let Query(q) =
-        q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_query", e.body_text()))?;
+    let Query(q) = q.map_err(|e| ApiError::bad_query(e.body_text()))?;
     if let Some(ext) = q.external_id {
         return Ok(Json(match app.state.customer_by_external_id(&ext).await {
             Ok(c) => vec![c],
@@ -33,11 +32,7 @@ pub(super) async fn list_customers(
     }
     let limit = q.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_query",
-            "limit: 1 to 1000",
-        ));
+        return Err(ApiError::bad_query("limit: 1 to 1000"));
     }
     Ok(Json(
         app.state.list_customers(q.after.as_deref(), limit).await?,

@@ -33,8 +33,46 @@ impl ApiError {
         }
     }
 
+    // One constructor per kind of refusal: the statuses live here, not in
+    // the handlers.
+
+    /// 422: well-formed, but not acceptable (a field's value).
     pub(super) fn invalid(message: impl Into<String>) -> Self {
         Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", message)
+    }
+
+    /// 400 `bad_query`: the query string does not parse.
+    pub(super) fn bad_query(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_query", message)
+    }
+
+    /// 400 with its own code: a request that cannot be read as sent.
+    pub(super) fn bad_request(code: &str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    /// 404 `not_found`.
+    pub(super) fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    /// 401 `unauthorized`: no credential, or one that is not valid.
+    pub(super) fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+
+    /// 405 `method_not_allowed`.
+    pub(super) fn method_not_allowed(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            message,
+        )
+    }
+
+    /// 409 with its own code: the request conflicts with what is stored.
+    pub(super) fn conflict(code: &str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, code, message)
     }
 
     /// One entry per problem, when a body had several.
@@ -63,6 +101,12 @@ impl From<StateError> for ApiError {
             StateError::Db(_) => return Self::internal(&e),
         };
         Self::new(status, e.code(), e.to_string())
+    }
+}
+
+impl From<billing_domain::subscription::PeriodFinalized> for ApiError {
+    fn from(e: billing_domain::subscription::PeriodFinalized) -> Self {
+        Self::new(StatusCode::CONFLICT, "period_finalized", e.to_string())
     }
 }
 

@@ -46,11 +46,9 @@ pub(super) async fn draft_invoice(
     let period = match q.period.as_deref() {
         None => current,
         Some(p) => invoice::parse_month(p).ok_or_else(|| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "bad_query",
-                format!("period: expected YYYY-MM (a UTC calendar month), got {p:?}"),
-            )
+            ApiError::bad_query(format!(
+                "period: expected YYYY-MM (a UTC calendar month), got {p:?}"
+            ))
         })?,
     };
     if let Some(inv) = app
@@ -60,8 +58,7 @@ pub(super) async fn draft_invoice(
         .into_iter()
         .find(|i| i.period == period)
     {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
+        return Err(ApiError::conflict(
             "period_finalized",
             format!(
                 "period {} is invoiced ({}): GET /v1/invoices/{}",
@@ -161,7 +158,6 @@ pub(super) async fn audit_log(
     q: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Vec<AuditEntry>> {
     who.admin()?;
-    let Query(q) =
-        q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_query", e.body_text()))?;
+    let Query(q) = q.map_err(|e| ApiError::bad_query(e.body_text()))?;
     Ok(Json(app.state.audit_log(&q.subject).await?))
 }

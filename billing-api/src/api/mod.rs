@@ -105,20 +105,10 @@ async fn authenticate(State(app): State<Arc<ApiState>>, mut req: Request, next: 
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     let Some(bearer) = bearer else {
-        return ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing bearer credential",
-        )
-        .into_response();
+        return ApiError::unauthorized("missing bearer credential").into_response();
     };
     let Some(mut who) = app.auth.principal(bearer, crate::wire::now().timestamp()) else {
-        return ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "unknown, revoked or expired credential",
-        )
-        .into_response();
+        return ApiError::unauthorized("unknown, revoked or expired credential").into_response();
     };
     if let Principal::Admin { actor } = &mut who {
         if let Some(name) = req
@@ -188,15 +178,9 @@ pub fn router(app: Arc<ApiState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .merge(crate::dashboard::router())
-        .fallback(|| async {
-            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
-        })
+        .fallback(|| async { ApiError::not_found("no such endpoint") })
         .method_not_allowed_fallback(|| async {
-            ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "this endpoint does not take that method",
-            )
+            ApiError::method_not_allowed("this endpoint does not take that method")
         })
         .layer(axum::middleware::from_fn(envelope))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

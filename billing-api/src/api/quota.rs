@@ -36,11 +36,10 @@ pub(super) async fn quota_check(
         }
     }
     let Some(entry) = app.quota.entry(&req.customer_id) else {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("customer {} has no plan now", req.customer_id),
-        ));
+        return Err(ApiError::not_found(format!(
+            "customer {} has no plan now",
+            req.customer_id
+        )));
     };
     let decision = entry.decide(&req.ask)?;
     let reason = decision.reason.map_or("none", |r| r.as_str());
@@ -76,8 +75,7 @@ pub(super) async fn quota_snapshot(
     q: Result<Query<SnapshotQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Snapshot> {
     who.admin_or_control_plane()?;
-    let Query(q) =
-        q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_query", e.body_text()))?;
+    let Query(q) = q.map_err(|e| ApiError::bad_query(e.body_text()))?;
     Ok(Json(app.quota.snapshot(q.since.unwrap_or(0))))
 }
 

@@ -20,11 +20,7 @@ pub(super) async fn stripe_webhook(
     body: axum::body::Bytes,
 ) -> Result<Json<WebhookAck>, ApiError> {
     let Some(secret) = &app.webhook_secret else {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            "webhooks are not configured",
-        ));
+        return Err(ApiError::not_found("webhooks are not configured"));
     };
     let sig = headers
         .get("stripe-signature")
@@ -40,11 +36,7 @@ pub(super) async fn stripe_webhook(
             .webhooks
             .with_label_values(&["unknown", "bad_signature"])
             .inc();
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_signature",
-            e.to_string(),
-        ));
+        return Err(ApiError::bad_request("invalid_signature", e.to_string()));
     }
     #[derive(Deserialize)]
     struct Event {
@@ -60,13 +52,8 @@ pub(super) async fn stripe_webhook(
     struct EventObject {
         id: String,
     }
-    let ev: Event = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "malformed_json",
-            format!("event: {e}"),
-        )
-    })?;
+    let ev: Event = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request("malformed_json", format!("event: {e}")))?;
     let label = webhook::payment_status(&ev.kind).map_or("other", |_| ev.kind.as_str());
     let applied = match webhook::payment_status(&ev.kind) {
         Some(status) => {

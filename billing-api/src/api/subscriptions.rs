@@ -21,7 +21,7 @@ pub(super) async fn resolve_plan(
 ) -> Result<u32, ApiError> {
     let listed = app.state.list_plans().await?;
     let mine = listed.iter().filter(|p| p.plan.plan == plan);
-    let not_found = |what: String| ApiError::new(StatusCode::NOT_FOUND, "not_found", what);
+    let not_found = |what: String| ApiError::not_found(what);
     match version {
         None => latest_active(&listed)
             .get(plan)
@@ -37,25 +37,16 @@ pub(super) async fn resolve_plan(
     }
 }
 
-/// Refuses a change effective inside a period that is already invoiced.
+/// The open-period rule (`subscription::check_open`) against the
+/// customer's invoices.
 pub(super) async fn require_open(
     app: &ApiState,
     customer: &str,
     at: DateTime<Utc>,
 ) -> Result<(), ApiError> {
-    if let Some(last) = app.state.invoices_of(customer).await?.last() {
-        if at < last.period.end {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "period_finalized",
-                format!(
-                    "{at} falls in a period already invoiced ({}); changes take effect from {} on",
-                    last.number, last.period.end
-                ),
-            ));
-        }
-    }
-    Ok(())
+    let invoices = app.state.invoices_of(customer).await?;
+    let last = invoices.last().map(|i| (i.number.as_str(), i.period.end));
+    Ok(billing_domain::subscription::check_open(at, last)?)
 }
 
 #[utoipa::path(post, path = "/v1/customers/{id}/subscription", params(("id" = String, Path)), request_body = Subscribe,
@@ -105,7 +96,7 @@ pub(super) fn query<T>(
     q: Result<Query<T>, axum::extract::rejection::QueryRejection>,
 ) -> Result<T, ApiError> {
     q.map(|Query(q)| q)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_query", e.body_text()))
+        .map_err(|e| ApiError::bad_query(e.body_text()))
 }
 
 /// The plan history from now on: the row in effect and those after it.
@@ -173,11 +164,9 @@ pub(super) async fn withdraw_scheduled_change(
 ) -> ApiResult<Subscription> {
     let actor = who.admin()?;
     let not_found = || {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("scheduled change {change} of customer {id} not found"),
-        )
+        ApiError::not_found(format!(
+            "scheduled change {change} of customer {id} not found"
+        ))
     };
     let change_id: i64 = change.parse().map_err(|_| not_found())?;
     let w = app

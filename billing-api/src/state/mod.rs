@@ -70,22 +70,6 @@ pub type StateResult<T> = Result<T, StateError>;
 /// (suspended, the customer's own spending cap).
 pub type QuotaSettings = (bool, Option<Decimal>);
 
-/// A usage alert to raise: once per (customer, period, kind, subject,
-/// threshold).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct NewAlert {
-    pub customer_id: String,
-    pub period_start: DateTime<Utc>,
-    pub kind: AlertKind,
-    /// What the threshold is of: empty for the cap, the price for an
-    /// allowance (e.g. `compute instance_type=t4g.small`).
-    pub subject: String,
-    /// Percent.
-    pub threshold: u32,
-    /// The webhook body.
-    pub payload: serde_json::Value,
-}
-
 /// A raised alert and its delivery.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Alert {
@@ -144,10 +128,11 @@ pub struct App {
 
 pub use billing_domain::catalog::PublishedPlan;
 
-pub use billing_domain::alert::{AlertKind, AlertStatus};
+pub use billing_domain::alert::{AlertKind, AlertStatus, NewAlert};
 pub use billing_domain::invoice::{Invoice, PaymentStatus, SyncStatus};
 pub use billing_domain::subscription::{
-    check_first_subscription, RuleError, Subscription, SwitchOutcome, SwitchWrites, WithdrawWrites,
+    check_first_subscription, check_plan_usable, retire_refused, withdrawn_earlier, RuleError,
+    Subscription, SwitchOutcome, SwitchWrites, WithdrawWrites,
 };
 
 /// Billing state: one implementation over both databases
@@ -659,24 +644,6 @@ pub(crate) fn customer_not_found(customer: &str) -> StateError {
     StateError::NotFound(format!("customer {customer}"))
 }
 
-/// A plan version a customer may subscribe to: `retired` is None when the
-/// version does not exist.
-pub(crate) fn check_plan_usable(
-    retired: Option<bool>,
-    plan: &str,
-    version: u32,
-) -> StateResult<()> {
-    match retired {
-        None => Err(StateError::NotFound(format!(
-            "plan {plan} version {version}"
-        ))),
-        Some(true) => Err(StateError::Invalid(format!(
-            "plan {plan} version {version} is retired"
-        ))),
-        Some(false) => Ok(()),
-    }
-}
-
 /// The columns a [`Subscription`] is read from.
 pub(crate) const SUBSCRIPTION_COLUMNS: &str = "id, plan, version, starts_at, ends_at";
 
@@ -691,39 +658,11 @@ pub(crate) fn subscription_from(r: &impl StateRow) -> StateResult<Subscription> 
     })
 }
 
-/// A change withdrawn earlier, from the customer's `subscription.withdraw`
-/// audit entries: a repeated withdrawal answers it again.
-pub(crate) fn withdrawn_earlier(
-    entries: &[AuditEntry],
-    customer: &str,
-    id: i64,
-) -> StateResult<Subscription> {
-    entries
-        .iter()
-        .filter(|e| e.action == WITHDRAW_ACTION)
-        .filter_map(|e| e.before.clone())
-        .filter_map(|b| serde_json::from_value::<Subscription>(b).ok())
-        .find(|s| s.id == id)
-        .ok_or_else(|| {
-            StateError::NotFound(format!("scheduled change {id} of customer {customer}"))
-        })
-}
-
 pub(crate) const WITHDRAW_ACTION: &str = "subscription.withdraw";
 
 /// Seat counts are stored as `INT`.
 pub(crate) fn seats_value(seats: u32) -> StateResult<i32> {
     i32::try_from(seats).map_err(|_| StateError::Invalid("seats out of range".into()))
-}
-
-/// Why `retire_plan` changed nothing: the version is retired already, or
-/// does not exist.
-pub(crate) fn retire_refused(exists: bool, plan: &str, version: u32) -> StateError {
-    if exists {
-        StateError::Conflict(format!("plan {plan} version {version} is already retired"))
-    } else {
-        StateError::NotFound(format!("plan {plan} version {version}"))
-    }
 }
 
 /// The ids of the invoices a new invoice carries in.

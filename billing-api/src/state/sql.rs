@@ -110,7 +110,7 @@ impl<D: Dialect> Tx<D> {
             .await?
             .map(|r| r.flag("retired"))
             .transpose()?;
-        check_plan_usable(retired, plan, version)
+        Ok(check_plan_usable(retired, plan, version)?)
     }
 
     /// The customer's plan history in order.
@@ -405,7 +405,11 @@ impl<D: Dialect> StateStore for SqlState<D> {
                 .iter()
                 .map(audit_entry_from)
                 .collect::<StateResult<Vec<_>>>()?;
-            return withdrawn_earlier(&entries, customer, id);
+            let befores = entries
+                .iter()
+                .filter(|e| e.action == WITHDRAW_ACTION)
+                .filter_map(|e| e.before.as_ref());
+            return Ok(withdrawn_earlier(befores, customer, id)?);
         };
         tx.run(q("DELETE FROM subscriptions WHERE id = $1").bind(w.withdrawn.id))
             .await?;
@@ -531,7 +535,7 @@ impl<D: Dialect> StateStore for SqlState<D> {
                         .bind(version as i32),
                 )
                 .await?;
-            return Err(retire_refused(exists.is_some(), plan, version));
+            return Err(retire_refused(exists.is_some(), plan, version).into());
         }
         tx.audit(actor, now, AuditRecord::plan_retire(plan, version))
             .await?;
