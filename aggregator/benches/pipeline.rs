@@ -12,8 +12,7 @@
 //! Run with `ops/bench.sh` (release build, services started). Results go to
 //! `bench-results/pipeline.json` and stdout.
 
-#[path = "../tests/support/mod.rs"]
-mod support;
+use testkit::pipeline as support;
 
 use aggregator::store::clickhouse::ClickHouseStore;
 use aggregator::store::{RawRow, UsageWriter};

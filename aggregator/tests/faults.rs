@@ -7,7 +7,7 @@
 //! This test runs its own tansu and ClickHouse (through ops/services.sh, on
 //! ports of its own) so restarting them does not disturb other tests.
 
-mod support;
+use testkit::pipeline as support;
 
 use chrono::{Duration as CDuration, Utc};
 use collector::sources::simulator::{ground_truth, Workload};

@@ -10,7 +10,7 @@
 //! previous month, and the event's time is in the month before that (the
 //! oldest month that acceptance allowed, outside today's window).
 
-mod support;
+use testkit::pipeline as support;
 
 use aggregator::metrics::Metrics;
 use aggregator::pipeline::{DeadLetter, DeadLetterSink, Message, Processor};

@@ -2,7 +2,7 @@
 //! the simulator to ClickHouse, duplicates, bad input, poison messages and
 //! dead-letter replay, and gauge semantics of the inventory sampler.
 
-mod support;
+use testkit::pipeline as support;
 
 use chrono::{Duration as CDuration, Utc};
 use collector::sources::simulator::{ground_truth, Workload};

@@ -3,7 +3,7 @@
 //! raw rows, so rollups and raw rows agree and nothing counts twice.
 //! Drives the `Processor` directly against real ClickHouse.
 
-mod support;
+use testkit::pipeline as support;
 
 use aggregator::metrics::Metrics;
 use aggregator::pipeline::{DeadLetter, DeadLetterSink, Message, Processor};

@@ -11,8 +11,7 @@
 //! TALLY_CLICKHOUSE_URL (ops/bench.sh sets them). Writes
 //! bench-results/finalize.json.
 
-#[path = "../tests/support/mod.rs"]
-mod support;
+use testkit::billing as support;
 
 use billing_api::finalize::{FinalizeConfig, Finalizer};
 use billing_api::invoice::month_of;

@@ -9,8 +9,7 @@
 //! Needs TALLY_DATABASE_URL and TALLY_CLICKHOUSE_URL (ops/bench.sh) and
 //! `wrk` (Debian package).
 
-#[path = "../tests/support/mod.rs"]
-mod support;
+use testkit::billing as support;
 
 use aggregator::DynUsageStore;
 use axum::routing::post;

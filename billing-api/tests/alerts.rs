@@ -2,7 +2,7 @@
 //! once per period, delivered as signed webhooks to a real HTTP receiver,
 //! retried with backoff after failures, given up after the last attempt.
 
-mod support;
+use testkit::billing as support;
 
 use axum::http::{HeaderMap, StatusCode};
 use billing_api::alerts::{AlertConfig, AlertRaiser, AlertSender};

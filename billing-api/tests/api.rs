@@ -4,7 +4,7 @@
 //! bad input gets a 4xx with a code and changes nothing; the checked-in
 //! OpenAPI document is current.
 
-mod support;
+use testkit::billing as support;
 
 use billing_api::api::openapi_json;
 use billing_api::invoice::{self, month_of, previous};

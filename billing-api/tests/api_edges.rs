@@ -2,9 +2,9 @@
 //! document refuses is refused with a `{code, message}` naming the field,
 //! and every error answer carries that envelope.
 
-#[path = "support/served.rs"]
-mod served;
-mod support;
+use testkit::billing as support;
+use testkit::http::read_one;
+use testkit::served;
 
 use chrono::{Duration, Utc};
 use reqwest::Method as M;
@@ -228,22 +228,6 @@ async fn every_error_carries_the_envelope() {
     assert!(v["code"].is_string() && v["message"].is_string(), "{v}");
 }
 
-/// One response read off a raw connection: status, head, JSON body.
-fn raw_response(raw: &[u8]) -> (u16, String, Value) {
-    let text = String::from_utf8_lossy(raw);
-    let (head, body) = text.split_once("\r\n\r\n").expect("a response head");
-    let status = head[9..12].parse().unwrap();
-    let head = head.to_ascii_lowercase();
-    let len: usize = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length:"))
-        .map(|v| v.trim().parse().unwrap())
-        .expect("content-length");
-    assert_eq!(body.len(), len, "content-length matches the body: {text}");
-    let v = serde_json::from_str(body).unwrap_or(Value::Null);
-    (status, head, v)
-}
-
 /// Item 9: hyper answers a head it cannot parse before the router sees it
 /// (a 100 kB path: 414); the `billing-api serve` process answers that with
 /// the envelope too, and a normal request on the same server still works.
@@ -267,20 +251,9 @@ async fn a_uri_over_the_limit_gets_the_envelope_from_the_real_server() {
     s.write_all(b"GET /v1/plans HTTP/1.1\r\nhost: x\r\nauthorization: Bearer edges-key\r\n\r\n")
         .await
         .unwrap();
-    let mut got = Vec::new();
-    let mut buf = vec![0u8; 65536];
-    let plans = loop {
-        let n = s.read(&mut buf).await.unwrap();
-        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
-        got.extend_from_slice(&buf[..n]);
-        let text = String::from_utf8_lossy(&got).into_owned();
-        if let Some((head, body)) = text.split_once("\r\n\r\n") {
-            if let Ok(v) = serde_json::from_str::<Value>(body) {
-                assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-                break v;
-            }
-        }
-    };
+    let (status, head, body) = read_one(&mut s).await;
+    assert_eq!(status, 200, "{head}");
+    let plans: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(plans.as_array().map(Vec::len), Some(4), "{plans}");
     let long = format!(
         "GET /v1/customers/{} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer edges-key\r\n\r\n",
@@ -288,12 +261,17 @@ async fn a_uri_over_the_limit_gets_the_envelope_from_the_real_server() {
     );
     // The server may answer and close before it has read all of it.
     let _ = s.write_all(long.as_bytes()).await;
-    let mut raw = Vec::new();
-    tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut raw))
+    let (status, head, body) =
+        tokio::time::timeout(std::time::Duration::from_secs(10), read_one(&mut s))
+            .await
+            .expect("an answer to the long path");
+    let mut rest = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut rest))
         .await
         .expect("closed after the 414")
         .unwrap();
-    let (status, head, v) = raw_response(&raw);
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(status, 414, "{head}");
     assert!(head.contains("content-type: application/json"), "{head}");
     assert!(says(&v, "uri_too_long", &["longer"]), "{v}");

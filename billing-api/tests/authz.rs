@@ -5,7 +5,7 @@
 //! Denials are 401/403/404 with a code and carry none of the other
 //! customer's data; keys are stored hashed, shown once, audited, revocable.
 
-mod support;
+use testkit::billing as support;
 
 use billing_api::auth;
 use billing_api::invoice::{invoice_id, month_of, previous};

@@ -3,7 +3,7 @@
 //! month, so the test means the same on any date), then the same over HTTP
 //! for a customer session.
 
-mod support;
+use testkit::billing as support;
 
 use billing_api::costs::{advisor, report};
 use billing_api::invoice::{month_of, previous};

@@ -4,7 +4,7 @@
 //! changes the spending cap from the page. A screenshot is written to
 //! `target/test-artifacts/dashboard.png`.
 
-mod support;
+use testkit::billing as support;
 
 use billing_api::invoice::{month_of, previous};
 use chrono::{Duration, Utc};

@@ -3,7 +3,7 @@
 //! of a plan switch equals the draft after the switch is confirmed, line by
 //! line. Needs TALLY_CLICKHOUSE_URL and TALLY_DATABASE_URL (ops/test.sh).
 
-mod support;
+use testkit::billing as support;
 
 use billing_api::catalog::Catalog;
 use billing_api::invoice::{rate_period, PlannedSwitch};

@@ -3,9 +3,8 @@
 //! stand-in. Each invoice's usage evidence equals the simulator's ground
 //! truth, and the Stripe invoice total equals the Tally total to the cent.
 
-#[path = "../../aggregator/tests/support/mod.rs"]
-mod pipeline;
-mod support;
+use testkit::billing as support;
+use testkit::pipeline;
 
 use billing_api::invoice::{month_of, previous};
 use billing_api::metrics::Metrics;

@@ -2,7 +2,7 @@
 //! customer ends with exactly one invoice for the period, numbers run
 //! 1..=N without gaps or repeats, and totals are right.
 
-mod support;
+use testkit::billing as support;
 
 use billing_api::invoice::{month_of, previous};
 use chrono::{Duration, Utc};

@@ -3,7 +3,7 @@
 //! adjustment line on the next invoice, and carry-forward below the minimum
 //! charge.
 
-mod support;
+use testkit::billing as support;
 
 use billing_api::invoice::{self, following, month_of, previous};
 use billing_api::rating::LineKind;

@@ -2,7 +2,7 @@
 //! currency's digits ("299.00", "0.00"; never "299", "0"), and every
 //! instant it answers with has the stored precision (microseconds).
 
-mod support;
+use testkit::billing as support;
 
 use chrono::{DateTime, Utc};
 use reqwest::Method as M;

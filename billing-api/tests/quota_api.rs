@@ -3,7 +3,7 @@
 //! suspension and plan switches reflected at once, the snapshot with
 //! versions, and bad input.
 
-mod support;
+use testkit::billing as support;
 
 use chrono::{Duration, DurationRound, Utc};
 use reqwest::Method as M;

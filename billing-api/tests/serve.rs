@@ -4,11 +4,8 @@
 //! confirms a switch, lists and withdraws a scheduled switch and reads the
 //! audit log through it, and SIGTERM stops it cleanly.
 
-#[path = "../../aggregator/tests/support/mod.rs"]
-mod pipeline;
-#[path = "support/served.rs"]
-mod served;
-mod support;
+use testkit::billing as support;
+use testkit::served;
 
 use billing_api::invoice::{month_of, previous};
 use billing_api::state::{Customer, StateStore};

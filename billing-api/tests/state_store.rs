@@ -5,7 +5,7 @@
 //! a temporary directory). Raw SQL checks (the triggers) run against both
 //! databases.
 
-mod support;
+use testkit::billing as support;
 
 use billing_api::auth::{ApiKey, Role};
 use billing_api::catalog::PlanVersion;

@@ -3,7 +3,7 @@
 //! paginated read-back, totals to the cent; and a billing process killed in
 //! the middle of a sync, restarted, leaving each invoice exactly once.
 
-mod support;
+use testkit::billing as support;
 
 use billing_api::invoice::{month_of, previous};
 use billing_api::metrics::Metrics;

@@ -6,32 +6,9 @@
 use serde_json::Value;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use testkit::http::read_one;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-/// Reads one response whose body has a content-length; `(status, head, body)`.
-async fn read_one(s: &mut TcpStream) -> (u16, String, String) {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let text = String::from_utf8_lossy(&got).into_owned();
-        if let Some((head, body)) = text.split_once("\r\n\r\n") {
-            let lower = head.to_ascii_lowercase();
-            let len: usize = lower
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .map(|v| v.trim().parse().unwrap())
-                .expect("content-length");
-            if body.len() >= len {
-                assert_eq!(body.len(), len, "nothing after the body: {text}");
-                return (head[9..12].parse().unwrap(), lower, body.to_owned());
-            }
-        }
-        let n = s.read(&mut buf).await.unwrap();
-        assert!(n > 0, "closed early: {text}");
-        got.extend_from_slice(&buf[..n]);
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_uri_over_the_limit_gets_the_envelope_from_the_real_server() {

@@ -14,8 +14,7 @@
 //! Run with `ops/bench.sh` (release build). Results go to
 //! `bench-results/embedded.json` and stdout.
 
-#[path = "../tests/support/mod.rs"]
-mod support;
+use testkit::system as support;
 
 use aggregator::store::sqlite::SqliteStore;
 use aggregator::store::{RawRow, UsageWriter};

@@ -12,7 +12,7 @@
 //! quota checks (spending cap, suspension, allowed). Prices are the default
 //! catalog's: requests $0.40 per million on payg, $0.30 on team + $15 a seat.
 
-mod support;
+use testkit::system as support;
 
 use billing_api::invoice::{month_of, previous};
 use chrono::{Duration, Utc};

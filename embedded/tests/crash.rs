@@ -3,7 +3,7 @@
 //! directory resumes (new events are accepted, re-sent ones deduplicated,
 //! the rollups agree with the raw rows).
 
-mod support;
+use testkit::system as support;
 
 use aggregator::store::sqlite::SqliteStore;
 use chrono::{Duration, Utc};

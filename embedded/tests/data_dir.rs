@@ -3,7 +3,7 @@
 //! as the keys), a looser existing directory is tightened, and no start
 //! prints a key (keys stay in their files, out of logs).
 
-mod support;
+use testkit::system as support;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;

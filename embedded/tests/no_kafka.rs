@@ -3,34 +3,7 @@
 //! neither rdkafka nor librdkafka (rdkafka-sys) is among its dependencies,
 //! direct or transitive, while the distributed crates keep theirs.
 
-use std::process::Command;
-
-fn normal_dependencies(package: &str) -> Vec<String> {
-    let out = Command::new(env!("CARGO"))
-        .args([
-            "tree",
-            "--offline",
-            "-p",
-            package,
-            "-e",
-            "normal",
-            "--prefix",
-            "none",
-        ])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("cargo tree runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
-        .collect()
-}
+use testkit::deps::normal_dependencies;
 
 #[test]
 fn tally_and_billing_api_build_without_librdkafka() {

@@ -7,7 +7,7 @@
 //! deduplicated, and invoice numbers continue. An import into a non-empty
 //! database is refused.
 
-mod support;
+use testkit::system as support;
 
 use billing_api::invoice::{month_of, previous};
 use chrono::{Duration, Utc};

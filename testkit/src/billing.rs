@@ -2,7 +2,6 @@
 //! (addresses from the environment, set by `ops/test.sh`; a missing one
 //! fails the test, never skips it). Each test gets its own PostgreSQL
 //! database and ClickHouse database, kept afterwards for inspection.
-#![allow(dead_code)]
 
 use aggregator::metrics::Metrics as AggMetrics;
 use aggregator::pipeline::{DeadLetter, DeadLetterSink, Message, Processor};

@@ -4,7 +4,6 @@
 //! a missing variable fails the test, it never skips. Every test gets its
 //! own topic, consumer group and ClickHouse database, kept after the run for
 //! inspection.
-#![allow(dead_code)]
 
 use aggregator::store::clickhouse::ClickHouseStore;
 use rust_decimal::Decimal;

@@ -1,14 +1,12 @@
-//! The real `billing-api serve` process for tests of this crate only
-//! (`CARGO_BIN_EXE_billing-api` exists in billing-api's own tests, not in
-//! the crates that share `support/mod.rs`).
-#![allow(dead_code)] // each test that includes it uses a part
+//! The real `billing-api serve` process (the workspace's built binary, see
+//! [`crate::pipeline::bin`]).
 
 /// A `billing-api serve` process on a free loopback port over the stores at
 /// `pg` and `ch`/`db`, with `key` as its admin key and Stripe off, answering
 /// `/healthz` (the caller stops it).
 /// What `billing-api hash-key` prints for `key`.
 pub fn hash_key(key: &str) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_billing-api"))
+    let out = std::process::Command::new(crate::pipeline::bin("billing-api"))
         .args(["hash-key", key])
         .output()
         .unwrap();
@@ -37,7 +35,7 @@ pub async fn spawn_serve(
         .port();
     let hash = hash_key(key);
     let listen = format!("127.0.0.1:{port}");
-    let child = Command::new(env!("CARGO_BIN_EXE_billing-api"))
+    let child = Command::new(crate::pipeline::bin("billing-api"))
         .args(["serve", "--listen", &listen])
         .args(extra_args)
         .env("TALLY_DATABASE_URL", pg)

@@ -3,17 +3,13 @@
 //! against both modes. Distributed uses real tansu, ClickHouse and
 //! PostgreSQL from the environment (`ops/test.sh`); a missing service fails
 //! the test, it never skips.
-#![allow(dead_code)]
 
-#[path = "../../../billing-api/tests/support/mod.rs"]
-pub mod billing;
-#[path = "../../../aggregator/tests/support/mod.rs"]
-pub mod pipeline;
+pub use crate::{billing, pipeline};
 
 pub use billing::pg_database;
 
+use crate::pipeline::{bin, free_port, hex_sha256, wait_http, Env, Proc, INGEST_KEY};
 use chrono::{DateTime, Utc};
-use pipeline::{bin, free_port, hex_sha256, wait_http, Env, Proc, INGEST_KEY};
 use reqwest::Method;
 use serde_json::Value;
 use std::path::PathBuf;
