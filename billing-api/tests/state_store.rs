@@ -290,6 +290,7 @@ fn new_invoice(
             adjustments: vec![],
             adjusted: None,
             carried,
+            minor_units: Some(2),
         },
         sync_status: status.into(),
     }

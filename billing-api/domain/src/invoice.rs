@@ -20,6 +20,7 @@
 //! lines already rounded to the minor unit.
 
 use crate::adjust::{adjustments, AdjustmentLine, OriginalInvoice};
+use crate::catalog::currency_digits;
 use crate::rating::{Line, Period, Rated};
 use chrono::{DateTime, Datelike, TimeZone, Utc};
 use rust_decimal::Decimal;
@@ -107,6 +108,10 @@ pub struct InvoiceBody {
     /// The re-rating behind `adjustments`, kept as evidence.
     pub adjusted: Option<AdjustedPeriod>,
     pub carried: Vec<CarriedInvoice>,
+    /// The digits its amounts were rounded to (the plan's `minor_units`).
+    /// Absent on invoices written before it was recorded: see [`billed`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub minor_units: Option<u32>,
 }
 
 /// An invoice before it is numbered: the draft of an open period, or what
@@ -127,12 +132,22 @@ pub struct NewInvoice {
     pub sync_status: SyncStatus,
 }
 
-/// The rating a finalized invoice billed for its own period.
+/// The rating a finalized invoice billed for its own period, with the
+/// digits it was rounded to as recorded in its body. An invoice written
+/// before they were recorded: a non-zero subtotal keeps them as its scale;
+/// a zero one does not (both stores write zero as `0`), so it takes its
+/// currency's.
 pub fn billed(inv: &Invoice) -> Rated {
+    let minor_units = inv.body.minor_units.unwrap_or_else(|| {
+        if inv.subtotal.is_zero() {
+            currency_digits(&inv.currency)
+        } else {
+            inv.subtotal.scale()
+        }
+    });
     Rated {
         currency: inv.currency.clone(),
-        // The subtotal was written with the currency's digits.
-        minor_units: inv.subtotal.scale(),
+        minor_units,
         lines: inv.body.lines.clone(),
         total: inv.subtotal,
     }
@@ -198,6 +213,7 @@ pub fn build(
             adjustments: adjs,
             adjusted,
             carried,
+            minor_units: Some(rated.minor_units),
         },
         sync_status: status,
     }
@@ -271,6 +287,67 @@ mod tests {
             assert_eq!(serde_json::to_value(p).unwrap(), p.as_str());
         }
         assert!("bogus".parse::<SyncStatus>().is_err());
+    }
+
+    /// An invoice of nothing (a month without usage on payg) is stored with
+    /// a subtotal of `0`, scale 0: what it billed is still rounded to the
+    /// plan's digits, so re-rating it reproduces it and late usage is
+    /// adjusted in cents, not whole units.
+    #[test]
+    fn a_zero_invoice_bills_with_the_plans_digits() {
+        let period = parse_month("2026-11").unwrap();
+        let rated = Rated {
+            currency: "USD".into(),
+            minor_units: 2,
+            lines: vec![],
+            total: Decimal::new(0, 2),
+        };
+        let n = build(
+            "cus_z",
+            period,
+            rated.clone(),
+            None,
+            &[],
+            Decimal::new(50, 2),
+        );
+        assert_eq!(n.body.minor_units, Some(2));
+        let stored = |body: InvoiceBody| Invoice {
+            id: n.id.clone(),
+            seq: 1,
+            number: "TLY-000001".into(),
+            customer_id: n.customer_id.clone(),
+            period,
+            currency: n.currency.clone(),
+            // As both stores read zero back.
+            subtotal: Decimal::ZERO,
+            adjustments_total: Decimal::ZERO,
+            carried_in: Decimal::ZERO,
+            total: Decimal::ZERO,
+            body,
+            finalized_at: period.end,
+            sync_status: n.sync_status,
+            stripe_invoice_id: None,
+            carried_to: None,
+            payment_status: PaymentStatus::ALL[0],
+            sync_error: None,
+        };
+        assert_eq!(billed(&stored(n.body.clone())).minor_units, 2);
+        assert_eq!(
+            billed(&stored(n.body.clone())),
+            Rated {
+                total: Decimal::ZERO,
+                ..rated
+            }
+        );
+        // Written before the digits were recorded: the currency's (JPY: 0).
+        let legacy = InvoiceBody {
+            minor_units: None,
+            ..n.body.clone()
+        };
+        assert_eq!(billed(&stored(legacy.clone())).minor_units, 2);
+        let mut yen = stored(legacy);
+        yen.currency = "JPY".into();
+        assert_eq!(billed(&yen).minor_units, 0);
     }
 
     #[test]
