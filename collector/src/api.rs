@@ -74,12 +74,9 @@ async fn metrics(State(st): State<IngestState>) -> Response {
         .into_response()
 }
 
+/// An error answer in the shared envelope (`serving::Envelope`).
 pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
-    (
-        status,
-        Json(json!({"code": code, "message": message.into()})),
-    )
-        .into_response()
+    serving::error_response(status, code, &message.into())
 }
 
 fn too_large(st: &IngestState) -> Response {

@@ -45,11 +45,13 @@
 //! them to `writev`, a memcpy of answers that are small JSON documents and
 //! assets.
 
+mod envelope;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod process;
 mod secret;
 
+pub use envelope::{error_response, Envelope};
 pub use secret::Secret;
 
 use axum::serve::Listener;
@@ -270,8 +272,7 @@ impl Canned<'_> {
     /// The whole answer: the same status and date, the envelope as body.
     fn envelope_response(&self) -> Vec<u8> {
         let (code, message) = self.code_and_message();
-        // Both are fixed texts without quotes or backslashes.
-        let body = format!(r#"{{"code":"{code}","message":"{message}"}}"#);
+        let body = Envelope::new(code, message).to_json();
         let mut out = Vec::with_capacity(256 + body.len());
         out.extend_from_slice(self.status_line);
         out.extend_from_slice(b"\r\ncontent-type: application/json\r\ncontent-length: ");
@@ -282,7 +283,7 @@ impl Canned<'_> {
             out.extend_from_slice(b"\r\n");
         }
         out.extend_from_slice(b"\r\n");
-        out.extend_from_slice(body.as_bytes());
+        out.extend_from_slice(&body);
         out
     }
 }

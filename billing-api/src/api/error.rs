@@ -83,8 +83,16 @@ impl ApiError {
 }
 
 impl IntoResponse for ApiError {
+    /// Written by the one envelope writer every API shares
+    /// (`serving::Envelope`); [`ErrorBody`] is its description in the
+    /// OpenAPI document.
     fn into_response(self) -> Response {
-        (self.status, Json(self.body)).into_response()
+        serving::Envelope {
+            code: &self.body.code,
+            message: &self.body.message,
+            details: self.body.details,
+        }
+        .response(self.status)
     }
 }
 
@@ -247,4 +255,35 @@ pub(super) async fn envelope(req: Request, next: Next) -> Response {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the OpenAPI document says an error is ([`ErrorBody`]) is what
+    /// the shared envelope writes, with and without details.
+    #[tokio::test]
+    async fn the_documented_error_body_is_the_envelope_on_the_wire() {
+        let details = vec![CatalogError {
+            field: "prices[0].unit_price".into(),
+            code: "invalid",
+            message: "must not be negative".into(),
+        }];
+        for d in [None, Some(details)] {
+            let e = ApiError::invalid("plan payg: 1 problem");
+            let e = match d.clone() {
+                Some(d) => e.with_details(d),
+                None => e,
+            };
+            let documented = serde_json::to_value(&e.body).unwrap();
+            let r = e.into_response();
+            assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+            let bytes = axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap();
+            let wire: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+            assert_eq!(wire, documented);
+            assert_eq!(wire["code"], "invalid");
+            assert_eq!(wire.get("details").is_some(), d.is_some(), "{wire}");
+        }
+    }
 }
