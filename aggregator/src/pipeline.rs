@@ -25,7 +25,7 @@
 
 use crate::dedup::{fingerprint, month_start, DedupSet};
 use crate::metrics::Metrics;
-use crate::rollup::{hour_of, RollupKey, RollupValue};
+use crate::rollup::{hour_of, rollup_version, RollupKey, RollupValue};
 use crate::store::{to_stored_precision, RawRow, UsageWriter};
 use chrono::{DateTime, TimeZone, Utc};
 use schemas::event::previous_month_start;
@@ -453,14 +453,6 @@ fn field_errors(errs: Vec<FieldError>) -> (&'static str, String) {
         .collect::<Vec<_>>()
         .join("; ");
     (errs[0].code, reason)
-}
-
-/// The rollup version a batch writes: its highest offset in the partition
-/// plus one. Version 0 is never written by a partition: it belongs to rows
-/// imported from an embedded data directory (`store::IMPORTED_PARTITION`),
-/// so a live update of the same key always wins over the imported value.
-pub fn rollup_version(max_offset: u64) -> u64 {
-    max_offset + 1
 }
 
 /// Header names on dead letters.

@@ -48,6 +48,14 @@ pub fn hour_of(t: DateTime<Utc>) -> i64 {
     s - s.rem_euclid(3600)
 }
 
+/// The rollup version a batch writes: its highest offset in the partition
+/// plus one. Version 0 is never written by a partition: it belongs to rows
+/// imported from an embedded data directory (`store::IMPORTED_PARTITION`),
+/// so a live update of the same key always wins over the imported value.
+pub fn rollup_version(max_offset: u64) -> u64 {
+    max_offset + 1
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

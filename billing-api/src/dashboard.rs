@@ -50,8 +50,7 @@ async fn index() -> Response {
 async fn asset(Path(name): Path<String>) -> Response {
     match ASSETS.iter().find(|(n, _, _)| *n == name) {
         Some((_, ty, body)) => respond(ty, body),
-        None => crate::api::ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such asset")
-            .into_response(),
+        None => serving::error_response(StatusCode::NOT_FOUND, "not_found", "no such asset"),
     }
 }
 

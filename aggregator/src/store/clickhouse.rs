@@ -8,7 +8,7 @@
 //!    message is stored" and "the offset is stored" are one fact;
 //! 2. the cumulative hourly rollups of the keys the batch touched are
 //!    inserted with `version` = the batch's highest offset in that Kafka
-//!    partition + 1 (`pipeline::rollup_version`; idempotent: rewriting a
+//!    partition + 1 (`rollup::rollup_version`; idempotent: rewriting a
 //!    version changes nothing);
 //! 3. the aggregator commits the offsets to Kafka (an optimisation only).
 //!
@@ -24,7 +24,7 @@ use super::{
     group_cells, split_hours, time_range_sql, Cell, Partial, PartitionState, RawRow, UsageQuery,
     UsageRow, UsageStore, UsageWriter,
 };
-use crate::pipeline::rollup_version;
+use crate::rollup::rollup_version;
 use crate::rollup::{RollupKey, RollupValue};
 use anyhow::Context;
 use chrono::{DateTime, TimeZone, Utc};

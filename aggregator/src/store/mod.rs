@@ -25,7 +25,7 @@ use std::future::Future;
 /// load their (source, id) keys for deduplication, though, so an imported
 /// event re-sent after the move is still dropped as a duplicate. Imported
 /// rollups carry version 0, which every live write outranks
-/// (`pipeline::rollup_version`).
+/// (`rollup::rollup_version`).
 pub const IMPORTED_PARTITION: u32 = 1_000_000;
 
 /// The partitions whose recent (source, id) keys seed a live partition's
@@ -45,7 +45,7 @@ pub fn dedup_partitions(partition: u32) -> [u32; 2] {
 pub fn repair_from(raw_max: Option<u64>, roll_max: Option<u64>) -> Option<u64> {
     let raw = raw_max?;
     match roll_max {
-        Some(v) if v >= crate::pipeline::rollup_version(raw) => None,
+        Some(v) if v >= crate::rollup::rollup_version(raw) => None,
         Some(v) => Some(v),
         None => Some(0),
     }

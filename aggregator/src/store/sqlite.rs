@@ -15,7 +15,8 @@ use super::{
     from_stored_time, group_cells, split_hours, stored_time, Cell, Partial, PartitionState,
     PerCustomer, RawRow, UsageQuery, UsageRow, UsageStore, UsageWriter,
 };
-use crate::pipeline::{rollup_version, DeadLetter, DeadLetterSink};
+use crate::pipeline::{DeadLetter, DeadLetterSink};
+use crate::rollup::rollup_version;
 use crate::rollup::{RollupKey, RollupValue};
 use anyhow::Context;
 use chrono::{DateTime, TimeZone, Utc};
