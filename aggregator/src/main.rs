@@ -148,7 +148,7 @@ fn meters(c: &Common) -> anyhow::Result<MeterCatalog> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     serving::process::init_tracing();
-    match Cli::parse().command {
+    match serving::config::parse::<Cli>().command {
         Command::Run {
             common,
             group,
@@ -312,5 +312,53 @@ mod tests {
             };
             assert_eq!(common.clickhouse_database, "other", "{flag}");
         }
+    }
+
+    /// The aggregator reads a settings file (`serving::config`): its keys
+    /// are the flag names, and the flags still win.
+    #[test]
+    fn a_config_file_sets_flags_beneath_the_command_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("aggregator.toml");
+        std::fs::write(
+            &path,
+            "clickhouse-database = \"from_file\"\nshutdown-timeout-secs = 5\npartitions = 8\n",
+        )
+        .unwrap();
+        let p = path.to_str().unwrap();
+        let cli: super::Cli =
+            serving::config::try_parse_from(["aggregator", "run", "--config", p]).unwrap();
+        let super::Command::Run {
+            common,
+            partitions,
+            shutdown_timeout_secs,
+            ..
+        } = cli.command
+        else {
+            panic!("parsed as another command");
+        };
+        assert_eq!(
+            (
+                common.clickhouse_database.as_str(),
+                partitions,
+                shutdown_timeout_secs
+            ),
+            ("from_file", 8, 5)
+        );
+        // The same file serves every subcommand: `migrate` takes what it
+        // has a flag for, and its flag beats the file.
+        let cli: super::Cli = serving::config::try_parse_from([
+            "aggregator",
+            "migrate",
+            "--config",
+            p,
+            "--clickhouse-database",
+            "flag",
+        ])
+        .unwrap();
+        let super::Command::Migrate { common } = cli.command else {
+            panic!("parsed as another command");
+        };
+        assert_eq!(common.clickhouse_database, "flag");
     }
 }

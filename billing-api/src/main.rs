@@ -84,7 +84,7 @@ async fn setup(c: &Common) -> anyhow::Result<Parts> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     serving::process::init_tracing();
-    match Cli::parse().command {
+    match serving::config::parse::<Cli>().command {
         Command::Serve {
             common,
             listen,

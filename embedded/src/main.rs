@@ -56,7 +56,7 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     serving::process::init_tracing();
-    match Cli::parse().command {
+    match serving::config::parse::<Cli>().command {
         Command::Serve(cfg) => {
             embedded::server::run(*cfg, serving::process::shutdown_signal()).await
         }

@@ -45,6 +45,7 @@
 //! them to `writev`, a memcpy of answers that are small JSON documents and
 //! assets.
 
+pub mod config;
 mod envelope;
 #[cfg(feature = "kafka")]
 pub mod kafka;
