@@ -139,6 +139,7 @@ on_both!(
     catalog,
     customers_apps_seats,
     invoices,
+    zero_invoice_keeps_its_digits,
     keys_and_quota,
     alerts,
     concurrent_writers,
@@ -1073,6 +1074,28 @@ async fn customers_apps_seats(db: Db) {
         ],
     )
     .await;
+}
+
+/// An invoice of nothing, stored and read back, still bills with the
+/// plan's digits (both stores write a zero subtotal as `0`): re-rating it
+/// reproduces it.
+async fn zero_invoice_keeps_its_digits(db: Db) {
+    let st = db.st.clone();
+    customers(st.as_ref(), &["z"]).await;
+    let period = month(2026, 10);
+    let rated = billing_api::rating::Rated {
+        currency: "USD".into(),
+        minor_units: 2,
+        lines: vec![],
+        total: d("0.00"),
+    };
+    let n = billing_api::invoice::build("z", period, rated.clone(), None, &[], d("0.50"));
+    st.insert_invoices(vec![n.clone()], nov(1) + Duration::hours(2))
+        .await
+        .unwrap();
+    let inv = st.invoice(&n.id).await.unwrap();
+    assert!(inv.subtotal.is_zero(), "{}", inv.subtotal);
+    assert_eq!(billing_api::invoice::billed(&inv), rated);
 }
 
 /// Finalized invoices: gapless numbers from the counter in the insert's

@@ -227,7 +227,13 @@ pub async fn run(
     // both APIs' open requests, billing's step in hand, the sources, then
     // the writer's queue (every event in it was acknowledged only after
     // its commit, so nothing acknowledged waits there).
-    let deadline = ingest_http.await??;
+    // A failed ingest server still lets the rest stop in order; its error
+    // is returned last.
+    let ingest_res = ingest_http.await?;
+    let deadline = match &ingest_res {
+        Ok(d) => *d,
+        Err(_) => serving::process::Deadline::after(limit),
+    };
     let billing_res = billing.await?;
     let _ = stop_tx.send(true);
     let _ = deadline
@@ -236,6 +242,7 @@ pub async fn run(
     // Every sink is gone now: the writer drains its queue and ends.
     let _ = deadline.stage("usage writer", writer).await;
     tracing::info!("tally (embedded) stopped");
+    ingest_res?;
     billing_res
 }
 

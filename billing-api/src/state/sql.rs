@@ -405,10 +405,8 @@ impl<D: Dialect> StateStore for SqlState<D> {
                 .iter()
                 .map(audit_entry_from)
                 .collect::<StateResult<Vec<_>>>()?;
-            let befores = entries
-                .iter()
-                .filter(|e| e.action == WITHDRAW_ACTION)
-                .filter_map(|e| e.before.as_ref());
+            // The query read only this customer's withdrawals.
+            let befores = entries.iter().filter_map(|e| e.before.as_ref());
             return Ok(withdrawn_earlier(befores, customer, id)?);
         };
         tx.run(q("DELETE FROM subscriptions WHERE id = $1").bind(w.withdrawn.id))
