@@ -115,6 +115,7 @@ async fn main() {
         )),
         webhook_secret: None,
         min_charge: Decimal::new(50, 2),
+        grace: std::time::Duration::from_secs(3600),
         quota,
     });
     let real = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

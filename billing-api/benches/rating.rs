@@ -64,6 +64,7 @@ fn bench(c: &mut Criterion) {
     let end = Utc.with_ymd_and_hms(2026, 12, 1, 0, 0, 0).unwrap();
     let period = Period { start, end };
     let one = vec![Segment {
+        trial: false,
         plan: business.clone(),
         start,
         end,
@@ -71,12 +72,14 @@ fn bench(c: &mut Criterion) {
     }];
     let two = vec![
         Segment {
+            trial: false,
             plan: payg,
             start,
             end: mid,
             usage: usage(),
         },
         Segment {
+            trial: false,
             plan: business,
             start: mid,
             end,

@@ -37,6 +37,7 @@ pub async fn load(
     let mut segments = Vec::new();
     for s in &segs {
         segments.push(Segment {
+            trial: s.trial,
             plan: plans.get(state, &s.plan, s.version).await?.clone(),
             start: s.start,
             end: s.end,

@@ -10,6 +10,15 @@
 //! usage of the period (and of the previous one, for late usage) with one
 //! usage query per (meter, grouping) for all customers.
 //!
+//! A subscription cancelled inside a period gets its final invoice at the
+//! cancellation plus grace, before the period closes (`run_once` looks
+//! for them in the periods still open); its body reports the usage timed
+//! after the cancellation (`unbilled`, also counted by
+//! `tally_billing_unbilled_usage_events_total`), which is not billed. A
+//! customer with no subscription in a closed period but an invoice for the
+//! one before (cancelled) gets an invoice of adjustments only, when late
+//! usage changed what that invoice billed; otherwise nothing.
+//!
 //! Restart safety: invoices are written in batches, each batch in one
 //! transaction that also advances the gapless number counter
 //! (`StateStore::insert_invoices`). A run stopped at any moment has written
@@ -19,12 +28,14 @@
 //! no invoice is skipped, duplicated, or numbered twice, and numbers have no
 //! gaps.
 
-use crate::invoice::{build, following, month_of, previous, rate_segments, PlanCache};
+use crate::invoice::{
+    billed, build, following, month_of, previous, rate_segments, uncovered, PlanCache,
+};
 use crate::metrics::Metrics;
 use crate::state::{DynStateStore, Invoice, StateStore};
-use crate::usage::PeriodUsage;
+use crate::usage::{unbilled_usage, PeriodUsage};
 use aggregator::DynUsageStore;
-use billing_domain::rating::Period;
+use billing_domain::rating::{Period, Rated};
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use schemas::MeterCatalog;
@@ -86,23 +97,67 @@ impl Finalizer {
             report.periods += 1;
             p = following(p);
         }
+        // Final invoices of subscriptions cancelled in a period still open:
+        // due at the cancellation plus grace, not at the period's end.
+        let grace = chrono::Duration::from_std(self.config.grace).unwrap_or_default();
+        while p.start <= now {
+            let due: BTreeSet<String> = self
+                .state
+                .cancellations(p)
+                .await?
+                .into_iter()
+                .filter(|(_, ended)| *ended + grace <= now)
+                .map(|(c, _)| c)
+                .collect();
+            if !due.is_empty() {
+                report.finalized += self.finalize(p, now, Some(&due)).await?;
+            }
+            p = following(p);
+        }
         Ok(report)
     }
 
-    /// Finalizes every customer due in period `p`; returns how many.
+    /// Finalizes every customer due in the closed period `p`; returns how
+    /// many invoices it wrote.
     pub async fn finalize_period(&self, p: Period, now: DateTime<Utc>) -> anyhow::Result<usize> {
+        self.finalize(p, now, None).await
+    }
+
+    /// Finalizes `p` for the customers with a subscription in it (`only`
+    /// those, when given: final invoices before the period closes), and,
+    /// for a closed period, an adjustment invoice for each customer whose
+    /// previous period's invoice late usage changed and who has no
+    /// subscription in `p` (a cancelled customer: no later invoice would
+    /// carry the adjustment).
+    async fn finalize(
+        &self,
+        p: Period,
+        now: DateTime<Utc>,
+        only: Option<&BTreeSet<String>>,
+    ) -> anyhow::Result<usize> {
         let state = self.state.as_ref();
         let done = state.invoices_in_period(p.start).await?;
         let mut segments = state.plan_segments_all(p).await?;
-        segments.retain(|c, _| !done.contains_key(c));
-        if segments.is_empty() {
+        let prev = previous(p);
+        let prev_invoices = state.invoices_in_period(prev.start).await?;
+        let orphans: BTreeSet<String> = match only {
+            Some(_) => BTreeSet::new(),
+            None => prev_invoices
+                .keys()
+                .filter(|c| !segments.contains_key(*c) && !done.contains_key(*c))
+                .cloned()
+                .collect(),
+        };
+        segments.retain(|c, _| !done.contains_key(c) && only.is_none_or(|o| o.contains(c)));
+        if segments.is_empty() && orphans.is_empty() {
             return Ok(0);
         }
         let started = Instant::now();
-        let prev = previous(p);
-        let prev_invoices = state.invoices_in_period(prev.start).await?;
         let mut prev_segments = state.plan_segments_all(prev).await?;
-        prev_segments.retain(|c, _| segments.contains_key(c) && prev_invoices.contains_key(c));
+        prev_segments.retain(|c, _| {
+            (segments.contains_key(c) || orphans.contains(c)) && prev_invoices.contains_key(c)
+        });
+        let cancelled = state.cancellations(p).await?;
         let seats = state.seat_intervals_all(p).await?;
         let prev_seats = state.seat_intervals_all(prev).await?;
         let carried = state.open_carried(None).await?;
@@ -133,6 +188,7 @@ impl Finalizer {
             )
         };
         let fetched = started.elapsed();
+        customers.extend(orphans.iter().cloned());
         let mut written = 0;
         for chunk in customers.chunks(self.config.batch.max(1)) {
             let mut batch = Vec::with_capacity(chunk.len());
@@ -140,19 +196,38 @@ impl Finalizer {
                 let t = Instant::now();
                 let segs = segments.remove(c).unwrap_or_default();
                 let none = Vec::new();
-                let rated = rate_segments(
-                    state,
-                    self.usage.as_ref(),
-                    &self.meters,
-                    &mut plans,
-                    Some(&usage),
-                    c,
-                    p,
-                    segs,
-                    seats.get(c).unwrap_or(&none),
-                    false,
-                )
-                .await?;
+                let orphan = orphans.contains(c);
+                let unbilled = match cancelled.get(c) {
+                    Some(_) if !orphan => {
+                        let spans = uncovered(p, segs.iter().map(|s| (s.start, s.end)));
+                        unbilled_usage(self.usage.as_ref(), &self.meters, c, &spans).await?
+                    }
+                    _ => vec![],
+                };
+                let rated = match prev_invoices.get(c).filter(|_| orphan) {
+                    // Nothing of its own: the currency and digits of the
+                    // invoice it adjusts.
+                    Some(inv) => Rated {
+                        lines: vec![],
+                        total: Decimal::ZERO,
+                        ..billed(inv)
+                    },
+                    None => {
+                        rate_segments(
+                            state,
+                            self.usage.as_ref(),
+                            &self.meters,
+                            &mut plans,
+                            Some(&usage),
+                            c,
+                            p,
+                            segs,
+                            seats.get(c).unwrap_or(&none),
+                            false,
+                        )
+                        .await?
+                    }
+                };
                 let previous = match (prev_invoices.get(c), prev_segments.remove(c)) {
                     (Some(inv), Some(psegs)) => Some((
                         inv,
@@ -173,17 +248,20 @@ impl Finalizer {
                     _ => None,
                 };
                 let carried: &[Invoice] = carried.get(c).map(Vec::as_slice).unwrap_or(&[]);
-                batch.push(build(
-                    c,
-                    p,
-                    rated,
-                    previous,
-                    carried,
-                    self.config.min_charge,
-                ));
+                let mut n = build(c, p, rated, previous, carried, self.config.min_charge);
+                if orphan && n.body.adjustments.is_empty() {
+                    continue;
+                }
+                let events: u64 = unbilled.iter().map(|u| u.events).sum();
+                self.metrics.unbilled_events.inc_by(events);
+                n.body.unbilled = unbilled;
+                batch.push(n);
                 self.metrics
                     .rating_seconds
                     .observe(t.elapsed().as_secs_f64());
+            }
+            if batch.is_empty() {
+                continue;
             }
             let n = state.insert_invoices(batch, now).await?.len();
             self.metrics.invoices_finalized.inc_by(n as u64);

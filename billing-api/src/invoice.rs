@@ -63,6 +63,7 @@ pub async fn rate_segments(
             }
         };
         segments.push(Segment {
+            trial: s.trial,
             plan,
             start: s.start,
             end: s.end,
@@ -93,6 +94,7 @@ pub fn with_switch(
     }
     if sw.at < period.end {
         segs.push(PlanSegment {
+            trial: false,
             plan: sw.plan.clone(),
             version: sw.version,
             start: sw.at.max(period.start),
@@ -206,6 +208,7 @@ mod tests {
             end: Utc.with_ymd_and_hms(2026, 12, 1, 0, 0, 0).unwrap(),
         };
         let seg = |p: &str, a, b| PlanSegment {
+            trial: false,
             plan: p.into(),
             version: 1,
             start: a,
@@ -223,6 +226,7 @@ mod tests {
             vec![
                 seg("payg", d(1), d(5)),
                 PlanSegment {
+                    trial: false,
                     plan: "business".into(),
                     version: 2,
                     start: d(5),

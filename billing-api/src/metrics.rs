@@ -34,6 +34,7 @@ pub struct Metrics {
     pub registry: Registry,
     pub invoices_drafted: IntCounter,
     pub invoices_finalized: IntCounter,
+    pub unbilled_events: IntCounter,
     pub invoices_synced: IntCounter,
     pub invoices_sync_failed: IntCounter,
     pub stripe_request_duration: HistogramVec,
@@ -64,6 +65,10 @@ impl Metrics {
             invoices_finalized: counter(
                 "tally_billing_invoices_finalized_total",
                 "Invoices finalized and numbered",
+            ),
+            unbilled_events: counter(
+                "tally_billing_unbilled_usage_events_total",
+                "Events timed where the customer had no subscription (after a cancellation), reported on its final invoice and not billed",
             ),
             invoices_synced: counter(
                 "tally_billing_invoices_synced_total",
@@ -143,6 +148,7 @@ impl Metrics {
         r.register(Box::new(m.invoices_drafted.clone())).unwrap();
         r.register(Box::new(m.invoices_finalized.clone())).unwrap();
         r.register(Box::new(m.invoices_synced.clone())).unwrap();
+        r.register(Box::new(m.unbilled_events.clone())).unwrap();
         r.register(Box::new(m.invoices_sync_failed.clone()))
             .unwrap();
         r.register(Box::new(m.stripe_request_duration.clone()))

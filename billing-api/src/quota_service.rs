@@ -44,6 +44,8 @@ pub struct Entry {
     /// The period's plan segments before the plan in force now, with their
     /// usage (see [`QuotaInput::earlier`]).
     pub earlier: Vec<Segment>,
+    /// Where the trial of the plan in force ends, while in one.
+    pub trial_end: Option<DateTime<Utc>>,
     pub seats: Vec<SeatInterval>,
     pub running: Running,
     pub suspended: bool,
@@ -88,6 +90,7 @@ impl Entry {
             now: self.as_of,
             usage_to_date: &self.usage_to_date,
             earlier: &self.earlier,
+            trial_end: self.trial_end,
             seats: &self.seats,
             running: &self.running,
             suspended: self.suspended,
@@ -227,12 +230,16 @@ impl QuotaService {
         // the draft rates them), and the current plan's usage from its
         // start. Everyone else is read in one pass below.
         let mut earlier: HashMap<String, Vec<Segment>> = HashMap::new();
+        let mut trials: HashMap<String, DateTime<Utc>> = HashMap::new();
         let mut usage: HashMap<String, Vec<UsageItem>> = HashMap::new();
         for (c, ss) in &segs {
             let Some(cur) = ss.iter().find(|s| s.start <= now && now < s.end) else {
                 continue;
             };
             let plan = plans.get(st, &cur.plan, cur.version).await?.clone();
+            if cur.trial {
+                trials.insert(c.clone(), cur.end);
+            }
             let since = cur.start.max(period.start);
             if since > period.start {
                 let mut before = Vec::new();
@@ -253,6 +260,7 @@ impl QuotaService {
                         Vec::new()
                     };
                     before.push(Segment {
+                        trial: s.trial,
                         plan: p,
                         start,
                         end,
@@ -337,6 +345,7 @@ impl QuotaService {
                     as_of,
                     usage_to_date: usage.remove(&c).unwrap_or_default(),
                     earlier: earlier.remove(&c).unwrap_or_default(),
+                    trial_end: trials.remove(&c),
                     seats: seats_all.get(&c).cloned().unwrap_or_default(),
                     running: running.remove(&c).unwrap_or_default(),
                     suspended,

@@ -117,6 +117,7 @@ impl Parts {
             auth,
             webhook_secret: serve.stripe_webhook_secret.clone(),
             min_charge: opts.min_charge,
+            grace: std::time::Duration::from_secs(opts.grace_secs),
         }))
     }
 }

@@ -69,6 +69,45 @@ pub async fn segment_usage(
     segment_usage_from(store, meters, plan, customer, (start, end), false).await
 }
 
+/// Usage of `customer` timed inside `spans` (where it had no
+/// subscription: after a cancellation, before a first subscription), per
+/// meter of the catalog, summed over the spans; what no invoice bills.
+pub async fn unbilled_usage(
+    store: &(impl UsageStore + ?Sized),
+    meters: &MeterCatalog,
+    customer: &str,
+    spans: &[(DateTime<Utc>, DateTime<Utc>)],
+) -> anyhow::Result<Vec<UsageItem>> {
+    let mut out: Vec<UsageItem> = Vec::new();
+    for def in &meters.meters {
+        let mut item = UsageItem {
+            meter: def.key.clone(),
+            dims: Default::default(),
+            quantity: Default::default(),
+            events: 0,
+        };
+        for (from, to) in spans {
+            let q = UsageQuery {
+                customer: customer.to_owned(),
+                meter: def.key.clone(),
+                from: *from,
+                to: *to,
+                group_by: vec![],
+                granularity: None,
+                raw: false,
+            };
+            for row in store.query(def, &q).await? {
+                item.quantity += row.value;
+                item.events += row.events;
+            }
+        }
+        if item.events > 0 {
+            out.push(item);
+        }
+    }
+    Ok(out)
+}
+
 /// A whole period's usage of every customer, for the questions of a set of
 /// plans.
 pub struct PeriodUsage {

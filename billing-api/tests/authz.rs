@@ -175,6 +175,24 @@ async fn every_endpoint_by_every_role() {
             Class::Staff,
         ),
         (
+            M::POST,
+            "/v1/customers/cus_a/cancellation".into(),
+            Some(json!({"effective":"period_end"})),
+            Class::Staff,
+        ),
+        (
+            M::DELETE,
+            "/v1/customers/cus_a/cancellation".into(),
+            None,
+            Class::Staff,
+        ),
+        (
+            M::GET,
+            "/v1/customers/cus_a/unbilled-usage".into(),
+            None,
+            Class::Staff,
+        ),
+        (
             M::GET,
             format!("/v1/invoices/{inv_a}/rerate"),
             None,

@@ -40,6 +40,7 @@ fn month(plan: &str, usage: Vec<UsageItem>, seats: &[SeatInterval]) -> Rated {
     rate(
         &period,
         &[Segment {
+            trial: false,
             plan: p,
             start: nov(1),
             end: nov(31),

@@ -44,7 +44,7 @@ async fn switch_preview_equals_the_draft_after_confirming() {
         .await
         .unwrap();
     state
-        .subscribe("cus_p", "payg", 1, period.start, "signup")
+        .subscribe("cus_p", "payg", 1, period.start, None, "signup")
         .await
         .unwrap();
 

@@ -57,7 +57,9 @@ async fn collector_to_stripe_totals_match_to_the_cent() {
         )
         .await
         .unwrap();
-        st.subscribe(c, plan, 1, q.start, "e2e").await.unwrap();
+        st.subscribe(c, plan, 1, q.start, None, "e2e")
+            .await
+            .unwrap();
         if plan == "team" {
             st.set_seats(c, 2, q.start, "e2e").await.unwrap();
         }

@@ -36,7 +36,9 @@ async fn finalize_number_rerate_and_adjust_late_usage() {
         )
         .await
         .unwrap();
-        st.subscribe(id, plan, 1, q.start, "test").await.unwrap();
+        st.subscribe(id, plan, 1, q.start, None, "test")
+            .await
+            .unwrap();
     }
     st.set_seats("cus_b", 2, q.start, "test").await.unwrap();
 

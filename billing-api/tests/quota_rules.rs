@@ -273,6 +273,7 @@ fn quota_decision_table() {
     for c in cases {
         let plan = cat.latest(c.plan).unwrap();
         let q = QuotaInput {
+            trial_end: None,
             plan,
             period,
             now,
@@ -313,6 +314,7 @@ fn forecast_extends_counters_at_their_rate_and_gauges_as_they_run() {
     let usage = vec![requests("10000000")];
     let run = running(&[("web", "t4g.small", 2)], &[]);
     let at = |day: u32| QuotaInput {
+        trial_end: None,
         plan: cat.latest("payg").unwrap(),
         period,
         now: Utc.with_ymd_and_hms(2026, 11, day, 0, 0, 0).unwrap(),

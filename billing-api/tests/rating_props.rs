@@ -55,17 +55,17 @@ proptest! {
     ) {
         let (p, t) = (period(), DateTime::from_timestamp(START + cut, 0).unwrap());
         let sv = [SeatInterval { start: p.start, end: p.end, seats }];
-        let whole = rate(&p, &[Segment { plan: plan(1, flat, seat, price), start: p.start, end: p.end, usage: vec![req(q1), req(q2)] }], &sv).unwrap();
+        let whole = rate(&p, &[Segment { trial: false, plan: plan(1, flat, seat, price), start: p.start, end: p.end, usage: vec![req(q1), req(q2)] }], &sv).unwrap();
         let split = rate(&p, &[
-            Segment { plan: plan(1, flat, seat, price), start: p.start, end: t, usage: vec![req(q1)] },
-            Segment { plan: plan(2, flat, seat, price), start: t, end: p.end, usage: vec![req(q2)] },
+            Segment { trial: false, plan: plan(1, flat, seat, price), start: p.start, end: t, usage: vec![req(q1)] },
+            Segment { trial: false, plan: plan(2, flat, seat, price), start: t, end: p.end, usage: vec![req(q2)] },
         ], &sv).unwrap();
         let steps = Decimal::new(split.lines.len() as i64, 2);
         prop_assert!((split.total - whole.total).abs() <= steps, "whole {} split {}", whole.total, split.total);
         // And with the same version the engine merges: exactly equal.
         let merged = rate(&p, &[
-            Segment { plan: plan(1, flat, seat, price), start: p.start, end: t, usage: vec![req(q1)] },
-            Segment { plan: plan(1, flat, seat, price), start: t, end: p.end, usage: vec![req(q2)] },
+            Segment { trial: false, plan: plan(1, flat, seat, price), start: p.start, end: t, usage: vec![req(q1)] },
+            Segment { trial: false, plan: plan(1, flat, seat, price), start: t, end: p.end, usage: vec![req(q2)] },
         ], &sv).unwrap();
         prop_assert_eq!(merged.total, whole.total);
     }
@@ -79,8 +79,8 @@ proptest! {
         let end = p.start + Duration::days(days);
         let plans = [tiered("graduated", &bounds, &prices), plan(1, 0, 0, prices[0])];
         for pl in plans {
-            let a = rate(&p, &[Segment { plan: pl.clone(), start: p.start, end, usage: vec![req(q)] }], &[]).unwrap();
-            let b = rate(&p, &[Segment { plan: pl, start: p.start, end, usage: vec![req(q + extra)] }], &[]).unwrap();
+            let a = rate(&p, &[Segment { trial: false, plan: pl.clone(), start: p.start, end, usage: vec![req(q)] }], &[]).unwrap();
+            let b = rate(&p, &[Segment { trial: false, plan: pl, start: p.start, end, usage: vec![req(q + extra)] }], &[]).unwrap();
             prop_assert!(b.total >= a.total, "{} then {}", a.total, b.total);
         }
     }
@@ -91,7 +91,7 @@ proptest! {
     fn total_is_the_sum_of_rounded_lines(bounds in sorted_bounds(), prices in prop::collection::vec(0u32..2000, 4), q in 0u64..5_000_000, days in 1i64..31, volume: bool) {
         let p = period();
         let pl = tiered(if volume { "volume" } else { "graduated" }, &bounds, &prices);
-        let r = rate(&p, &[Segment { plan: pl, start: p.start, end: p.start + Duration::days(days), usage: vec![req(q)] }], &[]).unwrap();
+        let r = rate(&p, &[Segment { trial: false, plan: pl, start: p.start, end: p.start + Duration::days(days), usage: vec![req(q)] }], &[]).unwrap();
         let sum: Decimal = r.lines.iter().map(|l| l.amount).sum();
         prop_assert_eq!(r.total, sum);
         for l in &r.lines {
@@ -108,7 +108,7 @@ proptest! {
         use billing_api::adjust::{adjustments, OriginalInvoice};
         let p = period();
         let pl = tiered(if volume { "volume" } else { "graduated" }, &bounds, &prices);
-        let seg = |u: Vec<UsageItem>| vec![Segment { plan: pl.clone(), start: p.start, end: p.end, usage: u }];
+        let seg = |u: Vec<UsageItem>| vec![Segment { trial: false, plan: pl.clone(), start: p.start, end: p.end, usage: u }];
         let billed = rate(&p, &seg(vec![req(q)]), &[]).unwrap();
         let rerated = rate(&p, &seg(vec![req(q), req(late)]), &[]).unwrap();
         let adj = adjustments(&billed, &rerated, &OriginalInvoice { number: "T-1".into(), period: p });

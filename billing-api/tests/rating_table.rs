@@ -48,6 +48,7 @@ fn one(p: PlanVersion, start: u32, end: u32, u: Vec<UsageItem>) -> Rated {
     rate(
         &NOV,
         &[Segment {
+            trial: false,
             plan: p,
             start: nov(start),
             end: nov(end),
@@ -128,12 +129,14 @@ fn example_4_mid_month_switch_payg_to_team_with_seats() {
         &NOV,
         &[
             Segment {
+                trial: false,
                 plan: payg,
                 start: nov(1),
                 end: nov(16),
                 usage: vec![usage("requests", "12345678")],
             },
             Segment {
+                trial: false,
                 plan: team,
                 start: nov(16),
                 end: nov(31),
@@ -238,6 +241,7 @@ fn flat_fee_and_seats_prorated_to_the_second() {
     let r = rate(
         &NOV,
         &[Segment {
+            trial: false,
             plan: p,
             start: switch,
             end: nov(31),
@@ -326,12 +330,14 @@ fn a_switch_to_the_same_plan_version_changes_nothing() {
         &NOV,
         &[
             Segment {
+                trial: false,
                 plan: p.clone(),
                 start: nov(1),
                 end: nov(9),
                 usage: vec![usage("requests", "150")],
             },
             Segment {
+                trial: false,
                 plan: p,
                 start: nov(9),
                 end: nov(31),
@@ -348,6 +354,7 @@ fn a_switch_to_the_same_plan_version_changes_nothing() {
 fn bad_segments_are_errors() {
     let p = allowance_plan();
     let seg = |a, b| Segment {
+        trial: false,
         plan: p.clone(),
         start: nov(a),
         end: nov(b),
@@ -384,6 +391,7 @@ fn a_prorated_allowance_that_makes_an_exact_half_cent_tie_rounds_as_a_tie() {
         end: nov(1) + chrono::Duration::minutes(600),
     };
     let seg = Segment {
+        trial: false,
         plan: p,
         start: nov(1),
         end: nov(1) + chrono::Duration::minutes(283),
@@ -405,6 +413,7 @@ fn sub_second_switch_segments_add_up_to_the_period() {
     // Nov 16 12:00:00.0016: 1,339,200.0016 s into the 2,592,000 s month.
     let at = nov(16) + chrono::Duration::hours(12) + chrono::Duration::microseconds(1600);
     let seg = |p: &PlanVersion, start, end| Segment {
+        trial: false,
         plan: p.clone(),
         start,
         end,
@@ -477,6 +486,7 @@ fn a_sub_second_segment_prorates_to_nothing() {
     let t1 = nov(10) + chrono::Duration::microseconds(100);
     let t2 = nov(10) + chrono::Duration::microseconds(900);
     let seg = |p: &PlanVersion, start, end| Segment {
+        trial: false,
         plan: p.clone(),
         start,
         end,

@@ -124,7 +124,7 @@ async fn serve_loads_catalog_finalizes_and_stops_on_sigterm() {
             requests("web", 5_000_000),
         )])
         .await;
-    st.subscribe("cus_s", "payg", 1, q.start, "test")
+    st.subscribe("cus_s", "payg", 1, q.start, None, "test")
         .await
         .unwrap();
     let deadline = Instant::now() + std::time::Duration::from_secs(30);

@@ -255,6 +255,7 @@ fn err_kind<T: std::fmt::Debug>(r: Result<T, StateError>) -> &'static str {
 /// Lines of a real rating, as evidence in an invoice body.
 fn rated_lines(period: Period, requests: &str) -> Vec<Line> {
     let segments = vec![Segment {
+        trial: false,
         plan: payg(1),
         start: period.start,
         end: period.end,
@@ -291,6 +292,7 @@ fn new_invoice(
             adjustments: vec![],
             adjusted: None,
             carried,
+            unbilled: vec![],
             minor_units: Some(2),
         },
         sync_status: status.into(),
@@ -378,11 +380,14 @@ async fn history(db: Db) {
     );
     assert_eq!(st.customer_by_external_id("org_42").await.unwrap(), c);
 
-    st.subscribe("cus_1", "payg", 1, nov(1), "signup")
+    st.subscribe("cus_1", "payg", 1, nov(1), None, "signup")
         .await
         .unwrap();
     assert_eq!(
-        err_kind(st.subscribe("cus_1", "payg", 1, nov(2), "signup").await),
+        err_kind(
+            st.subscribe("cus_1", "payg", 1, nov(2), None, "signup")
+                .await
+        ),
         "conflict"
     );
     assert_eq!(
@@ -418,12 +423,14 @@ async fn history(db: Db) {
         segs,
         vec![
             PlanSegment {
+                trial: false,
                 plan: "payg".into(),
                 version: 1,
                 start: nov(1),
                 end: nov(16)
             },
             PlanSegment {
+                trial: false,
                 plan: "team".into(),
                 version: 1,
                 start: nov(16),
@@ -464,6 +471,7 @@ async fn history(db: Db) {
             })
             .collect();
         segments.push(Segment {
+            trial: false,
             plan: p,
             start: s.start,
             end: s.end,
@@ -550,7 +558,7 @@ async fn scheduled_changes(db: Db) {
         st.publish_plan(&p, "staff").await.unwrap();
     }
     customers(st.as_ref(), &["cus_s"]).await;
-    st.subscribe("cus_s", "payg", 1, nov(1), "signup")
+    st.subscribe("cus_s", "payg", 1, nov(1), None, "signup")
         .await
         .unwrap();
     let sr: &DynStateStore<'_> = st.as_ref();
@@ -605,12 +613,14 @@ async fn scheduled_changes(db: Db) {
         st.plan_segments("cus_s", month(2026, 11)).await.unwrap(),
         [
             PlanSegment {
+                trial: false,
                 plan: "payg".into(),
                 version: 1,
                 start: nov(1),
                 end: now
             },
             PlanSegment {
+                trial: false,
                 plan: "payg".into(),
                 version: 2,
                 start: now,
@@ -775,7 +785,9 @@ async fn catalog(db: Db) {
     assert_eq!(err_kind(st.plan_version("payg", 3).await), "not_found");
 
     customers(st.as_ref(), &["a", "b"]).await;
-    st.subscribe("a", "payg", 1, nov(1), "test").await.unwrap();
+    st.subscribe("a", "payg", 1, nov(1), None, "test")
+        .await
+        .unwrap();
     st.retire_plan("payg", 1, "staff").await.unwrap();
     assert_eq!(
         err_kind(st.retire_plan("payg", 1, "staff").await),
@@ -792,6 +804,7 @@ async fn catalog(db: Db) {
     assert_eq!(
         st.plan_segments("a", nov_p).await.unwrap(),
         vec![PlanSegment {
+            trial: false,
             plan: "payg".into(),
             version: 1,
             start: nov(1),
@@ -799,10 +812,12 @@ async fn catalog(db: Db) {
         }]
     );
     assert_eq!(
-        err_kind(st.subscribe("b", "payg", 1, nov(1), "test").await),
+        err_kind(st.subscribe("b", "payg", 1, nov(1), None, "test").await),
         "invalid"
     );
-    st.subscribe("b", "payg", 2, nov(1), "test").await.unwrap();
+    st.subscribe("b", "payg", 2, nov(1), None, "test")
+        .await
+        .unwrap();
     assert_eq!(
         err_kind(st.switch_plan("b", "payg", 1, nov(5), "test").await),
         "invalid"
@@ -916,11 +931,11 @@ async fn customers_apps_seats(db: Db) {
     // Subscriptions: errors in order (customer, plan, state).
     assert_eq!(st.billing_start().await.unwrap(), None);
     assert_eq!(
-        err_kind(st.subscribe("zz", "payg", 1, nov(1), "t").await),
+        err_kind(st.subscribe("zz", "payg", 1, nov(1), None, "t").await),
         "not_found"
     );
     assert_eq!(
-        err_kind(st.subscribe("c1", "nope", 1, nov(1), "t").await),
+        err_kind(st.subscribe("c1", "nope", 1, nov(1), None, "t").await),
         "not_found"
     );
     assert_eq!(
@@ -932,12 +947,14 @@ async fn customers_apps_seats(db: Db) {
         err_kind(st.switch_plan("zz", "team", 1, nov(1), "t").await),
         "not_found"
     );
-    st.subscribe("c1", "payg", 1, nov(5), "t").await.unwrap();
-    st.switch_plan("c1", "team", 1, nov(20), "t").await.unwrap();
-    st.subscribe("c2", "team", 1, t(2026, 10, 1), "t")
+    st.subscribe("c1", "payg", 1, nov(5), None, "t")
         .await
         .unwrap();
-    st.subscribe("c4", "payg", 1, t(2026, 9, 1), "t")
+    st.switch_plan("c1", "team", 1, nov(20), "t").await.unwrap();
+    st.subscribe("c2", "team", 1, t(2026, 10, 1), None, "t")
+        .await
+        .unwrap();
+    st.subscribe("c4", "payg", 1, t(2026, 9, 1), None, "t")
         .await
         .unwrap();
     st.switch_plan("c4", "team", 1, t(2026, 10, 1), "t")
@@ -946,7 +963,9 @@ async fn customers_apps_seats(db: Db) {
     st.switch_plan("c4", "payg", 1, nov(31), "t").await.unwrap();
     // A switch at a time with microseconds keeps them.
     let fine = nov(25) + Duration::microseconds(123_456);
-    st.subscribe("c5", "payg", 1, fine, "t").await.unwrap();
+    st.subscribe("c5", "payg", 1, fine, None, "t")
+        .await
+        .unwrap();
     assert_eq!(st.billing_start().await.unwrap(), Some(t(2026, 9, 1)));
 
     // Seats: changes before the period, zero seats, the same instant twice.
@@ -967,6 +986,7 @@ async fn customers_apps_seats(db: Db) {
 
     let p = month(2026, 11);
     let seg = |plan: &str, start, end| PlanSegment {
+        trial: false,
         plan: plan.into(),
         version: 1,
         start,
@@ -1756,7 +1776,7 @@ async fn concurrent_writers(db: Db) {
     let ids: Vec<String> = (0..8).map(|i| format!("c{i}")).collect();
     for id in &ids {
         st.create_customer(&customer(id), "test").await.unwrap();
-        st.subscribe(id, "payg", 1, t(2026, 10, 1), "test")
+        st.subscribe(id, "payg", 1, t(2026, 10, 1), None, "test")
             .await
             .unwrap();
     }
@@ -1789,6 +1809,7 @@ async fn concurrent_writers(db: Db) {
     };
     let all = st.plan_segments_all(wide).await.unwrap();
     let seg = |plan: &str, version, start, end| PlanSegment {
+        trial: false,
         plan: plan.into(),
         version,
         start,
@@ -1990,7 +2011,10 @@ async fn sqlite_file_settings_and_encodings() {
             .fetch_all(st.pool())
             .await
             .unwrap();
-    assert_eq!(applied, vec![(1, "state".to_string())]);
+    assert_eq!(
+        applied,
+        vec![(1, "state".to_string()), (2, "lifecycle".to_string())]
+    );
 
     st.create_customer(&customer("a"), "test").await.unwrap();
     let oct = month(2026, 10);

@@ -46,7 +46,9 @@ async fn finalized(
         )
         .await
         .unwrap();
-        st.subscribe(id, plan, 1, q.start, "test").await.unwrap();
+        st.subscribe(id, plan, 1, q.start, None, "test")
+            .await
+            .unwrap();
         let mut evs = Vec::new();
         for (j, ty) in [
             "t4g.nano",

@@ -95,12 +95,14 @@ async fn usage_in_clickhouse_rates_into_lines_with_evidence() {
         &period,
         &[
             Segment {
+                trial: false,
                 plan: payg,
                 start,
                 end: switch,
                 usage: u1,
             },
             Segment {
+                trial: false,
                 plan: business,
                 start: switch,
                 end,

@@ -58,9 +58,12 @@ pub async fn customers(
             Ok(()) | Err(StateError::Conflict(_)) => {}
             Err(e) => return Err(e.into()),
         }
-        match state.subscribe(&id, plan, version, start, "demo").await {
-            Ok(()) if *plan == "team" => state.set_seats(&id, 3, start, "demo").await?,
-            Ok(()) | Err(StateError::Conflict(_)) => {}
+        match state
+            .subscribe(&id, plan, version, start, None, "demo")
+            .await
+        {
+            Ok(_) if *plan == "team" => state.set_seats(&id, 3, start, "demo").await?,
+            Ok(_) | Err(StateError::Conflict(_)) => {}
             Err(e) => return Err(e.into()),
         }
     }

@@ -795,3 +795,477 @@ async fn drafts_of_open_periods_embedded() {
 async fn drafts_of_open_periods_distributed() {
     drafts_of_open_periods(Mode::Distributed).await;
 }
+
+// ------------------------------------------------------------ issue 13
+
+/// An invoice of `customer` for `period`, as listed.
+async fn invoice_of(sys: &System, customer: &str, period: billing_api::rating::Period) -> Value {
+    let (s, list) = sys
+        .api(M::GET, &format!("/v1/customers/{customer}/invoices"), None)
+        .await;
+    assert_eq!(s, 200, "{list}");
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|i| instant(&i["period"]["start"]) == period.start)
+        .unwrap_or_else(|| panic!("{customer} has no invoice for {period:?}: {list}"))
+        .clone()
+}
+
+/// The lines of `kind` as (description, amount, waived).
+fn lines_of(inv: &Value, kind: &str) -> Vec<(String, String, Option<String>)> {
+    inv["body"]["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["kind"] == kind)
+        .map(|l| {
+            (
+                l["description"].as_str().unwrap().to_owned(),
+                l["amount"].as_str().unwrap().to_owned(),
+                l["waived"].as_str().map(str::to_owned),
+            )
+        })
+        .collect()
+}
+
+/// `299 × secs / period secs`, rounded half-even to cents (as text).
+fn prorated(fee: i64, secs: i64, period: billing_api::rating::Period) -> String {
+    let len = (period.end - period.start).num_seconds();
+    (Decimal::from(fee) * Decimal::from(secs) / Decimal::from(len))
+        .round_dp_with_strategy(2, rust_decimal::RoundingStrategy::MidpointNearestEven)
+        .to_string()
+}
+
+/// Issue 13, items 1–3: cancellation now, at the period end and at an
+/// instant (withdrawn, repeated, refused in an invoiced period); usage
+/// after a cancellation reported and not billed; the final invoice due at
+/// the cancellation (the finalize command runs with grace 0) and quota
+/// checks denied with `no_subscription`; late usage after the final
+/// invoice as an invoice of its own; reactivation; trials converted and
+/// cancelled, and no second trial.
+async fn lifecycle(mode: Mode) {
+    let sys = System::start(mode, &format!("lifecycle_{mode:?}").to_lowercase()).await;
+    let wait = StdDuration::from_secs(90);
+    let now = billing_api::wire::to_micros(Utc::now());
+    let cur = month_of(now);
+    let prev = previous(cur);
+    let next = billing_api::invoice::following(cur);
+
+    // A plan with a 14-day trial: the default catalog's business ($299
+    // flat) under another key.
+    let (s, plans) = sys.api(M::GET, "/v1/plans", None).await;
+    assert_eq!(s, 200, "{plans}");
+    let mut trialbiz = plans
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["plan"]["plan"] == "business")
+        .expect("the default catalog's business plan")["plan"]
+        .clone();
+    trialbiz["plan"] = json!("trialbiz");
+    trialbiz["trial_days"] = json!(14);
+    let (s, v) = sys.api(M::POST, "/v1/plans", Some(trialbiz)).await;
+    assert_eq!(s, 201, "{v}");
+
+    for (id, plan) in [
+        ("cus_now", "payg"),
+        ("cus_pe", "payg"),
+        ("cus_re", "payg"),
+        ("cus_tr", "trialbiz"),
+        ("cus_tc", "trialbiz"),
+    ] {
+        sys.customer(id, plan, prev.start).await;
+    }
+    let day = Duration::days(1);
+    let sub = subscription(&sys, "cus_tr").await;
+    assert_eq!(
+        instant(&sub["current"]["trial_end"]),
+        prev.start + day * 14,
+        "{sub}"
+    );
+
+    // Bad input: named fields, nothing written.
+    for (path, body, status, code, field) in [
+        (
+            "/v1/customers/cus_pe/cancellation",
+            json!({"effective": "now", "at": now}),
+            422,
+            "invalid",
+            "at:",
+        ),
+        (
+            "/v1/customers/cus_pe/plan-switch",
+            json!({"plan": "team", "trial_days": 7}),
+            422,
+            "invalid",
+            "trial_days:",
+        ),
+        (
+            "/v1/customers/cus_pe/cancellation",
+            json!({"at": now + Duration::days(400)}),
+            422,
+            "invalid",
+            "at:",
+        ),
+        (
+            "/v1/customers/nobody/cancellation",
+            json!({}),
+            404,
+            "not_found",
+            "nobody",
+        ),
+    ] {
+        let (s, v) = sys.api(M::POST, path, Some(body)).await;
+        assert_eq!((s, v["code"].as_str()), (status, Some(code)), "{path}: {v}");
+        assert!(v["message"].as_str().unwrap().contains(field), "{v}");
+    }
+    let (s, v) = sys
+        .api(
+            M::POST,
+            "/v1/customers/cus_x/subscription",
+            Some(json!({"plan": "payg", "trial_days": 400})),
+        )
+        .await;
+    assert_eq!(s, 422, "{v}");
+    assert!(v["message"].as_str().unwrap().starts_with("trial_days:"));
+    let (s, v) = sys
+        .api(M::DELETE, "/v1/customers/cus_pe/cancellation", None)
+        .await;
+    assert_eq!((s, v["code"].as_str()), (404, Some("not_found")), "{v}");
+    assert_eq!(
+        subscription(&sys, "cus_pe").await["cancelled_at"],
+        Value::Null
+    );
+
+    // Trial then cancel: cancelled 9 days in, inside the trial, in the
+    // month not invoiced yet.
+    let (s, v) = sys
+        .api(
+            M::POST,
+            "/v1/customers/cus_tc/cancellation",
+            Some(json!({"at": prev.start + day * 9})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+
+    // Last month's invoices: the trial's fees at zero with what was waived.
+    sys.finalize(now);
+    let tr = invoice_of(&sys, "cus_tr", prev).await;
+    let trial_secs = (day * 14).num_seconds();
+    let rest = (prev.end - prev.start).num_seconds() - trial_secs;
+    assert_eq!(
+        lines_of(&tr, "flat_fee"),
+        [
+            (
+                "Business flat fee (trial)".into(),
+                "0.00".into(),
+                Some(prorated(299, trial_secs, prev))
+            ),
+            ("Business flat fee".into(), prorated(299, rest, prev), None),
+        ],
+        "{tr}"
+    );
+    assert_eq!(tr["total"], json!(prorated(299, rest, prev)), "{tr}");
+    let tc = invoice_of(&sys, "cus_tc", prev).await;
+    assert_eq!(
+        lines_of(&tc, "flat_fee"),
+        [(
+            "Business flat fee (trial)".into(),
+            "0.00".into(),
+            Some(prorated(299, (day * 9).num_seconds(), prev))
+        )],
+        "{tc}"
+    );
+    // Stored zero reads back as `0`.
+    assert_eq!(dec(&tc["total"]), Decimal::ZERO, "{tc}");
+    // Subscribing again to the plan: no second trial.
+    let (s, v) = sys
+        .api(
+            M::POST,
+            "/v1/customers/cus_tc/subscription",
+            Some(json!({"plan": "trialbiz"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["trial_ends_at"], Value::Null, "{v}");
+
+    // A cancellation inside the invoiced month is refused.
+    let (s, v) = sys
+        .api(
+            M::POST,
+            "/v1/customers/cus_pe/cancellation",
+            Some(json!({"at": prev.start + day * 20})),
+        )
+        .await;
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (409, Some("period_finalized")),
+        "{v}"
+    );
+
+    // At the period end: scheduled, withdrawn (twice: the same answer),
+    // then at an instant ahead.
+    let (s, v) = sys
+        .api(
+            M::POST,
+            "/v1/customers/cus_pe/cancellation",
+            Some(json!({"effective": "period_end"})),
+        )
+        .await;
+    assert_eq!((s, instant(&v["effective_at"])), (200, cur.end), "{v}");
+    let sub = subscription(&sys, "cus_pe").await;
+    assert_eq!(instant(&sub["cancelled_at"]), cur.end, "{sub}");
+    assert_eq!(instant(&sub["current"]["end"]), cur.end, "{sub}");
+    assert_eq!(quota(&sys, "cus_pe").await["allow"], true);
+    for _ in 0..2 {
+        let (s, v) = sys
+            .api(M::DELETE, "/v1/customers/cus_pe/cancellation", None)
+            .await;
+        assert_eq!((s, &v["end"]), (200, &Value::Null), "{v}");
+    }
+    assert_eq!(
+        subscription(&sys, "cus_pe").await["cancelled_at"],
+        Value::Null
+    );
+    let ahead = now + Duration::hours(1);
+    let (s, v) = sys
+        .api(
+            M::POST,
+            "/v1/customers/cus_pe/cancellation",
+            Some(json!({"at": ahead})),
+        )
+        .await;
+    assert_eq!((s, instant(&v["effective_at"])), (200, ahead), "{v}");
+    let (s, audit) = sys
+        .api(M::GET, "/v1/audit?subject=customer:cus_pe", None)
+        .await;
+    assert_eq!(s, 200, "{audit}");
+    let actions: Vec<&str> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .filter(|a| a.starts_with("subscription.") && *a != "subscription.start")
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "subscription.cancel",
+            "subscription.uncancel",
+            "subscription.cancel"
+        ],
+        "{audit}"
+    );
+
+    // Reactivation: cancelled now; subscribing again inside this month is
+    // refused once the final invoice is due (at once here: grace 0), so
+    // the new subscription starts at the month's end.
+    let (s, v) = sys
+        .api(
+            M::POST,
+            "/v1/customers/cus_re/cancellation",
+            Some(json!({"effective": "now"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(quota(&sys, "cus_re").await["reason"], "no_subscription");
+    let (s, v) = sys
+        .api(
+            M::POST,
+            "/v1/customers/cus_re/subscription",
+            Some(json!({"plan": "team"})),
+        )
+        .await;
+    assert_eq!((s, v["code"].as_str()), (409, Some("period_finalized")), "{v}");
+    let (s, v) = sys
+        .api(
+            M::POST,
+            "/v1/customers/cus_re/subscription",
+            Some(json!({"plan": "team", "starts_at": cur.end})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let sub = subscription(&sys, "cus_re").await;
+    assert_eq!(
+        (&sub["current"], &sub["scheduled"][0]["plan"], &sub["cancelled_at"]),
+        (&Value::Null, &json!("team"), &Value::Null),
+        "{sub}"
+    );
+    // A subscription that starts later is not a scheduled change.
+    let (s, v) = sys
+        .api(M::GET, "/v1/customers/cus_re/scheduled-changes", None)
+        .await;
+    assert_eq!((s, v), (200, json!([])));
+
+    // Cancel now: 1 M requests before, 0.5 M after (not billed).
+    let before = (now - Duration::seconds(30)).max(cur.start);
+    let (s, v) = sys
+        .ingest(&[requests("n-1", "cus_now", "web", before, 1_000_000)])
+        .await;
+    assert_eq!(s, 200, "{v}");
+    sys.eventually("cus_now's usage", wait, || async {
+        let d = draft(&sys, "cus_now").await;
+        if usage_lines(&d, "requests").is_empty() {
+            Err(format!("no requests line yet: {d}"))
+        } else {
+            Ok(())
+        }
+    })
+    .await;
+    let (s, v) = sys
+        .api(
+            M::POST,
+            "/v1/customers/cus_now/cancellation",
+            Some(json!({"effective": "now"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let c = instant(&v["effective_at"]);
+    // Repeated: the same answer.
+    let (s, again) = sys
+        .api(
+            M::POST,
+            "/v1/customers/cus_now/cancellation",
+            Some(json!({"at": c})),
+        )
+        .await;
+    assert_eq!(
+        (s, &again["effective_at"]),
+        (200, &v["effective_at"]),
+        "{again}"
+    );
+    let (s, v) = sys
+        .ingest(&[requests(
+            "n-2",
+            "cus_now",
+            "web",
+            c + Duration::seconds(1),
+            500_000,
+        )])
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let sub = subscription(&sys, "cus_now").await;
+    assert_eq!(
+        (&sub["current"], instant(&sub["cancelled_at"])),
+        (&Value::Null, c),
+        "{sub}"
+    );
+    let q = quota(&sys, "cus_now").await;
+    assert_eq!(
+        (&q["allow"], &q["reason"], &q["plan"]),
+        (&json!(false), &json!("no_subscription"), &Value::Null),
+        "{q}"
+    );
+    let (s, v) = sys
+        .api(
+            M::POST,
+            "/v1/customers/cus_now/plan-switch",
+            Some(json!({"plan": "team"})),
+        )
+        .await;
+    assert_eq!(s, 422, "no plan to switch from after a cancellation: {v}");
+    let unbilled = sys
+        .eventually("usage after the cancellation", wait, || async {
+            let (s, v) = sys
+                .api(M::GET, "/v1/customers/cus_now/unbilled-usage", None)
+                .await;
+            assert_eq!(s, 200, "{v}");
+            if v["usage"].as_array().unwrap().is_empty() {
+                Err(format!("not yet: {v}"))
+            } else {
+                Ok(v)
+            }
+        })
+        .await;
+    assert_eq!(
+        unbilled["usage"],
+        json!([{"meter": "requests", "dims": {}, "quantity": "500000", "events": 1}]),
+        "{unbilled}"
+    );
+    assert_eq!(instant(&unbilled["uncovered"][0]["start"]), c, "{unbilled}");
+
+    // The final invoice, due at the cancellation (grace 0 here), before
+    // the month ends: the usage before it, the usage after it reported.
+    sys.finalize(c + Duration::seconds(1));
+    let fin = invoice_of(&sys, "cus_now", cur).await;
+    assert_eq!(
+        usage_lines(&fin, "requests"),
+        [("payg".into(), Decimal::ONE, Decimal::new(40, 2))],
+        "{fin}"
+    );
+    assert_eq!(
+        (&fin["total"], &fin["sync_status"]),
+        (&json!("0.40"), &json!("carried_forward")),
+        "{fin}"
+    );
+    assert_eq!(fin["body"]["unbilled"], unbilled["usage"], "{fin}");
+    assert_eq!(
+        instant(&fin["finalized_at"]),
+        c + Duration::seconds(1),
+        "{fin}"
+    );
+    // Subscribing again inside the finalized month is refused; the
+    // cancellation cannot be withdrawn once in effect.
+    let (s, v) = sys
+        .api(
+            M::POST,
+            "/v1/customers/cus_now/subscription",
+            Some(json!({"plan": "payg", "starts_at": c + Duration::seconds(2)})),
+        )
+        .await;
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (409, Some("period_finalized")),
+        "{v}"
+    );
+    let (s, v) = sys
+        .api(M::DELETE, "/v1/customers/cus_now/cancellation", None)
+        .await;
+    assert_eq!((s, v["code"].as_str()), (409, Some("conflict")), "{v}");
+
+    // Late usage timed before the cancellation, after the final invoice:
+    // with no later invoice to carry it, an invoice of its own.
+    let (s, v) = sys
+        .ingest(&[requests("n-3", "cus_now", "web", before, 1_000_000)])
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let fin_id = fin["id"].as_str().unwrap().to_owned();
+    sys.eventually("the late usage", wait, || async {
+        let (s, r) = sys
+            .api(M::GET, &format!("/v1/invoices/{fin_id}/rerate"), None)
+            .await;
+        assert_eq!(s, 200, "{r}");
+        if r["reproduces"] == true {
+            Err(format!("not yet: {r}"))
+        } else {
+            Ok(())
+        }
+    })
+    .await;
+    sys.finalize(next.end + Duration::seconds(1));
+    let adj = invoice_of(&sys, "cus_now", next).await;
+    assert_eq!(adj["body"]["lines"], json!([]), "{adj}");
+    let a = &adj["body"]["adjustments"];
+    assert_eq!(a.as_array().unwrap().len(), 1, "{adj}");
+    assert_eq!(
+        (&a[0]["amount"], &a[0]["original_invoice"]),
+        (&json!("0.40"), &fin["number"]),
+        "{adj}"
+    );
+    assert_eq!(
+        (&adj["carried_in"], &adj["total"]),
+        (&json!("0.40"), &json!("0.80")),
+        "{adj}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_embedded() {
+    lifecycle(Mode::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_distributed() {
+    lifecycle(Mode::Distributed).await;
+}

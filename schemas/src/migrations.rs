@@ -67,11 +67,18 @@ pub const SQLITE_USAGE: &[Migration] = &[
 /// schema translated: same tables and column names), in order; applied by
 /// `billing_api::state::sqlite`, each file in one transaction. The state
 /// lives in a file of its own, apart from the usage store's.
-pub const SQLITE_STATE: &[Migration] = &[Migration {
-    version: 1,
-    name: "state",
-    sql: include_str!("../migrations/sqlite/state/0001_state.sql"),
-}];
+pub const SQLITE_STATE: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "state",
+        sql: include_str!("../migrations/sqlite/state/0001_state.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "lifecycle",
+        sql: include_str!("../migrations/sqlite/state/0002_lifecycle.sql"),
+    },
+];
 
 /// PostgreSQL migrations (billing state), in order. Each file may hold
 /// several statements and is applied in one transaction.
@@ -100,6 +107,11 @@ pub const POSTGRES: &[Migration] = &[
         version: 5,
         name: "usage_alerts",
         sql: include_str!("../migrations/postgres/0005_usage_alerts.sql"),
+    },
+    Migration {
+        version: 6,
+        name: "lifecycle",
+        sql: include_str!("../migrations/postgres/0006_lifecycle.sql"),
     },
 ];
 

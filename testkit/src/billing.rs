@@ -269,6 +269,7 @@ impl Api {
             )),
             webhook_secret: Some(WHSEC.into()),
             min_charge: Decimal::new(50, 2),
+            grace: std::time::Duration::from_secs(3600),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());

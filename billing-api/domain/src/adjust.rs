@@ -139,6 +139,7 @@ mod tests {
         rate(
             &p,
             &[Segment {
+                trial: false,
                 plan: plan.clone(),
                 start: p.start,
                 end: p.end,

@@ -140,7 +140,19 @@ pub struct PlanVersion {
     /// What quota checks allow on this plan (absent: no limit).
     #[serde(default, skip_serializing_if = "Limits::is_unlimited")]
     pub limits: Limits,
+    /// Days of trial that a customer's first subscription to this plan
+    /// starts with (0, the default: none). In the trial the flat and seat
+    /// fees are waived; see `subscription::trial_end`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub trial_days: u32,
 }
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// The longest trial a plan may offer.
+pub const MAX_TRIAL_DAYS: u32 = 365;
 
 /// Quota limits of a plan or pay-as-you-go tier, as catalog data.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -321,6 +333,16 @@ impl PlanVersion {
                 format!(
                     "currency must be an ISO 4217 code like USD, got {:?}",
                     self.currency
+                ),
+            );
+        }
+        if self.trial_days > MAX_TRIAL_DAYS {
+            err(
+                "trial_days".into(),
+                "invalid_value",
+                format!(
+                    "trial_days must be 0 to {MAX_TRIAL_DAYS}, got {}",
+                    self.trial_days
                 ),
             );
         }

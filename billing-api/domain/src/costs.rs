@@ -235,6 +235,7 @@ impl Month {
         }
         let to_date = &self.to_date;
         let whole = |usage| Segment {
+            trial: false,
             plan: plan.clone(),
             start: self.period.start,
             end: self.period.end,
@@ -517,6 +518,7 @@ mod tests {
             period,
             now: nov(3),
             segments: vec![Segment {
+                trial: false,
                 plan: payg.clone(),
                 start: period.start,
                 end: period.end,

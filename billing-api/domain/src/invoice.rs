@@ -46,6 +46,26 @@ fn next_month(start: DateTime<Utc>) -> DateTime<Utc> {
     Utc.with_ymd_and_hms(y, m, 1, 0, 0, 0).unwrap()
 }
 
+/// The parts of `period` that no span covers (spans in order, inside the
+/// period, not overlapping): where the customer had no subscription.
+pub fn uncovered(
+    period: Period,
+    spans: impl IntoIterator<Item = (DateTime<Utc>, DateTime<Utc>)>,
+) -> Vec<(DateTime<Utc>, DateTime<Utc>)> {
+    let mut out = Vec::new();
+    let mut from = period.start;
+    for (s, e) in spans {
+        if s > from {
+            out.push((from, s));
+        }
+        from = from.max(e);
+    }
+    if from < period.end {
+        out.push((from, period.end));
+    }
+    out
+}
+
 /// The period before `p`.
 pub fn previous(p: Period) -> Period {
     month_of(p.start - chrono::Duration::seconds(1))
@@ -108,6 +128,11 @@ pub struct InvoiceBody {
     /// The re-rating behind `adjustments`, kept as evidence.
     pub adjusted: Option<AdjustedPeriod>,
     pub carried: Vec<CarriedInvoice>,
+    /// Usage timed in the period where the customer had no subscription
+    /// (after a cancellation), per meter, as it stood when the invoice was
+    /// finalized: reported, not billed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unbilled: Vec<crate::rating::UsageItem>,
     /// The digits its amounts were rounded to (the plan's `minor_units`).
     /// Absent on invoices written before it was recorded: see [`billed`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -213,6 +238,7 @@ pub fn build(
             adjustments: adjs,
             adjusted,
             carried,
+            unbilled: vec![],
             minor_units: Some(rated.minor_units),
         },
         sync_status: status,

@@ -6,6 +6,9 @@
 //!
 //! Checks, in order (the first that fails is the reason):
 //!
+//! 0. `no_subscription`: a customer without a plan in force (never
+//!    subscribed, or cancelled) may start nothing and grow no volume
+//!    ([`without_subscription`]).
 //! 1. `account_suspended`: a suspended customer may not scale up.
 //! 2. `instance_type_not_in_tier`: the plan must price the type, and its
 //!    `limits.instance_types`, when set, must list it.
@@ -67,6 +70,7 @@ pub enum Ask {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Reason {
+    NoSubscription,
     AccountSuspended,
     InstanceTypeNotInTier,
     TierLimit,
@@ -74,7 +78,8 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 4] = [
+    pub const ALL: [Reason; 5] = [
+        Reason::NoSubscription,
         Reason::AccountSuspended,
         Reason::InstanceTypeNotInTier,
         Reason::TierLimit,
@@ -84,6 +89,7 @@ impl Reason {
     /// The machine-readable code (as serialized).
     pub fn as_str(self) -> &'static str {
         match self {
+            Reason::NoSubscription => "no_subscription",
             Reason::AccountSuspended => "account_suspended",
             Reason::InstanceTypeNotInTier => "instance_type_not_in_tier",
             Reason::TierLimit => "tier_limit",
@@ -101,6 +107,26 @@ pub struct Running {
     pub volumes: BTreeMap<(String, String), Decimal>,
 }
 
+/// The decision for a customer with no plan in force: every start of
+/// instances and every volume size above zero is denied (nothing is known
+/// of what runs, so only stopping and releasing are allowed).
+pub fn without_subscription(ask: &Ask) -> Decision {
+    let growing = match ask {
+        Ask::StartInstances { count, .. } => *count > 0,
+        Ask::GrowVolume { size_gb, .. } => *size_gb > Decimal::ZERO,
+    };
+    Decision {
+        allow: !growing,
+        reason: growing.then_some(Reason::NoSubscription),
+        limit: None,
+        current: Decimal::ZERO,
+        month_to_date: Decimal::ZERO,
+        projected_month_end: Decimal::ZERO,
+        projected_usage_cost: Decimal::ZERO,
+        spending_cap: None,
+    }
+}
+
 /// A customer as quota checks see it.
 #[derive(Debug, Clone)]
 pub struct QuotaInput<'a> {
@@ -114,6 +140,9 @@ pub struct QuotaInput<'a> {
     /// started, in order, each with its usage: what the draft rates before
     /// `plan`'s segment. Empty for a customer on one plan all period.
     pub earlier: &'a [Segment],
+    /// Where the trial of `plan` ends, while it is in one: fees are waived
+    /// until then (usage to date and the forecast are rated in the trial).
+    pub trial_end: Option<DateTime<Utc>>,
     pub seats: &'a [SeatInterval],
     pub running: &'a Running,
     pub suspended: bool,
@@ -175,12 +204,32 @@ pub fn since(q: &QuotaInput) -> DateTime<Utc> {
 /// earlier segments as they are, then the plan in force now with `usage`.
 fn rated_total(q: &QuotaInput, usage: Vec<UsageItem>) -> anyhow::Result<(Decimal, Decimal)> {
     let mut segments = q.earlier.to_vec();
-    segments.push(Segment {
-        plan: q.plan.clone(),
-        start: since(q),
-        end: q.period.end,
-        usage,
-    });
+    let start = since(q);
+    match q.trial_end.filter(|t| *t > start) {
+        Some(t) if t < q.period.end => {
+            segments.push(Segment {
+                trial: true,
+                plan: q.plan.clone(),
+                start,
+                end: t,
+                usage,
+            });
+            segments.push(Segment {
+                trial: false,
+                plan: q.plan.clone(),
+                start: t,
+                end: q.period.end,
+                usage: vec![],
+            });
+        }
+        trial => segments.push(Segment {
+            trial: trial.is_some(),
+            plan: q.plan.clone(),
+            start,
+            end: q.period.end,
+            usage,
+        }),
+    }
     let r = rate(&q.period, &segments, q.seats)?;
     Ok((r.total, r.before_maximum()))
 }

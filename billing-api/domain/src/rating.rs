@@ -97,6 +97,10 @@ pub struct Segment {
     pub end: DateTime<Utc>,
     /// Usage whose event time falls in `[start, end)`.
     pub usage: Vec<UsageItem>,
+    /// A trial segment: its flat and seat fees are waived (lines at zero
+    /// whose `waived` says what they would have cost) and the plan's
+    /// minimum does not apply; usage and the maximum apply as usual.
+    pub trial: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -153,6 +157,10 @@ pub struct Line {
     pub amount_exact: Decimal,
     /// Rounded once, to the currency's minor unit.
     pub amount: Decimal,
+    /// A fee waived in a trial: what the line would have cost, rounded as
+    /// it would have been (`amount` is zero).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waived: Option<Decimal>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -352,6 +360,15 @@ pub fn matches(p: &MeterPrice, u: &UsageItem) -> bool {
     p.meter == u.meter && p.filter.iter().all(|(k, v)| u.dims.get(k) == Some(v))
 }
 
+/// A fee line's description: `"Team seats"`, `"Team seats (trial)"`.
+fn fee_description(plan: &PlanVersion, what: &str, trial: bool) -> String {
+    if trial {
+        format!("{} {what} (trial)", plan.name)
+    } else {
+        format!("{} {what}", plan.name)
+    }
+}
+
 /// Rates a period. Segments must be in order, inside the period and not
 /// overlapping; they may leave gaps (no subscription then).
 pub fn rate(
@@ -383,11 +400,12 @@ pub fn rate(
         start: DateTime<Utc>,
         end: DateTime<Utc>,
         usage: Vec<&'a UsageItem>,
+        trial: bool,
     }
     let mut merged: Vec<Merged<'_>> = Vec::with_capacity(segments.len());
     for s in segments {
         match merged.last_mut() {
-            Some(m) if m.end == s.start && *m.plan == s.plan => {
+            Some(m) if m.end == s.start && *m.plan == s.plan && m.trial == s.trial => {
                 m.end = s.end;
                 m.usage.extend(s.usage.iter());
             }
@@ -396,6 +414,7 @@ pub fn rate(
                 start: s.start,
                 end: s.end,
                 usage: s.usage.iter().collect(),
+                trial: s.trial,
             }),
         }
     }
@@ -429,32 +448,55 @@ pub fn rate(
             tiers: vec![],
             amount_exact: Decimal::ZERO,
             amount: Decimal::ZERO,
+            waived: None,
+        };
+        // A fee line: charged, or in a trial waived (zero, with what it
+        // would have cost as evidence).
+        let fee = |l: Line, exact: Decimal| {
+            if s.trial {
+                Line {
+                    amount: round(Decimal::ZERO),
+                    waived: Some(round(exact)),
+                    ..l
+                }
+            } else {
+                Line {
+                    amount_exact: snap(exact),
+                    amount: round(exact),
+                    ..l
+                }
+            }
         };
         let mut seg_lines = Vec::new();
         if !plan.flat_fee.is_zero() {
             let exact = f.of(plan.flat_fee);
-            seg_lines.push(Line {
-                quantity: f.num,
-                price_quantity: f.num / den,
-                unit_price: Some(plan.flat_fee),
-                amount_exact: snap(exact),
-                amount: round(exact),
-                ..line(LineKind::FlatFee, format!("{} flat fee", plan.name))
-            });
+            seg_lines.push(fee(
+                Line {
+                    quantity: f.num,
+                    price_quantity: f.num / den,
+                    unit_price: Some(plan.flat_fee),
+                    ..line(
+                        LineKind::FlatFee,
+                        fee_description(plan, "flat fee", s.trial),
+                    )
+                },
+                exact,
+            ));
         }
         // Seat-seconds inside the segment: seat fees and per-seat allowances.
         let seat_secs = seat_secs(seats, s.start, s.end);
         if !plan.seat_fee.is_zero() && seat_secs > 0 {
             let q = Decimal::from(seat_secs);
             let exact = q * plan.seat_fee / den;
-            seg_lines.push(Line {
-                quantity: q,
-                price_quantity: q / den,
-                unit_price: Some(plan.seat_fee),
-                amount_exact: snap(exact),
-                amount: round(exact),
-                ..line(LineKind::SeatFee, format!("{} seats", plan.name))
-            });
+            seg_lines.push(fee(
+                Line {
+                    quantity: q,
+                    price_quantity: q / den,
+                    unit_price: Some(plan.seat_fee),
+                    ..line(LineKind::SeatFee, fee_description(plan, "seats", s.trial))
+                },
+                exact,
+            ));
         }
         let mut used = vec![false; s.usage.len()];
         for p in &plan.prices {
@@ -491,7 +533,7 @@ pub fn rate(
             });
         }
         let subtotal: Decimal = seg_lines.iter().map(|l| l.amount).sum();
-        if let Some(min) = plan.minimum.map(|m| f.of(m)) {
+        if let Some(min) = plan.minimum.filter(|_| !s.trial).map(|m| f.of(m)) {
             if subtotal < min {
                 let exact = min - subtotal;
                 seg_lines.push(Line {

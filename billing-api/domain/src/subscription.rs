@@ -28,6 +28,35 @@ pub struct Subscription {
     pub version: u32,
     pub start: DateTime<Utc>,
     pub end: Option<DateTime<Utc>>,
+    /// The end of the row's trial (absent: no trial), decided when the
+    /// subscription started ([`trial_end`]); the trial also ends where the
+    /// row does (a switch or a cancellation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trial_end: Option<DateTime<Utc>>,
+}
+
+impl Subscription {
+    /// The spans the row is rated in: `(start, end, trial)`, the trial part
+    /// first. `end` None: until changed.
+    pub fn spans(&self) -> Vec<(DateTime<Utc>, Option<DateTime<Utc>>, bool)> {
+        match self.trial_end {
+            Some(t) if t > self.start => {
+                let trial_until = self.end.map_or(t, |e| e.min(t));
+                let mut out = vec![(self.start, Some(trial_until), true)];
+                if self.end.is_none_or(|e| e > t) {
+                    out.push((t, self.end, false));
+                }
+                out
+            }
+            _ => vec![(self.start, self.end, false)],
+        }
+    }
+}
+
+/// A row of the history that ends with nothing after it is cancelled
+/// there: the instant, when `rows` (in order) end in a cancellation.
+pub fn cancelled_at(rows: &[Subscription]) -> Option<DateTime<Utc>> {
+    rows.last().and_then(|r| r.end)
 }
 
 /// What a plan switch did.
@@ -42,14 +71,137 @@ pub struct SwitchOutcome {
     pub withdrawn: Vec<Subscription>,
 }
 
-/// `subscribe` starts only the first subscription.
-pub fn check_first_subscription(customer: &str, has_any: bool) -> Result<(), RuleError> {
-    if has_any {
-        return Err(RuleError::Conflict(format!(
-            "customer {customer} already has a subscription; switch plans instead"
-        )));
+/// `subscribe` starts a customer's first subscription, or a new one after
+/// a cancellation (reactivation): refused while any row of the history
+/// runs at or after `at`.
+pub fn check_can_subscribe(
+    rows: &[Subscription],
+    customer: &str,
+    at: DateTime<Utc>,
+) -> Result<(), RuleError> {
+    match rows.last() {
+        Some(r) if r.end.is_none_or(|e| e > at) => {
+            Err(RuleError::Conflict(format!(
+            "customer {customer} already has a subscription ({} from {}{}); switch plans instead",
+            r.plan,
+            r.start,
+            r.end.map(|e| format!(", cancelled at {e}")).unwrap_or_default()
+        )))
+        }
+        _ => Ok(()),
     }
-    Ok(())
+}
+
+/// When the trial of a subscription to `plan` starting at `at` ends: a
+/// customer's first subscription to a plan (by name, any version) starts
+/// with the version's `trial_days` (or the `days` staff asked for, 0 for
+/// none); a plan the customer had before, and every switch, start without.
+pub fn trial_end(
+    rows: &[Subscription],
+    plan: &str,
+    trial_days: u32,
+    days: Option<u32>,
+    at: DateTime<Utc>,
+) -> Option<DateTime<Utc>> {
+    let days = days.unwrap_or(trial_days);
+    if days == 0 || rows.iter().any(|r| r.plan == plan) {
+        return None;
+    }
+    Some(at + chrono::Duration::days(days.into()))
+}
+
+/// The writes of a cancellation at `at`: delete `withdrawn` (changes
+/// scheduled at or after it), end `cut` (the row in effect) at `at`.
+#[derive(Debug)]
+pub struct CancelWrites {
+    pub withdrawn: Vec<Subscription>,
+    pub cut: Subscription,
+    pub at: DateTime<Utc>,
+}
+
+/// What a cancellation did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Cancellation {
+    /// Where the last plan segment ends: usage timed at or after it is not
+    /// billed.
+    pub effective_at: DateTime<Utc>,
+    /// Changes scheduled at or after it, withdrawn (each audited).
+    pub withdrawn: Vec<Subscription>,
+}
+
+impl CancelWrites {
+    /// `Ok(None)`: the subscription is cancelled at `at` already (a repeat
+    /// changes nothing).
+    pub fn plan(
+        rows: Vec<Subscription>,
+        customer: &str,
+        at: DateTime<Utc>,
+    ) -> Result<Option<Self>, RuleError> {
+        let Some(first) = rows.first() else {
+            return Err(RuleError::Conflict(format!(
+                "customer {customer} has no subscription to cancel"
+            )));
+        };
+        if cancelled_at(&rows) == Some(at) {
+            return Ok(None);
+        }
+        if at <= first.start {
+            return Err(RuleError::Invalid(format!(
+                "a cancellation at {at} must come after the subscription starts ({})",
+                first.start
+            )));
+        }
+        let (earlier, later): (Vec<_>, Vec<_>) = rows.into_iter().partition(|r| r.start < at);
+        let cut = earlier
+            .last()
+            .expect("the first row starts before at")
+            .clone();
+        let continued = |e: DateTime<Utc>| later.first().is_some_and(|l| l.start == e);
+        if let Some(e) = cut.end.filter(|e| *e < at || (*e == at && !continued(*e))) {
+            return Err(RuleError::Conflict(format!(
+                "customer {customer}'s subscription ended at {e}; there is nothing to cancel at {at}"
+            )));
+        }
+        if let Some(e) = cut.end.filter(|e| !continued(*e)) {
+            return Err(RuleError::Conflict(format!(
+                "customer {customer}'s subscription is cancelled at {e} already; withdraw that cancellation first"
+            )));
+        }
+        Ok(Some(Self {
+            withdrawn: later,
+            cut,
+            at,
+        }))
+    }
+
+    pub fn outcome(&self) -> Cancellation {
+        Cancellation {
+            effective_at: self.at,
+            withdrawn: self.withdrawn.clone(),
+        }
+    }
+}
+
+/// A scheduled cancellation withdrawn: the row to run on until changed.
+/// `Ok(None)`: no cancellation is scheduled (look for an earlier
+/// withdrawal: a retry answers it again).
+pub fn reopen(
+    rows: &[Subscription],
+    customer: &str,
+    now: DateTime<Utc>,
+) -> Result<Option<Subscription>, RuleError> {
+    match rows.last() {
+        None => Err(RuleError::NotFound(format!(
+            "subscription of customer {customer}"
+        ))),
+        Some(r) => match r.end {
+            None => Ok(None),
+            Some(e) if e <= now => Err(RuleError::Conflict(format!(
+                "customer {customer}'s cancellation took effect at {e}; subscribe again instead"
+            ))),
+            Some(_) => Ok(Some(r.clone())),
+        },
+    }
 }
 
 /// The writes of a switch, decided from the customer's history (ordered by
@@ -90,10 +242,20 @@ impl SwitchWrites {
             .last()
             .expect("the first row starts before at")
             .clone();
-        if cut.end.is_some_and(|e| e < at) {
-            return Err(RuleError::Invalid(format!(
-                "customer {customer} has no plan in effect at {at}"
-            )));
+        // The row in effect ends with nothing after it: a cancellation.
+        if let Some(e) = cut
+            .end
+            .filter(|e| later.first().is_none_or(|l| l.start != *e))
+        {
+            return Err(if e <= at {
+                RuleError::Invalid(format!(
+                    "customer {customer} has no plan in effect at {at}: the subscription ended at {e}; subscribe again instead"
+                ))
+            } else {
+                RuleError::Conflict(format!(
+                    "customer {customer}'s subscription is cancelled at {e}; withdraw the cancellation before switching"
+                ))
+            });
         }
         let same = |r: &Subscription| r.plan == plan && r.version == version;
         // The same switch again: the change it made is there already.
@@ -168,9 +330,10 @@ impl WithdrawWrites {
                 row.start
             )));
         }
-        if i == 0 {
+        if i == 0 || rows[i - 1].end != Some(row.start) {
             return Err(RuleError::Conflict(format!(
-                "{id} is customer {customer}'s first subscription, not a scheduled change"
+                "{id} is a subscription of customer {customer} starting {}, not a scheduled change",
+                row.start
             )));
         }
         Ok(Some(Self {
@@ -293,6 +456,7 @@ mod tests {
             version: 1,
             start: Utc.with_ymd_and_hms(2026, 12, 1, 0, 0, 0).unwrap(),
             end: None,
+            trial_end: None,
         };
         let images = [
             serde_json::json!({"unrelated": true}),
@@ -317,6 +481,7 @@ mod tests {
             version: 1,
             start: t(start),
             end: end.map(t),
+            trial_end: None,
         }
     }
 
@@ -369,11 +534,98 @@ mod tests {
         assert!(WithdrawWrites::plan(&rows, "c", 9, t(2)).unwrap().is_none());
         let w = WithdrawWrites::plan(&rows, "c", 2, t(2)).unwrap().unwrap();
         assert_eq!((w.withdrawn.id, w.previous.id), (2, 1));
+        assert!(check_can_subscribe(&[], "c", t(1)).is_ok());
+        let e = check_can_subscribe(&[row(1, "payg", 1, None)], "c", t(5)).unwrap_err();
         assert_eq!(
-            check_first_subscription("c", true),
-            Err(RuleError::Conflict(
-                "customer c already has a subscription; switch plans instead".into()
-            ))
+            e,
+            RuleError::Conflict(
+                "customer c already has a subscription (payg from 2026-11-01 00:00:00 UTC); switch plans instead".into()
+            )
         );
+    }
+
+    #[test]
+    fn cancellation_ends_the_row_in_effect_and_withdraws_what_follows() {
+        let rows = vec![row(1, "payg", 1, Some(20)), row(2, "team", 20, None)];
+        let w = CancelWrites::plan(rows.clone(), "c", t(13))
+            .unwrap()
+            .unwrap();
+        assert_eq!((w.cut.id, w.at), (1, t(13)));
+        assert_eq!(w.withdrawn, vec![row(2, "team", 20, None)]);
+        // At the instant of the scheduled switch: the switch is withdrawn.
+        let w = CancelWrites::plan(rows.clone(), "c", t(20))
+            .unwrap()
+            .unwrap();
+        assert_eq!((w.cut.id, w.withdrawn.len()), (1, 1));
+        // Later: the team row is cut.
+        let w = CancelWrites::plan(rows, "c", t(25)).unwrap().unwrap();
+        assert_eq!((w.cut.id, w.withdrawn.len()), (2, 0));
+        // Repeated: nothing to write.
+        let done = vec![row(1, "payg", 1, Some(13))];
+        assert!(CancelWrites::plan(done.clone(), "c", t(13))
+            .unwrap()
+            .is_none());
+        assert_eq!(cancelled_at(&done), Some(t(13)));
+        // After it ended, before it starts, without a subscription.
+        for (rows, at) in [
+            (done.clone(), t(20)),
+            (vec![row(1, "payg", 5, None)], t(5)),
+            (vec![], t(5)),
+        ] {
+            assert!(CancelWrites::plan(rows, "c", at).is_err());
+        }
+        // Moving a scheduled cancellation earlier: withdraw it first.
+        assert!(matches!(
+            CancelWrites::plan(done.clone(), "c", t(10)),
+            Err(RuleError::Conflict(_))
+        ));
+        // No switch across a cancellation, scheduled or done.
+        assert!(matches!(
+            SwitchWrites::plan(done.clone(), "c", "team", 1, t(10)),
+            Err(RuleError::Conflict(_))
+        ));
+        assert!(matches!(
+            SwitchWrites::plan(done.clone(), "c", "team", 1, t(14)),
+            Err(RuleError::Invalid(_))
+        ));
+        // Reactivation after it ended; not while it runs.
+        assert!(check_can_subscribe(&done, "c", t(13)).is_ok());
+        assert!(check_can_subscribe(&done, "c", t(12)).is_err());
+        // Withdrawing the cancellation before it takes effect reopens the row.
+        assert_eq!(reopen(&done, "c", t(12)), Ok(Some(done[0].clone())));
+        assert!(matches!(
+            reopen(&done, "c", t(13)),
+            Err(RuleError::Conflict(_))
+        ));
+        assert_eq!(reopen(&[row(1, "payg", 1, None)], "c", t(12)), Ok(None));
+        // A reactivation after a gap is a subscription, not a change.
+        let gap = vec![row(1, "payg", 1, Some(10)), row(2, "team", 20, None)];
+        assert!(matches!(
+            WithdrawWrites::plan(&gap, "c", 2, t(15)),
+            Err(RuleError::Conflict(_))
+        ));
+        assert!(SwitchWrites::plan(gap, "c", "business", 1, t(5)).is_err());
+    }
+
+    #[test]
+    fn a_first_subscription_to_a_plan_starts_its_trial() {
+        assert_eq!(trial_end(&[], "biz", 14, None, t(1)), Some(t(15)));
+        assert_eq!(trial_end(&[], "biz", 14, Some(0), t(1)), None);
+        assert_eq!(trial_end(&[], "biz", 0, Some(3), t(1)), Some(t(4)));
+        assert_eq!(trial_end(&[], "biz", 0, None, t(1)), None);
+        // The plan was had before (reactivation): no second trial.
+        assert_eq!(
+            trial_end(&[row(1, "biz", 1, Some(5))], "biz", 14, None, t(10)),
+            None
+        );
+        let mut r = row(1, "biz", 1, None);
+        r.trial_end = Some(t(15));
+        assert_eq!(
+            r.spans(),
+            vec![(t(1), Some(t(15)), true), (t(15), None, false)]
+        );
+        // Cancelled inside the trial: the trial is all there is.
+        r.end = Some(t(10));
+        assert_eq!(r.spans(), vec![(t(1), Some(t(10)), true)]);
     }
 }

@@ -46,9 +46,10 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
-use billing_domain::catalog::{latest_active, CatalogError, PlanVersion};
+use billing_domain::catalog::{latest_active, CatalogError, PlanVersion, MAX_TRIAL_DAYS};
 use billing_domain::quota::{Ask, Decision};
-use billing_domain::rating::{Period, Rated};
+use billing_domain::rating::{Period, Rated, UsageItem};
+use billing_domain::subscription::Cancellation;
 use billing_domain::webhook;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -84,6 +85,9 @@ pub struct ApiState {
     pub auth: Arc<Authenticator>,
     pub webhook_secret: Option<serving::Secret>,
     pub min_charge: Decimal,
+    /// How long after a period's end (or a cancellation) its invoice stays
+    /// a draft (the finalizer's grace).
+    pub grace: std::time::Duration,
     pub quota: Arc<QuotaService>,
 }
 
@@ -140,6 +144,11 @@ pub fn router(app: Arc<ApiState>) -> Router {
             get(get_subscription).post(subscribe),
         )
         .route("/v1/customers/{id}/seats", put(set_seats))
+        .route(
+            "/v1/customers/{id}/cancellation",
+            post(cancel_subscription).delete(withdraw_cancellation),
+        )
+        .route("/v1/customers/{id}/unbilled-usage", get(unbilled_usage))
         .route(
             "/v1/customers/{id}/plan-switch/preview",
             post(preview_switch),
@@ -217,6 +226,9 @@ async fn metrics(State(app): State<Arc<ApiState>>) -> impl IntoResponse {
         switch_plan,
         list_scheduled_changes,
         withdraw_scheduled_change,
+        cancel_subscription,
+        withdraw_cancellation,
+        unbilled_usage,
         list_invoices,
         draft_invoice,
         get_invoice,

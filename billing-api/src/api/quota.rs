@@ -12,10 +12,13 @@ pub struct QuotaCheck {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct QuotaAnswer {
     pub customer_id: String,
-    pub plan: String,
-    pub plan_version: u32,
-    /// Usage and running resources are as of this hour boundary.
-    pub as_of: DateTime<Utc>,
+    /// The plan in force (null: the customer has no subscription, and
+    /// every start is denied with `no_subscription`).
+    pub plan: Option<String>,
+    pub plan_version: Option<u32>,
+    /// Usage and running resources are as of this hour boundary (null
+    /// without a subscription).
+    pub as_of: Option<DateTime<Utc>>,
     #[serde(flatten)]
     pub decision: Decision,
 }
@@ -35,13 +38,16 @@ pub(super) async fn quota_check(
             return Err(ApiError::invalid("ask.size_gb: must not be negative"));
         }
     }
-    let Some(entry) = app.quota.entry(&req.customer_id) else {
-        return Err(ApiError::not_found(format!(
-            "customer {} has no plan now",
-            req.customer_id
-        )));
+    let entry = app.quota.entry(&req.customer_id);
+    let decision = match &entry {
+        Some(entry) => entry.decide(&req.ask)?,
+        None => {
+            // Unknown customers are a 404; known ones without a plan are
+            // denied every start.
+            app.state.customer(&req.customer_id).await?;
+            billing_domain::quota::without_subscription(&req.ask)
+        }
     };
-    let decision = entry.decide(&req.ask)?;
     let reason = decision.reason.map_or("none", |r| r.as_str());
     app.metrics
         .quota_decisions
@@ -52,9 +58,9 @@ pub(super) async fn quota_check(
         .observe(started.elapsed().as_secs_f64());
     Ok(Json(QuotaAnswer {
         customer_id: req.customer_id,
-        plan: entry.plan.plan.clone(),
-        plan_version: entry.plan.version,
-        as_of: entry.as_of,
+        plan: entry.as_ref().map(|e| e.plan.plan.clone()),
+        plan_version: entry.as_ref().map(|e| e.plan.version),
+        as_of: entry.as_ref().map(|e| e.as_of),
         decision,
     }))
 }

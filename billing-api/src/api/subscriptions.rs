@@ -10,6 +10,9 @@ pub struct Subscribe {
     pub version: Option<u32>,
     /// Default: now.
     pub starts_at: Option<DateTime<Utc>>,
+    /// Days of trial instead of the plan version's `trial_days` (0: none).
+    /// A trial starts only with a customer's first subscription to a plan.
+    pub trial_days: Option<u32>,
 }
 
 /// The plan version a request names (default: the latest that is not
@@ -58,11 +61,19 @@ pub(super) async fn subscribe(
     Body(req): Body<Subscribe>,
 ) -> Result<(StatusCode, Json<PlanSwitchResult>), ApiError> {
     let actor = who.admin()?;
+    if req.trial_days.is_some_and(|d| d > MAX_TRIAL_DAYS) {
+        return Err(ApiError::invalid(format!(
+            "trial_days: 0 to {MAX_TRIAL_DAYS}"
+        )));
+    }
     let version = resolve_plan(&app, &req.plan, req.version).await?;
-    let at = req.starts_at.unwrap_or_else(crate::wire::now);
+    let now = crate::wire::now();
+    let at = req.starts_at.unwrap_or(now);
     require_open(&app, &id, at).await?;
-    app.state
-        .subscribe(&id, &req.plan, version, at, actor)
+    final_invoice_due(&app, &id, at, now).await?;
+    let row = app
+        .state
+        .subscribe(&id, &req.plan, version, at, req.trial_days, actor)
         .await?;
     app.quota_changed(&id).await;
     Ok((
@@ -72,8 +83,36 @@ pub(super) async fn subscribe(
             version,
             effective_at: at,
             withdrawn: vec![],
+            trial_ends_at: row.trial_end,
         }),
     ))
+}
+
+/// A subscription again after a cancellation (reactivation) may not start
+/// inside the cancellation's period once its final invoice is due (the
+/// cancellation plus grace: the finalizer may be writing it), only from
+/// that period's end on: refused like a change in an invoiced period (409
+/// `period_finalized`).
+pub(super) async fn final_invoice_due(
+    app: &ApiState,
+    customer: &str,
+    at: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Result<(), ApiError> {
+    let history = app.state.subscriptions(customer).await?;
+    let Some(ended) = billing_domain::subscription::cancelled_at(&history) else {
+        return Ok(());
+    };
+    let grace = chrono::Duration::from_std(app.grace).unwrap_or_default();
+    let period = month_of(ended);
+    if now < ended + grace || at >= period.end {
+        return Ok(());
+    }
+    let invoice = crate::invoice::invoice_id(customer, period);
+    Ok(billing_domain::subscription::check_open(
+        at,
+        Some((invoice.as_str(), period.end)),
+    )?)
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -84,6 +123,11 @@ pub struct SubscriptionView {
     /// Plans that start later (a switch at the period end), in order; each
     /// can be withdrawn at `DELETE /v1/customers/{id}/scheduled-changes/{change}`.
     pub scheduled: Vec<Subscription>,
+    /// Where the subscription ends, when it is cancelled (ahead: a
+    /// scheduled cancellation, withdrawn at `DELETE
+    /// /v1/customers/{id}/cancellation`; past: the customer has no
+    /// subscription since then).
+    pub cancelled_at: Option<DateTime<Utc>>,
 }
 
 /// No query parameters: any one is refused (400 `bad_query`, naming it).
@@ -101,6 +145,7 @@ pub(super) fn query<T>(
 
 /// The plan history from now on: the row in effect and those after it.
 pub(super) fn from_now(history: Vec<Subscription>, now: DateTime<Utc>) -> SubscriptionView {
+    let cancelled_at = billing_domain::subscription::cancelled_at(&history);
     let mut current = None;
     let mut scheduled = Vec::new();
     for s in history {
@@ -110,7 +155,11 @@ pub(super) fn from_now(history: Vec<Subscription>, now: DateTime<Utc>) -> Subscr
             current = Some(s);
         }
     }
-    SubscriptionView { current, scheduled }
+    SubscriptionView {
+        current,
+        scheduled,
+        cancelled_at,
+    }
 }
 
 /// The plan in effect now and any scheduled switch, as stored.
@@ -140,13 +189,19 @@ pub(super) async fn list_scheduled_changes(
     who.read_customer(&id, &format!("customer {id}"))?;
     query(q)?;
     let history = app.state.subscriptions(&id).await?;
-    // A first subscription that starts later is not a change of plan.
-    let first = history.first().map(|s| s.id);
+    // A subscription that starts later (a first one, or one after a
+    // cancellation) is not a change of plan.
+    let starts: Vec<i64> = history
+        .iter()
+        .enumerate()
+        .filter(|(i, s)| *i == 0 || history[i - 1].end != Some(s.start))
+        .map(|(_, s)| s.id)
+        .collect();
     let view = from_now(history, crate::wire::now());
     Ok(Json(
         view.scheduled
             .into_iter()
-            .filter(|s| Some(s.id) != first)
+            .filter(|s| !starts.contains(&s.id))
             .collect(),
     ))
 }
@@ -180,15 +235,48 @@ pub(super) async fn withdraw_scheduled_change(
 #[serde(deny_unknown_fields)]
 pub struct SetSeats {
     pub seats: u32,
-    /// Default: now. At or after the customer's first subscription start,
-    /// outside every invoiced period, at most [`SEATS_MAX_AHEAD_DAYS`] days
-    /// ahead, at most microsecond precision.
+    /// `now` (default) or `period_end`; or give `at`.
+    pub effective: Option<Effective>,
+    /// An explicit instant instead of `effective`: at or after the
+    /// customer's first subscription start, outside every invoiced period,
+    /// at most [`SEATS_MAX_AHEAD_DAYS`] days ahead, at most microsecond
+    /// precision.
     #[serde(default, deserialize_with = "crate::wire::opt_instant")]
     pub at: Option<DateTime<Utc>>,
 }
 
-/// How far ahead a seat change may be dated.
+/// How far ahead a seat change, a switch or a cancellation may be dated.
 pub const SEATS_MAX_AHEAD_DAYS: i64 = 366;
+
+/// When a change takes effect: `now`, the end of the period containing
+/// now, or an explicit instant (`at`, not more than
+/// [`SEATS_MAX_AHEAD_DAYS`] days ahead: a typo like 9999 is refused rather
+/// than kept for ever); never both. Whether the instant is outside every
+/// invoiced period is [`require_open`]'s to say.
+pub(super) fn when(
+    effective: Option<Effective>,
+    at: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> Result<DateTime<Utc>, ApiError> {
+    match (effective, at) {
+        (Some(_), Some(_)) => Err(ApiError::invalid(
+            "at: give either effective (now, period_end) or at (an instant), not both",
+        )),
+        (Some(Effective::PeriodEnd), None) => Ok(month_of(now).end),
+        (Some(Effective::Now), None) | (None, None) => Ok(now),
+        (None, Some(at)) => {
+            let horizon = now + chrono::Duration::days(SEATS_MAX_AHEAD_DAYS);
+            if at > horizon {
+                return Err(ApiError::invalid(format!(
+                    "at: {} is more than {SEATS_MAX_AHEAD_DAYS} days ahead (latest {})",
+                    at.to_rfc3339(),
+                    horizon.to_rfc3339()
+                )));
+            }
+            Ok(at)
+        }
+    }
+}
 
 /// When a seat change may take effect: not before the customer's first
 /// subscription starts (seats without a plan bill nothing and would carry
@@ -202,13 +290,6 @@ pub(super) async fn seats_at(
     now: DateTime<Utc>,
 ) -> Result<(), ApiError> {
     let horizon = now + chrono::Duration::days(SEATS_MAX_AHEAD_DAYS);
-    if at > horizon {
-        return Err(ApiError::invalid(format!(
-            "at: {} is more than {SEATS_MAX_AHEAD_DAYS} days ahead (latest {})",
-            at.to_rfc3339(),
-            horizon.to_rfc3339()
-        )));
-    }
     let history = Period {
         start: DateTime::UNIX_EPOCH,
         end: horizon.max(at) + chrono::Duration::seconds(1),
@@ -241,7 +322,7 @@ pub(super) async fn set_seats(
     }
     app.state.customer(&id).await?;
     let now = crate::wire::now();
-    let at = req.at.unwrap_or(now);
+    let at = when(req.effective, req.at, now)?;
     seats_at(&app, &id, at, now).await?;
     app.state.set_seats(&id, req.seats, at, actor).await?;
     app.quota_changed(&id).await;
@@ -261,8 +342,15 @@ pub struct SwitchRequest {
     pub plan: String,
     /// Default: the latest version that is not retired.
     pub version: Option<u32>,
-    /// `now` (default) or `period_end`.
+    /// `now` (default) or `period_end`; or give `at`.
     pub effective: Option<Effective>,
+    /// An explicit instant instead of `effective`: inside the open period
+    /// or later (at most 366 days ahead), at most microsecond precision.
+    #[serde(default, deserialize_with = "crate::wire::opt_instant")]
+    pub at: Option<DateTime<Utc>>,
+    /// Refused: a trial starts only with a subscription, never on a switch.
+    #[schema(value_type = Option<u32>)]
+    pub trial_days: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -289,20 +377,25 @@ pub struct PlanSwitchResult {
     /// Scheduled changes this switch replaced (withdrawn, audited).
     #[serde(default)]
     pub withdrawn: Vec<Subscription>,
+    /// A new subscription's trial end, when it starts with a trial.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trial_ends_at: Option<DateTime<Utc>>,
 }
 
 pub(super) async fn planned(
     app: &ApiState,
     req: &SwitchRequest,
 ) -> Result<PlannedSwitch, ApiError> {
-    let version = resolve_plan(app, &req.plan, req.version).await?;
+    if req.trial_days.is_some() {
+        return Err(ApiError::invalid(
+            "trial_days: a trial starts only with a subscription (POST /v1/customers/{id}/subscription), never on a switch",
+        ));
+    }
     // At the stored precision (microseconds), so the instant answered is
     // the instant stored.
     let now = crate::wire::now();
-    let at = match req.effective.unwrap_or(Effective::Now) {
-        Effective::Now => now,
-        Effective::PeriodEnd => month_of(now).end,
-    };
+    let at = when(req.effective, req.at, now)?;
+    let version = resolve_plan(app, &req.plan, req.version).await?;
     Ok(PlannedSwitch {
         plan: req.plan.clone(),
         version,
@@ -322,7 +415,8 @@ pub(super) async fn preview_switch(
     who.read_customer(&id, &format!("customer {id}"))?;
     app.state.customer(&id).await?;
     let sw = planned(&app, &req).await?;
-    let period = month_of(crate::wire::now());
+    // The open period, or the later one the switch falls in.
+    let period = month_of(crate::wire::now().max(sw.at));
     let (s, u, m) = (app.state.as_ref(), app.usage.as_ref(), app.meters.as_ref());
     let current = invoice::rate_period(s, u, m, &id, period, None).await?;
     let with_switch = invoice::rate_period(s, u, m, &id, period, Some(&sw)).await?;
@@ -370,5 +464,110 @@ pub(super) async fn switch_plan(
         version: sw.version,
         effective_at: done.effective_at,
         withdrawn: done.withdrawn,
+        trial_ends_at: None,
+    }))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CancelRequest {
+    /// `now` (default) or `period_end`; or give `at`.
+    pub effective: Option<Effective>,
+    /// An explicit instant instead of `effective`: inside the open period
+    /// or later (at most 366 days ahead), at most microsecond precision.
+    #[serde(default, deserialize_with = "crate::wire::opt_instant")]
+    pub at: Option<DateTime<Utc>>,
+}
+
+/// Cancels the subscription now, at the period end or at an instant. The
+/// last plan segment ends there: the final invoice covers the partial
+/// period (fees prorated, usage timed before it) and is finalized at the
+/// cancellation plus grace; usage timed after it is not billed and is
+/// reported (`GET /v1/customers/{id}/unbilled-usage`). Changes scheduled
+/// at or after it are withdrawn. Staff only, audited
+/// (`subscription.cancel`); repeating it changes nothing; a cancellation
+/// already scheduled elsewhere is a 409 (withdraw it first).
+#[utoipa::path(post, path = "/v1/customers/{id}/cancellation", params(("id" = String, Path)), request_body = CancelRequest,
+    responses((status = 200, body = Cancellation), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub(super) async fn cancel_subscription(
+    State(app): State<Arc<ApiState>>,
+    axum::Extension(who): axum::Extension<Principal>,
+    Path(id): Path<String>,
+    Body(req): Body<CancelRequest>,
+) -> ApiResult<Cancellation> {
+    let actor = who.admin()?;
+    app.state.customer(&id).await?;
+    let at = when(req.effective, req.at, crate::wire::now())?;
+    require_open(&app, &id, at).await?;
+    let done = app.state.cancel(&id, at, actor).await?;
+    app.quota_changed(&id).await;
+    Ok(Json(done))
+}
+
+/// Withdraws a scheduled cancellation before it takes effect: the plan
+/// runs on until changed. Staff only, audited (`subscription.uncancel`);
+/// a retry answers the same subscription; one that took effect is a 409
+/// (subscribe again instead).
+#[utoipa::path(delete, path = "/v1/customers/{id}/cancellation", params(("id" = String, Path)),
+    responses((status = 200, body = Subscription, description = "the subscription that runs on"), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub(super) async fn withdraw_cancellation(
+    State(app): State<Arc<ApiState>>,
+    axum::Extension(who): axum::Extension<Principal>,
+    Path(id): Path<String>,
+) -> ApiResult<Subscription> {
+    let actor = who.admin()?;
+    let row = app
+        .state
+        .withdraw_cancellation(&id, crate::wire::now(), actor)
+        .await?;
+    app.quota_changed(&id).await;
+    Ok(Json(row))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct UnbilledQuery {
+    /// `YYYY-MM` (default: the period containing now).
+    pub period: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct UnbilledUsage {
+    pub period: Period,
+    /// Where the customer had no subscription in the period (after a
+    /// cancellation, before a first subscription).
+    pub uncovered: Vec<Period>,
+    /// Usage timed there, per meter: not billed.
+    pub usage: Vec<UsageItem>,
+}
+
+/// Usage timed where the customer had no subscription (after a
+/// cancellation): not billed, never dropped. Staff only.
+#[utoipa::path(get, path = "/v1/customers/{id}/unbilled-usage", params(("id" = String, Path), UnbilledQuery),
+    responses((status = 200, body = UnbilledUsage), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub(super) async fn unbilled_usage(
+    State(app): State<Arc<ApiState>>,
+    axum::Extension(who): axum::Extension<Principal>,
+    Path(id): Path<String>,
+    q: Result<Query<UnbilledQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<UnbilledUsage> {
+    who.admin()?;
+    let q = query(q)?;
+    let period = match &q.period {
+        None => month_of(crate::wire::now()),
+        Some(p) => invoice::parse_month(p)
+            .ok_or_else(|| ApiError::bad_query(format!("period: {p:?} is not YYYY-MM")))?,
+    };
+    app.state.customer(&id).await?;
+    let segs = app.state.plan_segments(&id, period).await?;
+    let spans = invoice::uncovered(period, segs.iter().map(|s| (s.start, s.end)));
+    let usage = crate::usage::unbilled_usage(app.usage.as_ref(), &app.meters, &id, &spans).await?;
+    Ok(Json(UnbilledUsage {
+        period,
+        uncovered: spans
+            .into_iter()
+            .map(|(start, end)| Period { start, end })
+            .collect(),
+        usage,
     }))
 }

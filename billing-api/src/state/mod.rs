@@ -106,6 +106,9 @@ pub struct PlanSegment {
     pub version: u32,
     pub start: DateTime<Utc>,
     pub end: DateTime<Utc>,
+    /// Inside the subscription's trial (fees waived).
+    #[serde(default)]
+    pub trial: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -131,8 +134,9 @@ pub use billing_domain::catalog::PublishedPlan;
 pub use billing_domain::alert::{AlertKind, AlertStatus, NewAlert};
 pub use billing_domain::invoice::{Invoice, PaymentStatus, SyncStatus};
 pub use billing_domain::subscription::{
-    check_first_subscription, check_plan_usable, retire_refused, withdrawn_earlier, RuleError,
-    Subscription, SwitchOutcome, SwitchWrites, WithdrawWrites,
+    check_can_subscribe, check_plan_usable, reopen, retire_refused, trial_end, withdrawn_earlier,
+    CancelWrites, Cancellation, RuleError, Subscription, SwitchOutcome, SwitchWrites,
+    WithdrawWrites,
 };
 
 /// Billing state: one implementation over both databases
@@ -161,15 +165,44 @@ pub trait StateStore: Send + Sync {
         &self,
         external_id: &str,
     ) -> impl Future<Output = StateResult<Customer>> + Send;
-    /// Starts the first subscription of a customer.
+    /// Starts the first subscription of a customer, or a new one after a
+    /// cancellation (`check_can_subscribe`), with the plan's trial when it
+    /// is the customer's first subscription to that plan (`trial_days`
+    /// overrides the plan's; `subscription::trial_end`). Returns the row.
     fn subscribe(
         &self,
         customer: &str,
         plan: &str,
         version: u32,
         at: DateTime<Utc>,
+        trial_days: Option<u32>,
         actor: &str,
-    ) -> impl Future<Output = StateResult<()>> + Send;
+    ) -> impl Future<Output = StateResult<Subscription>> + Send;
+    /// Cancels the subscription at `at`, in one transaction: changes
+    /// scheduled at or after `at` are withdrawn and the plan in effect ends
+    /// there (`subscription::CancelWrites`). Audited
+    /// (`subscription.cancel`); a repeat changes nothing.
+    fn cancel(
+        &self,
+        customer: &str,
+        at: DateTime<Utc>,
+        actor: &str,
+    ) -> impl Future<Output = StateResult<Cancellation>> + Send;
+    /// Withdraws a cancellation that has not taken effect at `now`: the
+    /// plan runs on until changed. Audited (`subscription.uncancel`); a
+    /// retry answers the same row; none scheduled is NotFound.
+    fn withdraw_cancellation(
+        &self,
+        customer: &str,
+        now: DateTime<Utc>,
+        actor: &str,
+    ) -> impl Future<Output = StateResult<Subscription>> + Send;
+    /// Customers whose subscription ended (every row of the history has an
+    /// end) inside `(period.start, period.end]`, with that end.
+    fn cancellations(
+        &self,
+        period: Period,
+    ) -> impl Future<Output = StateResult<HashMap<String, DateTime<Utc>>>> + Send;
     /// Switches to the plan at `at`, in one transaction: changes starting
     /// at or after `at` (scheduled switches) are withdrawn, the plan in
     /// effect at `at` ends there and the new plan runs from `at` until
@@ -561,25 +594,28 @@ pub(crate) fn published_plan_from(r: &impl StateRow) -> StateResult<PublishedPla
     })
 }
 
-/// Rows of `customer_id, plan, version, starts_at, ends_at` (ordered by
-/// customer and start) as plan segments clipped to the period.
+/// Rows of `customer_id` and [`SUBSCRIPTION_COLUMNS`] (ordered by
+/// customer and start) as plan segments clipped to the period, a row's
+/// trial apart from the rest of it.
 pub(crate) fn segments_from<R: StateRow>(
     rows: &[R],
     period: Period,
 ) -> StateResult<HashMap<String, Vec<PlanSegment>>> {
     let mut out: HashMap<String, Vec<PlanSegment>> = HashMap::new();
     for r in rows {
-        if let Some((start, end)) =
-            clip([(r.time("starts_at")?, r.opt_time("ends_at")?)], period).pop()
-        {
-            out.entry(r.text("customer_id")?)
-                .or_default()
-                .push(PlanSegment {
-                    plan: r.text("plan")?,
-                    version: r.int("version")? as u32,
-                    start,
-                    end,
-                });
+        let sub = subscription_from(r)?;
+        for (s, e, trial) in sub.spans() {
+            if let Some((start, end)) = clip([(s, e)], period).pop() {
+                out.entry(r.text("customer_id")?)
+                    .or_default()
+                    .push(PlanSegment {
+                        plan: sub.plan.clone(),
+                        version: sub.version,
+                        start,
+                        end,
+                        trial,
+                    });
+            }
         }
     }
     Ok(out)
@@ -645,7 +681,8 @@ pub(crate) fn customer_not_found(customer: &str) -> StateError {
 }
 
 /// The columns a [`Subscription`] is read from.
-pub(crate) const SUBSCRIPTION_COLUMNS: &str = "id, plan, version, starts_at, ends_at";
+pub(crate) const SUBSCRIPTION_COLUMNS: &str =
+    "id, plan, version, starts_at, ends_at, trial_ends_at";
 
 /// From a row of [`SUBSCRIPTION_COLUMNS`].
 pub(crate) fn subscription_from(r: &impl StateRow) -> StateResult<Subscription> {
@@ -655,10 +692,12 @@ pub(crate) fn subscription_from(r: &impl StateRow) -> StateResult<Subscription> 
         version: r.int("version")? as u32,
         start: r.time("starts_at")?,
         end: r.opt_time("ends_at")?,
+        trial_end: r.opt_time("trial_ends_at")?,
     })
 }
 
 pub(crate) const WITHDRAW_ACTION: &str = "subscription.withdraw";
+pub(crate) const UNCANCEL_ACTION: &str = "subscription.uncancel";
 
 /// Seat counts are stored as `INT`.
 pub(crate) fn seats_value(seats: u32) -> StateResult<i32> {
@@ -721,17 +760,44 @@ impl AuditRecord {
         }
     }
 
-    pub(crate) fn subscription_start(
-        customer: &str,
-        plan: &str,
-        version: u32,
-        at: DateTime<Utc>,
-    ) -> Self {
+    pub(crate) fn subscription_start(customer: &str, row: &Subscription) -> Self {
         Self {
             action: "subscription.start",
             subject: format!("customer:{customer}"),
             before: None,
-            after: Some(serde_json::json!({"plan": plan, "version": version, "starts_at": at})),
+            after: Some({
+                let mut after = serde_json::json!({"plan": row.plan, "version": row.version, "starts_at": row.start});
+                if let Some(t) = row.trial_end {
+                    after["trial_ends_at"] = serde_json::json!(t);
+                }
+                after
+            }),
+        }
+    }
+
+    pub(crate) fn subscription_cancel(
+        customer: &str,
+        cut: &Subscription,
+        at: DateTime<Utc>,
+    ) -> Self {
+        Self {
+            action: "subscription.cancel",
+            subject: format!("customer:{customer}"),
+            before: serde_json::to_value(cut).ok(),
+            after: Some(
+                serde_json::json!({"plan": cut.plan, "version": cut.version, "cancelled_at": at}),
+            ),
+        }
+    }
+
+    pub(crate) fn subscription_uncancel(customer: &str, row: &Subscription) -> Self {
+        Self {
+            action: UNCANCEL_ACTION,
+            subject: format!("customer:{customer}"),
+            before: serde_json::to_value(row).ok(),
+            after: Some(
+                serde_json::json!({"plan": row.plan, "version": row.version, "ends_at": null}),
+            ),
         }
     }
 

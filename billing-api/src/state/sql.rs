@@ -18,7 +18,7 @@
 use super::dialect::{q, Dialect, Query};
 use super::{
     alert_from, api_key_from, app_from, audit_entry_from, by_customer, carried_ids,
-    check_carried_moved, check_first_subscription, check_plan_usable, conflict_or, customer_from,
+    check_can_subscribe, check_carried_moved, check_plan_usable, conflict_or, customer_from,
     customer_not_found, invoice_from, plan_from, published_plan_from, retire_refused, seats_from,
     seats_value, segments_from, subscription_from, withdrawn_earlier, Alert, AlertOutcome, App,
     AuditEntry, AuditRecord, Customer, Invoice, NewAlert, PaymentStatus, PlanSegment,
@@ -26,6 +26,7 @@ use super::{
     SwitchOutcome, SwitchWrites, SyncStatus, WithdrawWrites, ALERT_COLUMNS, API_KEY_COLUMNS,
     INVOICE_COLUMNS, SUBSCRIPTION_COLUMNS, WITHDRAW_ACTION,
 };
+use super::{reopen, trial_end, CancelWrites, Cancellation, UNCANCEL_ACTION};
 use crate::auth::ApiKey;
 use billing_domain::catalog::PlanVersion;
 use billing_domain::invoice::NewInvoice;
@@ -153,12 +154,12 @@ impl<D: Dialect> SqlState<D> {
     ) -> StateResult<HashMap<String, Vec<PlanSegment>>> {
         let rows = self
             .read(
-                q(
-                    "SELECT customer_id, plan, version, starts_at, ends_at FROM subscriptions \
+                q(format!(
+                    "SELECT customer_id, {SUBSCRIPTION_COLUMNS} FROM subscriptions \
                    WHERE (CAST($1 AS TEXT) IS NULL OR customer_id = $1) \
                    AND starts_at < $3 AND (ends_at IS NULL OR ends_at > $2) \
-                   ORDER BY customer_id, starts_at",
-                )
+                   ORDER BY customer_id, starts_at"
+                ))
                 .bind(customer)
                 .bind(period.start)
                 .bind(period.end),
@@ -300,25 +301,137 @@ impl<D: Dialect> StateStore for SqlState<D> {
         plan: &str,
         version: u32,
         at: DateTime<Utc>,
+        trial_days: Option<u32>,
         actor: &str,
-    ) -> StateResult<()> {
+    ) -> StateResult<Subscription> {
         let mut tx = self.begin().await?;
         let now = Utc::now();
         tx.lock_customer(customer).await?;
         tx.require_plan(plan, version).await?;
-        let any = tx
-            .opt(q("SELECT 1 FROM subscriptions WHERE customer_id = $1 LIMIT 1").bind(customer))
+        let rows = tx.history(customer).await?;
+        check_can_subscribe(&rows, customer, at)?;
+        let body = tx
+            .opt(
+                q("SELECT body FROM plan_versions WHERE plan = $1 AND version = $2")
+                    .bind(plan)
+                    .bind(version as i32),
+            )
+            .await?
+            .ok_or_else(|| StateError::NotFound(format!("plan {plan} version {version}")))?;
+        let pv = plan_from(&body, plan, version)?;
+        let trial = trial_end(&rows, plan, pv.trial_days, trial_days, at);
+        tx.run(insert_subscription(customer, plan, version, at, trial))
             .await?;
-        check_first_subscription(customer, any.is_some())?;
-        tx.run(insert_subscription(customer, plan, version, at))
+        let row = tx
+            .history(customer)
+            .await?
+            .pop()
+            .expect("the row just inserted");
+        tx.audit(actor, now, AuditRecord::subscription_start(customer, &row))
             .await?;
+        tx.commit().await?;
+        Ok(row)
+    }
+
+    async fn cancel(
+        &self,
+        customer: &str,
+        at: DateTime<Utc>,
+        actor: &str,
+    ) -> StateResult<Cancellation> {
+        let mut tx = self.begin().await?;
+        let now = Utc::now();
+        tx.lock_customer(customer).await?;
+        let rows = tx.history(customer).await?;
+        let Some(w) = CancelWrites::plan(rows, customer, at)? else {
+            return Ok(Cancellation {
+                effective_at: at,
+                withdrawn: vec![],
+            });
+        };
+        for old in &w.withdrawn {
+            tx.run(q("DELETE FROM subscriptions WHERE id = $1").bind(old.id))
+                .await?;
+            tx.audit(
+                actor,
+                now,
+                AuditRecord::subscription_withdraw(customer, old, "cancellation"),
+            )
+            .await?;
+        }
+        tx.run(
+            q("UPDATE subscriptions SET ends_at = $2 WHERE id = $1")
+                .bind(w.cut.id)
+                .bind(at),
+        )
+        .await?;
         tx.audit(
             actor,
             now,
-            AuditRecord::subscription_start(customer, plan, version, at),
+            AuditRecord::subscription_cancel(customer, &w.cut, at),
         )
         .await?;
-        tx.commit().await
+        tx.commit().await?;
+        Ok(w.outcome())
+    }
+
+    async fn withdraw_cancellation(
+        &self,
+        customer: &str,
+        now: DateTime<Utc>,
+        actor: &str,
+    ) -> StateResult<Subscription> {
+        let mut tx = self.begin().await?;
+        tx.lock_customer(customer).await?;
+        let rows = tx.history(customer).await?;
+        let Some(row) = reopen(&rows, customer, now)? else {
+            // A retry: the row reopened by the last withdrawal, when it
+            // still runs until changed.
+            let reopened = tx
+                .opt(
+                    q(
+                        "SELECT before FROM audit_log WHERE subject = $1 AND action = $2 \
+                       ORDER BY id DESC LIMIT 1",
+                    )
+                    .bind(format!("customer:{customer}"))
+                    .bind(UNCANCEL_ACTION),
+                )
+                .await?
+                .map(|r| r.json("before"))
+                .transpose()?
+                .and_then(|b| serde_json::from_value::<Subscription>(b).ok());
+            let last = rows.last().cloned();
+            return match (reopened, last) {
+                (Some(was), Some(last)) if was.id == last.id && last.end.is_none() => Ok(last),
+                _ => Err(StateError::NotFound(format!(
+                    "scheduled cancellation of customer {customer}"
+                ))),
+            };
+        };
+        tx.run(q("UPDATE subscriptions SET ends_at = NULL WHERE id = $1").bind(row.id))
+            .await?;
+        tx.audit(
+            actor,
+            Utc::now(),
+            AuditRecord::subscription_uncancel(customer, &row),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Subscription { end: None, ..row })
+    }
+
+    async fn cancellations(&self, period: Period) -> StateResult<HashMap<String, DateTime<Utc>>> {
+        let rows = self
+            .read(
+                q("SELECT customer_id, max(ends_at) AS ended FROM subscriptions GROUP BY customer_id \
+                   HAVING count(*) = count(ends_at) AND max(ends_at) > $1 AND max(ends_at) <= $2")
+                .bind(period.start)
+                .bind(period.end),
+            )
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.text("customer_id")?, r.time("ended")?)))
+            .collect()
     }
 
     async fn switch_plan(
@@ -357,7 +470,7 @@ impl<D: Dialect> StateStore for SqlState<D> {
             .await?;
         }
         if w.insert {
-            tx.run(insert_subscription(customer, plan, version, at))
+            tx.run(insert_subscription(customer, plan, version, at, None))
                 .await?;
             tx.audit(
                 actor,
@@ -977,10 +1090,20 @@ impl<D: Dialect> StateStore for SqlState<D> {
 }
 
 /// A new open segment of the customer's plan history.
-fn insert_subscription(customer: &str, plan: &str, version: u32, at: DateTime<Utc>) -> Query {
-    q("INSERT INTO subscriptions (customer_id, plan, version, starts_at) VALUES ($1, $2, $3, $4)")
-        .bind(customer)
-        .bind(plan)
-        .bind(version as i32)
-        .bind(at)
+fn insert_subscription(
+    customer: &str,
+    plan: &str,
+    version: u32,
+    at: DateTime<Utc>,
+    trial_end: Option<DateTime<Utc>>,
+) -> Query {
+    q(
+        "INSERT INTO subscriptions (customer_id, plan, version, starts_at, trial_ends_at) \
+       VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(customer)
+    .bind(plan)
+    .bind(version as i32)
+    .bind(at)
+    .bind(trial_end)
 }

@@ -1,0 +1,5 @@
+-- The customer lifecycle: a subscription's trial, and finding the
+-- customers whose subscription ended (a cancellation: the last row of the
+-- history has an end) by that end. Applied once (schema_migrations).
+ALTER TABLE subscriptions ADD COLUMN trial_ends_at INTEGER CHECK (trial_ends_at IS NULL OR trial_ends_at > starts_at);
+CREATE INDEX IF NOT EXISTS subscriptions_by_end ON subscriptions (ends_at);
