@@ -2,7 +2,7 @@
 //! advisor (`GET /v1/customers/{id}/costs`, `/plan-advisor`); the
 //! arithmetic, and what each figure means, is `billing_domain::costs`.
 
-use crate::invoice::{month_of, PlanCache};
+use crate::invoice::{period_of, PlanCache};
 use crate::quota_service::QuotaService;
 use crate::state::StateStore;
 use aggregator::{Granularity, UsageQuery, UsageStore};
@@ -30,7 +30,12 @@ pub async fn load(
     now: DateTime<Utc>,
     also: &[PlanVersion],
 ) -> anyhow::Result<Month> {
-    let period = month_of(now);
+    let anchor = state
+        .subscriptions(customer)
+        .await?
+        .last()
+        .map_or(1, |s| s.anchor_day);
+    let period = period_of(now, anchor);
     let segs = state.plan_segments(customer, period).await?;
     let seats = state.seat_intervals(customer, period).await?;
     let mut plans = PlanCache::default();

@@ -1,8 +1,10 @@
 //! The finalization run: turns every closed period's drafts into numbered,
 //! immutable invoices.
 //!
-//! A period (calendar month, UTC) is closed once `now ≥ end + grace`. A run
-//! walks the closed periods from the first subscription on, oldest first
+//! A period (from one billing anchor day to the next, UTC; the calendar
+//! month for anchor day 1) is closed once `now ≥ end + grace`. A run walks,
+//! for each anchor day in use, that day's closed periods from the first
+//! subscription on, oldest first, writing its own customers' invoices
 //! (an invoice's adjustments need the previous period's invoice), and for
 //! each one finalizes every customer that had a subscription in it and has
 //! no invoice for it yet. Per period it reads plan segments, seats, the
@@ -29,7 +31,7 @@
 //! gaps.
 
 use crate::invoice::{
-    billed, build, following, month_of, previous, rate_segments, uncovered, PlanCache,
+    billed, build, following, period_of, previous, rate_segments, uncovered, PlanCache,
 };
 use crate::metrics::Metrics;
 use crate::state::{DynStateStore, Invoice, StateStore};
@@ -39,7 +41,7 @@ use billing_domain::rating::{Period, Rated};
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use schemas::MeterCatalog;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -77,23 +79,72 @@ pub struct Finalizer {
     pub metrics: Metrics,
 }
 
+/// Whose invoices one walk over the periods of an anchor day writes.
+#[derive(Clone, Copy)]
+enum Group<'a> {
+    /// Anchor day 1: everyone but the customers listed (those on other
+    /// anchor days).
+    Except(&'a BTreeSet<String>),
+    /// Another anchor day: its customers.
+    Only(&'a BTreeSet<String>),
+}
+
+impl Group<'_> {
+    fn has(&self, c: &str) -> bool {
+        match self {
+            Group::Except(s) => !s.contains(c),
+            Group::Only(s) => s.contains(c),
+        }
+    }
+}
+
 impl Finalizer {
-    /// The latest period closed at `now`, if any.
+    /// The latest calendar-month period closed at `now` (anchor day 1).
     pub fn last_closed(&self, now: DateTime<Utc>) -> Period {
-        let grace = chrono::Duration::from_std(self.config.grace).unwrap_or_default();
-        previous(month_of(now - grace))
+        self.last_closed_at(now, 1)
     }
 
-    /// Finalizes everything closed at `now`.
+    fn last_closed_at(&self, now: DateTime<Utc>, anchor: u32) -> Period {
+        let grace = chrono::Duration::from_std(self.config.grace).unwrap_or_default();
+        previous(period_of(now - grace, anchor))
+    }
+
+    /// Finalizes everything closed at `now`: the periods of each billing
+    /// anchor day in use, each walk writing its own customers' invoices.
     pub async fn run_once(&self, now: DateTime<Utc>) -> anyhow::Result<FinalizeReport> {
         let mut report = FinalizeReport::default();
         let Some(first) = self.state.billing_start().await? else {
             return Ok(report);
         };
-        let last = self.last_closed(now);
-        let mut p = month_of(first);
+        let anchors = self.state.anchors().await?;
+        let mut groups: BTreeMap<u32, BTreeSet<String>> = BTreeMap::new();
+        for (c, a) in &anchors {
+            groups.entry(*a).or_default().insert(c.clone());
+        }
+        let anchored: BTreeSet<String> = anchors.into_keys().collect();
+        self.walk(1, Group::Except(&anchored), first, now, &mut report)
+            .await?;
+        for (a, ids) in &groups {
+            self.walk(*a, Group::Only(ids), first, now, &mut report)
+                .await?;
+        }
+        Ok(report)
+    }
+
+    /// The periods of anchor day `anchor` from the one containing `first`:
+    /// the closed ones, then the open ones for final invoices due.
+    async fn walk(
+        &self,
+        anchor: u32,
+        group: Group<'_>,
+        first: DateTime<Utc>,
+        now: DateTime<Utc>,
+        report: &mut FinalizeReport,
+    ) -> anyhow::Result<()> {
+        let last = self.last_closed_at(now, anchor);
+        let mut p = period_of(first, anchor);
         while p.start <= last.start {
-            report.finalized += self.finalize_period(p, now).await?;
+            report.finalized += self.finalize(p, now, group, None).await?;
             report.periods += 1;
             p = following(p);
         }
@@ -106,33 +157,29 @@ impl Finalizer {
                 .cancellations(p)
                 .await?
                 .into_iter()
-                .filter(|(_, ended)| *ended + grace <= now)
+                .filter(|(c, ended)| group.has(c) && *ended + grace <= now)
                 .map(|(c, _)| c)
                 .collect();
             if !due.is_empty() {
-                report.finalized += self.finalize(p, now, Some(&due)).await?;
+                report.finalized += self.finalize(p, now, group, Some(&due)).await?;
             }
             p = following(p);
         }
-        Ok(report)
+        Ok(())
     }
 
-    /// Finalizes every customer due in the closed period `p`; returns how
-    /// many invoices it wrote.
-    pub async fn finalize_period(&self, p: Period, now: DateTime<Utc>) -> anyhow::Result<usize> {
-        self.finalize(p, now, None).await
-    }
-
-    /// Finalizes `p` for the customers with a subscription in it (`only`
-    /// those, when given: final invoices before the period closes), and,
-    /// for a closed period, an adjustment invoice for each customer whose
-    /// previous period's invoice late usage changed and who has no
-    /// subscription in `p` (a cancelled customer: no later invoice would
-    /// carry the adjustment).
+    /// Finalizes `p` for the group's customers with a subscription in it
+    /// (`only` those, when given: final invoices before the period closes),
+    /// and, for a closed period, an adjustment invoice for each of the
+    /// group's customers whose previous period's invoice late usage
+    /// changed and who has no subscription in `p` (a cancelled customer: no
+    /// later invoice would carry the adjustment). Returns how many invoices
+    /// it wrote.
     async fn finalize(
         &self,
         p: Period,
         now: DateTime<Utc>,
+        group: Group<'_>,
         only: Option<&BTreeSet<String>>,
     ) -> anyhow::Result<usize> {
         let state = self.state.as_ref();
@@ -144,11 +191,13 @@ impl Finalizer {
             Some(_) => BTreeSet::new(),
             None => prev_invoices
                 .keys()
-                .filter(|c| !segments.contains_key(*c) && !done.contains_key(*c))
+                .filter(|c| group.has(c) && !segments.contains_key(*c) && !done.contains_key(*c))
                 .cloned()
                 .collect(),
         };
-        segments.retain(|c, _| !done.contains_key(c) && only.is_none_or(|o| o.contains(c)));
+        segments.retain(|c, _| {
+            group.has(c) && !done.contains_key(c) && only.is_none_or(|o| o.contains(c))
+        });
         if segments.is_empty() && orphans.is_empty() {
             return Ok(0);
         }
@@ -175,17 +224,26 @@ impl Finalizer {
         }
         let mut customers: Vec<String> = segments.keys().cloned().collect();
         customers.sort();
-        let usage =
-            PeriodUsage::fetch(self.usage.as_ref(), &self.meters, &used, p, &customers).await?;
+        // A few customers scattered over the ids (one anchor day's, or the
+        // final invoices due) are read by their ids, not by the ranges
+        // they span.
+        let listed = matches!(group, Group::Only(_)) || only.is_some();
+        let used = &used;
+        let fetch = |period, ids| async move {
+            if listed {
+                PeriodUsage::fetch_listed(self.usage.as_ref(), &self.meters, used, period, ids)
+                    .await
+            } else {
+                PeriodUsage::fetch(self.usage.as_ref(), &self.meters, used, period, ids).await
+            }
+        };
+        let usage = fetch(p, &customers).await?;
         let prev_usage = if prev_segments.is_empty() {
             None
         } else {
             let mut with_prev: Vec<String> = prev_segments.keys().cloned().collect();
             with_prev.sort();
-            Some(
-                PeriodUsage::fetch(self.usage.as_ref(), &self.meters, &used, prev, &with_prev)
-                    .await?,
-            )
+            Some(fetch(prev, &with_prev).await?)
         };
         let fetched = started.elapsed();
         customers.extend(orphans.iter().cloned());

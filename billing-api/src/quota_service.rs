@@ -17,8 +17,8 @@
 //! what the control plane caches changes (plan, limits, cap, suspension), for
 //! the snapshot endpoint.
 
-use crate::invoice::{month_of, PlanCache};
-use crate::state::{DynStateStore, PlanSegment, StateStore};
+use crate::invoice::{month_of, period_of, PlanCache};
+use crate::state::{DynStateStore, PlanSegment, StateError, StateStore};
 use crate::usage::{segment_usage, PeriodUsage};
 use aggregator::{DynUsageStore, UsageQuery, UsageStore};
 use billing_domain::catalog::{cap_in_force, Limits, PlanVersion};
@@ -28,7 +28,7 @@ use chrono::{DateTime, Duration, DurationRound, Utc};
 use rust_decimal::Decimal;
 use schemas::MeterCatalog;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 
 /// One customer as quota checks see it.
@@ -205,19 +205,79 @@ impl QuotaService {
         Ok(out)
     }
 
-    /// Builds entries for `customers` (all when None) as of `now`.
+    /// Builds entries for `customers` (all when None) as of `now`, each in
+    /// its own billing period: the customers of each anchor day together.
     async fn build(
         &self,
         only: Option<&str>,
         now: DateTime<Utc>,
     ) -> anyhow::Result<HashMap<String, Entry>> {
-        let period = month_of(now);
+        let st = self.state.as_ref();
+        if let Some(c) = only {
+            let anchor = match st.subscriptions(c).await {
+                Ok(h) => h.last().map_or(1, |s| s.anchor_day),
+                Err(StateError::NotFound(_)) => 1,
+                Err(e) => return Err(e.into()),
+            };
+            return self
+                .build_group(Some(c), None, period_of(now, anchor), now, None)
+                .await;
+        }
+        let anchors = st.anchors().await?;
+        let mut groups: BTreeMap<u32, BTreeSet<String>> = BTreeMap::new();
+        for (c, a) in &anchors {
+            groups.entry(*a).or_default().insert(c.clone());
+        }
+        let anchored: BTreeSet<String> = anchors.into_keys().collect();
+        // What runs now is read once for every group.
+        let as_of = hour_floor(now);
+        let running = self
+            .running(None, as_of - Duration::hours(1), as_of)
+            .await?;
+        let mut out = self
+            .build_group(
+                None,
+                Some((&anchored, false)),
+                month_of(now),
+                now,
+                Some(&running),
+            )
+            .await?;
+        for (a, ids) in &groups {
+            out.extend(
+                self.build_group(
+                    None,
+                    Some((ids, true)),
+                    period_of(now, *a),
+                    now,
+                    Some(&running),
+                )
+                .await?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Entries of one customer (`only`), or of everyone in (`true`) or out
+    /// of (`false`) a set, in `period`; `running_all` is what runs, read
+    /// for every customer, or None to read it here.
+    async fn build_group(
+        &self,
+        only: Option<&str>,
+        group: Option<(&BTreeSet<String>, bool)>,
+        period: Period,
+        now: DateTime<Utc>,
+        running_all: Option<&HashMap<String, Running>>,
+    ) -> anyhow::Result<HashMap<String, Entry>> {
         let as_of = hour_floor(now);
         let st = self.state.as_ref();
-        let segs: HashMap<String, Vec<PlanSegment>> = match only {
+        let mut segs: HashMap<String, Vec<PlanSegment>> = match only {
             Some(c) => HashMap::from([(c.to_owned(), st.plan_segments(c, period).await?)]),
             None => st.plan_segments_all(period).await?,
         };
+        if let Some((set, inside)) = group {
+            segs.retain(|c, _| set.contains(c) == inside);
+        }
         let seats_all = match only {
             Some(c) => HashMap::from([(c.to_owned(), st.seat_intervals(c, period).await?)]),
             None => st.seat_intervals_all(period).await?,
@@ -313,14 +373,25 @@ impl QuotaService {
                             distinct.push((*p).clone());
                         }
                     }
-                    let pu = PeriodUsage::fetch(
-                        self.usage.as_ref(),
-                        &self.meters,
-                        &distinct,
-                        to_date,
-                        &ids,
-                    )
-                    .await?;
+                    let pu = if group.is_some_and(|(_, inside)| inside) {
+                        PeriodUsage::fetch_listed(
+                            self.usage.as_ref(),
+                            &self.meters,
+                            &distinct,
+                            to_date,
+                            &ids,
+                        )
+                        .await?
+                    } else {
+                        PeriodUsage::fetch(
+                            self.usage.as_ref(),
+                            &self.meters,
+                            &distinct,
+                            to_date,
+                            &ids,
+                        )
+                        .await?
+                    };
                     for (c, plan) in &whole {
                         usage.insert(c.to_string(), pu.items(plan, c)?);
                     }
@@ -329,11 +400,16 @@ impl QuotaService {
         }
         // What runs now does not depend on the month: the last complete
         // hour, even when it belongs to the previous period.
-        let mut running = if current.is_empty() {
-            HashMap::new()
-        } else {
-            self.running(only, as_of - Duration::hours(1), as_of)
-                .await?
+        let mut running = match running_all {
+            _ if current.is_empty() => HashMap::new(),
+            Some(all) => current
+                .keys()
+                .filter_map(|c| all.get(c).map(|r| (c.clone(), r.clone())))
+                .collect(),
+            None => {
+                self.running(only, as_of - Duration::hours(1), as_of)
+                    .await?
+            }
         };
         Ok(current
             .into_iter()

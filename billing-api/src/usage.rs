@@ -122,13 +122,38 @@ impl PeriodUsage {
     pub const CHUNK: usize = 2500;
 
     /// Reads the period's usage of `customers` (sorted ids) for every
-    /// question the plans ask, one pass per chunk of customers.
+    /// question the plans ask, one pass per chunk of customers (each chunk
+    /// read as the id range it spans).
     pub async fn fetch<'a>(
         store: &(impl UsageStore + ?Sized),
         meters: &MeterCatalog,
         plans: impl IntoIterator<Item = &'a PlanVersion>,
         period: Period,
         customers: &[String],
+    ) -> anyhow::Result<Self> {
+        Self::read(store, meters, plans, period, customers, false).await
+    }
+
+    /// [`PeriodUsage::fetch`] for customers scattered over the id space
+    /// (those of one billing anchor day): each chunk is read as its list of
+    /// ids, not as the range it spans.
+    pub async fn fetch_listed<'a>(
+        store: &(impl UsageStore + ?Sized),
+        meters: &MeterCatalog,
+        plans: impl IntoIterator<Item = &'a PlanVersion>,
+        period: Period,
+        customers: &[String],
+    ) -> anyhow::Result<Self> {
+        Self::read(store, meters, plans, period, customers, true).await
+    }
+
+    async fn read<'a>(
+        store: &(impl UsageStore + ?Sized),
+        meters: &MeterCatalog,
+        plans: impl IntoIterator<Item = &'a PlanVersion>,
+        period: Period,
+        customers: &[String],
+        listed: bool,
     ) -> anyhow::Result<Self> {
         use futures::StreamExt;
         let keys: Vec<(String, Vec<String>)> = plans
@@ -162,7 +187,13 @@ impl PeriodUsage {
         let mut pending = Vec::new();
         for c in customers.chunks(Self::CHUNK) {
             let range = (c[0].as_str(), c[c.len() - 1].as_str());
-            pending.push(store.query_all(questions, Some(range)));
+            pending.push(async move {
+                if listed {
+                    store.query_some(questions, c).await
+                } else {
+                    store.query_all(questions, Some(range)).await
+                }
+            });
         }
         let mut reads = futures::stream::iter(pending).buffer_unordered(2);
         while let Some(answers) = reads.next().await {

@@ -8,7 +8,7 @@ use testkit::billing as support;
 use billing_api::catalog::Catalog;
 use billing_api::invoice::{rate_period, PlannedSwitch};
 use billing_api::rating::Period;
-use billing_api::state::{Customer, StateStore};
+use billing_api::state::{Customer, NewSubscription, StateStore};
 use chrono::{DateTime, Duration, Utc};
 use rust_decimal::Decimal;
 use schemas::MeterCatalog;
@@ -44,7 +44,11 @@ async fn switch_preview_equals_the_draft_after_confirming() {
         .await
         .unwrap();
     state
-        .subscribe("cus_p", "payg", 1, period.start, None, "signup")
+        .subscribe(
+            "cus_p",
+            &NewSubscription::new("payg", 1, period.start),
+            "signup",
+        )
         .await
         .unwrap();
 

@@ -8,7 +8,7 @@ use testkit::pipeline;
 
 use billing_api::invoice::{month_of, previous};
 use billing_api::metrics::Metrics;
-use billing_api::state::{Customer, StateStore, SyncStatus};
+use billing_api::state::{Customer, NewSubscription, StateStore, SyncStatus};
 use billing_api::stripe_sync::{minor_units, StripeConfig, StripeSync};
 use chrono::{Duration, Utc};
 use collector::sources::simulator::{ground_truth, Workload};
@@ -57,7 +57,7 @@ async fn collector_to_stripe_totals_match_to_the_cent() {
         )
         .await
         .unwrap();
-        st.subscribe(c, plan, 1, q.start, None, "e2e")
+        st.subscribe(c, &NewSubscription::new(plan, 1, q.start), "e2e")
             .await
             .unwrap();
         if plan == "team" {

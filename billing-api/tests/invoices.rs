@@ -7,7 +7,7 @@ use testkit::billing as support;
 
 use billing_api::invoice::{self, following, month_of, previous};
 use billing_api::rating::LineKind;
-use billing_api::state::{Customer, StateStore, SyncStatus};
+use billing_api::state::{Customer, NewSubscription, StateStore, SyncStatus};
 use chrono::{Duration, Utc};
 use rust_decimal::Decimal;
 use schemas::MeterCatalog;
@@ -36,7 +36,7 @@ async fn finalize_number_rerate_and_adjust_late_usage() {
         )
         .await
         .unwrap();
-        st.subscribe(id, plan, 1, q.start, None, "test")
+        st.subscribe(id, &NewSubscription::new(plan, 1, q.start), "test")
             .await
             .unwrap();
     }

@@ -500,3 +500,199 @@ fn a_sub_second_segment_prorates_to_nothing() {
     .unwrap();
     assert_eq!(r.total, d("259200.00"), "{:?}", amounts(&r));
 }
+
+fn team_example() -> PlanVersion {
+    plan(
+        json!({"plan":"team","name":"Team","seat_fee":"15","prices":[{"meter":"requests","model":"graduated",
+        "tiers":[{"up_to":"1000000","unit_price":"0"},{"unit_price":"0.0000003"}]}]}),
+    )
+}
+
+#[test]
+fn example_7_cancel_mid_period() {
+    // 4 seats from Nov 1, cancelled at Nov 13 00:00: the segment ends
+    // there, so the 500,000 requests of Nov 20 are in no segment.
+    let seats = [SeatInterval {
+        start: nov(1),
+        end: nov(31),
+        seats: 4,
+    }];
+    let r = rate(
+        &NOV,
+        &[Segment {
+            trial: false,
+            plan: team_example(),
+            start: nov(1),
+            end: nov(13),
+            usage: vec![usage("requests", "1400000")],
+        }],
+        &seats,
+    )
+    .unwrap();
+    assert_eq!(
+        amounts(&r),
+        [
+            (LineKind::SeatFee, d("24.00")),
+            (LineKind::Usage, d("0.30"))
+        ]
+    );
+    assert_eq!(r.lines[0].quantity, d("4147200"), "4 seats × 12 days");
+    assert_eq!(
+        r.lines[1].tiers[0].quantity,
+        d("400000"),
+        "allowance × 12/30"
+    );
+    assert_eq!(r.total, d("24.30"));
+}
+
+fn business_example(trial_days: u32) -> PlanVersion {
+    plan(
+        json!({"plan":"business","name":"Business","flat_fee":"299","trial_days": trial_days,
+        "prices":[{"meter":"requests","model":"per_unit","unit_price":"0.0000004"}]}),
+    )
+}
+
+#[test]
+fn example_8_trial() {
+    let seg = |trial, start, end| Segment {
+        trial,
+        plan: business_example(14),
+        start: nov(start),
+        end: nov(end),
+        usage: vec![],
+    };
+    // Trial Nov 1–15, then paid to Dec 1.
+    let r = rate(&NOV, &[seg(true, 1, 15), seg(false, 15, 31)], &[]).unwrap();
+    let fees: Vec<(Decimal, Option<Decimal>, &str)> = r
+        .lines
+        .iter()
+        .map(|l| (l.amount, l.waived, l.description.as_str()))
+        .collect();
+    assert_eq!(
+        fees,
+        [
+            (d("0.00"), Some(d("139.53")), "Business flat fee (trial)"),
+            (d("159.47"), None, "Business flat fee"),
+        ]
+    );
+    assert_eq!(r.total, d("159.47"));
+    // Cancelled on Nov 10, inside the trial: the only fee line is the
+    // trial's; usage until then is billed as usual.
+    let mut trial = seg(true, 1, 10);
+    trial.usage = vec![usage("requests", "5000000")];
+    let r = rate(&NOV, &[trial], &[]).unwrap();
+    assert_eq!(
+        amounts(&r),
+        [(LineKind::FlatFee, d("0.00")), (LineKind::Usage, d("2.00"))]
+    );
+    assert_eq!(r.lines[0].waived, Some(d("89.70")));
+    assert_eq!(r.total, d("2.00"));
+}
+
+#[test]
+fn a_trial_waives_seats_skips_the_minimum_and_keeps_the_maximum() {
+    let p = plan(json!({"seat_fee":"10","minimum":"50","maximum":"60",
+        "prices":[{"meter":"requests","model":"per_unit","unit_price":"1"}]}));
+    let seats = [SeatInterval {
+        start: nov(1),
+        end: nov(31),
+        seats: 3,
+    }];
+    let trial = |u: &str| {
+        rate(
+            &NOV,
+            &[Segment {
+                trial: true,
+                plan: p.clone(),
+                start: nov(1),
+                end: nov(31),
+                usage: vec![usage("requests", u)],
+            }],
+            &seats,
+        )
+        .unwrap()
+    };
+    // Seats waived ($30.00 in the evidence), no minimum true-up.
+    let r = trial("2");
+    assert_eq!(
+        amounts(&r),
+        [(LineKind::SeatFee, d("0.00")), (LineKind::Usage, d("2.00"))]
+    );
+    assert_eq!(r.lines[0].waived, Some(d("30.00")));
+    // The maximum still caps usage.
+    let r = trial("70");
+    assert_eq!(
+        amounts(&r),
+        [
+            (LineKind::SeatFee, d("0.00")),
+            (LineKind::Usage, d("70.00")),
+            (LineKind::MaximumCap, d("-10.00"))
+        ]
+    );
+    // A trial segment is never merged with the paid one that follows.
+    let r = rate(
+        &NOV,
+        &[
+            Segment {
+                trial: true,
+                plan: p.clone(),
+                start: nov(1),
+                end: nov(16),
+                usage: vec![],
+            },
+            Segment {
+                trial: false,
+                plan: p.clone(),
+                start: nov(16),
+                end: nov(31),
+                usage: vec![],
+            },
+        ],
+        &seats,
+    )
+    .unwrap();
+    assert_eq!(
+        amounts(&r),
+        [
+            (LineKind::SeatFee, d("0.00")),
+            (LineKind::SeatFee, d("15.00")),
+            (LineKind::MinimumTrueUp, d("10.00"))
+        ]
+    );
+}
+
+#[test]
+fn example_10_anchor_day_31() {
+    use billing_api::invoice::{following, period_of};
+    let at = |m, d| Utc.with_ymd_and_hms(2027, m, d, 0, 0, 0).unwrap();
+    let jan = period_of(at(1, 31), 31);
+    let periods: Vec<Period> = std::iter::successors(Some(jan), |p| Some(following(*p)))
+        .take(4)
+        .collect();
+    let bounds: Vec<_> = periods.iter().map(|p| (p.start, p.end)).collect();
+    assert_eq!(
+        bounds,
+        [
+            (at(1, 31), at(2, 28)),
+            (at(2, 28), at(3, 31)),
+            (at(3, 31), at(4, 30)),
+            (at(4, 30), at(5, 31)),
+        ]
+    );
+    // $30 flat with a switch at Mar 10: 10 of the period's 31 days.
+    let flat = plan(json!({"flat_fee":"30"}));
+    let r = rate(
+        &periods[1],
+        &[Segment {
+            trial: false,
+            plan: flat,
+            start: at(2, 28),
+            end: at(3, 10),
+            usage: vec![],
+        }],
+        &[],
+    )
+    .unwrap();
+    assert_eq!(amounts(&r), [(LineKind::FlatFee, d("9.68"))]);
+    assert_eq!(r.lines[0].amount_exact.round_dp(6), d("9.677419"));
+}

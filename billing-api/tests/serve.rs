@@ -8,7 +8,7 @@ use testkit::billing as support;
 use testkit::served;
 
 use billing_api::invoice::{month_of, previous};
-use billing_api::state::{Customer, StateStore};
+use billing_api::state::{Customer, NewSubscription, StateStore};
 use chrono::{Duration, Utc};
 use served::*;
 use std::process::Command;
@@ -124,7 +124,7 @@ async fn serve_loads_catalog_finalizes_and_stops_on_sigterm() {
             requests("web", 5_000_000),
         )])
         .await;
-    st.subscribe("cus_s", "payg", 1, q.start, None, "test")
+    st.subscribe("cus_s", &NewSubscription::new("payg", 1, q.start), "test")
         .await
         .unwrap();
     let deadline = Instant::now() + std::time::Duration::from_secs(30);

@@ -13,6 +13,7 @@ use billing_api::invoice::{invoice_id, invoice_number, CarriedInvoice, InvoiceBo
 use billing_api::rating::{rate, Line, Period, SeatInterval, Segment, UsageItem};
 use billing_api::state::postgres::PgState;
 use billing_api::state::sqlite::{micros, SqliteState};
+use billing_api::state::NewSubscription;
 use billing_api::state::{
     Alert, AlertOutcome, AlertStatus, App, AuditEntry, Customer, DynStateStore, Invoice, NewAlert,
     PaymentStatus, PlanSegment, PublishedPlan, StateError, StateStore, Subscription, SwitchOutcome,
@@ -380,12 +381,12 @@ async fn history(db: Db) {
     );
     assert_eq!(st.customer_by_external_id("org_42").await.unwrap(), c);
 
-    st.subscribe("cus_1", "payg", 1, nov(1), None, "signup")
+    st.subscribe("cus_1", &NewSubscription::new("payg", 1, nov(1)), "signup")
         .await
         .unwrap();
     assert_eq!(
         err_kind(
-            st.subscribe("cus_1", "payg", 1, nov(2), None, "signup")
+            st.subscribe("cus_1", &NewSubscription::new("payg", 1, nov(2)), "signup")
                 .await
         ),
         "conflict"
@@ -558,7 +559,7 @@ async fn scheduled_changes(db: Db) {
         st.publish_plan(&p, "staff").await.unwrap();
     }
     customers(st.as_ref(), &["cus_s"]).await;
-    st.subscribe("cus_s", "payg", 1, nov(1), None, "signup")
+    st.subscribe("cus_s", &NewSubscription::new("payg", 1, nov(1)), "signup")
         .await
         .unwrap();
     let sr: &DynStateStore<'_> = st.as_ref();
@@ -785,7 +786,7 @@ async fn catalog(db: Db) {
     assert_eq!(err_kind(st.plan_version("payg", 3).await), "not_found");
 
     customers(st.as_ref(), &["a", "b"]).await;
-    st.subscribe("a", "payg", 1, nov(1), None, "test")
+    st.subscribe("a", &NewSubscription::new("payg", 1, nov(1)), "test")
         .await
         .unwrap();
     st.retire_plan("payg", 1, "staff").await.unwrap();
@@ -812,10 +813,13 @@ async fn catalog(db: Db) {
         }]
     );
     assert_eq!(
-        err_kind(st.subscribe("b", "payg", 1, nov(1), None, "test").await),
+        err_kind(
+            st.subscribe("b", &NewSubscription::new("payg", 1, nov(1)), "test")
+                .await
+        ),
         "invalid"
     );
-    st.subscribe("b", "payg", 2, nov(1), None, "test")
+    st.subscribe("b", &NewSubscription::new("payg", 2, nov(1)), "test")
         .await
         .unwrap();
     assert_eq!(
@@ -931,11 +935,17 @@ async fn customers_apps_seats(db: Db) {
     // Subscriptions: errors in order (customer, plan, state).
     assert_eq!(st.billing_start().await.unwrap(), None);
     assert_eq!(
-        err_kind(st.subscribe("zz", "payg", 1, nov(1), None, "t").await),
+        err_kind(
+            st.subscribe("zz", &NewSubscription::new("payg", 1, nov(1)), "t")
+                .await
+        ),
         "not_found"
     );
     assert_eq!(
-        err_kind(st.subscribe("c1", "nope", 1, nov(1), None, "t").await),
+        err_kind(
+            st.subscribe("c1", &NewSubscription::new("nope", 1, nov(1)), "t")
+                .await
+        ),
         "not_found"
     );
     assert_eq!(
@@ -947,14 +957,14 @@ async fn customers_apps_seats(db: Db) {
         err_kind(st.switch_plan("zz", "team", 1, nov(1), "t").await),
         "not_found"
     );
-    st.subscribe("c1", "payg", 1, nov(5), None, "t")
+    st.subscribe("c1", &NewSubscription::new("payg", 1, nov(5)), "t")
         .await
         .unwrap();
     st.switch_plan("c1", "team", 1, nov(20), "t").await.unwrap();
-    st.subscribe("c2", "team", 1, t(2026, 10, 1), None, "t")
+    st.subscribe("c2", &NewSubscription::new("team", 1, t(2026, 10, 1)), "t")
         .await
         .unwrap();
-    st.subscribe("c4", "payg", 1, t(2026, 9, 1), None, "t")
+    st.subscribe("c4", &NewSubscription::new("payg", 1, t(2026, 9, 1)), "t")
         .await
         .unwrap();
     st.switch_plan("c4", "team", 1, t(2026, 10, 1), "t")
@@ -963,7 +973,7 @@ async fn customers_apps_seats(db: Db) {
     st.switch_plan("c4", "payg", 1, nov(31), "t").await.unwrap();
     // A switch at a time with microseconds keeps them.
     let fine = nov(25) + Duration::microseconds(123_456);
-    st.subscribe("c5", "payg", 1, fine, None, "t")
+    st.subscribe("c5", &NewSubscription::new("payg", 1, fine), "t")
         .await
         .unwrap();
     assert_eq!(st.billing_start().await.unwrap(), Some(t(2026, 9, 1)));
@@ -1776,7 +1786,7 @@ async fn concurrent_writers(db: Db) {
     let ids: Vec<String> = (0..8).map(|i| format!("c{i}")).collect();
     for id in &ids {
         st.create_customer(&customer(id), "test").await.unwrap();
-        st.subscribe(id, "payg", 1, t(2026, 10, 1), None, "test")
+        st.subscribe(id, &NewSubscription::new("payg", 1, t(2026, 10, 1)), "test")
             .await
             .unwrap();
     }

@@ -7,7 +7,7 @@ use testkit::billing as support;
 
 use billing_api::invoice::{month_of, previous};
 use billing_api::metrics::Metrics;
-use billing_api::state::{Customer, StateStore, SyncStatus};
+use billing_api::state::{Customer, NewSubscription, StateStore, SyncStatus};
 use billing_api::stripe_sync::{minor_units, stripe_lines, StripeConfig, StripeSync};
 use chrono::{Duration, Utc};
 use std::collections::BTreeMap;
@@ -46,7 +46,7 @@ async fn finalized(
         )
         .await
         .unwrap();
-        st.subscribe(id, plan, 1, q.start, None, "test")
+        st.subscribe(id, &NewSubscription::new(plan, 1, q.start), "test")
             .await
             .unwrap();
         let mut evs = Vec::new();

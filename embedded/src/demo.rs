@@ -10,7 +10,7 @@
 //! first checkpoint) is deduplicated.
 
 use billing_api::invoice::month_of;
-use billing_api::state::{Customer, StateError, StateStore};
+use billing_api::state::{Customer, NewSubscription, StateError, StateStore};
 use chrono::{DateTime, TimeZone, Utc};
 use collector::sink::{Envelope, EventSink};
 use collector::sources::simulator::{customer_id, SimulatorConfig, Workload};
@@ -59,7 +59,7 @@ pub async fn customers(
             Err(e) => return Err(e.into()),
         }
         match state
-            .subscribe(&id, plan, version, start, None, "demo")
+            .subscribe(&id, &NewSubscription::new(plan, version, start), "demo")
             .await
         {
             Ok(_) if *plan == "team" => state.set_seats(&id, 3, start, "demo").await?,

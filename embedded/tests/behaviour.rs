@@ -15,7 +15,7 @@
 use testkit::system as support;
 
 use billing_api::invoice::{month_of, previous};
-use chrono::{Duration, Utc};
+use chrono::{Datelike, Duration, Utc};
 use reqwest::Method as M;
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
@@ -1077,7 +1077,11 @@ async fn lifecycle(mode: Mode) {
             Some(json!({"plan": "team"})),
         )
         .await;
-    assert_eq!((s, v["code"].as_str()), (409, Some("period_finalized")), "{v}");
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (409, Some("period_finalized")),
+        "{v}"
+    );
     let (s, v) = sys
         .api(
             M::POST,
@@ -1088,7 +1092,11 @@ async fn lifecycle(mode: Mode) {
     assert_eq!(s, 201, "{v}");
     let sub = subscription(&sys, "cus_re").await;
     assert_eq!(
-        (&sub["current"], &sub["scheduled"][0]["plan"], &sub["cancelled_at"]),
+        (
+            &sub["current"],
+            &sub["scheduled"][0]["plan"],
+            &sub["cancelled_at"]
+        ),
         (&Value::Null, &json!("team"), &Value::Null),
         "{sub}"
     );
@@ -1268,4 +1276,149 @@ async fn lifecycle_embedded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lifecycle_distributed() {
     lifecycle(Mode::Distributed).await;
+}
+
+/// A plan of the default catalog under another key, changed by `edit`,
+/// published.
+async fn publish_variant(sys: &System, base: &str, key: &str, edit: impl FnOnce(&mut Value)) {
+    let (s, plans) = sys.api(M::GET, "/v1/plans", None).await;
+    assert_eq!(s, 200, "{plans}");
+    let mut p = plans
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["plan"]["plan"] == base)
+        .unwrap_or_else(|| panic!("no plan {base}"))["plan"]
+        .clone();
+    p["plan"] = json!(key);
+    edit(&mut p);
+    let (s, v) = sys.api(M::POST, "/v1/plans", Some(p)).await;
+    assert_eq!(s, 201, "{v}");
+}
+
+/// Issue 13, item 4 and BILLING-EXAMPLES example 10: anchor day 31 from
+/// Jan 31 (of last year, so every period is closed): periods run anchor
+/// to anchor across February, a switch on Mar 10 prorates the $30 fee by
+/// that period's own 31 days, and each period has its invoice. The anchor
+/// is refused out of range and cannot change on a later subscription.
+async fn anchor_days(mode: Mode) {
+    use billing_api::invoice::{following, period_of};
+    use chrono::TimeZone;
+    let sys = System::start(mode, &format!("anchor_{mode:?}").to_lowercase()).await;
+    let y = Utc::now().year() - 1;
+    let at = |m, d| Utc.with_ymd_and_hms(y, m, d, 0, 0, 0).unwrap();
+    publish_variant(&sys, "payg", "flat30", |p| p["flat_fee"] = json!("30")).await;
+    let (s, v) = sys
+        .api(
+            M::POST,
+            "/v1/customers",
+            Some(json!({"id": "cus_31", "external_id": "ext-31", "name": "Anchor 31"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    for bad in [0, 32] {
+        let (s, v) = sys
+            .api(
+                M::POST,
+                "/v1/customers/cus_31/subscription",
+                Some(json!({"plan": "flat30", "starts_at": at(1, 31), "anchor_day": bad})),
+            )
+            .await;
+        assert_eq!(s, 422, "{v}");
+        assert!(
+            v["message"].as_str().unwrap().starts_with("anchor_day:"),
+            "{v}"
+        );
+    }
+    let (s, v) = sys
+        .api(
+            M::POST,
+            "/v1/customers/cus_31/subscription",
+            Some(json!({"plan": "flat30", "starts_at": at(1, 31), "anchor_day": 31})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(
+        subscription(&sys, "cus_31").await["current"]["anchor_day"],
+        31
+    );
+    let (s, v) = sys
+        .api(
+            M::POST,
+            "/v1/customers/cus_31/plan-switch",
+            Some(json!({"plan": "payg", "at": at(3, 10)})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+
+    let p1 = period_of(at(1, 31), 31);
+    let (p2, p3) = (following(p1), following(following(p1)));
+    assert_eq!((p1.end, p2.end, p3.end), (p2.start, at(3, 31), at(4, 30)));
+    let out = sys.finalize(at(5, 1));
+    assert!(out.contains("finalized 3 invoice(s)"), "{out}");
+    let fees = |inv: &Value| lines_of(inv, "flat_fee");
+    let i1 = invoice_of(&sys, "cus_31", p1).await;
+    assert_eq!(instant(&i1["period"]["end"]), p1.end, "{i1}");
+    assert_eq!(
+        fees(&i1),
+        [("Pay as you go flat fee".into(), "30.00".into(), None)]
+    );
+    let i2 = invoice_of(&sys, "cus_31", p2).await;
+    assert_eq!(
+        fees(&i2),
+        [("Pay as you go flat fee".into(), "9.68".into(), None)],
+        "30 × 10/31: {i2}"
+    );
+    let i3 = invoice_of(&sys, "cus_31", p3).await;
+    assert_eq!(dec(&i3["total"]), Decimal::ZERO, "{i3}");
+    // Numbered in order, gapless.
+    let seqs: Vec<i64> = [&i1, &i2, &i3]
+        .iter()
+        .map(|i| i["seq"].as_i64().unwrap())
+        .collect();
+    assert_eq!(seqs, [seqs[0], seqs[0] + 1, seqs[0] + 2]);
+
+    // Cancelled, then subscribed again: the anchor stays.
+    let (s, v) = sys
+        .api(
+            M::POST,
+            "/v1/customers/cus_31/cancellation",
+            Some(json!({"at": at(5, 10)})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = sys
+        .api(
+            M::POST,
+            "/v1/customers/cus_31/subscription",
+            Some(json!({"plan": "payg", "starts_at": at(6, 30), "anchor_day": 1})),
+        )
+        .await;
+    assert_eq!(s, 422, "{v}");
+    assert!(
+        v["message"].as_str().unwrap().starts_with("anchor_day:"),
+        "{v}"
+    );
+    let (s, v) = sys
+        .api(
+            M::POST,
+            "/v1/customers/cus_31/subscription",
+            Some(json!({"plan": "payg", "starts_at": at(6, 30)})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(
+        subscription(&sys, "cus_31").await["current"]["anchor_day"],
+        31
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anchor_days_embedded() {
+    anchor_days(Mode::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anchor_days_distributed() {
+    anchor_days(Mode::Distributed).await;
 }

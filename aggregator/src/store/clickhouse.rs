@@ -339,6 +339,10 @@ impl ClickHouseStore {
             Scope::All(Some((lo, hi))) => {
                 format!("customer >= {} AND customer <= {}", quote(lo), quote(hi))
             }
+            Scope::List(ids) => {
+                let list: Vec<String> = ids.iter().map(|c| quote(c)).collect();
+                format!("customer IN ({})", list.join(", "))
+            }
         };
         let meter_in = |ms: &[&MeterDef]| {
             let list: Vec<String> = ms.iter().map(|m| quote(&m.key)).collect();
@@ -380,7 +384,7 @@ impl ClickHouseStore {
                     "max(quantity_max), toUInt32(max(latest_time)), argMax(latest_quantity, tuple(latest_time, latest_quantity))"
                 };
                 sqls.push(match scope {
-                    Scope::All(_) => format!(
+                    Scope::All(_) | Scope::List(_) => format!(
                         "SELECT customer, meter, {b} AS bucket, app, dims, sum(events), sum(quantity_sum), {extremes}, emptyArrayString() \
                          FROM usage_rollups_hourly FINAL WHERE {filter} AND hour >= toDateTime({f}) AND hour < toDateTime({t}) \
                          GROUP BY customer, meter, bucket, app, dims"
@@ -606,6 +610,22 @@ impl UsageStore for ClickHouseStore {
         let cells = self.cells(&meters, first, Scope::All(customers)).await?;
         Ok(super::answer_all(questions, cells))
     }
+
+    async fn query_some(
+        &self,
+        questions: &[(MeterDef, UsageQuery)],
+        ids: &[String],
+    ) -> anyhow::Result<Vec<super::PerCustomer>> {
+        let Some((_, first)) = questions.first() else {
+            return Ok(vec![]);
+        };
+        if ids.is_empty() {
+            return Ok(vec![Default::default(); questions.len()]);
+        }
+        let meters = super::meters_of(questions)?;
+        let cells = self.cells(&meters, first, Scope::List(ids)).await?;
+        Ok(super::answer_all(questions, cells))
+    }
 }
 
 /// Whose cells to read.
@@ -614,6 +634,8 @@ enum Scope<'a> {
     One(&'a str),
     /// Every customer, or those with ids in the inclusive range.
     All(Option<(&'a str, &'a str)>),
+    /// The customers listed.
+    List(&'a [String]),
 }
 
 #[cfg(test)]

@@ -26,24 +26,68 @@ use chrono::{DateTime, Datelike, TimeZone, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
-/// The calendar month (UTC) containing `t`: Tally's billing period.
+/// The calendar month (UTC) containing `t`: the billing period of a
+/// customer on the default anchor day 1.
 pub fn month_of(t: DateTime<Utc>) -> Period {
-    let start = Utc
-        .with_ymd_and_hms(t.year(), t.month(), 1, 0, 0, 0)
-        .unwrap();
-    Period {
-        start,
-        end: next_month(start),
+    period_of(t, 1)
+}
+
+/// The day a billing period starts on (1 to 31; 1, the default: calendar
+/// months). A day past a month's end means that month's last day.
+pub const ANCHOR_DAYS: std::ops::RangeInclusive<u32> = 1..=31;
+
+/// 00:00 UTC of day `anchor` of month `m` of year `y`, or of the month's
+/// last day when it has fewer days.
+fn anchor_in(y: i32, m: u32, anchor: u32) -> DateTime<Utc> {
+    let last = (28..=31)
+        .rev()
+        .find(|d| Utc.with_ymd_and_hms(y, m, *d, 0, 0, 0).single().is_some())
+        .expect("every month has 28 days");
+    Utc.with_ymd_and_hms(y, m, anchor.clamp(1, last), 0, 0, 0)
+        .unwrap()
+}
+
+fn month_after(y: i32, m: u32) -> (i32, u32) {
+    if m == 12 {
+        (y + 1, 1)
+    } else {
+        (y, m + 1)
     }
 }
 
-fn next_month(start: DateTime<Utc>) -> DateTime<Utc> {
-    let (y, m) = if start.month() == 12 {
-        (start.year() + 1, 1)
+fn month_before(y: i32, m: u32) -> (i32, u32) {
+    if m == 1 {
+        (y - 1, 12)
     } else {
-        (start.year(), start.month() + 1)
-    };
-    Utc.with_ymd_and_hms(y, m, 1, 0, 0, 0).unwrap()
+        (y, m - 1)
+    }
+}
+
+/// The billing period containing `t` for anchor day `anchor`: from one
+/// anchor to the next, in UTC (BILLING-EXAMPLES example 10).
+pub fn period_of(t: DateTime<Utc>, anchor: u32) -> Period {
+    let (y, m) = (t.year(), t.month());
+    let here = anchor_in(y, m, anchor);
+    if t >= here {
+        let (ny, nm) = month_after(y, m);
+        Period {
+            start: here,
+            end: anchor_in(ny, nm, anchor),
+        }
+    } else {
+        let (py, pm) = month_before(y, m);
+        Period {
+            start: anchor_in(py, pm, anchor),
+            end: here,
+        }
+    }
+}
+
+/// The anchor day a billing period was cut with: the larger of its start
+/// and end days (of two consecutive months one has 31 days, so one of the
+/// two is never shortened).
+pub fn anchor_of(p: Period) -> u32 {
+    p.start.day().max(p.end.day())
 }
 
 /// The parts of `period` that no span covers (spans in order, inside the
@@ -66,14 +110,23 @@ pub fn uncovered(
     out
 }
 
-/// The period before `p`.
+/// The period before `p` (same anchor).
 pub fn previous(p: Period) -> Period {
-    month_of(p.start - chrono::Duration::seconds(1))
+    period_of(p.start - chrono::Duration::seconds(1), anchor_of(p))
 }
 
-/// The period after `p`.
+/// The period after `p` (same anchor).
 pub fn following(p: Period) -> Period {
-    month_of(p.end)
+    period_of(p.end, anchor_of(p))
+}
+
+/// The period of anchor day `anchor` that starts in the calendar month
+/// `month` (any period: each month has exactly one anchor).
+pub fn starting_in(month: Period, anchor: u32) -> Period {
+    period_of(
+        anchor_in(month.start.year(), month.start.month(), anchor),
+        anchor,
+    )
 }
 
 /// A period written `YYYY-MM` (the UTC calendar month), as the draft
@@ -88,7 +141,8 @@ pub fn parse_month(s: &str) -> Option<Period> {
     Some(month_of(start))
 }
 
-/// A period as `YYYY-MM` (its start's month).
+/// A period as `YYYY-MM` (its start's month: with an anchor day other
+/// than 1, the period that starts in that month).
 pub fn month_label(p: Period) -> String {
     p.start.format("%Y-%m").to_string()
 }
@@ -374,6 +428,68 @@ mod tests {
         let mut yen = stored(legacy);
         yen.currency = "JPY".into();
         assert_eq!(billed(&yen).minor_units, 0);
+    }
+
+    #[test]
+    fn anchor_days_cut_periods_from_anchor_to_anchor() {
+        let at = |y, m, d| Utc.with_ymd_and_hms(y, m, d, 0, 0, 0).unwrap();
+        // Example 10: anchor 31 from Jan 31 2027.
+        let mut p = period_of(at(2027, 1, 31), 31);
+        let mut got = vec![];
+        for _ in 0..4 {
+            got.push((p.start, p.end));
+            assert_eq!(anchor_of(p), 31);
+            p = following(p);
+        }
+        assert_eq!(
+            got,
+            [
+                (at(2027, 1, 31), at(2027, 2, 28)),
+                (at(2027, 2, 28), at(2027, 3, 31)),
+                (at(2027, 3, 31), at(2027, 4, 30)),
+                (at(2027, 4, 30), at(2027, 5, 31)),
+            ]
+        );
+        assert_eq!(
+            previous(period_of(at(2027, 3, 10), 31)).start,
+            at(2027, 1, 31)
+        );
+        // A leap February, anchor 30; an instant just before an anchor.
+        assert_eq!(
+            period_of(at(2028, 2, 29), 30),
+            Period {
+                start: at(2028, 2, 29),
+                end: at(2028, 3, 30)
+            }
+        );
+        assert_eq!(
+            period_of(at(2026, 12, 15) - chrono::Duration::seconds(1), 15),
+            Period {
+                start: at(2026, 11, 15),
+                end: at(2026, 12, 15)
+            }
+        );
+        // Across the year; anchor 1 is the calendar month.
+        assert_eq!(
+            following(period_of(at(2026, 12, 20), 15)).start,
+            at(2027, 1, 15)
+        );
+        for d in 1..=28 {
+            let t = at(2026, 11, d);
+            assert_eq!(period_of(t, 1), month_of(t));
+        }
+        // Every anchor: periods tile the years and keep their anchor.
+        for a in ANCHOR_DAYS {
+            let mut p = period_of(at(2026, 1, 1), a);
+            for _ in 0..30 {
+                let n = following(p);
+                assert_eq!((n.start, anchor_of(n), previous(n)), (p.end, a, p));
+                assert!(n.end > n.start);
+                p = n;
+            }
+            let dec = starting_in(parse_month("2026-12").unwrap(), a);
+            assert_eq!(dec.start.month(), 12);
+        }
     }
 
     #[test]

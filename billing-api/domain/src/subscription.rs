@@ -33,6 +33,68 @@ pub struct Subscription {
     /// row does (a switch or a cancellation).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trial_end: Option<DateTime<Utc>>,
+    /// The billing anchor day (1 to 31): the customer's periods run from
+    /// one anchor to the next (`invoice::period_of`). Every row of a
+    /// customer's history has the same.
+    #[serde(default = "first_day")]
+    pub anchor_day: u32,
+}
+
+fn first_day() -> u32 {
+    1
+}
+
+/// What `subscribe` is asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewSubscription {
+    pub plan: String,
+    pub version: u32,
+    pub start: DateTime<Utc>,
+    /// Instead of the plan version's `trial_days` ([`trial_end`]).
+    pub trial_days: Option<u32>,
+    /// Default: 1 for a first subscription, the customer's anchor after a
+    /// cancellation ([`anchor_for`]).
+    pub anchor_day: Option<u32>,
+}
+
+impl NewSubscription {
+    /// The plan version from `start`, with the plan's trial and the
+    /// default anchor.
+    pub fn new(plan: &str, version: u32, start: DateTime<Utc>) -> Self {
+        Self {
+            plan: plan.to_owned(),
+            version,
+            start,
+            trial_days: None,
+            anchor_day: None,
+        }
+    }
+}
+
+/// The anchor day of a new subscription: the requested one (1 to 31,
+/// default 1) for a customer's first; after a cancellation the customer's
+/// own, which a request may repeat but not change (the periods already
+/// invoiced are cut with it).
+pub fn anchor_for(
+    rows: &[Subscription],
+    customer: &str,
+    requested: Option<u32>,
+) -> Result<u32, RuleError> {
+    if let Some(a) = requested.filter(|a| !crate::invoice::ANCHOR_DAYS.contains(a)) {
+        return Err(RuleError::Invalid(format!(
+            "anchor_day: 1 to 31 (a day past a month's end means its last day), got {a}"
+        )));
+    }
+    match rows.last() {
+        None => Ok(requested.unwrap_or(1)),
+        Some(r) => match requested {
+            Some(a) if a != r.anchor_day => Err(RuleError::Invalid(format!(
+                "anchor_day: customer {customer} is billed from day {} of each month; its anchor stays for its whole history",
+                r.anchor_day
+            ))),
+            _ => Ok(r.anchor_day),
+        },
+    }
 }
 
 impl Subscription {
@@ -457,6 +519,7 @@ mod tests {
             start: Utc.with_ymd_and_hms(2026, 12, 1, 0, 0, 0).unwrap(),
             end: None,
             trial_end: None,
+            anchor_day: 1,
         };
         let images = [
             serde_json::json!({"unrelated": true}),
@@ -482,6 +545,7 @@ mod tests {
             start: t(start),
             end: end.map(t),
             trial_end: None,
+            anchor_day: 1,
         }
     }
 
@@ -605,6 +669,24 @@ mod tests {
             Err(RuleError::Conflict(_))
         ));
         assert!(SwitchWrites::plan(gap, "c", "business", 1, t(5)).is_err());
+    }
+
+    #[test]
+    fn the_anchor_day_is_chosen_once() {
+        assert_eq!(anchor_for(&[], "c", None), Ok(1));
+        assert_eq!(anchor_for(&[], "c", Some(31)), Ok(31));
+        for bad in [0, 32] {
+            let e = anchor_for(&[], "c", Some(bad)).unwrap_err();
+            assert!(e.to_string().contains("anchor_day: 1 to 31"), "{e}");
+        }
+        let mut r = row(1, "payg", 1, Some(10));
+        r.anchor_day = 15;
+        assert_eq!(anchor_for(&[r.clone()], "c", None), Ok(15));
+        assert_eq!(anchor_for(&[r.clone()], "c", Some(15)), Ok(15));
+        assert!(matches!(
+            anchor_for(&[r], "c", Some(1)),
+            Err(RuleError::Invalid(_))
+        ));
     }
 
     #[test]

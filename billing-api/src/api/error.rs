@@ -108,7 +108,13 @@ impl From<StateError> for ApiError {
             StateError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             StateError::Db(_) => return Self::internal(&e),
         };
-        Self::new(status, e.code(), e.to_string())
+        // A refused value's message names its field first (`anchor_day:
+        // …`), as the API's own refusals do.
+        let message = match &e {
+            StateError::Invalid(m) => m.clone(),
+            _ => e.to_string(),
+        };
+        Self::new(status, e.code(), message)
     }
 }
 

@@ -42,15 +42,8 @@ pub(super) async fn draft_invoice(
     who.read_customer(&id, &format!("customer {id}"))?;
     let q = query(q)?;
     app.state.customer(&id).await?;
-    let current = month_of(crate::wire::now());
-    let period = match q.period.as_deref() {
-        None => current,
-        Some(p) => invoice::parse_month(p).ok_or_else(|| {
-            ApiError::bad_query(format!(
-                "period: expected YYYY-MM (a UTC calendar month), got {p:?}"
-            ))
-        })?,
-    };
+    let current = customer_period(&app, &id, None).await?;
+    let period = customer_period(&app, &id, q.period.as_deref()).await?;
     if let Some(inv) = app
         .state
         .invoices_of(&id)

@@ -49,7 +49,7 @@ use axum::{Json, Router};
 use billing_domain::catalog::{latest_active, CatalogError, PlanVersion, MAX_TRIAL_DAYS};
 use billing_domain::quota::{Ask, Decision};
 use billing_domain::rating::{Period, Rated, UsageItem};
-use billing_domain::subscription::Cancellation;
+use billing_domain::subscription::{Cancellation, NewSubscription};
 use billing_domain::webhook;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;

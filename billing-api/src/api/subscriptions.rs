@@ -13,6 +13,10 @@ pub struct Subscribe {
     /// Days of trial instead of the plan version's `trial_days` (0: none).
     /// A trial starts only with a customer's first subscription to a plan.
     pub trial_days: Option<u32>,
+    /// The billing anchor day, 1 to 31 (default 1: calendar months; a day
+    /// past a month's end means its last day). Chosen with the first
+    /// subscription; a later one keeps it.
+    pub anchor_day: Option<u32>,
 }
 
 /// The plan version a request names (default: the latest that is not
@@ -37,6 +41,36 @@ pub(super) async fn resolve_plan(
             ))),
             Some(_) => Ok(v),
         },
+    }
+}
+
+/// A customer's billing anchor day: its history's (1 without one).
+pub(super) fn customer_anchor(history: &[Subscription]) -> u32 {
+    history.last().map_or(1, |s| s.anchor_day)
+}
+
+/// The billing anchor day of `customer` (which must exist).
+pub(super) async fn anchor(app: &ApiState, customer: &str) -> Result<u32, ApiError> {
+    Ok(customer_anchor(&app.state.subscriptions(customer).await?))
+}
+
+/// The customer's billing period named by `?period=YYYY-MM` (the one
+/// that starts in that month), or the one containing now.
+pub(super) async fn customer_period(
+    app: &ApiState,
+    customer: &str,
+    period: Option<&str>,
+) -> Result<Period, ApiError> {
+    let anchor = anchor(app, customer).await?;
+    match period {
+        None => Ok(invoice::period_of(crate::wire::now(), anchor)),
+        Some(p) => invoice::parse_month(p)
+            .map(|m| invoice::starting_in(m, anchor))
+            .ok_or_else(|| {
+                ApiError::bad_query(format!(
+                    "period: expected YYYY-MM (the month the billing period starts in), got {p:?}"
+                ))
+            }),
     }
 }
 
@@ -73,7 +107,17 @@ pub(super) async fn subscribe(
     final_invoice_due(&app, &id, at, now).await?;
     let row = app
         .state
-        .subscribe(&id, &req.plan, version, at, req.trial_days, actor)
+        .subscribe(
+            &id,
+            &NewSubscription {
+                plan: req.plan.clone(),
+                version,
+                start: at,
+                trial_days: req.trial_days,
+                anchor_day: req.anchor_day,
+            },
+            actor,
+        )
         .await?;
     app.quota_changed(&id).await;
     Ok((
@@ -104,7 +148,7 @@ pub(super) async fn final_invoice_due(
         return Ok(());
     };
     let grace = chrono::Duration::from_std(app.grace).unwrap_or_default();
-    let period = month_of(ended);
+    let period = invoice::period_of(ended, customer_anchor(&history));
     if now < ended + grace || at >= period.end {
         return Ok(());
     }
@@ -257,12 +301,13 @@ pub(super) fn when(
     effective: Option<Effective>,
     at: Option<DateTime<Utc>>,
     now: DateTime<Utc>,
+    anchor: u32,
 ) -> Result<DateTime<Utc>, ApiError> {
     match (effective, at) {
         (Some(_), Some(_)) => Err(ApiError::invalid(
             "at: give either effective (now, period_end) or at (an instant), not both",
         )),
-        (Some(Effective::PeriodEnd), None) => Ok(month_of(now).end),
+        (Some(Effective::PeriodEnd), None) => Ok(invoice::period_of(now, anchor).end),
         (Some(Effective::Now), None) | (None, None) => Ok(now),
         (None, Some(at)) => {
             let horizon = now + chrono::Duration::days(SEATS_MAX_AHEAD_DAYS);
@@ -322,7 +367,7 @@ pub(super) async fn set_seats(
     }
     app.state.customer(&id).await?;
     let now = crate::wire::now();
-    let at = when(req.effective, req.at, now)?;
+    let at = when(req.effective, req.at, now, anchor(&app, &id).await?)?;
     seats_at(&app, &id, at, now).await?;
     app.state.set_seats(&id, req.seats, at, actor).await?;
     app.quota_changed(&id).await;
@@ -384,6 +429,7 @@ pub struct PlanSwitchResult {
 
 pub(super) async fn planned(
     app: &ApiState,
+    customer: &str,
     req: &SwitchRequest,
 ) -> Result<PlannedSwitch, ApiError> {
     if req.trial_days.is_some() {
@@ -394,7 +440,7 @@ pub(super) async fn planned(
     // At the stored precision (microseconds), so the instant answered is
     // the instant stored.
     let now = crate::wire::now();
-    let at = when(req.effective, req.at, now)?;
+    let at = when(req.effective, req.at, now, anchor(app, customer).await?)?;
     let version = resolve_plan(app, &req.plan, req.version).await?;
     Ok(PlannedSwitch {
         plan: req.plan.clone(),
@@ -414,9 +460,9 @@ pub(super) async fn preview_switch(
 ) -> ApiResult<SwitchPreview> {
     who.read_customer(&id, &format!("customer {id}"))?;
     app.state.customer(&id).await?;
-    let sw = planned(&app, &req).await?;
+    let sw = planned(&app, &id, &req).await?;
     // The open period, or the later one the switch falls in.
-    let period = month_of(crate::wire::now().max(sw.at));
+    let period = invoice::period_of(crate::wire::now().max(sw.at), anchor(&app, &id).await?);
     let (s, u, m) = (app.state.as_ref(), app.usage.as_ref(), app.meters.as_ref());
     let current = invoice::rate_period(s, u, m, &id, period, None).await?;
     let with_switch = invoice::rate_period(s, u, m, &id, period, Some(&sw)).await?;
@@ -452,7 +498,7 @@ pub(super) async fn switch_plan(
 ) -> ApiResult<PlanSwitchResult> {
     let actor = who.admin()?;
     app.state.customer(&id).await?;
-    let sw = planned(&app, &req).await?;
+    let sw = planned(&app, &id, &req).await?;
     require_open(&app, &id, sw.at).await?;
     let done = app
         .state
@@ -497,7 +543,12 @@ pub(super) async fn cancel_subscription(
 ) -> ApiResult<Cancellation> {
     let actor = who.admin()?;
     app.state.customer(&id).await?;
-    let at = when(req.effective, req.at, crate::wire::now())?;
+    let at = when(
+        req.effective,
+        req.at,
+        crate::wire::now(),
+        anchor(&app, &id).await?,
+    )?;
     require_open(&app, &id, at).await?;
     let done = app.state.cancel(&id, at, actor).await?;
     app.quota_changed(&id).await;
@@ -553,12 +604,8 @@ pub(super) async fn unbilled_usage(
 ) -> ApiResult<UnbilledUsage> {
     who.admin()?;
     let q = query(q)?;
-    let period = match &q.period {
-        None => month_of(crate::wire::now()),
-        Some(p) => invoice::parse_month(p)
-            .ok_or_else(|| ApiError::bad_query(format!("period: {p:?} is not YYYY-MM")))?,
-    };
     app.state.customer(&id).await?;
+    let period = customer_period(&app, &id, q.period.as_deref()).await?;
     let segs = app.state.plan_segments(&id, period).await?;
     let spans = invoice::uncovered(period, segs.iter().map(|s| (s.start, s.end)));
     let usage = crate::usage::unbilled_usage(app.usage.as_ref(), &app.meters, &id, &spans).await?;

@@ -134,9 +134,9 @@ pub use billing_domain::catalog::PublishedPlan;
 pub use billing_domain::alert::{AlertKind, AlertStatus, NewAlert};
 pub use billing_domain::invoice::{Invoice, PaymentStatus, SyncStatus};
 pub use billing_domain::subscription::{
-    check_can_subscribe, check_plan_usable, reopen, retire_refused, trial_end, withdrawn_earlier,
-    CancelWrites, Cancellation, RuleError, Subscription, SwitchOutcome, SwitchWrites,
-    WithdrawWrites,
+    anchor_for, check_can_subscribe, check_plan_usable, reopen, retire_refused, trial_end,
+    withdrawn_earlier, CancelWrites, Cancellation, NewSubscription, RuleError, Subscription,
+    SwitchOutcome, SwitchWrites, WithdrawWrites,
 };
 
 /// Billing state: one implementation over both databases
@@ -172,12 +172,11 @@ pub trait StateStore: Send + Sync {
     fn subscribe(
         &self,
         customer: &str,
-        plan: &str,
-        version: u32,
-        at: DateTime<Utc>,
-        trial_days: Option<u32>,
+        new: &NewSubscription,
         actor: &str,
     ) -> impl Future<Output = StateResult<Subscription>> + Send;
+    /// Customers billed on an anchor day other than 1, with it.
+    fn anchors(&self) -> impl Future<Output = StateResult<HashMap<String, u32>>> + Send;
     /// Cancels the subscription at `at`, in one transaction: changes
     /// scheduled at or after `at` are withdrawn and the plan in effect ends
     /// there (`subscription::CancelWrites`). Audited
@@ -682,7 +681,7 @@ pub(crate) fn customer_not_found(customer: &str) -> StateError {
 
 /// The columns a [`Subscription`] is read from.
 pub(crate) const SUBSCRIPTION_COLUMNS: &str =
-    "id, plan, version, starts_at, ends_at, trial_ends_at";
+    "id, plan, version, starts_at, ends_at, trial_ends_at, anchor_day";
 
 /// From a row of [`SUBSCRIPTION_COLUMNS`].
 pub(crate) fn subscription_from(r: &impl StateRow) -> StateResult<Subscription> {
@@ -693,6 +692,7 @@ pub(crate) fn subscription_from(r: &impl StateRow) -> StateResult<Subscription> 
         start: r.time("starts_at")?,
         end: r.opt_time("ends_at")?,
         trial_end: r.opt_time("trial_ends_at")?,
+        anchor_day: r.int("anchor_day")? as u32,
     })
 }
 

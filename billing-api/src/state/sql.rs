@@ -26,7 +26,9 @@ use super::{
     SwitchOutcome, SwitchWrites, SyncStatus, WithdrawWrites, ALERT_COLUMNS, API_KEY_COLUMNS,
     INVOICE_COLUMNS, SUBSCRIPTION_COLUMNS, WITHDRAW_ACTION,
 };
-use super::{reopen, trial_end, CancelWrites, Cancellation, UNCANCEL_ACTION};
+use super::{
+    anchor_for, reopen, trial_end, CancelWrites, Cancellation, NewSubscription, UNCANCEL_ACTION,
+};
 use crate::auth::ApiKey;
 use billing_domain::catalog::PlanVersion;
 use billing_domain::invoice::NewInvoice;
@@ -298,18 +300,17 @@ impl<D: Dialect> StateStore for SqlState<D> {
     async fn subscribe(
         &self,
         customer: &str,
-        plan: &str,
-        version: u32,
-        at: DateTime<Utc>,
-        trial_days: Option<u32>,
+        new: &NewSubscription,
         actor: &str,
     ) -> StateResult<Subscription> {
+        let (plan, version, at) = (new.plan.as_str(), new.version, new.start);
         let mut tx = self.begin().await?;
         let now = Utc::now();
         tx.lock_customer(customer).await?;
         tx.require_plan(plan, version).await?;
         let rows = tx.history(customer).await?;
         check_can_subscribe(&rows, customer, at)?;
+        let anchor = anchor_for(&rows, customer, new.anchor_day)?;
         let body = tx
             .opt(
                 q("SELECT body FROM plan_versions WHERE plan = $1 AND version = $2")
@@ -319,9 +320,11 @@ impl<D: Dialect> StateStore for SqlState<D> {
             .await?
             .ok_or_else(|| StateError::NotFound(format!("plan {plan} version {version}")))?;
         let pv = plan_from(&body, plan, version)?;
-        let trial = trial_end(&rows, plan, pv.trial_days, trial_days, at);
-        tx.run(insert_subscription(customer, plan, version, at, trial))
-            .await?;
+        let trial = trial_end(&rows, plan, pv.trial_days, new.trial_days, at);
+        tx.run(insert_subscription(
+            customer, plan, version, at, trial, anchor,
+        ))
+        .await?;
         let row = tx
             .history(customer)
             .await?
@@ -420,6 +423,18 @@ impl<D: Dialect> StateStore for SqlState<D> {
         Ok(Subscription { end: None, ..row })
     }
 
+    async fn anchors(&self) -> StateResult<HashMap<String, u32>> {
+        let rows = self
+            .read(q(
+                "SELECT customer_id, max(anchor_day) AS anchor_day FROM subscriptions \
+                 WHERE anchor_day <> 1 GROUP BY customer_id",
+            ))
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.text("customer_id")?, r.int("anchor_day")? as u32)))
+            .collect()
+    }
+
     async fn cancellations(&self, period: Period) -> StateResult<HashMap<String, DateTime<Utc>>> {
         let rows = self
             .read(
@@ -470,8 +485,15 @@ impl<D: Dialect> StateStore for SqlState<D> {
             .await?;
         }
         if w.insert {
-            tx.run(insert_subscription(customer, plan, version, at, None))
-                .await?;
+            tx.run(insert_subscription(
+                customer,
+                plan,
+                version,
+                at,
+                None,
+                w.cut.anchor_day,
+            ))
+            .await?;
             tx.audit(
                 actor,
                 now,
@@ -1096,14 +1118,16 @@ fn insert_subscription(
     version: u32,
     at: DateTime<Utc>,
     trial_end: Option<DateTime<Utc>>,
+    anchor_day: u32,
 ) -> Query {
     q(
-        "INSERT INTO subscriptions (customer_id, plan, version, starts_at, trial_ends_at) \
-       VALUES ($1, $2, $3, $4, $5)",
+        "INSERT INTO subscriptions (customer_id, plan, version, starts_at, trial_ends_at, anchor_day) \
+       VALUES ($1, $2, $3, $4, $5, $6)",
     )
     .bind(customer)
     .bind(plan)
     .bind(version as i32)
     .bind(at)
     .bind(trial_end)
+    .bind(anchor_day as i32)
 }
