@@ -137,7 +137,11 @@ pub async fn advisor(
     now: DateTime<Utc>,
 ) -> anyhow::Result<Advisor> {
     let listed = state.list_plans().await?;
-    let candidates: Vec<PlanVersion> = latest_active(&listed).into_values().cloned().collect();
+    let candidates: Vec<PlanVersion> = latest_active(&listed)
+        .into_values()
+        .filter(|p| p.offered_to(customer))
+        .cloned()
+        .collect();
     let m = load(state, usage, meters, quota, customer, now, &candidates).await?;
     billing_domain::costs::advisor(&m, &candidates, customer)
 }

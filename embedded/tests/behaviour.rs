@@ -1422,3 +1422,163 @@ async fn anchor_days_embedded() {
 async fn anchor_days_distributed() {
     anchor_days(Mode::Distributed).await;
 }
+
+/// Issue 13, item 6: a contract derived from the team plan for one
+/// customer (seats at $12 instead of $15), validated by field, published
+/// once however often it is sent, subscribable by that customer only and
+/// shown by its plan advisor as its contract.
+async fn contracts(mode: Mode) {
+    let sys = System::start(mode, &format!("contract_{mode:?}").to_lowercase()).await;
+    let now = Utc::now();
+    let cur = month_of(now);
+    for id in ["cus_k", "cus_o"] {
+        sys.customer(id, "payg", cur.start).await;
+    }
+    let body = json!({"base_plan": "team", "overrides": {"seat_fee": "12"}});
+    let (s, k) = sys
+        .api(M::POST, "/v1/customers/cus_k/contracts", Some(body.clone()))
+        .await;
+    assert_eq!(s, 201, "{k}");
+    assert_eq!(
+        (&k["plan"], &k["version"], &k["customer"], &k["seat_fee"]),
+        (
+            &json!("team-cus_k"),
+            &json!(1),
+            &json!("cus_k"),
+            &json!("12")
+        ),
+        "{k}"
+    );
+    let (s, again) = sys
+        .api(M::POST, "/v1/customers/cus_k/contracts", Some(body))
+        .await;
+    assert_eq!((s, &again), (200, &k), "the same contract again");
+
+    // Bad input, by field; nothing published.
+    for (overrides, field) in [
+        (json!({"currency": "EUR"}), "overrides.currency"),
+        (
+            json!({"prices": [{"meter": "nope", "model": "per_unit", "unit_price": "1"}]}),
+            "overrides.prices[0].meter",
+        ),
+        (json!("cheaper"), "overrides"),
+    ] {
+        let (s, v) = sys
+            .api(
+                M::POST,
+                "/v1/customers/cus_k/contracts",
+                Some(json!({"base_plan": "team", "overrides": overrides})),
+            )
+            .await;
+        assert_eq!((s, v["code"].as_str()), (422, Some("invalid")), "{v}");
+        assert_eq!(v["details"][0]["field"], field, "{v}");
+    }
+    let (s, v) = sys
+        .api(
+            M::POST,
+            "/v1/customers/cus_k/contracts",
+            Some(json!({"base_plan": "nope", "overrides": {}})),
+        )
+        .await;
+    assert_eq!(s, 404, "{v}");
+    assert!(
+        v["message"].as_str().unwrap().starts_with("base_plan:"),
+        "{v}"
+    );
+    let (s, list) = sys.api(M::GET, "/v1/customers/cus_k/contracts", None).await;
+    assert_eq!(s, 200, "{list}");
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+
+    // Another customer may not be subscribed to it.
+    let (s, v) = sys
+        .api(
+            M::POST,
+            "/v1/customers/cus_o/plan-switch",
+            Some(json!({"plan": "team-cus_k"})),
+        )
+        .await;
+    assert_eq!(s, 422, "{v}");
+    assert!(v["message"].as_str().unwrap().starts_with("plan:"), "{v}");
+
+    // Its customer is: seats at $12.
+    let (s, v) = sys
+        .api(
+            M::PUT,
+            "/v1/customers/cus_k/seats",
+            Some(json!({"seats": 2, "at": cur.start})),
+        )
+        .await;
+    assert!((200..300).contains(&s), "{v}");
+    let (s, v) = sys
+        .api(
+            M::POST,
+            "/v1/customers/cus_k/plan-switch",
+            Some(json!({"plan": "team-cus_k"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let d = draft(&sys, "cus_k").await;
+    let seat_prices: Vec<&Value> = d["body"]["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["kind"] == "seat_fee")
+        .map(|l| &l["unit_price"])
+        .collect();
+    assert_eq!(seat_prices, [&json!("12")], "{d}");
+
+    // The advisor: the contract for its customer, marked; not for others.
+    let advised = |c: &'static str| {
+        let sys = &sys;
+        async move {
+            let (s, a) = sys
+                .api(M::GET, &format!("/v1/customers/{c}/plan-advisor"), None)
+                .await;
+            assert_eq!(s, 200, "{a}");
+            a["plans"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| {
+                    (
+                        p["plan"].as_str().unwrap().to_owned(),
+                        p["contract"] == true,
+                    )
+                })
+                .collect::<Vec<_>>()
+        }
+    };
+    let k_plans = advised("cus_k").await;
+    assert!(
+        k_plans.contains(&("team-cus_k".into(), true)),
+        "{k_plans:?}"
+    );
+    assert!(k_plans.contains(&("team".into(), false)), "{k_plans:?}");
+    let o_plans = advised("cus_o").await;
+    assert!(
+        o_plans.iter().all(|(p, c)| p != "team-cus_k" && !c),
+        "{o_plans:?}"
+    );
+    let (s, audit) = sys
+        .api(M::GET, "/v1/audit?subject=customer:cus_k", None)
+        .await;
+    assert_eq!(s, 200, "{audit}");
+    assert!(
+        audit
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "contract.publish" && e["after"]["plan"] == "team-cus_k"),
+        "{audit}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contracts_embedded() {
+    contracts(Mode::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contracts_distributed() {
+    contracts(Mode::Distributed).await;
+}

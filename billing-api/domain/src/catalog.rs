@@ -145,6 +145,87 @@ pub struct PlanVersion {
     /// fees are waived; see `subscription::trial_end`.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub trial_days: u32,
+    /// A contract: the one customer this private version is offered to
+    /// ([`derive_contract`]); absent for public plans.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub customer: Option<String>,
+}
+
+impl PlanVersion {
+    /// Whether `customer` may be subscribed to this version: a public
+    /// plan, or the customer's own contract.
+    pub fn offered_to(&self, customer: &str) -> bool {
+        self.customer.as_deref().is_none_or(|c| c == customer)
+    }
+}
+
+/// Fields a contract's overrides may not set: what identifies the version
+/// and whom it is for.
+const CONTRACT_FIXED: [&str; 4] = ["plan", "version", "customer", "currency"];
+
+/// A customer's contract: the published version `base` with `overrides`
+/// applied as a JSON merge patch (RFC 7386: an object's fields are merged,
+/// `null` removes one, arrays such as `prices` and `tiers` are replaced
+/// whole), published as version `version` of the private plan `plan`,
+/// offered to `customer` only, and validated like any plan (each problem
+/// named by its field under `overrides`).
+pub fn derive_contract(
+    base: &PlanVersion,
+    customer: &str,
+    plan: &str,
+    version: u32,
+    overrides: &serde_json::Value,
+    meters: &MeterCatalog,
+) -> Result<PlanVersion, Vec<CatalogError>> {
+    let problem = |field: String, code: &'static str, message: String| {
+        vec![CatalogError {
+            field,
+            code,
+            message,
+        }]
+    };
+    let Some(fields) = overrides.as_object() else {
+        return Err(problem(
+            "overrides".into(),
+            "invalid_value",
+            "overrides must be an object of plan fields".into(),
+        ));
+    };
+    if let Some(k) = CONTRACT_FIXED.iter().find(|k| fields.contains_key(**k)) {
+        return Err(problem(
+            format!("overrides.{k}"),
+            "invalid_value",
+            format!("a contract cannot change the plan's {k}"),
+        ));
+    }
+    if base.customer.is_some() {
+        return Err(problem(
+            "base_plan".into(),
+            "invalid_value",
+            format!("{} is a contract; derive from a public plan", base.plan),
+        ));
+    }
+    let mut body = serde_json::to_value(base).expect("a plan serializes");
+    json_patch::merge(&mut body, overrides);
+    body["plan"] = plan.into();
+    body["version"] = version.into();
+    body["customer"] = customer.into();
+    let derived: PlanVersion = serde_json::from_value(body).map_err(|e| {
+        problem(
+            "overrides".into(),
+            "invalid_value",
+            format!("the overridden plan does not read: {e}"),
+        )
+    })?;
+    derived.validate(meters).map_err(|errs| {
+        errs.into_iter()
+            .map(|e| CatalogError {
+                field: format!("overrides.{}", e.field),
+                ..e
+            })
+            .collect::<Vec<_>>()
+    })?;
+    Ok(derived)
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -577,6 +658,39 @@ mod tests {
 
     fn plan(v: serde_json::Value) -> PlanVersion {
         serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn a_contract_is_a_merge_patch_over_a_public_plan() {
+        let meters = MeterCatalog::default_catalog();
+        let base = plan(serde_json::json!({"plan":"team","version":3,"name":"Team","currency":"USD",
+            "seat_fee":"15","minimum":"50","prices":[{"meter":"requests","model":"graduated",
+            "tiers":[{"up_to":"5","unit_price":"0"},{"unit_price":"0.30"}]}]}));
+        let overrides = serde_json::json!({"minimum": null, "maximum": "500",
+            "prices":[{"meter":"requests","model":"graduated",
+            "tiers":[{"up_to":"10","unit_price":"0"},{"unit_price":"0.25"}]}]});
+        let c = derive_contract(&base, "cus_1", "team-cus_1", 1, &overrides, &meters).unwrap();
+        assert_eq!((c.plan.as_str(), c.version), ("team-cus_1", 1));
+        assert_eq!(c.customer.as_deref(), Some("cus_1"));
+        assert_eq!((c.minimum, c.maximum), (None, Some(Decimal::from(500))));
+        assert_eq!(c.seat_fee, Decimal::from(15), "kept from the base");
+        let PriceModel::Graduated { tiers } = &c.prices[0].model else {
+            panic!("{c:?}")
+        };
+        assert_eq!(tiers[0].up_to, Some(Decimal::from(10)));
+        assert!(c.offered_to("cus_1") && !c.offered_to("cus_2") && base.offered_to("cus_2"));
+        // A contract is not a base; fixed fields; problems by field.
+        let e = derive_contract(&c, "cus_1", "x", 1, &serde_json::json!({}), &meters).unwrap_err();
+        assert_eq!(e[0].field, "base_plan");
+        for (o, field) in [
+            (serde_json::json!({"version": 9}), "overrides.version"),
+            (serde_json::json!({"seat_fee": 12}), "overrides"),
+            (serde_json::json!({"currency": "EUR"}), "overrides.currency"),
+            (serde_json::json!({"trial_days": 400}), "overrides.trial_days"),
+        ] {
+            let e = derive_contract(&base, "cus_1", "x", 1, &o, &meters).unwrap_err();
+            assert_eq!(e[0].field, field, "{o}: {e:?}");
+        }
     }
 
     #[test]

@@ -107,6 +107,9 @@ pub struct AdvisorPlan {
     pub name: String,
     /// The customer is on this plan now.
     pub current: bool,
+    /// The customer's own contract (a private version for it alone), not a
+    /// public plan.
+    pub contract: bool,
     /// This month's usage through now, rated on this plan for the whole month.
     pub month_to_date: Decimal,
     /// The month-end forecast on this plan.
@@ -438,20 +441,25 @@ pub fn report(m: &Month, customer: &str) -> anyhow::Result<CostReport> {
 }
 
 /// Month `m` priced on each of `candidates` (the latest active version of
-/// every published plan) in the customer's currency.
+/// every published plan) offered to the customer (public plans and its
+/// own contracts, marked as such) in the customer's currency.
 pub fn advisor(m: &Month, candidates: &[PlanVersion], customer: &str) -> anyhow::Result<Advisor> {
     let now = m.now;
     let currency = m.currency();
     let own = m.forecast()?;
     let current = m.current_plan().map(|p| (p.plan.clone(), p.version));
     let mut plans = Vec::new();
-    for p in candidates.iter().filter(|p| p.currency == currency) {
+    for p in candidates
+        .iter()
+        .filter(|p| p.currency == currency && p.offered_to(customer))
+    {
         let (mtd, forecast, note) = m.on_plan(p)?;
         plans.push(AdvisorPlan {
             plan: p.plan.clone(),
             version: p.version,
             name: p.name.clone(),
             current: current.as_ref() == Some(&(p.plan.clone(), p.version)),
+            contract: p.customer.is_some(),
             month_to_date: mtd,
             forecast,
             saving: with_minor_units(own - forecast, p.minor_units),

@@ -450,6 +450,18 @@ pub fn check_plan_usable(retired: Option<bool>, plan: &str, version: u32) -> Res
     }
 }
 
+/// A contract is subscribable only by its customer.
+pub fn check_offered(plan: &crate::catalog::PlanVersion, customer: &str) -> Result<(), RuleError> {
+    if plan.offered_to(customer) {
+        Ok(())
+    } else {
+        Err(RuleError::Invalid(format!(
+            "plan: {} version {} is another customer's contract",
+            plan.plan, plan.version
+        )))
+    }
+}
+
 /// Why retiring a plan version changed nothing: it is retired already, or
 /// does not exist.
 pub fn retire_refused(exists: bool, plan: &str, version: u32) -> RuleError {

@@ -76,6 +76,12 @@ impl ApiError {
     }
 
     /// One entry per problem, when a body had several.
+    /// The refusal with the request field it is about named first.
+    pub(super) fn named(mut self, field: &str) -> Self {
+        self.body.message = format!("{field}: {}", self.body.message);
+        self
+    }
+
     pub(super) fn with_details(mut self, details: Vec<CatalogError>) -> Self {
         self.body.details = Some(details);
         self

@@ -46,7 +46,9 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
-use billing_domain::catalog::{latest_active, CatalogError, PlanVersion, MAX_TRIAL_DAYS};
+use billing_domain::catalog::{
+    derive_contract, latest_active, CatalogError, PlanVersion, MAX_TRIAL_DAYS,
+};
 use billing_domain::quota::{Ask, Decision};
 use billing_domain::rating::{Period, Rated, UsageItem};
 use billing_domain::subscription::{Cancellation, NewSubscription};
@@ -150,6 +152,10 @@ pub fn router(app: Arc<ApiState>) -> Router {
         )
         .route("/v1/customers/{id}/unbilled-usage", get(unbilled_usage))
         .route(
+            "/v1/customers/{id}/contracts",
+            get(list_contracts).post(create_contract),
+        )
+        .route(
             "/v1/customers/{id}/plan-switch/preview",
             post(preview_switch),
         )
@@ -229,6 +235,8 @@ async fn metrics(State(app): State<Arc<ApiState>>) -> impl IntoResponse {
         cancel_subscription,
         withdraw_cancellation,
         unbilled_usage,
+        create_contract,
+        list_contracts,
         list_invoices,
         draft_invoice,
         get_invoice,

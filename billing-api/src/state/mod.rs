@@ -134,9 +134,9 @@ pub use billing_domain::catalog::PublishedPlan;
 pub use billing_domain::alert::{AlertKind, AlertStatus, NewAlert};
 pub use billing_domain::invoice::{Invoice, PaymentStatus, SyncStatus};
 pub use billing_domain::subscription::{
-    anchor_for, check_can_subscribe, check_plan_usable, reopen, retire_refused, trial_end,
-    withdrawn_earlier, CancelWrites, Cancellation, NewSubscription, RuleError, Subscription,
-    SwitchOutcome, SwitchWrites, WithdrawWrites,
+    anchor_for, check_can_subscribe, check_offered, check_plan_usable, reopen, retire_refused,
+    trial_end, withdrawn_earlier, CancelWrites, Cancellation, NewSubscription, RuleError,
+    Subscription, SwitchOutcome, SwitchWrites, WithdrawWrites,
 };
 
 /// Billing state: one implementation over both databases
@@ -739,6 +739,16 @@ impl AuditRecord {
             subject: format!("plan:{}", plan.plan),
             before: None,
             after: Some(body),
+        }
+    }
+
+    /// A contract published for `customer`, on the customer's own record.
+    pub(crate) fn contract_publish(customer: &str, plan: &PlanVersion) -> Self {
+        Self {
+            action: "contract.publish",
+            subject: format!("customer:{customer}"),
+            before: None,
+            after: Some(serde_json::json!({"plan": plan.plan, "version": plan.version})),
         }
     }
 

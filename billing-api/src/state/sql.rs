@@ -27,7 +27,8 @@ use super::{
     INVOICE_COLUMNS, SUBSCRIPTION_COLUMNS, WITHDRAW_ACTION,
 };
 use super::{
-    anchor_for, reopen, trial_end, CancelWrites, Cancellation, NewSubscription, UNCANCEL_ACTION,
+    anchor_for, check_offered, reopen, trial_end, CancelWrites, Cancellation, NewSubscription,
+    UNCANCEL_ACTION,
 };
 use crate::auth::ApiKey;
 use billing_domain::catalog::PlanVersion;
@@ -99,21 +100,29 @@ impl<D: Dialect> Tx<D> {
         Ok(())
     }
 
-    /// The plan version must be published and not retired.
-    async fn require_plan(&mut self, plan: &str, version: u32) -> StateResult<()> {
-        let retired = self
+    /// The plan version must be published, not retired, and offered to
+    /// `customer` (public, or its own contract); returns it.
+    async fn require_plan(
+        &mut self,
+        plan: &str,
+        version: u32,
+        customer: &str,
+    ) -> StateResult<PlanVersion> {
+        let row = self
             .opt(
                 q(
-                    "SELECT retired_at IS NOT NULL AS retired FROM plan_versions \
+                    "SELECT retired_at IS NOT NULL AS retired, body FROM plan_versions \
                    WHERE plan = $1 AND version = $2",
                 )
                 .bind(plan)
                 .bind(version as i32),
             )
-            .await?
-            .map(|r| r.flag("retired"))
-            .transpose()?;
-        Ok(check_plan_usable(retired, plan, version)?)
+            .await?;
+        let retired = row.as_ref().map(|r| r.flag("retired")).transpose()?;
+        check_plan_usable(retired, plan, version)?;
+        let pv = plan_from(&row.expect("usable: found"), plan, version)?;
+        check_offered(&pv, customer)?;
+        Ok(pv)
     }
 
     /// The customer's plan history in order.
@@ -250,6 +259,10 @@ impl<D: Dialect> StateStore for SqlState<D> {
             ),
         )
         .await?;
+        if let Some(c) = &plan.customer {
+            tx.audit(actor, now, AuditRecord::contract_publish(c, plan))
+                .await?;
+        }
         tx.audit(actor, now, AuditRecord::plan_publish(plan, body))
             .await?;
         tx.commit().await
@@ -307,19 +320,10 @@ impl<D: Dialect> StateStore for SqlState<D> {
         let mut tx = self.begin().await?;
         let now = Utc::now();
         tx.lock_customer(customer).await?;
-        tx.require_plan(plan, version).await?;
+        let pv = tx.require_plan(plan, version, customer).await?;
         let rows = tx.history(customer).await?;
         check_can_subscribe(&rows, customer, at)?;
         let anchor = anchor_for(&rows, customer, new.anchor_day)?;
-        let body = tx
-            .opt(
-                q("SELECT body FROM plan_versions WHERE plan = $1 AND version = $2")
-                    .bind(plan)
-                    .bind(version as i32),
-            )
-            .await?
-            .ok_or_else(|| StateError::NotFound(format!("plan {plan} version {version}")))?;
-        let pv = plan_from(&body, plan, version)?;
         let trial = trial_end(&rows, plan, pv.trial_days, new.trial_days, at);
         tx.run(insert_subscription(
             customer, plan, version, at, trial, anchor,
@@ -460,7 +464,7 @@ impl<D: Dialect> StateStore for SqlState<D> {
         let mut tx = self.begin().await?;
         let now = Utc::now();
         tx.lock_customer(customer).await?;
-        tx.require_plan(plan, version).await?;
+        tx.require_plan(plan, version, customer).await?;
         let rows = tx.history(customer).await?;
         let w = SwitchWrites::plan(rows, customer, plan, version, at)?;
         if !w.changes() {
