@@ -6,13 +6,18 @@
 //! ```text
 //! billing-api admin find <id or external id>
 //! billing-api admin preview <customer> <plan> [--version N] [--at-period-end]
-//! billing-api admin switch  <customer> <plan> [--version N] [--at-period-end] --yes
+//! billing-api admin switch  <customer> <plan> [--version N] [--at-period-end | --at T] --yes
+//! billing-api admin cancel  <customer> [--at-period-end | --at T] --yes
+//! billing-api admin uncancel <customer>
 //! billing-api admin audit   <customer>
 //! billing-api admin scheduled-changes list     --customer <customer>
 //! billing-api admin scheduled-changes withdraw --customer <customer> --change <id>
 //! ```
 //!
-//! `switch` without `--yes` only previews. `scheduled-changes` lists the
+//! `switch` without `--yes` only previews; `cancel` without `--yes` only
+//! says what it would do (the final invoice covers the period up to the
+//! cancellation and is finalized at it plus grace); `uncancel` withdraws a
+//! cancellation that has not taken effect. `scheduled-changes` lists the
 //! switches that start later (`--at-period-end`), each with its id, and
 //! withdraws one by id: the plan before it runs on (the API's
 //! `/v1/customers/{id}/scheduled-changes`; withdrawing again answers the
@@ -59,6 +64,18 @@ pub enum AdminCommand {
         #[arg(long)]
         yes: bool,
     },
+    /// Cancel the subscription now, at the period end or at an instant
+    /// (says what it would do unless --yes).
+    Cancel {
+        customer: String,
+        #[command(flatten)]
+        when: When,
+        /// Confirm the cancellation.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Withdraw a cancellation that has not taken effect.
+    Uncancel { customer: String },
     /// The customer's audit log.
     Audit { customer: String },
     /// List or withdraw plan switches scheduled for later.
@@ -91,9 +108,38 @@ pub struct SwitchArgs {
     pub plan: String,
     #[arg(long)]
     pub version: Option<u32>,
-    /// Switch at the end of the current period instead of now.
-    #[arg(long)]
+    #[command(flatten)]
+    pub when: When,
+}
+
+/// When a change takes effect: now (default), at the end of the current
+/// period, or at an instant.
+#[derive(Args, Debug, Clone)]
+pub struct When {
+    /// At the end of the current period instead of now.
+    #[arg(long, conflicts_with = "at")]
     pub at_period_end: bool,
+    /// At this instant (RFC 3339, e.g. 2026-12-10T00:00:00Z), inside the
+    /// open period or later.
+    #[arg(long, value_name = "INSTANT", value_parser = parse_instant)]
+    pub at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+fn parse_instant(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|e| format!("an RFC 3339 instant like 2026-12-10T00:00:00Z ({e})"))
+}
+
+impl When {
+    /// The API's `effective` / `at` fields.
+    fn fields(&self, body: &mut Value) {
+        match (self.at, self.at_period_end) {
+            (Some(at), _) => body["at"] = json!(at),
+            (None, true) => body["effective"] = json!("period_end"),
+            (None, false) => body["effective"] = json!("now"),
+        }
+    }
 }
 
 struct Client<'a> {
@@ -136,11 +182,9 @@ impl Client<'_> {
 }
 
 fn switch_body(s: &SwitchArgs) -> Value {
-    json!({
-        "plan": s.plan,
-        "version": s.version,
-        "effective": if s.at_period_end { "period_end" } else { "now" },
-    })
+    let mut body = json!({"plan": s.plan, "version": s.version});
+    s.when.fields(&mut body);
+    body
 }
 
 fn lines(out: &mut String, title: &str, rated: &Value) {
@@ -205,15 +249,22 @@ pub async fn run(args: &AdminArgs) -> anyhow::Result<String> {
                 Some(cur) => {
                     let _ = writeln!(
                         out,
-                        "plan: {} v{} since {}",
+                        "plan: {} v{} since {} (billed from day {} of each month)",
                         cur["plan"].as_str().unwrap_or(""),
                         cur["version"],
-                        cur["start"].as_str().unwrap_or("")
+                        cur["start"].as_str().unwrap_or(""),
+                        cur.get("anchor_day").and_then(Value::as_u64).unwrap_or(1)
                     );
+                    if let Some(t) = cur.get("trial_end").and_then(Value::as_str) {
+                        let _ = writeln!(out, "trial until {t}");
+                    }
                 }
                 None => {
                     let _ = writeln!(out, "plan: none");
                 }
+            }
+            if let Some(t) = sub["cancelled_at"].as_str() {
+                let _ = writeln!(out, "cancelled at {t}");
             }
             for s in sub["scheduled"].as_array().into_iter().flatten() {
                 let _ = writeln!(
@@ -282,6 +333,59 @@ pub async fn run(args: &AdminArgs) -> anyhow::Result<String> {
                 v["plan"].as_str().unwrap_or(""),
                 v["version"],
                 v["effective_at"].as_str().unwrap_or("")
+            );
+        }
+        AdminCommand::Cancel {
+            customer,
+            when,
+            yes,
+        } => {
+            let mut body = json!({});
+            when.fields(&mut body);
+            if !yes {
+                let _ = writeln!(
+                    out,
+                    "would cancel {customer} {}: usage timed after it is not billed; \
+                     the final invoice is finalized at it plus grace\nnot cancelled: add --yes to confirm",
+                    when.at
+                        .map(|t| format!("at {}", t.to_rfc3339()))
+                        .unwrap_or_else(|| if when.at_period_end { "at the period end".into() } else { "now".into() })
+                );
+                return Ok(out);
+            }
+            let v = c
+                .call(
+                    M::POST,
+                    &format!("/v1/customers/{}/cancellation", urlencode(customer)),
+                    Some(body),
+                )
+                .await?;
+            if args.json {
+                return Ok(v.to_string());
+            }
+            let _ = writeln!(
+                out,
+                "cancelled {customer} effective {} ({} scheduled change(s) withdrawn)",
+                v["effective_at"].as_str().unwrap_or(""),
+                v["withdrawn"].as_array().map_or(0, Vec::len)
+            );
+        }
+        AdminCommand::Uncancel { customer } => {
+            let v = c
+                .call(
+                    M::DELETE,
+                    &format!("/v1/customers/{}/cancellation", urlencode(customer)),
+                    None,
+                )
+                .await?;
+            if args.json {
+                return Ok(v.to_string());
+            }
+            let _ = writeln!(
+                out,
+                "withdrew the cancellation of {customer}: {} v{} runs on",
+                v["plan"].as_str().unwrap_or(""),
+                v["version"]
             );
         }
         AdminCommand::Audit { customer } => {

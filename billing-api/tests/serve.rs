@@ -285,6 +285,37 @@ async fn serve_loads_catalog_finalizes_and_stops_on_sigterm() {
         ok && out.contains("subscription.withdraw") && out.contains("/carol"),
         "{out}"
     );
+    // Cancellation (issue 13): without --yes nothing happens; scheduled at
+    // the period end, shown by find, withdrawn; a bad instant names --at.
+    let (ok, out, _) = admin(&["cancel", "cus_s", "--at-period-end"]);
+    assert!(ok && out.contains("not cancelled"), "{out}");
+    assert!(!st
+        .audit_log("customer:cus_s")
+        .await
+        .unwrap()
+        .iter()
+        .any(|e| e.action == "subscription.cancel"));
+    let (ok, out, err) = admin(&["cancel", "cus_s", "--at-period-end", "--yes"]);
+    assert!(
+        ok && out.contains("cancelled cus_s effective "),
+        "{out}{err}"
+    );
+    let (_, out, _) = admin(&["find", "cus_s"]);
+    assert!(
+        out.contains("cancelled at ") && out.contains("billed from day 1"),
+        "{out}"
+    );
+    let (ok, out, err) = admin(&["uncancel", "cus_s"]);
+    assert!(
+        ok && out.contains("withdrew the cancellation of cus_s: payg v1 runs on"),
+        "{out}{err}"
+    );
+    let (_, out, _) = admin(&["find", "cus_s"]);
+    assert!(!out.contains("cancelled at"), "{out}");
+    let (ok, _, err) = admin(&["cancel", "cus_s", "--at", "tomorrow", "--yes"]);
+    assert!(!ok && err.contains("--at"), "{err}");
+    let (ok, out, err) = admin(&["preview", "cus_s", "team", "--at", "2099-01-01T00:00:00Z"]);
+    assert!(!ok && err.contains("422 invalid: at:"), "{out}{err}");
     let out = Command::new(env!("CARGO_BIN_EXE_billing-api"))
         .args(["admin", "--url", &base, "--key", "wrong", "find", "s"])
         .output()

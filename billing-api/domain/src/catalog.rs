@@ -663,9 +663,11 @@ mod tests {
     #[test]
     fn a_contract_is_a_merge_patch_over_a_public_plan() {
         let meters = MeterCatalog::default_catalog();
-        let base = plan(serde_json::json!({"plan":"team","version":3,"name":"Team","currency":"USD",
+        let base = plan(
+            serde_json::json!({"plan":"team","version":3,"name":"Team","currency":"USD",
             "seat_fee":"15","minimum":"50","prices":[{"meter":"requests","model":"graduated",
-            "tiers":[{"up_to":"5","unit_price":"0"},{"unit_price":"0.30"}]}]}));
+            "tiers":[{"up_to":"5","unit_price":"0"},{"unit_price":"0.30"}]}]}),
+        );
         let overrides = serde_json::json!({"minimum": null, "maximum": "500",
             "prices":[{"meter":"requests","model":"graduated",
             "tiers":[{"up_to":"10","unit_price":"0"},{"unit_price":"0.25"}]}]});
@@ -686,7 +688,10 @@ mod tests {
             (serde_json::json!({"version": 9}), "overrides.version"),
             (serde_json::json!({"seat_fee": 12}), "overrides"),
             (serde_json::json!({"currency": "EUR"}), "overrides.currency"),
-            (serde_json::json!({"trial_days": 400}), "overrides.trial_days"),
+            (
+                serde_json::json!({"trial_days": 400}),
+                "overrides.trial_days",
+            ),
         ] {
             let e = derive_contract(&base, "cus_1", "x", 1, &o, &meters).unwrap_err();
             assert_eq!(e[0].field, field, "{o}: {e:?}");
