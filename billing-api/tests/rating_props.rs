@@ -116,3 +116,61 @@ proptest! {
         prop_assert_eq!(sum, rerated.total - billed.total);
     }
 }
+
+proptest! {
+    /// Issue 13: for any sequence of switches (each to a plan with its own
+    /// fees), seat changes and a cancellation inside a period, the fee lines
+    /// sum to one independent calculation over the segments: each
+    /// segment's flat fee × its share of the period, and its seat-seconds
+    /// × the seat fee ÷ the period, each rounded once, half-even.
+    #[test]
+    fn fee_lines_of_any_history_sum_to_one_calculation_over_its_segments(
+        cuts in prop::collection::btree_set(1i64..LEN, 0..5),
+        fees in prop::collection::vec((0u32..400, 0u32..60), 6),
+        seat_changes in prop::collection::btree_map(0i64..LEN, 0u32..30, 1..6),
+        cancel in prop::option::of(1i64..LEN),
+    ) {
+        use rust_decimal::RoundingStrategy::MidpointNearestEven;
+        let p = period();
+        let at = |s: i64| DateTime::from_timestamp(START + s, 0).unwrap();
+        let end = cancel.unwrap_or(LEN);
+        let mut bounds: Vec<i64> = std::iter::once(0).chain(cuts.into_iter().filter(|c| *c < end)).collect();
+        bounds.push(end);
+        let segs: Vec<Segment> = bounds.windows(2).enumerate().map(|(i, w)| Segment {
+            trial: false,
+            plan: plan(i as u32 + 1, fees[i].0, fees[i].1, 0),
+            start: at(w[0]),
+            end: at(w[1]),
+            usage: vec![],
+        }).collect();
+        let changes: Vec<(i64, u32)> = seat_changes.into_iter().collect();
+        let seats: Vec<SeatInterval> = changes.iter().enumerate().filter(|(_, (_, n))| *n > 0).map(|(i, (s, n))| SeatInterval {
+            start: at(*s),
+            end: at(changes.get(i + 1).map_or(LEN, |c| c.0)),
+            seats: *n,
+        }).collect();
+        let r = rate(&p, &segs, &seats).unwrap();
+        let billed: Decimal = r.lines.iter().map(|l| l.amount).sum();
+        let len = Decimal::from(LEN);
+        let mut expected = Decimal::ZERO;
+        let mut lines = 0;
+        for (i, w) in bounds.windows(2).enumerate() {
+            let (flat, seat) = (Decimal::from(fees[i].0), Decimal::from(fees[i].1));
+            if !flat.is_zero() {
+                expected += (flat * Decimal::from(w[1] - w[0]) / len).round_dp_with_strategy(2, MidpointNearestEven);
+                lines += 1;
+            }
+            let seat_secs: i64 = seats.iter().map(|iv| {
+                let (a, b) = ((iv.start.timestamp() - START).max(w[0]), (iv.end.timestamp() - START).min(w[1]));
+                if b > a { iv.seats as i64 * (b - a) } else { 0 }
+            }).sum();
+            if !seat.is_zero() && seat_secs > 0 {
+                expected += (seat * Decimal::from(seat_secs) / len).round_dp_with_strategy(2, MidpointNearestEven);
+                lines += 1;
+            }
+        }
+        prop_assert_eq!(r.lines.len(), lines);
+        prop_assert_eq!(billed, expected);
+        prop_assert_eq!(r.total, expected);
+    }
+}
