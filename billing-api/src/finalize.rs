@@ -31,7 +31,8 @@
 //! gaps.
 
 use crate::invoice::{
-    billed, build, following, period_of, previous, rate_segments, uncovered, PlanCache,
+    add_earlier, baseline, billed, build, following, needs_earlier, period_of, previous,
+    rate_segments, uncovered, PlanCache,
 };
 use crate::metrics::Metrics;
 use crate::state::{DynStateStore, Invoice, StateStore};
@@ -187,10 +188,21 @@ impl Finalizer {
         let mut segments = state.plan_segments_all(p).await?;
         let prev = previous(p);
         let prev_invoices = state.invoices_in_period(prev.start).await?;
+        // Invoices two periods back that late usage can have reached after
+        // the invoice between (`invoice::needs_earlier`): re-rated here too.
+        let prev2 = previous(prev);
+        let mut earlier = state.invoices_in_period(prev2.start).await?;
+        earlier.retain(|c, inv| {
+            group.has(c)
+                && !done.contains_key(c)
+                && only.is_none_or(|o| o.contains(c))
+                && needs_earlier(inv, prev_invoices.get(c))
+        });
         let orphans: BTreeSet<String> = match only {
             Some(_) => BTreeSet::new(),
             None => prev_invoices
                 .keys()
+                .chain(earlier.keys())
                 .filter(|c| group.has(c) && !segments.contains_key(*c) && !done.contains_key(*c))
                 .cloned()
                 .collect(),
@@ -262,7 +274,7 @@ impl Finalizer {
                     }
                     _ => vec![],
                 };
-                let rated = match prev_invoices.get(c).filter(|_| orphan) {
+                let rated = match prev_invoices.get(c).or(earlier.get(c)).filter(|_| orphan) {
                     // Nothing of its own: the currency and digits of the
                     // invoice it adjusts.
                     Some(inv) => Rated {
@@ -307,6 +319,25 @@ impl Finalizer {
                 };
                 let carried: &[Invoice] = carried.get(c).map(Vec::as_slice).unwrap_or(&[]);
                 let mut n = build(c, p, rated, previous, carried, self.config.min_charge);
+                if let Some(inv2) = earlier.get(c) {
+                    let base = baseline(inv2, prev_invoices.get(c));
+                    let segs2 = state.plan_segments(c, prev2).await?;
+                    let seats2 = state.seat_intervals(c, prev2).await?;
+                    let rerated = rate_segments(
+                        state,
+                        self.usage.as_ref(),
+                        &self.meters,
+                        &mut plans,
+                        None,
+                        c,
+                        prev2,
+                        segs2,
+                        &seats2,
+                        false,
+                    )
+                    .await?;
+                    add_earlier(&mut n, inv2, &base, rerated, self.config.min_charge);
+                }
                 if orphan && n.body.adjustments.is_empty() {
                     continue;
                 }

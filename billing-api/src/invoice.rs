@@ -152,12 +152,9 @@ pub async fn draft(
 ) -> anyhow::Result<NewInvoice> {
     let rated = rate_period(state, usage, meters, customer, period, None).await?;
     let prev = previous(period);
-    let prev_inv = state
-        .invoices_of(customer)
-        .await?
-        .into_iter()
-        .find(|i| i.period == prev);
-    let previous = match &prev_inv {
+    let invoices = state.invoices_of(customer).await?;
+    let prev_inv = invoices.iter().find(|i| i.period == prev);
+    let previous = match prev_inv {
         Some(inv) => Some((
             inv,
             rate_period(state, usage, meters, customer, prev, None).await?,
@@ -169,9 +166,17 @@ pub async fn draft(
         .await?
         .remove(customer)
         .unwrap_or_default();
-    Ok(build(
-        customer, period, rated, previous, &carried, min_charge,
-    ))
+    let mut n = build(customer, period, rated, previous, &carried, min_charge);
+    let prev2 = self::previous(prev);
+    if let Some(inv2) = invoices
+        .iter()
+        .find(|i| i.period == prev2)
+        .filter(|i| needs_earlier(i, prev_inv))
+    {
+        let rerated = rate_period(state, usage, meters, customer, prev2, None).await?;
+        add_earlier(&mut n, inv2, &baseline(inv2, prev_inv), rerated, min_charge);
+    }
+    Ok(n)
 }
 
 /// Re-rates a finalized invoice's period from raw events (not rollups), with

@@ -294,6 +294,7 @@ fn new_invoice(
             adjusted: None,
             carried,
             unbilled: vec![],
+            adjusted_earlier: None,
             minor_units: Some(2),
         },
         sync_status: status.into(),

@@ -1232,40 +1232,63 @@ async fn lifecycle(mode: Mode) {
         .await;
     assert_eq!((s, v["code"].as_str()), (409, Some("conflict")), "{v}");
 
-    // Late usage timed before the cancellation, after the final invoice:
-    // with no later invoice to carry it, an invoice of its own.
+    // Late usage timed before the cancellation, after the final invoice,
+    // and late usage of last month (still accepted, and after the one
+    // invoice that adjusted last month): with no later invoice to carry
+    // them, an invoice of its own adjusting both.
     let (s, v) = sys
-        .ingest(&[requests("n-3", "cus_now", "web", before, 1_000_000)])
+        .ingest(&[
+            requests("n-3", "cus_now", "web", before, 1_000_000),
+            requests("n-4", "cus_now", "web", prev.start + day, 2_000_000),
+        ])
         .await;
     assert_eq!(s, 200, "{v}");
-    let fin_id = fin["id"].as_str().unwrap().to_owned();
-    sys.eventually("the late usage", wait, || async {
-        let (s, r) = sys
-            .api(M::GET, &format!("/v1/invoices/{fin_id}/rerate"), None)
-            .await;
-        assert_eq!(s, 200, "{r}");
-        if r["reproduces"] == true {
-            Err(format!("not yet: {r}"))
-        } else {
-            Ok(())
-        }
-    })
-    .await;
+    let prev_inv = invoice_of(&sys, "cus_now", prev).await;
+    for inv in [&fin, &prev_inv] {
+        let id = inv["id"].as_str().unwrap().to_owned();
+        sys.eventually("the late usage", wait, || async {
+            let (s, r) = sys
+                .api(M::GET, &format!("/v1/invoices/{id}/rerate"), None)
+                .await;
+            assert_eq!(s, 200, "{r}");
+            if r["reproduces"] == true {
+                Err(format!("not yet: {r}"))
+            } else {
+                Ok(())
+            }
+        })
+        .await;
+    }
     sys.finalize(next.end + Duration::seconds(1));
     let adj = invoice_of(&sys, "cus_now", next).await;
     assert_eq!(adj["body"]["lines"], json!([]), "{adj}");
-    let a = &adj["body"]["adjustments"];
-    assert_eq!(a.as_array().unwrap().len(), 1, "{adj}");
+    let a: Vec<(Value, Value)> = adj["body"]["adjustments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| (a["amount"].clone(), a["original_invoice"].clone()))
+        .collect();
     assert_eq!(
-        (&a[0]["amount"], &a[0]["original_invoice"]),
-        (&json!("0.40"), &fin["number"]),
+        a,
+        [
+            (json!("0.40"), fin["number"].clone()),
+            (json!("0.80"), prev_inv["number"].clone())
+        ],
         "{adj}"
     );
     assert_eq!(
-        (&adj["carried_in"], &adj["total"]),
-        (&json!("0.40"), &json!("0.80")),
+        adj["body"]["adjusted_earlier"]["invoice_number"], prev_inv["number"],
         "{adj}"
     );
+    assert_eq!(
+        (&adj["adjustments_total"], &adj["carried_in"], &adj["total"]),
+        (&json!("1.20"), &json!("0.40"), &json!("1.60")),
+        "{adj}"
+    );
+    // A second run adds nothing; re-rating the adjusted invoices shows the
+    // late usage, which the adjustment invoice carries.
+    let out = sys.finalize(next.end + Duration::seconds(2));
+    assert!(out.contains("finalized 0 invoice(s)"), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

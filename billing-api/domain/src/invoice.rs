@@ -187,6 +187,10 @@ pub struct InvoiceBody {
     /// finalized: reported, not billed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unbilled: Vec<crate::rating::UsageItem>,
+    /// The period two back re-rated when this invoice was built, when late
+    /// usage reached it after the invoice between them (`add_earlier`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adjusted_earlier: Option<AdjustedPeriod>,
     /// The digits its amounts were rounded to (the plan's `minor_units`).
     /// Absent on invoices written before it was recorded: see [`billed`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -271,13 +275,7 @@ pub fn build(
         .collect();
     let carried_in = rated.money(carried.iter().map(|c| c.total).sum());
     let total = rated.money(rated.total + adjustments_total + carried_in);
-    let status = if total.is_zero() {
-        SyncStatus::NothingDue
-    } else if total < min_charge {
-        SyncStatus::CarriedForward
-    } else {
-        SyncStatus::Pending
-    };
+    let status = status_of(total, min_charge);
     NewInvoice {
         id: invoice_id(customer, period),
         customer_id: customer.to_owned(),
@@ -293,10 +291,80 @@ pub fn build(
             adjusted,
             carried,
             unbilled: vec![],
+            adjusted_earlier: None,
             minor_units: Some(rated.minor_units),
         },
         sync_status: status,
     }
+}
+
+/// What finalization does with a total: nothing when zero, carry it when
+/// below the provider's minimum charge, send it otherwise.
+fn status_of(total: Decimal, min_charge: Decimal) -> SyncStatus {
+    if total.is_zero() {
+        SyncStatus::NothingDue
+    } else if total < min_charge {
+        SyncStatus::CarriedForward
+    } else {
+        SyncStatus::Pending
+    }
+}
+
+/// When events timed before `end` stop being accepted: the collector takes
+/// events from the start of the previous calendar month on, so an event of
+/// month M can arrive until M+1 ends.
+pub fn ingest_closes(end: DateTime<Utc>) -> DateTime<Utc> {
+    following(month_of(end - chrono::Duration::microseconds(1))).end
+}
+
+/// What an earlier invoice stands at now: the latest re-rating of its
+/// period recorded by the invoice after it (`next`, whose `adjusted` it
+/// is), else what it billed.
+pub fn baseline(inv: &Invoice, next: Option<&Invoice>) -> Rated {
+    next.and_then(|n| n.body.adjusted.as_ref())
+        .filter(|a| a.invoice_id == inv.id)
+        .map(|a| a.rerated.clone())
+        .unwrap_or_else(|| billed(inv))
+}
+
+/// Whether the invoice two periods back (`earlier`) can have late usage
+/// its successor `next` did not adjust: `next` was finalized before events
+/// of `earlier`'s period stopped being accepted (a billing anchor day other
+/// than 1, or a final invoice written before its period ended), or there
+/// is no `next` (a cancelled customer whose last period changed nothing).
+pub fn needs_earlier(earlier: &Invoice, next: Option<&Invoice>) -> bool {
+    next.is_none_or(|n| n.finalized_at < ingest_closes(earlier.period.end))
+}
+
+/// Adds to `n` the adjustments of the period two back (`earlier`, standing
+/// at `baseline` since its last re-rating, re-rated now as `rerated`), so
+/// late usage that arrived after the invoice between them is billed too.
+pub fn add_earlier(
+    n: &mut NewInvoice,
+    earlier: &Invoice,
+    baseline: &Rated,
+    rerated: Rated,
+    min_charge: Decimal,
+) {
+    let original = OriginalInvoice {
+        number: earlier.number.clone(),
+        period: earlier.period,
+    };
+    let adjs = adjustments(baseline, &rerated, &original);
+    if adjs.is_empty() {
+        return;
+    }
+    let money = |x: Decimal| crate::rating::with_minor_units(x, baseline.minor_units);
+    let more: Decimal = adjs.iter().map(|a| a.amount).sum();
+    n.adjustments_total = money(n.adjustments_total + more);
+    n.total = money(n.subtotal + n.adjustments_total + n.carried_in);
+    n.sync_status = status_of(n.total, min_charge);
+    n.body.adjustments.extend(adjs);
+    n.body.adjusted_earlier = Some(AdjustedPeriod {
+        invoice_id: earlier.id.clone(),
+        invoice_number: earlier.number.clone(),
+        rerated,
+    });
 }
 
 crate::named! {
@@ -490,6 +558,71 @@ mod tests {
             let dec = starting_in(parse_month("2026-12").unwrap(), a);
             assert_eq!(dec.start.month(), 12);
         }
+    }
+
+    #[test]
+    fn late_usage_two_periods_back_is_adjusted_only_when_it_can_arrive() {
+        let at = |y, m, d| Utc.with_ymd_and_hms(y, m, d, 0, 0, 0).unwrap();
+        // Events of November are accepted until December ends.
+        assert_eq!(ingest_closes(at(2026, 12, 1)), at(2027, 1, 1));
+        assert_eq!(ingest_closes(at(2026, 12, 15)), at(2027, 2, 1));
+        assert_eq!(ingest_closes(at(2026, 11, 15)), at(2027, 1, 1));
+        let inv = |p: Period, finalized_at| Invoice {
+            id: invoice_id("c", p),
+            seq: 1,
+            number: "TALLY-000001".into(),
+            customer_id: "c".into(),
+            period: p,
+            currency: "USD".into(),
+            subtotal: Decimal::ZERO,
+            adjustments_total: Decimal::ZERO,
+            carried_in: Decimal::ZERO,
+            total: Decimal::ZERO,
+            body: InvoiceBody {
+                lines: vec![],
+                adjustments: vec![],
+                adjusted: None,
+                carried: vec![],
+                unbilled: vec![],
+                adjusted_earlier: None,
+                minor_units: Some(2),
+            },
+            finalized_at,
+            sync_status: SyncStatus::Pending,
+            stripe_invoice_id: None,
+            carried_to: None,
+            payment_status: PaymentStatus::Open,
+            sync_error: None,
+        };
+        // Calendar months: October's successor is finalized when
+        // October's events are already refused.
+        let oct = parse_month("2026-10").unwrap();
+        let nov = parse_month("2026-11").unwrap();
+        let (o, n) = (inv(oct, oct.end), inv(nov, nov.end));
+        assert!(!needs_earlier(&o, Some(&n)));
+        // Anchor day 15: the successor is finalized on Dec 15, events of
+        // Nov 1–15 still arrive until Dec 31.
+        let a = period_of(at(2026, 11, 1), 15);
+        let b = following(a);
+        assert!(needs_earlier(&inv(a, a.end), Some(&inv(b, b.end))));
+        // A final invoice written inside its period; no successor at all.
+        assert!(needs_earlier(&o, Some(&inv(nov, at(2026, 11, 13)))));
+        assert!(needs_earlier(&o, None));
+        // The baseline: the successor's re-rating of it, else what it billed.
+        let mut next = inv(nov, nov.end);
+        assert_eq!(baseline(&o, Some(&next)), billed(&o));
+        let rerated = Rated {
+            currency: "USD".into(),
+            minor_units: 2,
+            lines: vec![],
+            total: Decimal::new(40, 2),
+        };
+        next.body.adjusted = Some(AdjustedPeriod {
+            invoice_id: o.id.clone(),
+            invoice_number: o.number.clone(),
+            rerated: rerated.clone(),
+        });
+        assert_eq!(baseline(&o, Some(&next)), rerated);
     }
 
     #[test]
