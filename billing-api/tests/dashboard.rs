@@ -182,7 +182,7 @@ const rows = (id, key) => [...q(id).querySelectorAll("tbody tr[data-" + key + "]
 });
 return {
   customer: q("customer").textContent,
-  plan: q("plan").textContent,
+  plan: q("plan").textContent, lifecycle: q("lifecycle").textContent,
   mtd: q("month-to-date").dataset.value, mtd_text: q("month-to-date").textContent,
   forecast: q("forecast").dataset.value, forecast_text: q("forecast").textContent,
   cap: q("spending-cap").dataset.value, cap_text: q("spending-cap").textContent,
@@ -270,6 +270,15 @@ async fn dashboard_in_chromium_shows_the_api_figures_and_sets_the_cap() {
         .await
         .unwrap();
     assert_eq!(rep.finalized, 1, "{rep:?}");
+    // Cancelled at the period end (issue 13): the page says so.
+    let (s, v) = api
+        .call(
+            M::POST,
+            "/v1/customers/cus_d/cancellation",
+            Some(json!({"effective": "period_end"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
     api.quota.refresh(Utc::now()).await.unwrap();
     let (_, sess) = api
         .call(M::POST, "/v1/customers/cus_d/sessions", Some(json!({})))
@@ -313,6 +322,11 @@ async fn dashboard_in_chromium_shows_the_api_figures_and_sets_the_cap() {
 
     assert_eq!(page["customer"], "cus_d");
     assert_eq!(page["plan"], "Pay as you go (v1)", "{page}");
+    assert_eq!(
+        page["lifecycle"],
+        format!("· cancels on {}", period.end.format("%Y-%m-%d")),
+        "{page}"
+    );
     assert_eq!(dec(&page["mtd"]), dec(&costs["month_to_date"]));
     assert_eq!(dec(&page["forecast"]), dec(&costs["forecast"]));
     assert!(dec(&costs["month_to_date"]) > Decimal::ZERO, "{costs}");

@@ -159,7 +159,7 @@ async function loadAdvisor(at) {
   body.replaceChildren();
   for (const p of a.plans) {
     const s = Number(p.saving);
-    const name = el("td", {}, p.name + (p.current ? " (your plan)" : ""));
+    const name = el("td", {}, p.name + (p.contract ? " (your contract)" : "") + (p.current ? " (your plan)" : ""));
     if (!p.fits) name.append(el("div", { class: "note" }, p.note || "does not fit this usage"));
     const row = el("tr", { class: (p.current ? "current " : "") + (p.fits ? "" : "nofit"), "data-plan": p.plan },
       name,
@@ -170,6 +170,23 @@ async function loadAdvisor(at) {
         : el("td", { class: "num", "data-value": p.saving }, "—"));
     body.append(row);
   }
+}
+
+// Trial, billing day, a scheduled or past cancellation or switch: what the
+// subscription says beyond the plan's name (a contract is named in the
+// advisor's table).
+async function loadSubscription() {
+  const s = await api("GET", `/v1/customers/${encodeURIComponent(customer)}/subscription`);
+  const notes = [];
+  const cur = s.current;
+  if (cur && cur.trial_end && new Date(cur.trial_end) > new Date()) notes.push(`trial until ${cur.trial_end.slice(0, 10)}`);
+  if (cur && cur.anchor_day && cur.anchor_day !== 1) notes.push(`billed from day ${cur.anchor_day} of each month`);
+  if (s.cancelled_at) {
+    const when = s.cancelled_at.slice(0, 10);
+    notes.push(new Date(s.cancelled_at) > new Date() ? `cancels on ${when}` : `cancelled on ${when}`);
+  }
+  for (const next of s.scheduled) notes.push(`switches to ${next.plan} on ${next.start.slice(0, 10)}`);
+  $("lifecycle").textContent = notes.length ? `· ${notes.join(" · ")}` : "";
 }
 
 async function loadInvoices() {
@@ -231,7 +248,7 @@ async function main() {
     if (!me.customer_id) throw Object.assign(new Error("this page needs a customer credential"), { code: "forbidden" });
     customer = me.customer_id;
     $("customer").textContent = customer;
-    const [c] = await Promise.all([loadCosts(), loadInvoices()]);
+    const [c] = await Promise.all([loadCosts(), loadInvoices(), loadSubscription()]);
     await loadAdvisor(c.as_of);
     document.body.dataset.asOf = c.as_of;
     document.body.dataset.loaded = "true";
