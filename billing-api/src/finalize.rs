@@ -241,13 +241,8 @@ impl Finalizer {
         // they span.
         let listed = matches!(group, Group::Only(_)) || only.is_some();
         let used = &used;
-        let fetch = |period, ids| async move {
-            if listed {
-                PeriodUsage::fetch_listed(self.usage.as_ref(), &self.meters, used, period, ids)
-                    .await
-            } else {
-                PeriodUsage::fetch(self.usage.as_ref(), &self.meters, used, period, ids).await
-            }
+        let fetch = |period, ids| {
+            PeriodUsage::fetch_by(self.usage.as_ref(), &self.meters, used, period, ids, listed)
         };
         let usage = fetch(p, &customers).await?;
         let prev_usage = if prev_segments.is_empty() {

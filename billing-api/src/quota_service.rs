@@ -373,25 +373,15 @@ impl QuotaService {
                             distinct.push((*p).clone());
                         }
                     }
-                    let pu = if group.is_some_and(|(_, inside)| inside) {
-                        PeriodUsage::fetch_listed(
-                            self.usage.as_ref(),
-                            &self.meters,
-                            &distinct,
-                            to_date,
-                            &ids,
-                        )
-                        .await?
-                    } else {
-                        PeriodUsage::fetch(
-                            self.usage.as_ref(),
-                            &self.meters,
-                            &distinct,
-                            to_date,
-                            &ids,
-                        )
-                        .await?
-                    };
+                    let pu = PeriodUsage::fetch_by(
+                        self.usage.as_ref(),
+                        &self.meters,
+                        &distinct,
+                        to_date,
+                        &ids,
+                        group.is_some_and(|(_, inside)| inside),
+                    )
+                    .await?;
                     for (c, plan) in &whole {
                         usage.insert(c.to_string(), pu.items(plan, c)?);
                     }

@@ -131,23 +131,13 @@ impl PeriodUsage {
         period: Period,
         customers: &[String],
     ) -> anyhow::Result<Self> {
-        Self::read(store, meters, plans, period, customers, false).await
+        Self::fetch_by(store, meters, plans, period, customers, false).await
     }
 
-    /// [`PeriodUsage::fetch`] for customers scattered over the id space
-    /// (those of one billing anchor day): each chunk is read as its list of
-    /// ids, not as the range it spans.
-    pub async fn fetch_listed<'a>(
-        store: &(impl UsageStore + ?Sized),
-        meters: &MeterCatalog,
-        plans: impl IntoIterator<Item = &'a PlanVersion>,
-        period: Period,
-        customers: &[String],
-    ) -> anyhow::Result<Self> {
-        Self::read(store, meters, plans, period, customers, true).await
-    }
-
-    async fn read<'a>(
+    /// [`PeriodUsage::fetch`], or when `listed`, for customers scattered
+    /// over the id space (those of one billing anchor day): each chunk read
+    /// as its list of ids, not as the range it spans.
+    pub async fn fetch_by<'a>(
         store: &(impl UsageStore + ?Sized),
         meters: &MeterCatalog,
         plans: impl IntoIterator<Item = &'a PlanVersion>,

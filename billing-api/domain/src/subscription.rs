@@ -133,6 +133,25 @@ pub struct SwitchOutcome {
     pub withdrawn: Vec<Subscription>,
 }
 
+/// The history (in order, not empty) at instant `at`: the row in effect
+/// (the last to start before it) and the rows that start at or after it;
+/// `what` (a switch, a cancellation) must come after the first row starts.
+fn cut_at(
+    rows: Vec<Subscription>,
+    at: DateTime<Utc>,
+    what: &str,
+) -> Result<(Subscription, Vec<Subscription>), RuleError> {
+    let first = rows.first().expect("a history to cut").start;
+    if at <= first {
+        return Err(RuleError::Invalid(format!(
+            "{what} at {at} must come after the customer's first plan starts ({first})"
+        )));
+    }
+    let (mut earlier, later): (Vec<_>, Vec<_>) = rows.into_iter().partition(|r| r.start < at);
+    let cut = earlier.pop().expect("the first row starts before at");
+    Ok((cut, later))
+}
+
 /// `subscribe` starts a customer's first subscription, or a new one after
 /// a cancellation (reactivation): refused while any row of the history
 /// runs at or after `at`.
@@ -199,25 +218,15 @@ impl CancelWrites {
         customer: &str,
         at: DateTime<Utc>,
     ) -> Result<Option<Self>, RuleError> {
-        let Some(first) = rows.first() else {
+        if rows.is_empty() {
             return Err(RuleError::Conflict(format!(
                 "customer {customer} has no subscription to cancel"
             )));
-        };
+        }
         if cancelled_at(&rows) == Some(at) {
             return Ok(None);
         }
-        if at <= first.start {
-            return Err(RuleError::Invalid(format!(
-                "a cancellation at {at} must come after the subscription starts ({})",
-                first.start
-            )));
-        }
-        let (earlier, later): (Vec<_>, Vec<_>) = rows.into_iter().partition(|r| r.start < at);
-        let cut = earlier
-            .last()
-            .expect("the first row starts before at")
-            .clone();
+        let (cut, later) = cut_at(rows, at, "a cancellation")?;
         let continued = |e: DateTime<Utc>| later.first().is_some_and(|l| l.start == e);
         if let Some(e) = cut.end.filter(|e| *e < at || (*e == at && !continued(*e))) {
             return Err(RuleError::Conflict(format!(
@@ -288,22 +297,12 @@ impl SwitchWrites {
         version: u32,
         at: DateTime<Utc>,
     ) -> Result<Self, RuleError> {
-        let Some(first) = rows.first() else {
+        if rows.is_empty() {
             return Err(RuleError::Invalid(format!(
                 "customer {customer} has no subscription to switch from"
             )));
-        };
-        if at <= first.start {
-            return Err(RuleError::Invalid(format!(
-                "a switch at {at} must come after the customer's first plan starts ({})",
-                first.start
-            )));
         }
-        let (earlier, later): (Vec<_>, Vec<_>) = rows.into_iter().partition(|r| r.start < at);
-        let cut = earlier
-            .last()
-            .expect("the first row starts before at")
-            .clone();
+        let (cut, later) = cut_at(rows, at, "a switch")?;
         // The row in effect ends with nothing after it: a cancellation.
         if let Some(e) = cut
             .end

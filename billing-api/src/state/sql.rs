@@ -125,6 +125,29 @@ impl<D: Dialect> Tx<D> {
         Ok(pv)
     }
 
+    /// Deletes scheduled changes replaced `by` a switch or a cancellation,
+    /// each audited.
+    async fn withdraw(
+        &mut self,
+        customer: &str,
+        changes: &[Subscription],
+        by: &str,
+        actor: &str,
+        now: DateTime<Utc>,
+    ) -> StateResult<()> {
+        for old in changes {
+            self.run(q("DELETE FROM subscriptions WHERE id = $1").bind(old.id))
+                .await?;
+            self.audit(
+                actor,
+                now,
+                AuditRecord::subscription_withdraw(customer, old, by),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
     /// The customer's plan history in order.
     async fn history(&mut self, customer: &str) -> StateResult<Vec<Subscription>> {
         let sql = format!(
@@ -356,16 +379,8 @@ impl<D: Dialect> StateStore for SqlState<D> {
                 withdrawn: vec![],
             });
         };
-        for old in &w.withdrawn {
-            tx.run(q("DELETE FROM subscriptions WHERE id = $1").bind(old.id))
-                .await?;
-            tx.audit(
-                actor,
-                now,
-                AuditRecord::subscription_withdraw(customer, old, "cancellation"),
-            )
+        tx.withdraw(customer, &w.withdrawn, "cancellation", actor, now)
             .await?;
-        }
         tx.run(
             q("UPDATE subscriptions SET ends_at = $2 WHERE id = $1")
                 .bind(w.cut.id)
@@ -470,16 +485,8 @@ impl<D: Dialect> StateStore for SqlState<D> {
         if !w.changes() {
             return Ok(w.outcome());
         }
-        for old in &w.withdrawn {
-            tx.run(q("DELETE FROM subscriptions WHERE id = $1").bind(old.id))
-                .await?;
-            tx.audit(
-                actor,
-                now,
-                AuditRecord::subscription_withdraw(customer, old, "switch"),
-            )
+        tx.withdraw(customer, &w.withdrawn, "switch", actor, now)
             .await?;
-        }
         if w.cut_end != w.cut.end {
             tx.run(
                 q("UPDATE subscriptions SET ends_at = $2 WHERE id = $1")
