@@ -30,11 +30,8 @@ pub async fn load(
     now: DateTime<Utc>,
     also: &[PlanVersion],
 ) -> anyhow::Result<Month> {
-    let anchor = state
-        .subscriptions(customer)
-        .await?
-        .last()
-        .map_or(1, |s| s.anchor_day);
+    let anchor =
+        billing_domain::subscription::anchor_of_history(&state.subscriptions(customer).await?);
     let period = period_of(now, anchor);
     let segs = state.plan_segments(customer, period).await?;
     let seats = state.seat_intervals(customer, period).await?;

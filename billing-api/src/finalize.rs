@@ -42,7 +42,7 @@ use billing_domain::rating::{Period, Rated};
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use schemas::MeterCatalog;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -117,12 +117,8 @@ impl Finalizer {
         let Some(first) = self.state.billing_start().await? else {
             return Ok(report);
         };
-        let anchors = self.state.anchors().await?;
-        let mut groups: BTreeMap<u32, BTreeSet<String>> = BTreeMap::new();
-        for (c, a) in &anchors {
-            groups.entry(*a).or_default().insert(c.clone());
-        }
-        let anchored: BTreeSet<String> = anchors.into_keys().collect();
+        let (anchored, groups) =
+            billing_domain::subscription::anchor_groups(self.state.anchors().await?);
         self.walk(1, Group::Except(&anchored), first, now, &mut report)
             .await?;
         for (a, ids) in &groups {

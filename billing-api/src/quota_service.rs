@@ -28,7 +28,7 @@ use chrono::{DateTime, Duration, DurationRound, Utc};
 use rust_decimal::Decimal;
 use schemas::MeterCatalog;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 
 /// One customer as quota checks see it.
@@ -215,7 +215,7 @@ impl QuotaService {
         let st = self.state.as_ref();
         if let Some(c) = only {
             let anchor = match st.subscriptions(c).await {
-                Ok(h) => h.last().map_or(1, |s| s.anchor_day),
+                Ok(h) => billing_domain::subscription::anchor_of_history(&h),
                 Err(StateError::NotFound(_)) => 1,
                 Err(e) => return Err(e.into()),
             };
@@ -223,12 +223,7 @@ impl QuotaService {
                 .build_group(Some(c), None, period_of(now, anchor), now, None)
                 .await;
         }
-        let anchors = st.anchors().await?;
-        let mut groups: BTreeMap<u32, BTreeSet<String>> = BTreeMap::new();
-        for (c, a) in &anchors {
-            groups.entry(*a).or_default().insert(c.clone());
-        }
-        let anchored: BTreeSet<String> = anchors.into_keys().collect();
+        let (anchored, groups) = billing_domain::subscription::anchor_groups(st.anchors().await?);
         // What runs now is read once for every group.
         let as_of = hour_floor(now);
         let running = self

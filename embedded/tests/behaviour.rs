@@ -854,19 +854,10 @@ async fn lifecycle(mode: Mode) {
 
     // A plan with a 14-day trial: the default catalog's business ($299
     // flat) under another key.
-    let (s, plans) = sys.api(M::GET, "/v1/plans", None).await;
-    assert_eq!(s, 200, "{plans}");
-    let mut trialbiz = plans
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["plan"]["plan"] == "business")
-        .expect("the default catalog's business plan")["plan"]
-        .clone();
-    trialbiz["plan"] = json!("trialbiz");
-    trialbiz["trial_days"] = json!(14);
-    let (s, v) = sys.api(M::POST, "/v1/plans", Some(trialbiz)).await;
-    assert_eq!(s, 201, "{v}");
+    publish_variant(&sys, "business", "trialbiz", |p| {
+        p["trial_days"] = json!(14)
+    })
+    .await;
 
     for (id, plan) in [
         ("cus_now", "payg"),

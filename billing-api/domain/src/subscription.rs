@@ -71,6 +71,28 @@ impl NewSubscription {
     }
 }
 
+/// A customer's billing anchor day: its history's (every row has the
+/// same), 1 without a history.
+pub fn anchor_of_history(rows: &[Subscription]) -> u32 {
+    rows.last().map_or(1, |s| s.anchor_day)
+}
+
+/// Customers on anchor days other than 1 (as `StateStore::anchors` lists
+/// them): all of them, and grouped by day, each group a walk of its own.
+pub fn anchor_groups(
+    anchors: std::collections::HashMap<String, u32>,
+) -> (
+    std::collections::BTreeSet<String>,
+    std::collections::BTreeMap<u32, std::collections::BTreeSet<String>>,
+) {
+    let mut groups: std::collections::BTreeMap<u32, std::collections::BTreeSet<String>> =
+        Default::default();
+    for (c, a) in &anchors {
+        groups.entry(*a).or_default().insert(c.clone());
+    }
+    (anchors.into_keys().collect(), groups)
+}
+
 /// The anchor day of a new subscription: the requested one (1 to 31,
 /// default 1) for a customer's first; after a cancellation the customer's
 /// own, which a request may repeat but not change (the periods already

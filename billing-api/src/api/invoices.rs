@@ -42,8 +42,9 @@ pub(super) async fn draft_invoice(
     who.read_customer(&id, &format!("customer {id}"))?;
     let q = query(q)?;
     app.state.customer(&id).await?;
-    let current = customer_period(&app, &id, None).await?;
-    let period = customer_period(&app, &id, q.period.as_deref()).await?;
+    let anchor = anchor(&app, &id).await?;
+    let current = customer_period(anchor, None)?;
+    let period = customer_period(anchor, q.period.as_deref())?;
     if let Some(inv) = app
         .state
         .invoices_of(&id)

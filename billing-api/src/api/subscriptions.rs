@@ -44,24 +44,16 @@ pub(super) async fn resolve_plan(
     }
 }
 
-/// A customer's billing anchor day: its history's (1 without one).
-pub(super) fn customer_anchor(history: &[Subscription]) -> u32 {
-    history.last().map_or(1, |s| s.anchor_day)
-}
-
 /// The billing anchor day of `customer` (which must exist).
 pub(super) async fn anchor(app: &ApiState, customer: &str) -> Result<u32, ApiError> {
-    Ok(customer_anchor(&app.state.subscriptions(customer).await?))
+    Ok(billing_domain::subscription::anchor_of_history(
+        &app.state.subscriptions(customer).await?,
+    ))
 }
 
-/// The customer's billing period named by `?period=YYYY-MM` (the one
-/// that starts in that month), or the one containing now.
-pub(super) async fn customer_period(
-    app: &ApiState,
-    customer: &str,
-    period: Option<&str>,
-) -> Result<Period, ApiError> {
-    let anchor = anchor(app, customer).await?;
+/// The billing period of anchor day `anchor` named by `?period=YYYY-MM`
+/// (the one that starts in that month), or the one containing now.
+pub(super) fn customer_period(anchor: u32, period: Option<&str>) -> Result<Period, ApiError> {
     match period {
         None => Ok(invoice::period_of(crate::wire::now(), anchor)),
         Some(p) => invoice::parse_month(p)
@@ -148,7 +140,10 @@ pub(super) async fn final_invoice_due(
         return Ok(());
     };
     let grace = chrono::Duration::from_std(app.grace).unwrap_or_default();
-    let period = invoice::period_of(ended, customer_anchor(&history));
+    let period = invoice::period_of(
+        ended,
+        billing_domain::subscription::anchor_of_history(&history),
+    );
     if now < ended + grace || at >= period.end {
         return Ok(());
     }
@@ -605,7 +600,7 @@ pub(super) async fn unbilled_usage(
     who.admin()?;
     let q = query(q)?;
     app.state.customer(&id).await?;
-    let period = customer_period(&app, &id, q.period.as_deref()).await?;
+    let period = customer_period(anchor(&app, &id).await?, q.period.as_deref())?;
     let segs = app.state.plan_segments(&id, period).await?;
     let spans = invoice::uncovered(period, segs.iter().map(|s| (s.start, s.end)));
     let usage = crate::usage::unbilled_usage(app.usage.as_ref(), &app.meters, &id, &spans).await?;
