@@ -31,8 +31,8 @@
 //! gaps.
 
 use crate::invoice::{
-    add_earlier, baseline, billed, build, following, needs_earlier, period_of, previous,
-    rate_segments, uncovered, PlanCache,
+    add_earlier, baseline, billed, build, build_opening, following, needs_earlier, opening_window,
+    openings_due, period_of, previous, rate_segments, uncovered, Billing, NextFees, PlanCache,
 };
 use crate::metrics::Metrics;
 use crate::state::{DynStateStore, Invoice, StateStore};
@@ -119,13 +119,74 @@ impl Finalizer {
         };
         let (anchored, groups) =
             billing_domain::subscription::anchor_groups(self.state.anchors().await?);
-        self.walk(1, Group::Except(&anchored), first, now, &mut report)
+        // Opening invoices only where some plan bills its fees in advance.
+        let ahead = self
+            .state
+            .list_plans()
+            .await?
+            .iter()
+            .any(|p| p.plan.in_advance());
+        self.walk(1, Group::Except(&anchored), first, now, ahead, &mut report)
             .await?;
         for (a, ids) in &groups {
-            self.walk(*a, Group::Only(ids), first, now, &mut report)
+            self.walk(*a, Group::Only(ids), first, now, ahead, &mut report)
                 .await?;
         }
         Ok(report)
+    }
+
+    /// Issues the opening invoices due in `p` by `now` for the group's
+    /// customers (fees in advance from where they start to the period's
+    /// end, `billing_domain::advance`), each once: one per customer and
+    /// instant, numbered in the same transactions as every invoice.
+    async fn openings(
+        &self,
+        p: Period,
+        now: DateTime<Utc>,
+        group: Group<'_>,
+    ) -> anyhow::Result<usize> {
+        let state = self.state.as_ref();
+        let window = opening_window(p);
+        let mut segments = state.plan_segments_all(window).await?;
+        segments.retain(|c, segs| group.has(c) && segs.iter().any(|s| s.start <= now));
+        if segments.is_empty() {
+            return Ok(0);
+        }
+        let issued = state.openings(p).await?;
+        let mut seats = state.seat_intervals_all(window).await?;
+        let mut carried = state.open_carried(None).await?;
+        let mut plans = PlanCache::default();
+        let mut customers: Vec<String> = segments.keys().cloned().collect();
+        customers.sort();
+        let mut batch = Vec::new();
+        for c in customers {
+            let segs = segments.remove(&c).unwrap_or_default();
+            let seats = seats.remove(&c).unwrap_or_default();
+            let done = issued.get(&c).map(Vec::as_slice).unwrap_or(&[]);
+            for (t, rated) in openings_due(state, &mut plans, p, &segs, &seats).await? {
+                if t > now || done.iter().any(|i| i.period.start == t) {
+                    continue;
+                }
+                let carried = carried.remove(&c).unwrap_or_default();
+                batch.push(build_opening(
+                    &c,
+                    p,
+                    t,
+                    rated,
+                    &carried,
+                    self.config.min_charge,
+                ));
+            }
+        }
+        let mut written = 0;
+        while !batch.is_empty() {
+            let rest = batch.split_off(batch.len().min(self.config.batch.max(1)));
+            let n = state.insert_invoices(batch, now).await?.len();
+            self.metrics.invoices_finalized.inc_by(n as u64);
+            written += n;
+            batch = rest;
+        }
+        Ok(written)
     }
 
     /// The periods of anchor day `anchor` from the one containing `first`:
@@ -136,11 +197,15 @@ impl Finalizer {
         group: Group<'_>,
         first: DateTime<Utc>,
         now: DateTime<Utc>,
+        ahead: bool,
         report: &mut FinalizeReport,
     ) -> anyhow::Result<()> {
         let last = self.last_closed_at(now, anchor);
         let mut p = period_of(first, anchor);
         while p.start <= last.start {
+            if ahead {
+                report.finalized += self.openings(p, now, group).await?;
+            }
             report.finalized += self.finalize(p, now, group, None).await?;
             report.periods += 1;
             p = following(p);
@@ -149,6 +214,9 @@ impl Finalizer {
         // due at the cancellation plus grace, not at the period's end.
         let grace = chrono::Duration::from_std(self.config.grace).unwrap_or_default();
         while p.start <= now {
+            if ahead {
+                report.finalized += self.openings(p, now, group).await?;
+            }
             let due: BTreeSet<String> = self
                 .state
                 .cancellations(p)
@@ -216,6 +284,10 @@ impl Finalizer {
         });
         let cancelled = state.cancellations(p).await?;
         let seats = state.seat_intervals_all(p).await?;
+        // The next period's plan and seats at its start: its fees in advance.
+        let next = following(p);
+        let mut next_segments = state.plan_segments_all(next).await?;
+        let mut next_seats = state.seat_intervals_all(next).await?;
         let prev_seats = state.seat_intervals_all(prev).await?;
         let carried = state.open_carried(None).await?;
 
@@ -274,6 +346,11 @@ impl Finalizer {
                         ..billed(inv)
                     },
                     None => {
+                        let next = NextFees {
+                            period: next,
+                            segs: next_segments.remove(c).unwrap_or_default(),
+                            seats: next_seats.remove(c).unwrap_or_default(),
+                        };
                         rate_segments(
                             state,
                             self.usage.as_ref(),
@@ -285,6 +362,7 @@ impl Finalizer {
                             segs,
                             seats.get(c).unwrap_or(&none),
                             false,
+                            Billing::Invoice(&next),
                         )
                         .await?
                     }
@@ -303,6 +381,7 @@ impl Finalizer {
                             psegs,
                             prev_seats.get(c).unwrap_or(&none),
                             false,
+                            Billing::Arrears,
                         )
                         .await?,
                     )),
@@ -325,6 +404,7 @@ impl Finalizer {
                         segs2,
                         &seats2,
                         false,
+                        Billing::Arrears,
                     )
                     .await?;
                     add_earlier(&mut n, inv2, &base, rerated, self.config.min_charge);

@@ -8,8 +8,9 @@ pub use billing_domain::invoice::*;
 use crate::state::{PlanSegment, StateResult, StateStore};
 use crate::usage::{segment_usage_from, PeriodUsage};
 use aggregator::UsageStore;
+use billing_domain::advance;
 use billing_domain::catalog::PlanVersion;
-use billing_domain::rating::{rate, Period, Rated, SeatInterval, Segment};
+use billing_domain::rating::{rate, with_minor_units, Period, Rated, SeatInterval, Segment};
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use schemas::MeterCatalog;
@@ -36,9 +37,67 @@ impl PlanCache {
     }
 }
 
-/// Rates a customer's period from its plan segments and seats; usage comes
-/// from `prefetched` when it holds the whole period for the plan, else from
-/// the usage store (from raw events only when `raw`).
+/// What a rating is for (fees in advance, `billing_domain::advance`).
+#[derive(Clone, Copy)]
+pub enum Billing<'a> {
+    /// What the period costs, every fee prorated to its segments (drafts
+    /// of cost, previews).
+    Cost,
+    /// The period's own rating without fees billed in advance: what an
+    /// invoice's lines are delta-rated against (`advance::arrears`).
+    Arrears,
+    /// What the period's invoice bills: [`Billing::Arrears`], the changes
+    /// to fees in advance, and the next period's fees from its start.
+    Invoice(&'a NextFees),
+}
+
+/// The plan history and seats of the period after an invoice's (only what
+/// is in force at its start is billed).
+#[derive(Debug, Clone)]
+pub struct NextFees {
+    pub period: Period,
+    pub segs: Vec<PlanSegment>,
+    pub seats: Vec<SeatInterval>,
+}
+
+impl NextFees {
+    /// Read from the state store for `customer`.
+    pub async fn read(
+        state: &(impl StateStore + ?Sized),
+        customer: &str,
+        period: Period,
+    ) -> StateResult<Self> {
+        Ok(NextFees {
+            period,
+            segs: state.plan_segments(customer, period).await?,
+            seats: state.seat_intervals(customer, period).await?,
+        })
+    }
+}
+
+/// Segments of `segs` with their plan versions and no usage (for fees).
+async fn fee_segments(
+    state: &(impl StateStore + ?Sized),
+    plans: &mut PlanCache,
+    segs: &[PlanSegment],
+) -> StateResult<Vec<Segment>> {
+    let mut out = Vec::with_capacity(segs.len());
+    for s in segs {
+        out.push(Segment {
+            trial: s.trial,
+            plan: plans.get(state, &s.plan, s.version).await?.clone(),
+            start: s.start,
+            end: s.end,
+            usage: vec![],
+        });
+    }
+    Ok(out)
+}
+
+/// Rates a customer's period from its plan segments and seats, for
+/// `billing`; usage comes from `prefetched` when it holds the whole period
+/// for the plan, else from the usage store (from raw events only when
+/// `raw`).
 #[allow(clippy::too_many_arguments)]
 pub async fn rate_segments(
     state: &(impl StateStore + ?Sized),
@@ -51,6 +110,7 @@ pub async fn rate_segments(
     segs: Vec<PlanSegment>,
     seats: &[SeatInterval],
     raw: bool,
+    billing: Billing<'_>,
 ) -> anyhow::Result<Rated> {
     let mut segments = Vec::with_capacity(segs.len());
     for s in segs {
@@ -70,7 +130,67 @@ pub async fn rate_segments(
             usage: u,
         });
     }
-    Ok(rate(&period, &segments, seats)?)
+    let full = rate(&period, &segments, seats)?;
+    Ok(match billing {
+        Billing::Cost => full,
+        Billing::Arrears => advance::arrears(full, &segments),
+        Billing::Invoice(next) => {
+            let next_segs = fee_segments(state, plans, &next.segs).await?;
+            let n = advance::Next {
+                period: next.period,
+                segs: &next_segs,
+                seats: &next.seats,
+            };
+            advance::invoice(full, period, &segments, seats, Some(&n))?
+        }
+    })
+}
+
+/// The opening invoices due in `period` (fees in advance starting there,
+/// `advance::start_instants`), each as its instant and a rating of its
+/// lines (`advance::opening`). `segs` and `seats` are the customer's read
+/// over [`opening_window`], so that a start at the period's first instant
+/// is told from a plan that runs on.
+pub async fn openings_due(
+    state: &(impl StateStore + ?Sized),
+    plans: &mut PlanCache,
+    period: Period,
+    segs: &[PlanSegment],
+    seats: &[SeatInterval],
+) -> anyhow::Result<Vec<(DateTime<Utc>, Rated)>> {
+    let segments = fee_segments(state, plans, segs).await?;
+    let mut out = Vec::new();
+    for t in advance::start_instants(&segments, seats, period) {
+        let lines = advance::opening(period, &segments, seats, t)?;
+        let plan = &segments
+            .iter()
+            .find(|s| s.start <= t && t < s.end)
+            .expect("a start is inside a segment")
+            .plan;
+        let total = billing_domain::rating::with_minor_units(
+            lines.iter().map(|l| l.amount).sum(),
+            plan.minor_units,
+        );
+        out.push((
+            t,
+            Rated {
+                currency: plan.currency.clone(),
+                minor_units: plan.minor_units,
+                lines,
+                total,
+            },
+        ));
+    }
+    Ok(out)
+}
+
+/// The span the plan history is read over to find the opening invoices of
+/// `period`: from a second before it.
+pub fn opening_window(period: Period) -> Period {
+    Period {
+        start: period.start - chrono::Duration::seconds(1),
+        end: period.end,
+    }
 }
 
 /// A plan switch not yet confirmed.
@@ -115,9 +235,21 @@ pub async fn rate_period(
     period: Period,
     switch: Option<&PlannedSwitch>,
 ) -> anyhow::Result<Rated> {
-    rate_stored(state, usage, meters, customer, period, switch, false).await
+    rate_stored(
+        state,
+        usage,
+        meters,
+        customer,
+        period,
+        switch,
+        false,
+        Billing::Cost,
+    )
+    .await
 }
 
+/// Rates `customer`'s `period` from stored state for `billing`.
+#[allow(clippy::too_many_arguments)]
 async fn rate_stored(
     state: &(impl StateStore + ?Sized),
     usage: &(impl UsageStore + ?Sized),
@@ -126,6 +258,7 @@ async fn rate_stored(
     period: Period,
     switch: Option<&PlannedSwitch>,
     raw: bool,
+    billing: Billing<'_>,
 ) -> anyhow::Result<Rated> {
     let mut segs = state.plan_segments(customer, period).await?;
     if let Some(sw) = switch {
@@ -134,7 +267,53 @@ async fn rate_stored(
     let seats = state.seat_intervals(customer, period).await?;
     let mut plans = PlanCache::default();
     rate_segments(
-        state, usage, meters, &mut plans, None, customer, period, segs, &seats, raw,
+        state, usage, meters, &mut plans, None, customer, period, segs, &seats, raw, billing,
+    )
+    .await
+}
+
+/// What `customer`'s invoice of `period` bills from stored state and usage
+/// (`raw`: from raw events), the next period's fees in advance included.
+pub async fn rate_invoice(
+    state: &(impl StateStore + ?Sized),
+    usage: &(impl UsageStore + ?Sized),
+    meters: &MeterCatalog,
+    customer: &str,
+    period: Period,
+    raw: bool,
+) -> anyhow::Result<Rated> {
+    let next = NextFees::read(state, customer, following(period)).await?;
+    rate_stored(
+        state,
+        usage,
+        meters,
+        customer,
+        period,
+        None,
+        raw,
+        Billing::Invoice(&next),
+    )
+    .await
+}
+
+/// `customer`'s `period` rated without fees billed in advance: what its
+/// invoice's lines are delta-rated against.
+async fn rate_arrears(
+    state: &(impl StateStore + ?Sized),
+    usage: &(impl UsageStore + ?Sized),
+    meters: &MeterCatalog,
+    customer: &str,
+    period: Period,
+) -> anyhow::Result<Rated> {
+    rate_stored(
+        state,
+        usage,
+        meters,
+        customer,
+        period,
+        None,
+        false,
+        Billing::Arrears,
     )
     .await
 }
@@ -150,14 +329,15 @@ pub async fn draft(
     period: Period,
     min_charge: Decimal,
 ) -> anyhow::Result<NewInvoice> {
-    let rated = rate_period(state, usage, meters, customer, period, None).await?;
+    let rated = rate_invoice(state, usage, meters, customer, period, false).await?;
     let prev = previous(period);
-    let invoices = state.invoices_of(customer).await?;
+    let mut invoices = state.invoices_of(customer).await?;
+    invoices.retain(|i| i.kind == InvoiceKind::Period);
     let prev_inv = invoices.iter().find(|i| i.period == prev);
     let previous = match prev_inv {
         Some(inv) => Some((
             inv,
-            rate_period(state, usage, meters, customer, prev, None).await?,
+            rate_arrears(state, usage, meters, customer, prev).await?,
         )),
         None => None,
     };
@@ -173,31 +353,85 @@ pub async fn draft(
         .find(|i| i.period == prev2)
         .filter(|i| needs_earlier(i, prev_inv))
     {
-        let rerated = rate_period(state, usage, meters, customer, prev2, None).await?;
+        let rerated = rate_arrears(state, usage, meters, customer, prev2).await?;
         add_earlier(&mut n, inv2, &baseline(inv2, prev_inv), rerated, min_charge);
     }
     Ok(n)
 }
 
 /// Re-rates a finalized invoice's period from raw events (not rollups), with
-/// the plan versions and seats it was billed with. Equal to the invoice's
-/// own lines when no late usage arrived since.
+/// the plan versions and seats it was billed with: its own rating (what
+/// [`billed`] reads off the invoice; equal when no late usage arrived
+/// since) and its fees billed in advance (the lines [`billed`] leaves out,
+/// re-derived from the plan history: equal always).
 pub async fn rerate(
     state: &(impl StateStore + ?Sized),
     usage: &(impl UsageStore + ?Sized),
     meters: &MeterCatalog,
     inv: &Invoice,
-) -> anyhow::Result<Rated> {
-    rate_stored(
-        state,
-        usage,
-        meters,
-        &inv.customer_id,
-        inv.period,
-        None,
-        true,
-    )
-    .await
+) -> anyhow::Result<Rerated> {
+    let c = &inv.customer_id;
+    match inv.kind {
+        InvoiceKind::Period => {
+            let all = rate_invoice(state, usage, meters, c, inv.period, true).await?;
+            let (advance, own): (Vec<_>, Vec<_>) =
+                all.lines.into_iter().partition(|l| l.advance.is_some());
+            let total = with_minor_units(own.iter().map(|l| l.amount).sum(), all.minor_units);
+            Ok(Rerated {
+                own: Rated {
+                    lines: own,
+                    total,
+                    ..all
+                },
+                advance,
+            })
+        }
+        InvoiceKind::Opening => {
+            let period = inv.body.fees_period.unwrap_or(inv.period);
+            let window = opening_window(period);
+            let segs = state.plan_segments(c, window).await?;
+            let seats = state.seat_intervals(c, window).await?;
+            let mut plans = PlanCache::default();
+            let due = openings_due(state, &mut plans, period, &segs, &seats).await?;
+            let advance = due
+                .into_iter()
+                .find(|(t, _)| *t == inv.period.start)
+                .map(|(_, r)| r.lines)
+                .unwrap_or_default();
+            Ok(Rerated {
+                own: Rated {
+                    lines: vec![],
+                    total: with_minor_units(Decimal::ZERO, billed(inv).minor_units),
+                    ..billed(inv)
+                },
+                advance,
+            })
+        }
+    }
+}
+
+/// A finalized invoice rated again ([`rerate`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Rerated {
+    /// The period's own rating (usage, fees in arrears).
+    pub own: Rated,
+    /// Fees billed in advance: changes, the next period's fees, or an
+    /// opening invoice's fees.
+    pub advance: Vec<billing_domain::rating::Line>,
+}
+
+impl Rerated {
+    /// Whether it reproduces `inv` exactly, line by line.
+    pub fn reproduces(&self, inv: &Invoice) -> bool {
+        let ahead: Vec<_> = inv
+            .body
+            .lines
+            .iter()
+            .filter(|l| l.advance.is_some())
+            .cloned()
+            .collect();
+        self.own == billed(inv) && self.advance == ahead
+    }
 }
 
 #[cfg(test)]

@@ -19,4 +19,4 @@ pub mod wire;
 
 // The domain's modules at their old paths, for the crates and tests that
 // name them there.
-pub use billing_domain::{adjust, catalog, quota, rating, webhook};
+pub use billing_domain::{adjust, advance, catalog, quota, rating, webhook};

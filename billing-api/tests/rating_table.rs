@@ -696,3 +696,241 @@ fn example_10_anchor_day_31() {
     assert_eq!(amounts(&r), [(LineKind::FlatFee, d("9.68"))]);
     assert_eq!(r.lines[0].amount_exact.round_dp(6), d("9.677419"));
 }
+
+fn dec(day: u32) -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 12, day, 0, 0, 0).unwrap()
+}
+
+fn in_advance(plan_key: &str, name: &str, flat: &str, seat: &str) -> PlanVersion {
+    plan(
+        json!({"plan": plan_key, "name": name, "flat_fee": flat, "seat_fee": seat,
+        "fee_timing": "in_advance",
+        "prices":[{"meter":"requests","model":"per_unit","unit_price":"0.0000004"}]}),
+    )
+}
+
+fn lines_of(lines: &[billing_api::rating::Line]) -> Vec<(&str, Decimal, Option<Advance>)> {
+    lines
+        .iter()
+        .map(|l| (l.description.as_str(), l.amount, l.advance))
+        .collect()
+}
+
+use billing_api::advance::{self, Next};
+use billing_api::rating::Advance;
+
+#[test]
+fn example_9_fees_in_advance() {
+    let pro = in_advance("pro", "Pro", "20", "0");
+    let plus = in_advance("pro_plus", "Pro Plus", "50", "0");
+    let dec_p = Period {
+        start: dec(1),
+        end: Utc.with_ymd_and_hms(2027, 1, 1, 0, 0, 0).unwrap(),
+    };
+    let jan = Period {
+        start: dec_p.end,
+        end: Utc.with_ymd_and_hms(2027, 2, 1, 0, 0, 0).unwrap(),
+    };
+    let seg = |p: &PlanVersion, start, end, u: Vec<UsageItem>| Segment {
+        trial: false,
+        plan: p.clone(),
+        start,
+        end,
+        usage: u,
+    };
+    // Subscribed Nov 10 00:00: fees start there (nothing before), so an
+    // opening invoice at once for 20 × 21/30.
+    let nov_segs = [seg(
+        &pro,
+        nov(10),
+        nov(31),
+        vec![usage("requests", "10000000")],
+    )];
+    assert_eq!(advance::start_instants(&nov_segs, &[], NOV), [nov(10)]);
+    let open = advance::opening(NOV, &nov_segs, &[], nov(10)).unwrap();
+    assert_eq!(
+        lines_of(&open),
+        [(
+            "Pro flat fee, 2026-11-10 – 2026-12-01",
+            d("14.00"),
+            Some(Advance::Fee)
+        )]
+    );
+    assert_eq!(open[0].amount_exact, d("14"));
+    // At Dec 1 01:00: November's usage ($4.00, the flat fee of the
+    // segment billed ahead is not billed again) and December's fee.
+    let dec_segs = [
+        seg(&pro, dec(1), dec(16), vec![usage("requests", "1000000")]),
+        seg(
+            &plus,
+            dec(16),
+            jan.start,
+            vec![usage("requests", "2000000")],
+        ),
+    ];
+    let full = rate(&NOV, &nov_segs, &[]).unwrap();
+    assert_eq!(
+        full.total,
+        d("18.00"),
+        "the period's own rating keeps its fee"
+    );
+    let next = Next {
+        period: dec_p,
+        segs: &dec_segs,
+        seats: &[],
+    };
+    let nov_inv = advance::invoice(full, NOV, &nov_segs, &[], Some(&next)).unwrap();
+    assert_eq!(
+        lines_of(&nov_inv.lines),
+        [
+            ("requests", d("4.00"), None),
+            (
+                "Pro flat fee, 2026-12-01 – 2027-01-01",
+                d("20.00"),
+                Some(Advance::Fee)
+            ),
+        ]
+    );
+    assert_eq!(nov_inv.total, d("24.00"));
+    // A switch to pro_plus on Dec 16, 16 of December's 31 days left: the
+    // January invoice refunds −20 × 16/31 and charges 50 × 16/31 beside
+    // December's usage on each plan and January's $50.00.
+    let jan_segs = [seg(&plus, jan.start, jan.end, vec![])];
+    let full = rate(&dec_p, &dec_segs, &[]).unwrap();
+    let next = Next {
+        period: jan,
+        segs: &jan_segs,
+        seats: &[],
+    };
+    let dec_inv = advance::invoice(full, dec_p, &dec_segs, &[], Some(&next)).unwrap();
+    assert_eq!(
+        lines_of(&dec_inv.lines),
+        [
+            ("requests", d("0.40"), None),
+            ("requests", d("0.80"), None),
+            (
+                "Refund of Pro flat fee, 2026-12-16 – 2027-01-01",
+                d("-10.32"),
+                Some(Advance::Credit)
+            ),
+            (
+                "Pro Plus flat fee, 2026-12-16 – 2027-01-01",
+                d("25.81"),
+                Some(Advance::Charge)
+            ),
+            (
+                "Pro Plus flat fee, 2027-01-01 – 2027-02-01",
+                d("50.00"),
+                Some(Advance::Fee)
+            ),
+        ]
+    );
+    assert_eq!(dec_inv.lines[2].amount_exact.round_dp(6), d("-10.322581"));
+    assert_eq!(dec_inv.lines[3].amount_exact.round_dp(6), d("25.806452"));
+    assert_eq!(dec_inv.total, d("66.69"));
+    // What late usage is delta-rated against: the usage lines only.
+    let arrears = advance::arrears(rate(&dec_p, &dec_segs, &[]).unwrap(), &dec_segs);
+    assert_eq!(arrears.total, d("1.20"));
+}
+
+#[test]
+fn in_advance_seats_a_cancellation_and_a_trial() {
+    let team = in_advance("team_adv", "Team", "0", "15");
+    let seg = |trial, start, end| Segment {
+        trial,
+        plan: team.clone(),
+        start: nov(start),
+        end: nov(end),
+        usage: vec![],
+    };
+    let seats = |v: &[(u32, u32, u32)]| -> Vec<SeatInterval> {
+        v.iter()
+            .map(|&(a, b, n)| SeatInterval {
+                start: nov(a),
+                end: nov(b),
+                seats: n,
+            })
+            .collect()
+    };
+    // 5 seats from Nov 1 to Nov 16, 3 after: refund 5 × 15 × 15/30 and
+    // charge 3 × 15 × 15/30; the flat fee (none here) does not move.
+    let segs = [seg(false, 1, 31)];
+    let s = seats(&[(1, 16, 5), (16, 31, 3)]);
+    let ch = advance::changes(NOV, &segs, &s).unwrap();
+    assert_eq!(
+        lines_of(&ch),
+        [
+            (
+                "Refund of Team seats, 2026-11-16 – 2026-12-01",
+                d("-37.50"),
+                Some(Advance::Credit)
+            ),
+            (
+                "Team seats, 2026-11-16 – 2026-12-01",
+                d("22.50"),
+                Some(Advance::Charge)
+            ),
+        ]
+    );
+    // Cancelled Nov 13 with 4 seats: 4 × 15 × 18/30 refunded, nothing charged.
+    let ch = advance::changes(NOV, &[seg(false, 1, 13)], &seats(&[(1, 31, 4)])).unwrap();
+    assert_eq!(
+        lines_of(&ch),
+        [(
+            "Refund of Team seats, 2026-11-13 – 2026-12-01",
+            d("-36.00"),
+            Some(Advance::Credit)
+        )]
+    );
+    // A 14-day trial from Nov 1: nothing to bill at the start; the paid
+    // rest of the period is invoiced when the trial ends, and the trial's
+    // waived seats stay on the period's own lines.
+    let segs = [seg(true, 1, 15), seg(false, 15, 31)];
+    let s = seats(&[(1, 31, 2)]);
+    assert_eq!(advance::start_instants(&segs, &s, NOV), [nov(15)]);
+    assert_eq!(
+        lines_of(&advance::opening(NOV, &segs, &s, nov(15)).unwrap()),
+        [(
+            "Team seats, 2026-11-15 – 2026-12-01",
+            d("16.00"),
+            Some(Advance::Fee)
+        )]
+    );
+    assert!(advance::changes(NOV, &segs, &s).unwrap().is_empty());
+    let own = advance::arrears(rate(&NOV, &segs, &s).unwrap(), &segs);
+    assert_eq!(
+        own.lines
+            .iter()
+            .map(|l| (l.amount, l.waived))
+            .collect::<Vec<_>>(),
+        [(d("0.00"), Some(d("14.00")))]
+    );
+    // A subscription running on from October is no start; a first one
+    // on Nov 1 is (read from a second before the period).
+    let from_oct = [Segment {
+        start: nov(1) - chrono::Duration::seconds(1),
+        ..seg(false, 1, 31)
+    }];
+    assert!(advance::start_instants(&from_oct, &[], NOV).is_empty());
+    assert_eq!(
+        advance::start_instants(&[seg(false, 1, 31)], &[], NOV),
+        [nov(1)]
+    );
+}
+
+#[test]
+fn a_plan_billing_in_advance_has_no_minimum_or_maximum() {
+    let p: PlanVersion = serde_json::from_value(json!({"plan":"p","version":1,"name":"P",
+        "currency":"USD","flat_fee":"20","minimum":"30","maximum":"90","fee_timing":"in_advance"}))
+    .unwrap();
+    let errs = p
+        .validate(&schemas::MeterCatalog::default_catalog())
+        .unwrap_err();
+    let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
+    assert_eq!(fields, ["minimum", "maximum"]);
+    assert!(
+        errs[0].message.contains("in_advance"),
+        "{}",
+        errs[0].message
+    );
+}

@@ -9,7 +9,9 @@ use testkit::billing as support;
 
 use billing_api::auth::{ApiKey, Role};
 use billing_api::catalog::PlanVersion;
-use billing_api::invoice::{invoice_id, invoice_number, CarriedInvoice, InvoiceBody, NewInvoice};
+use billing_api::invoice::{
+    invoice_id, invoice_number, opening_id, CarriedInvoice, InvoiceBody, InvoiceKind, NewInvoice,
+};
 use billing_api::rating::{rate, Line, Period, SeatInterval, Segment, UsageItem};
 use billing_api::state::postgres::PgState;
 use billing_api::state::sqlite::{micros, SqliteState};
@@ -141,6 +143,7 @@ on_both!(
     customers_apps_seats,
     invoices,
     zero_invoice_keeps_its_digits,
+    opening_invoices,
     keys_and_quota,
     alerts,
     concurrent_writers,
@@ -281,6 +284,7 @@ fn new_invoice(
     let carried_in: Decimal = carried.iter().map(|c| c.total).sum();
     NewInvoice {
         id: invoice_id(customer, period),
+        kind: InvoiceKind::Period,
         customer_id: customer.into(),
         period,
         currency: "USD".into(),
@@ -296,6 +300,7 @@ fn new_invoice(
             unbilled: vec![],
             adjusted_earlier: None,
             minor_units: Some(2),
+            fees_period: None,
         },
         sync_status: status.into(),
     }
@@ -305,6 +310,7 @@ fn new_invoice(
 fn finalized(n: &NewInvoice, seq: i64, at: DateTime<Utc>) -> Invoice {
     Invoice {
         id: n.id.clone(),
+        kind: n.kind,
         seq,
         number: invoice_number(seq),
         customer_id: n.customer_id.clone(),
@@ -1127,6 +1133,194 @@ async fn zero_invoice_keeps_its_digits(db: Db) {
     let inv = st.invoice(&n.id).await.unwrap();
     assert!(inv.subtotal.is_zero(), "{}", inv.subtotal);
     assert_eq!(billing_api::invoice::billed(&inv), rated);
+}
+
+/// Opening invoices (fees in advance from where they start): one per
+/// customer and instant beside the period's own invoice with the same
+/// period start; a repeat is skipped without a number; read by period and
+/// kind; immutable, kind included.
+async fn opening_invoices(db: Db) {
+    let st = db.st.clone();
+    customers(st.as_ref(), &["o"]).await;
+    let nov_p = month(2026, 11);
+    let rated = |total: &str| billing_api::rating::Rated {
+        currency: "USD".into(),
+        minor_units: 2,
+        lines: vec![],
+        total: d(total),
+    };
+    let open =
+        |t| billing_api::invoice::build_opening("o", nov_p, t, rated("20.00"), &[], d("0.50"));
+    let (at_start, mid) = (nov(1), nov(10) + Duration::microseconds(7));
+    let first = open(at_start);
+    assert_eq!(first.id, opening_id("o", at_start));
+    assert_eq!(first.id, "inv_o_20261101T000000000000Z_open");
+    assert_eq!(
+        (first.kind, first.period.start, first.period.end),
+        (InvoiceKind::Opening, nov(1), nov_p.end)
+    );
+    assert_eq!(first.body.fees_period, Some(nov_p));
+    let w = st
+        .insert_invoices(
+            vec![first.clone(), open(mid)],
+            nov(1) + Duration::minutes(1),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        w.iter().map(|i| (i.seq, i.kind)).collect::<Vec<_>>(),
+        [(1, InvoiceKind::Opening), (2, InvoiceKind::Opening)]
+    );
+    assert_eq!(w[1].period.start, mid);
+    // Again: skipped, no number used.
+    assert!(st
+        .insert_invoices(vec![open(at_start)], nov(2))
+        .await
+        .unwrap()
+        .is_empty());
+    // The period's own invoice starts where the first opening one does.
+    let own = billing_api::invoice::build("o", nov_p, rated("4.00"), None, &[], d("0.50"));
+    let w = st
+        .insert_invoices(vec![own.clone()], nov_p.end + Duration::hours(1))
+        .await
+        .unwrap();
+    assert_eq!((w[0].seq, w[0].kind), (3, InvoiceKind::Period));
+    let by_period = st.invoices_in_period(nov_p.start).await.unwrap();
+    assert_eq!(by_period["o"].id, own.id);
+    let openings = st.openings(nov_p).await.unwrap();
+    assert_eq!(
+        openings["o"]
+            .iter()
+            .map(|i| i.id.clone())
+            .collect::<Vec<_>>(),
+        [opening_id("o", at_start), opening_id("o", mid)]
+    );
+    assert!(st.openings(month(2026, 12)).await.unwrap().is_empty());
+    assert_eq!(st.invoices_of("o").await.unwrap().len(), 3);
+    let sql = format!(
+        "UPDATE invoices SET kind = 'period' WHERE id = '{}'",
+        first.id
+    );
+    let e = db.raw.exec(&sql, &[]).await.unwrap_err();
+    assert!(e.contains("immutable"), "{e}");
+}
+
+/// A state file written before opening invoices existed keeps its invoices
+/// (and their carried-forward links) through the table's rebuild in
+/// migration 3, each of kind `period`, still immutable.
+#[tokio::test]
+async fn sqlite_invoices_survive_the_fees_in_advance_migration() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    {
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(
+                SqliteConnectOptions::new()
+                    .filename(&path)
+                    .create_if_missing(true)
+                    .foreign_keys(true),
+            )
+            .await
+            .unwrap();
+        sqlx::query(
+            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, \
+             applied_at INTEGER NOT NULL DEFAULT 0)",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        for m in &schemas::migrations::SQLITE_STATE[..2] {
+            sqlx::raw_sql(m.sql).execute(&pool).await.unwrap();
+            sqlx::query("INSERT INTO schema_migrations (version, name) VALUES (?1, ?2)")
+                .bind(m.version as i64)
+                .bind(m.name)
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+        sqlx::raw_sql(
+            "INSERT INTO customers (id, external_id, name) VALUES ('m', 'ext-m', 'M');
+             INSERT INTO invoices (id, seq, number, customer_id, period_start, period_end, currency,
+               subtotal, adjustments_total, carried_in, total, body, finalized_at, sync_status)
+             VALUES ('inv_m_202610', 1, 'TALLY-000001', 'm', 1790812800000000, 1793491200000000,
+               'USD', '0.40', '0', '0', '0.40',
+               '{\"lines\":[],\"adjustments\":[],\"adjusted\":null,\"carried\":[]}',
+               1793494800000000, 'carried_forward'),
+             ('inv_m_202611', 2, 'TALLY-000002', 'm', 1793491200000000, 1796083200000000,
+               'USD', '5.00', '0', '0.40', '5.40',
+               '{\"lines\":[],\"adjustments\":[],\"adjusted\":null,\"carried\":[]}',
+               1796086800000000, 'pending');
+             UPDATE invoices SET carried_to = 'inv_m_202611' WHERE id = 'inv_m_202610';
+             UPDATE invoice_numbers SET last = 2;",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+    }
+    let st = SqliteState::open(&path).await.unwrap();
+    st.migrate().await.unwrap();
+    let got = st.invoices_of("m").await.unwrap();
+    assert_eq!(
+        got.iter()
+            .map(|i| (
+                i.id.as_str(),
+                i.kind,
+                i.carried_to.as_deref(),
+                i.total.to_string()
+            ))
+            .collect::<Vec<_>>(),
+        [
+            (
+                "inv_m_202610",
+                InvoiceKind::Period,
+                Some("inv_m_202611"),
+                "0.40".to_string()
+            ),
+            (
+                "inv_m_202611",
+                InvoiceKind::Period,
+                None,
+                "5.40".to_string()
+            ),
+        ]
+    );
+    assert_eq!(
+        st.invoices_in_period(month(2026, 11).start)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    // The counter and the triggers carried on.
+    let n = billing_api::invoice::build(
+        "m",
+        month(2026, 12),
+        billing_api::rating::Rated {
+            currency: "USD".into(),
+            minor_units: 2,
+            lines: vec![],
+            total: d("1.00"),
+        },
+        None,
+        &[],
+        d("0.50"),
+    );
+    let w = st.insert_invoices(vec![n], t(2027, 1, 1)).await.unwrap();
+    assert_eq!(w[0].number, "TALLY-000003");
+    let raw = SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_with(SqliteConnectOptions::new().filename(&path))
+        .await
+        .unwrap();
+    for sql in [
+        "UPDATE invoices SET total = '0' WHERE id = 'inv_m_202611'",
+        "DELETE FROM invoices WHERE id = 'inv_m_202610'",
+    ] {
+        let e = sqlx::query(sql).execute(&raw).await.unwrap_err();
+        assert!(e.to_string().contains("immutable"), "{sql}: {e}");
+    }
 }
 
 /// Finalized invoices: gapless numbers from the counter in the insert's
@@ -2024,7 +2218,11 @@ async fn sqlite_file_settings_and_encodings() {
             .unwrap();
     assert_eq!(
         applied,
-        vec![(1, "state".to_string()), (2, "lifecycle".to_string())]
+        vec![
+            (1, "state".to_string()),
+            (2, "lifecycle".to_string()),
+            (3, "fees_in_advance".to_string())
+        ]
     );
 
     st.create_customer(&customer("a"), "test").await.unwrap();

@@ -807,7 +807,7 @@ async fn invoice_of(sys: &System, customer: &str, period: billing_api::rating::P
     list.as_array()
         .unwrap()
         .iter()
-        .find(|i| instant(&i["period"]["start"]) == period.start)
+        .find(|i| i["kind"] == "period" && instant(&i["period"]["start"]) == period.start)
         .unwrap_or_else(|| panic!("{customer} has no invoice for {period:?}: {list}"))
         .clone()
 }
@@ -832,9 +832,10 @@ fn lines_of(inv: &Value, kind: &str) -> Vec<(String, String, Option<String>)> {
 /// `299 × secs / period secs`, rounded half-even to cents (as text).
 fn prorated(fee: i64, secs: i64, period: billing_api::rating::Period) -> String {
     let len = (period.end - period.start).num_seconds();
-    (Decimal::from(fee) * Decimal::from(secs) / Decimal::from(len))
-        .round_dp_with_strategy(2, rust_decimal::RoundingStrategy::MidpointNearestEven)
-        .to_string()
+    let mut x = (Decimal::from(fee) * Decimal::from(secs) / Decimal::from(len))
+        .round_dp_with_strategy(2, rust_decimal::RoundingStrategy::MidpointNearestEven);
+    x.rescale(2);
+    x.to_string()
 }
 
 /// Issue 13, items 1–3: cancellation now, at the period end and at an
@@ -1595,4 +1596,300 @@ async fn contracts_embedded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn contracts_distributed() {
     contracts(Mode::Distributed).await;
+}
+
+/// A fee line billed in advance as (description, amount, why).
+fn advance_lines(inv: &Value) -> Vec<(String, String, String)> {
+    inv["body"]["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| !l["advance"].is_null())
+        .map(|l| {
+            (
+                l["description"].as_str().unwrap().to_owned(),
+                l["amount"].as_str().unwrap().to_owned(),
+                l["advance"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// A period's span as fee lines write it.
+fn span(a: chrono::DateTime<Utc>, b: chrono::DateTime<Utc>) -> String {
+    format!("{} – {}", a.format("%Y-%m-%d"), b.format("%Y-%m-%d"))
+}
+
+/// Issue 13, item 5 and BILLING-EXAMPLES example 9: fees in advance with
+/// an upgrade and a seat decrease mid-period. A subscription to a plan
+/// billing its $20 fee in advance gets an opening invoice at once; the
+/// boundary invoice carries the closed month's usage and the next month's
+/// fee; a switch to a $50 + $10/seat plan with 5 seats and a decrease to
+/// 3 seats later refund and charge the rest of the month on the next
+/// invoice, beside the following month's fees; a cancellation's refund
+/// makes a negative final invoice, carried forward; nothing takes effect
+/// before an invoice that billed fees in advance; a plan billing in
+/// advance with a minimum is refused; every invoice re-rates exactly.
+async fn fees_in_advance(mode: Mode) {
+    let sys = System::start(mode, &format!("advance_{mode:?}").to_lowercase()).await;
+    let wait = StdDuration::from_secs(90);
+    let now = billing_api::wire::to_micros(Utc::now());
+    let cur = month_of(now);
+    let prev = previous(cur);
+    let next = billing_api::invoice::following(cur);
+    let day = Duration::days(1);
+    let secs = |a: chrono::DateTime<Utc>, b: chrono::DateTime<Utc>| (b - a).num_seconds();
+
+    // Refused: fees in advance with a minimum, named by field.
+    let (_, plans) = sys.api(M::GET, "/v1/plans", None).await;
+    let mut bad = plans
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["plan"]["plan"] == "payg")
+        .unwrap()["plan"]
+        .clone();
+    bad["plan"] = json!("advbad");
+    bad["fee_timing"] = json!("in_advance");
+    bad["minimum"] = json!("10");
+    let (s, v) = sys.api(M::POST, "/v1/plans", Some(bad)).await;
+    assert_eq!(s, 422, "{v}");
+    assert!(v.to_string().contains("minimum"), "{v}");
+
+    publish_variant(&sys, "payg", "advpro", |p| {
+        p["name"] = json!("Pro");
+        p["flat_fee"] = json!("20");
+        p["fee_timing"] = json!("in_advance");
+    })
+    .await;
+    publish_variant(&sys, "payg", "advplus", |p| {
+        p["name"] = json!("Pro Plus");
+        p["flat_fee"] = json!("50");
+        p["seat_fee"] = json!("10");
+        p["fee_timing"] = json!("in_advance");
+    })
+    .await;
+    let start = prev.start + day * 9;
+    sys.customer("cus_adv", "advpro", start).await;
+    sys.customer("cus_adv2", "advpro", start).await;
+
+    // The opening invoices, issued when the finalizer runs after the start.
+    let issued = start + Duration::hours(1);
+    sys.finalize(issued);
+    let (s, list) = sys
+        .api(M::GET, "/v1/customers/cus_adv/invoices", None)
+        .await;
+    assert_eq!(s, 200, "{list}");
+    let opening = list[0].clone();
+    assert_eq!(
+        (list.as_array().unwrap().len(), &opening["kind"]),
+        (1, &json!("opening")),
+        "{list}"
+    );
+    assert_eq!(instant(&opening["period"]["start"]), start);
+    let open_fee = prorated(20, secs(start, prev.end), prev);
+    assert_eq!(
+        advance_lines(&opening),
+        [(
+            format!("Pro flat fee, {}", span(start, prev.end)),
+            open_fee.clone(),
+            "fee".into()
+        )],
+        "{opening}"
+    );
+    assert_eq!(opening["total"], json!(open_fee));
+    // A second run issues nothing more.
+    sys.finalize(issued + Duration::minutes(5));
+    let (_, list) = sys
+        .api(M::GET, "/v1/customers/cus_adv/invoices", None)
+        .await;
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    // Nothing takes effect before it was issued.
+    let (s, v) = sys
+        .api(
+            M::PUT,
+            "/v1/customers/cus_adv/seats",
+            Some(json!({"seats": 2, "at": start + Duration::minutes(30)})),
+        )
+        .await;
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (409, Some("period_finalized")),
+        "{v}"
+    );
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains(opening["number"].as_str().unwrap()),
+        "{v}"
+    );
+
+    // Last month's usage: 1 M requests ($0.40).
+    let (s, v) = sys
+        .ingest(&[requests("adv-1", "cus_adv", "web", start + day, 1_000_000)])
+        .await;
+    assert_eq!(s, 200, "{v}");
+    sys.eventually("cus_adv's usage", wait, || async {
+        let (_, d) = sys
+            .api(
+                M::GET,
+                &format!(
+                    "/v1/customers/cus_adv/invoices/draft?period={}",
+                    billing_api::invoice::month_label(prev)
+                ),
+                None,
+            )
+            .await;
+        if usage_lines(&d, "requests").is_empty() {
+            Err(format!("no requests line yet: {d}"))
+        } else {
+            Ok(())
+        }
+    })
+    .await;
+
+    // The boundary invoice: last month's usage and this month's fee.
+    sys.finalize(cur.start);
+    let b = invoice_of(&sys, "cus_adv", prev).await;
+    assert_eq!(usage_lines(&b, "requests").len(), 1, "{b}");
+    assert_eq!(
+        lines_of(&b, "flat_fee"),
+        [(
+            format!("Pro flat fee, {}", span(cur.start, cur.end)),
+            "20.00".into(),
+            None
+        )],
+        "{b}"
+    );
+    assert_eq!(b["total"], json!("20.40"), "{b}");
+
+    // The upgrade on day 15 with 5 seats; 3 seats from day 20.
+    let (sw, fewer) = (cur.start + day * 15, cur.start + day * 20);
+    let (s, v) = sys
+        .api(
+            M::POST,
+            "/v1/customers/cus_adv/plan-switch",
+            Some(json!({"plan": "advplus", "at": sw})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    for (n, at) in [(5, sw), (3, fewer)] {
+        let (s, v) = sys
+            .api(
+                M::PUT,
+                "/v1/customers/cus_adv/seats",
+                Some(json!({"seats": n, "at": at})),
+            )
+            .await;
+        assert_eq!(s, 204, "{v}");
+    }
+    // The draft shows what the invoice will bill.
+    let d = draft(&sys, "cus_adv").await;
+    assert!(advance_lines(&d).iter().any(|l| l.2 == "charge"), "{d}");
+
+    // cus_adv2 cancels on day 2: its final invoice refunds the rest.
+    let c = cur.start + day * 2;
+    let (s, v) = sys
+        .api(
+            M::POST,
+            "/v1/customers/cus_adv2/cancellation",
+            Some(json!({"at": c})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    sys.finalize(c.max(now));
+    let f = invoice_of(&sys, "cus_adv2", cur).await;
+    let refund = format!("-{}", prorated(20, secs(c, cur.end), cur));
+    assert_eq!(
+        advance_lines(&f),
+        [(
+            format!("Refund of Pro flat fee, {}", span(c, cur.end)),
+            refund.clone(),
+            "credit".into()
+        )],
+        "{f}"
+    );
+    assert_eq!(
+        (&f["total"], &f["sync_status"]),
+        (&json!(refund), &json!("carried_forward")),
+        "{f}"
+    );
+
+    // This month's invoice, at its end.
+    sys.finalize(cur.end);
+    let inv = invoice_of(&sys, "cus_adv", cur).await;
+    let (rest_sw, rest_few) = (secs(sw, cur.end), secs(fewer, cur.end));
+    let want = vec![
+        (
+            format!("Refund of Pro flat fee, {}", span(sw, cur.end)),
+            format!("-{}", prorated(20, rest_sw, cur)),
+            "credit".to_string(),
+        ),
+        (
+            format!("Pro Plus flat fee, {}", span(sw, cur.end)),
+            prorated(50, rest_sw, cur),
+            "charge".into(),
+        ),
+        (
+            format!("Pro Plus seats, {}", span(sw, cur.end)),
+            prorated(50, rest_sw, cur),
+            "charge".into(),
+        ),
+        (
+            format!("Refund of Pro Plus seats, {}", span(fewer, cur.end)),
+            format!("-{}", prorated(50, rest_few, cur)),
+            "credit".into(),
+        ),
+        (
+            format!("Pro Plus seats, {}", span(fewer, cur.end)),
+            prorated(30, rest_few, cur),
+            "charge".into(),
+        ),
+        (
+            format!("Pro Plus flat fee, {}", span(next.start, next.end)),
+            "50.00".into(),
+            "fee".into(),
+        ),
+        (
+            format!("Pro Plus seats, {}", span(next.start, next.end)),
+            "30.00".into(),
+            "fee".into(),
+        ),
+    ];
+    assert_eq!(advance_lines(&inv), want, "{inv}");
+    let sum: Decimal = want.iter().map(|l| Decimal::from_str(&l.1).unwrap()).sum();
+    assert_eq!(dec(&inv["total"]), sum, "{inv}");
+
+    // Every invoice re-rates exactly, fees in advance included.
+    for c in ["cus_adv", "cus_adv2"] {
+        let (_, list) = sys
+            .api(M::GET, &format!("/v1/customers/{c}/invoices"), None)
+            .await;
+        for i in list.as_array().unwrap() {
+            let (s, r) = sys
+                .api(
+                    M::GET,
+                    &format!("/v1/invoices/{}/rerate", i["id"].as_str().unwrap()),
+                    None,
+                )
+                .await;
+            assert_eq!(
+                (s, &r["reproduces"]),
+                (200, &json!(true)),
+                "{}: {r}",
+                i["id"]
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fees_in_advance_embedded() {
+    fees_in_advance(Mode::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fees_in_advance_distributed() {
+    fees_in_advance(Mode::Distributed).await;
 }

@@ -78,6 +78,11 @@ pub const SQLITE_STATE: &[Migration] = &[
         name: "lifecycle",
         sql: include_str!("../migrations/sqlite/state/0002_lifecycle.sql"),
     },
+    Migration {
+        version: 3,
+        name: "fees_in_advance",
+        sql: include_str!("../migrations/sqlite/state/0003_fees_in_advance.sql"),
+    },
 ];
 
 /// PostgreSQL migrations (billing state), in order. Each file may hold
@@ -112,6 +117,11 @@ pub const POSTGRES: &[Migration] = &[
         version: 6,
         name: "lifecycle",
         sql: include_str!("../migrations/postgres/0006_lifecycle.sql"),
+    },
+    Migration {
+        version: 7,
+        name: "fees_in_advance",
+        sql: include_str!("../migrations/postgres/0007_fees_in_advance.sql"),
     },
 ];
 

@@ -149,9 +149,38 @@ pub struct PlanVersion {
     /// ([`derive_contract`]); absent for public plans.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub customer: Option<String>,
+    /// When the flat and seat fees are billed: `in_arrears` (the default,
+    /// on the invoice after the period) or `in_advance` (at the start of
+    /// the period they pay for; see `advance.rs`). Usage is always billed
+    /// in arrears. A plan billing in advance has no minimum or maximum.
+    #[serde(default, skip_serializing_if = "FeeTiming::is_in_arrears")]
+    pub fee_timing: FeeTiming,
+}
+
+/// When a plan's flat and seat fees are billed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FeeTiming {
+    /// On the invoice after the period, prorated to the segments it had.
+    #[default]
+    InArrears,
+    /// At the start of the period they pay for; a change inside it is
+    /// refunded and charged, prorated, on the next invoice.
+    InAdvance,
+}
+
+impl FeeTiming {
+    fn is_in_arrears(&self) -> bool {
+        *self == FeeTiming::InArrears
+    }
 }
 
 impl PlanVersion {
+    /// Whether the plan bills its flat and seat fees in advance.
+    pub fn in_advance(&self) -> bool {
+        self.fee_timing == FeeTiming::InAdvance
+    }
+
     /// Whether `customer` may be subscribed to this version: a public
     /// plan, or the customer's own contract.
     pub fn offered_to(&self, customer: &str) -> bool {
@@ -478,6 +507,20 @@ impl PlanVersion {
         ] {
             if let Some(v) = v {
                 check_amount(&mut err, name.into(), v, None);
+            }
+        }
+        if self.in_advance() {
+            // A minimum or maximum settles a period's whole spend, fees
+            // included, after it ends: fees billed at its start cannot
+            // take part (BILLING-EXAMPLES, fees in advance).
+            for (name, v) in [("minimum", self.minimum), ("maximum", self.maximum)] {
+                if v.is_some() {
+                    err(
+                        name.into(),
+                        "invalid_value",
+                        format!("{name}: a plan with fee_timing in_advance has no {name}"),
+                    );
+                }
             }
         }
         if let (Some(min), Some(max)) = (self.minimum, self.maximum) {

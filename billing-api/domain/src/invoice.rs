@@ -157,6 +157,34 @@ pub fn invoice_id(customer: &str, period: Period) -> String {
     format!("inv_{}_{}", customer, period.start.format("%Y%m"))
 }
 
+/// Stable id of the opening invoice of fees in advance starting at `t`
+/// (`advance::opening`): the instant to the microsecond, so two starts in
+/// one period (a reactivation, a trial's end) have two.
+pub fn opening_id(customer: &str, t: DateTime<Utc>) -> String {
+    format!("inv_{}_{}_open", customer, t.format("%Y%m%dT%H%M%S%6fZ"))
+}
+
+crate::named! {
+    /// What an invoice is for, stored and answered as its name. A customer
+    /// has at most one `period` invoice per period and one `opening`
+    /// invoice per start of fees in advance.
+    pub enum InvoiceKind ("invoice kind") {
+        /// A period's invoice, issued after it ends (or at a cancellation
+        /// plus grace): its usage, fees in arrears, changes to fees in
+        /// advance, and the next period's fees in advance.
+        Period => "period",
+        /// Fees in advance from where they start (a new subscription, a
+        /// reactivation, a trial's end) to the period's end, issued at once.
+        Opening => "opening",
+    }
+}
+
+impl Default for InvoiceKind {
+    fn default() -> Self {
+        InvoiceKind::Period
+    }
+}
+
 /// The previous period as re-rated when this invoice was built.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AdjustedPeriod {
@@ -195,6 +223,10 @@ pub struct InvoiceBody {
     /// Absent on invoices written before it was recorded: see [`billed`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub minor_units: Option<u32>,
+    /// Of an opening invoice: the billing period its fees are part of (the
+    /// invoice's own period runs from where they start to its end).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fees_period: Option<Period>,
 }
 
 /// An invoice before it is numbered: the draft of an open period, or what
@@ -202,6 +234,8 @@ pub struct InvoiceBody {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NewInvoice {
     pub id: String,
+    #[serde(default)]
+    pub kind: InvoiceKind,
     pub customer_id: String,
     pub period: Period,
     pub currency: String,
@@ -228,11 +262,25 @@ pub fn billed(inv: &Invoice) -> Rated {
             inv.subtotal.scale()
         }
     });
+    // Fees billed in advance are not the period's own rating: late usage
+    // is delta-rated against the rest (`advance::arrears`).
+    let lines: Vec<Line> = inv
+        .body
+        .lines
+        .iter()
+        .filter(|l| l.advance.is_none())
+        .cloned()
+        .collect();
+    let total = if lines.len() == inv.body.lines.len() {
+        inv.subtotal
+    } else {
+        crate::rating::with_minor_units(lines.iter().map(|l| l.amount).sum(), minor_units)
+    };
     Rated {
         currency: inv.currency.clone(),
         minor_units,
-        lines: inv.body.lines.clone(),
-        total: inv.subtotal,
+        lines,
+        total,
     }
 }
 
@@ -266,7 +314,13 @@ pub fn build(
     let adjustments_total = rated.money(adjs.iter().map(|a| a.amount).sum());
     let carried: Vec<CarriedInvoice> = carried
         .iter()
-        .filter(|c| c.customer_id == customer && c.period.start < period.start)
+        .filter(|c| {
+            c.customer_id == customer
+                && (c.period.start < period.start
+                    || (c.kind == InvoiceKind::Opening
+                        && c.period.end <= period.end
+                        && c.id != invoice_id(customer, period)))
+        })
         .map(|c| CarriedInvoice {
             invoice_id: c.id.clone(),
             invoice_number: c.number.clone(),
@@ -278,6 +332,7 @@ pub fn build(
     let status = status_of(total, min_charge);
     NewInvoice {
         id: invoice_id(customer, period),
+        kind: InvoiceKind::Period,
         customer_id: customer.to_owned(),
         period,
         currency: rated.currency.clone(),
@@ -293,8 +348,33 @@ pub fn build(
             unbilled: vec![],
             adjusted_earlier: None,
             minor_units: Some(rated.minor_units),
+            fees_period: None,
         },
         sync_status: status,
+    }
+}
+
+/// The opening invoice of fees in advance starting at `t` in `period`
+/// (`advance::opening` gives `rated`'s lines): for `[t, period.end)`, with
+/// the carried-forward invoices added like any invoice.
+pub fn build_opening(
+    customer: &str,
+    period: Period,
+    t: DateTime<Utc>,
+    rated: Rated,
+    carried: &[Invoice],
+    min_charge: Decimal,
+) -> NewInvoice {
+    let span = Period {
+        start: t,
+        end: period.end,
+    };
+    let mut n = build(customer, span, rated, None, carried, min_charge);
+    n.body.fees_period = Some(period);
+    NewInvoice {
+        id: opening_id(customer, t),
+        kind: InvoiceKind::Opening,
+        ..n
     }
 }
 
@@ -399,6 +479,8 @@ crate::named! {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Invoice {
     pub id: String,
+    #[serde(default)]
+    pub kind: InvoiceKind,
     pub seq: i64,
     pub number: String,
     pub customer_id: String,
@@ -461,6 +543,7 @@ mod tests {
         assert_eq!(n.body.minor_units, Some(2));
         let stored = |body: InvoiceBody| Invoice {
             id: n.id.clone(),
+            kind: InvoiceKind::Period,
             seq: 1,
             number: "TLY-000001".into(),
             customer_id: n.customer_id.clone(),
@@ -569,6 +652,7 @@ mod tests {
         assert_eq!(ingest_closes(at(2026, 11, 15)), at(2027, 1, 1));
         let inv = |p: Period, finalized_at| Invoice {
             id: invoice_id("c", p),
+            kind: InvoiceKind::Period,
             seq: 1,
             number: "TALLY-000001".into(),
             customer_id: "c".into(),
@@ -586,6 +670,7 @@ mod tests {
                 unbilled: vec![],
                 adjusted_earlier: None,
                 minor_units: Some(2),
+                fees_period: None,
             },
             finalized_at,
             sync_status: SyncStatus::Pending,

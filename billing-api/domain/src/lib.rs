@@ -16,6 +16,7 @@
 
 pub mod access;
 pub mod adjust;
+pub mod advance;
 pub mod alert;
 pub mod catalog;
 pub mod costs;

@@ -161,6 +161,25 @@ pub struct Line {
     /// it would have been (`amount` is zero).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waived: Option<Decimal>,
+    /// A fee of a plan billing in advance (`advance.rs`): charged ahead
+    /// for its span, or refunded or charged for the rest of its period
+    /// after a change. Absent on the lines of the period's own rating.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advance: Option<Advance>,
+}
+
+/// Why a fee line billed in advance is on an invoice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Advance {
+    /// The fee of the span `[segment_start, segment_end)` ahead, charged
+    /// at its start.
+    Fee,
+    /// A refund (negative) of a fee charged in advance, for the rest of
+    /// its period after a change (`segment_start` to `segment_end`).
+    Credit,
+    /// The fee in force after a change, for the rest of its period.
+    Charge,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -449,6 +468,7 @@ pub fn rate(
             amount_exact: Decimal::ZERO,
             amount: Decimal::ZERO,
             waived: None,
+            advance: None,
         };
         // A fee line: charged, or in a trial waived (zero, with what it
         // would have cost as evidence).

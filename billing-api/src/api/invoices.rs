@@ -50,7 +50,7 @@ pub(super) async fn draft_invoice(
         .invoices_of(&id)
         .await?
         .into_iter()
-        .find(|i| i.period == period)
+        .find(|i| i.kind == invoice::InvoiceKind::Period && i.period == period)
     {
         return Err(ApiError::conflict(
             "period_finalized",
@@ -100,10 +100,14 @@ pub(super) async fn get_invoice(
 pub struct RerateReport {
     pub invoice: String,
     pub period: Period,
-    /// The period rated again from raw events.
+    /// The period rated again from raw events (its own rating: usage and
+    /// fees in arrears).
     pub rerated: Rated,
-    /// True when every line (evidence and amount) and the subtotal equal
-    /// the invoice's.
+    /// Fees billed in advance, derived again from the plan history.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub advance: Vec<billing_domain::rating::Line>,
+    /// True when every line (evidence and amount), fees in advance
+    /// included, and the subtotal equal the invoice's.
     pub reproduces: bool,
     /// Lines that differ (late usage since finalization shows up here and
     /// on the next invoice as adjustments).
@@ -120,8 +124,9 @@ pub(super) async fn rerate_invoice(
 ) -> ApiResult<RerateReport> {
     who.admin()?;
     let inv = app.state.invoice(&id).await?;
-    let rerated =
-        invoice::rerate(app.state.as_ref(), app.usage.as_ref(), &app.meters, &inv).await?;
+    let again = invoice::rerate(app.state.as_ref(), app.usage.as_ref(), &app.meters, &inv).await?;
+    let reproduces = again.reproduces(&inv);
+    let (rerated, advance) = (again.own, again.advance);
     let billed = invoice::billed(&inv);
     let original = billing_domain::adjust::OriginalInvoice {
         number: inv.number.clone(),
@@ -131,8 +136,9 @@ pub(super) async fn rerate_invoice(
     Ok(Json(RerateReport {
         invoice: inv.number,
         period: inv.period,
-        reproduces: rerated == billed,
+        reproduces,
         rerated,
+        advance,
         differences,
     }))
 }

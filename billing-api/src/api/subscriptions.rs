@@ -67,15 +67,34 @@ pub(super) fn customer_period(anchor: u32, period: Option<&str>) -> Result<Perio
 }
 
 /// The open-period rule (`subscription::check_open`) against the
-/// customer's invoices.
+/// customer's period invoices, and for fees in advance
+/// (`advance::check_issued`): nothing takes effect before the latest
+/// invoice that billed fees in advance was issued, nor, when the change
+/// brings a plan billing in advance (`to` names it), before the latest
+/// invoice of any kind (whose next period's fees it would change).
 pub(super) async fn require_open(
     app: &ApiState,
     customer: &str,
     at: DateTime<Utc>,
+    to: Option<(&str, u32)>,
 ) -> Result<(), ApiError> {
     let invoices = app.state.invoices_of(customer).await?;
-    let last = invoices.last().map(|i| (i.number.as_str(), i.period.end));
-    Ok(billing_domain::subscription::check_open(at, last)?)
+    let last = invoices
+        .iter()
+        .filter(|i| i.kind == invoice::InvoiceKind::Period)
+        .next_back()
+        .map(|i| (i.number.as_str(), i.period.end));
+    billing_domain::subscription::check_open(at, last)?;
+    let ahead = match to {
+        Some((plan, version)) => app.state.plan_version(plan, version).await?.in_advance(),
+        None => false,
+    };
+    let issued = invoices
+        .iter()
+        .filter(|i| ahead || i.body.lines.iter().any(|l| l.advance.is_some()))
+        .max_by_key(|i| i.finalized_at)
+        .map(|i| (i.number.as_str(), i.finalized_at));
+    Ok(billing_domain::advance::check_issued(at, issued)?)
 }
 
 #[utoipa::path(post, path = "/v1/customers/{id}/subscription", params(("id" = String, Path)), request_body = Subscribe,
@@ -95,7 +114,7 @@ pub(super) async fn subscribe(
     let version = resolve_plan(&app, &req.plan, req.version).await?;
     let now = crate::wire::now();
     let at = req.starts_at.unwrap_or(now);
-    require_open(&app, &id, at).await?;
+    require_open(&app, &id, at, Some((&req.plan, version))).await?;
     final_invoice_due(&app, &id, at, now).await?;
     let row = app
         .state
@@ -344,7 +363,7 @@ pub(super) async fn seats_at(
             at.to_rfc3339(),
             s.start.to_rfc3339()
         ))),
-        Some(_) => require_open(app, customer, at).await,
+        Some(_) => require_open(app, customer, at, None).await,
     }
 }
 
@@ -494,7 +513,7 @@ pub(super) async fn switch_plan(
     let actor = who.admin()?;
     app.state.customer(&id).await?;
     let sw = planned(&app, &id, &req).await?;
-    require_open(&app, &id, sw.at).await?;
+    require_open(&app, &id, sw.at, Some((&sw.plan, sw.version))).await?;
     let done = app
         .state
         .switch_plan(&id, &sw.plan, sw.version, sw.at, actor)
@@ -544,7 +563,7 @@ pub(super) async fn cancel_subscription(
         crate::wire::now(),
         anchor(&app, &id).await?,
     )?;
-    require_open(&app, &id, at).await?;
+    require_open(&app, &id, at, None).await?;
     let done = app.state.cancel(&id, at, actor).await?;
     app.quota_changed(&id).await;
     Ok(Json(done))

@@ -288,7 +288,14 @@ pub trait StateStore: Send + Sync {
     ) -> impl Future<Output = StateResult<HashMap<String, Vec<SeatInterval>>>> + Send;
     /// Start of the earliest subscription, if any.
     fn billing_start(&self) -> impl Future<Output = StateResult<Option<DateTime<Utc>>>> + Send;
-    /// Finalized invoices whose period starts at `start`, by customer.
+    /// Opening invoices (fees in advance from where they start) issued for
+    /// instants in `period`, by customer, in order.
+    fn openings(
+        &self,
+        period: Period,
+    ) -> impl Future<Output = StateResult<HashMap<String, Vec<Invoice>>>> + Send;
+    /// Finalized period invoices (not opening ones) whose period starts at
+    /// `start`, by customer.
     fn invoices_in_period(
         &self,
         start: DateTime<Utc>,
@@ -303,7 +310,7 @@ pub trait StateStore: Send + Sync {
     // Invoices.
     /// Finalizes invoices in one transaction: numbers them from the gapless
     /// counter, marks the invoices they carry in, and skips (without using a
-    /// number) any whose customer and period already has an invoice.
+    /// number) any whose customer, period and kind already has an invoice.
     /// Returns the invoices written.
     fn insert_invoices(
         &self,
@@ -425,7 +432,7 @@ pub fn clip(
 /// An invoice row's columns.
 pub(crate) const INVOICE_COLUMNS: &str = "id, seq, number, customer_id, period_start, period_end, currency, subtotal, \
     adjustments_total, carried_in, total, body, finalized_at, sync_status, stripe_invoice_id, carried_to, \
-    payment_status, sync_error";
+    payment_status, sync_error, kind";
 
 /// An API key row's columns.
 pub(crate) const API_KEY_COLUMNS: &str =
@@ -481,6 +488,10 @@ fn required<T>(col: &str, v: Option<T>) -> StateResult<T> {
 pub(crate) fn invoice_from(r: &impl StateRow) -> StateResult<Invoice> {
     Ok(Invoice {
         id: r.text("id")?,
+        kind: r
+            .text("kind")?
+            .parse()
+            .map_err(|e| StateError::Invalid(format!("stored invoice: {e}")))?,
         seq: r.bigint("seq")?,
         number: r.text("number")?,
         customer_id: r.text("customer_id")?,

@@ -759,12 +759,27 @@ impl<D: Dialect> StateStore for SqlState<D> {
         &self,
         start: DateTime<Utc>,
     ) -> StateResult<HashMap<String, Invoice>> {
-        let sql = format!("SELECT {INVOICE_COLUMNS} FROM invoices WHERE period_start = $1");
+        let sql = format!(
+            "SELECT {INVOICE_COLUMNS} FROM invoices WHERE period_start = $1 AND kind = 'period'"
+        );
         self.read(q(sql).bind(start))
             .await?
             .iter()
             .map(|r| invoice_from(r).map(|i| (i.customer_id.clone(), i)))
             .collect()
+    }
+
+    async fn openings(&self, period: Period) -> StateResult<HashMap<String, Vec<Invoice>>> {
+        let sql = format!(
+            "SELECT {INVOICE_COLUMNS} FROM invoices WHERE kind = 'opening' \
+             AND period_start >= $1 AND period_start < $2 ORDER BY seq"
+        );
+        let rows = self
+            .read(q(sql).bind(period.start).bind(period.end))
+            .await?;
+        Ok(by_customer(
+            rows.iter().map(invoice_from).collect::<StateResult<_>>()?,
+        ))
     }
 
     async fn open_carried(
@@ -799,9 +814,13 @@ impl<D: Dialect> StateStore for SqlState<D> {
         for n in new {
             let exists = tx
                 .opt(
-                    q("SELECT 1 FROM invoices WHERE customer_id = $1 AND period_start = $2")
-                        .bind(&n.customer_id)
-                        .bind(n.period.start),
+                    q(
+                        "SELECT 1 FROM invoices WHERE customer_id = $1 AND period_start = $2 \
+                       AND kind = $3",
+                    )
+                    .bind(&n.customer_id)
+                    .bind(n.period.start)
+                    .bind(n.kind.as_str()),
                 )
                 .await?;
             if exists.is_some() {
@@ -816,8 +835,8 @@ impl<D: Dialect> StateStore for SqlState<D> {
                     q(format!(
                         "INSERT INTO invoices (id, seq, number, customer_id, period_start, period_end, \
                          currency, subtotal, adjustments_total, carried_in, total, body, finalized_at, \
-                         sync_status) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
-                         RETURNING {INVOICE_COLUMNS}"
+                         sync_status, kind) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, \
+                         $13, $14, $15) RETURNING {INVOICE_COLUMNS}"
                     ))
                     .bind(&n.id)
                     .bind(last)
@@ -832,7 +851,8 @@ impl<D: Dialect> StateStore for SqlState<D> {
                     .bind(n.total)
                     .bind(body)
                     .bind(finalized_at)
-                    .bind(n.sync_status.as_str()),
+                    .bind(n.sync_status.as_str())
+                    .bind(n.kind.as_str()),
                 )
                 .await?;
             // An invoice under the minimum points the earlier ones it
