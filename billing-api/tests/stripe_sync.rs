@@ -239,3 +239,94 @@ async fn billing_killed_mid_sync_leaves_each_invoice_once() {
     assert!(status.success());
     assert_exactly_once(st.as_ref(), &standin).await;
 }
+
+/// Fees in advance reach Stripe as they are billed: the opening invoice,
+/// and a boundary invoice whose refund after a downgrade is a negative
+/// invoice item beside the charges, the invoice's total equal to Tally's
+/// to the cent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refunds_of_fees_in_advance_are_negative_lines_in_stripe() {
+    let (_url, st, _pool) = pg("syncadvance").await;
+    let (_ch, _db, usage) = clickhouse("syncadvance").await;
+    default_catalog(st.as_ref()).await;
+    let plan = |key: &str, flat: &str| -> billing_api::catalog::PlanVersion {
+        serde_json::from_value(serde_json::json!({"plan": key, "version": 1, "name": key,
+            "currency": "USD", "flat_fee": flat, "seat_fee": "10", "fee_timing": "in_advance"}))
+        .unwrap()
+    };
+    st.publish_plan(&plan("adv_big", "90"), "test").await.unwrap();
+    st.publish_plan(&plan("adv_small", "60"), "test").await.unwrap();
+    let q = previous(month_of(Utc::now()));
+    st.create_customer(
+        &Customer {
+            id: "cus_a".into(),
+            external_id: "ext-a".into(),
+            name: "A".into(),
+        },
+        "test",
+    )
+    .await
+    .unwrap();
+    st.subscribe("cus_a", &NewSubscription::new("adv_big", 1, q.start), "test")
+        .await
+        .unwrap();
+    st.set_seats("cus_a", 4, q.start, "test").await.unwrap();
+    let down = q.start + Duration::days(10);
+    st.switch_plan("cus_a", "adv_small", 1, down, "test")
+        .await
+        .unwrap();
+    st.set_seats("cus_a", 1, down, "test").await.unwrap();
+    let f = finalizer(st.clone(), usage, 100);
+    assert_eq!(
+        f.run_once(q.end + Duration::hours(2))
+            .await
+            .unwrap()
+            .finalized,
+        2
+    );
+    let invoices = st.invoices_of("cus_a").await.unwrap();
+    let boundary = &invoices[1];
+    let negative: Vec<_> = boundary
+        .body
+        .lines
+        .iter()
+        .filter(|l| l.amount.is_sign_negative())
+        .map(|l| l.description.clone())
+        .collect();
+    assert_eq!(negative.len(), 2, "{:?}", boundary.body.lines);
+    assert!(negative.iter().all(|d| d.starts_with("Refund of adv_big")), "{negative:?}");
+    assert!(boundary.total.is_sign_positive(), "{}", boundary.total);
+
+    let standin = StandIn::start(0).await.unwrap();
+    let sync = StripeSync::new(config(&standin), st.clone(), Metrics::new());
+    assert_eq!(sync.run_once().await.unwrap(), (2, 0));
+    for inv in st.invoices_of("cus_a").await.unwrap() {
+        assert_eq!(inv.sync_status, SyncStatus::Synced, "{}", inv.number);
+        let sid = inv.stripe_invoice_id.clone().unwrap();
+        assert_eq!(
+            standin.invoice_total(&sid),
+            Some(minor_units(inv.total, &inv.currency).unwrap()),
+            "{}",
+            inv.number
+        );
+    }
+    let refunds: Vec<i64> = standin
+        .items()
+        .iter()
+        .filter(|i| i.amount < 0)
+        .map(|i| i.amount)
+        .collect();
+    // 90 and 4 seats × 10 for the rest of the month after the downgrade,
+    // refunded.
+    assert_eq!(refunds.len(), 2, "{:?}", standin.items());
+    let secs = (q.end - down).num_seconds();
+    let len = (q.end - q.start).num_seconds();
+    let cents = |fee: i64| {
+        -(rust_decimal::Decimal::from(fee * 100 * secs) / rust_decimal::Decimal::from(len))
+            .round_dp_with_strategy(0, rust_decimal::RoundingStrategy::MidpointNearestEven)
+            .to_string()
+            .parse::<i64>()
+            .unwrap()
+    };
+    assert_eq!(refunds, [cents(90), cents(40)]);
+}
