@@ -7,6 +7,11 @@
 //! series in the same chunks, plus one bulk insert of N invoice rows into
 //! PostgreSQL.
 //!
+//! A second run in the same process finalizes the same usage for a mixed
+//! customer base (one in ten on billing anchor day 15, one in ten on a plan
+//! billing a $20 fee in advance, the rest calendar months in arrears), in
+//! a database of its own, and is reported next to the calendar run.
+//!
 //! `TALLY_BENCH_CUSTOMERS` sets N. Needs TALLY_DATABASE_URL and
 //! TALLY_CLICKHOUSE_URL (ops/bench.sh sets them). Writes
 //! bench-results/finalize.json.
@@ -16,6 +21,7 @@ use testkit::billing as support;
 use billing_api::finalize::{FinalizeConfig, Finalizer};
 use billing_api::invoice::month_of;
 use billing_api::metrics::Metrics;
+use billing_api::state::StateStore;
 use chrono::{Duration, Utc};
 use schemas::MeterCatalog;
 use std::sync::Arc;
@@ -149,6 +155,50 @@ async fn main() {
             .fetch_one(&pool)
             .await
             .unwrap();
+
+    // The mixed run: the same usage, 1 in 10 customers on anchor day 15
+    // (their period that closed: mid-month to mid-month) and 1 in 10
+    // billing a $20 fee in advance (an opening invoice and the period's).
+    let (_url, mst, mpool) = support::pg("bench_fin_mix").await;
+    support::default_catalog(mst.as_ref()).await;
+    let mut adv: billing_api::catalog::PlanVersion = mst.plan_version("payg", 1).await.unwrap();
+    adv.plan = "payg_adv".into();
+    adv.flat_fee = rust_decimal::Decimal::from(20);
+    adv.fee_timing = billing_api::catalog::FeeTiming::InAdvance;
+    mst.publish_plan(&adv, "bench").await.unwrap();
+    support::bulk_customers(&mpool, "c", n, "payg", period.start).await;
+    let every = |rem: i64| {
+        format!("(substr(customer_id, 2)::bigint - 1000000) % 10 = {rem}")
+    };
+    // Anchored customers subscribed from their period's start (Oct 15):
+    // the steady state, each period one whole segment. (A first period
+    // begun mid-way is rated from per-customer usage reads instead: see
+    // BENCHMARKS.md.)
+    let anchored_from = billing_api::invoice::period_of(period.start, 15).start;
+    sqlx::query(&format!(
+        "UPDATE subscriptions SET anchor_day = 15, starts_at = $1 WHERE {}",
+        every(1)
+    ))
+    .bind(anchored_from)
+    .execute(&mpool)
+    .await
+    .unwrap();
+    sqlx::query(&format!("UPDATE subscriptions SET plan = 'payg_adv' WHERE {}", every(2)))
+        .execute(&mpool)
+        .await
+        .unwrap();
+    let mf = Finalizer {
+        state: mst.clone(),
+        usage: f.usage.clone(),
+        meters: f.meters.clone(),
+        config: FinalizeConfig::default(),
+        metrics: Metrics::new(),
+    };
+    let t = Instant::now();
+    let mr = mf.run_once(period.end + Duration::hours(2)).await.unwrap();
+    let mixed_secs = t.elapsed().as_secs_f64();
+    let in_advance = (0..n).filter(|i| i % 10 == 2).count() as i64;
+    assert_eq!(mr.finalized as i64, n + in_advance);
     let out = serde_json::json!({
         "customers": n, "series_per_customer": series, "hours": hours, "rollup_rows": rows,
         "groups": groups, "invoice_lines": lines,
@@ -156,6 +206,13 @@ async fn main() {
         "baseline_scan_seconds": scan_secs, "baseline_insert_seconds": insert_secs,
         "ratio_to_baseline": baseline / secs,
         "peak_rss_mib": peak_rss_mib(), "peak_rss_before_run_mib": rss_before,
+        "mixed": {
+            "anchor_15_customers": (0..n).filter(|i| i % 10 == 1).count(),
+            "in_advance_customers": in_advance,
+            "invoices": mr.finalized, "periods_walked": mr.periods,
+            "finalize_seconds": mixed_secs,
+            "ratio_to_calendar_run": secs / mixed_secs,
+        },
     });
     println!("{}", serde_json::to_string_pretty(&out).unwrap());
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../bench-results");

@@ -464,3 +464,68 @@ async fn dashboard_in_chromium_shows_the_api_figures_and_sets_the_cap() {
         .await;
     assert!(err.as_str().unwrap().contains("token"), "{err}");
 }
+
+/// Issue 13, fees in advance: the header says the plan bills its fees in
+/// advance, and the opening invoice is listed by the day its fees start,
+/// beside the period's own invoice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_shows_fees_billed_in_advance() {
+    let api = Api::start("dashboard_adv").await;
+    let prev = previous(month_of(Utc::now()));
+    let (s, v) = api
+        .call(
+            M::POST,
+            "/v1/plans",
+            Some(json!({"plan": "pro", "version": 1, "name": "Pro", "currency": "USD",
+                "flat_fee": "20", "fee_timing": "in_advance"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = api
+        .call(
+            M::POST,
+            "/v1/customers",
+            Some(json!({"id": "cus_p", "external_id": "cus_p", "name": "Pat"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let start = prev.start + Duration::days(10);
+    let (s, v) = api
+        .call(
+            M::POST,
+            "/v1/customers/cus_p/subscription",
+            Some(json!({"plan": "pro", "starts_at": start})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let fin = finalizer(api.st.clone(), api.usage.clone(), 100);
+    assert_eq!(fin.run_once(prev.end + Duration::hours(2)).await.unwrap().finalized, 2);
+    api.quota.refresh(Utc::now()).await.unwrap();
+    let (_, sess) = api
+        .call(M::POST, "/v1/customers/cus_p/sessions", Some(json!({})))
+        .await;
+    let token = sess["token"].as_str().unwrap().to_owned();
+    let browser = Browser::start().await;
+    browser
+        .goto(&format!("{}/dashboard#token={token}", api.base))
+        .await;
+    browser
+        .wait_for("return document.body.dataset.loaded || null;", "the page to load")
+        .await;
+    let page = browser.js(READ_PAGE).await;
+    assert_eq!(page["lifecycle"], "· fees billed in advance", "{page}");
+    let periods: Vec<String> = page["invoices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["text"][1].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        periods,
+        [
+            prev.start.format("%Y-%m").to_string(),
+            format!("fees from {}", start.format("%Y-%m-%d")),
+        ],
+        "{page}"
+    );
+}

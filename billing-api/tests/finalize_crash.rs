@@ -1,10 +1,14 @@
 //! A finalization run SIGKILLed at random moments and restarted: every
 //! customer ends with exactly one invoice for the period, numbers run
-//! 1..=N without gaps or repeats, and totals are right.
+//! 1..=N without gaps or repeats, and totals are right. One customer in
+//! ten is on billing anchor day 15 (a walk of its own) and one in ten bills
+//! a $20 fee in advance (an opening invoice too, written before the
+//! period's): each of those invoices is written once as well.
 
 use testkit::billing as support;
 
 use billing_api::invoice::{month_of, previous};
+use billing_api::state::StateStore;
 use chrono::{Duration, Utc};
 use rand::Rng;
 use rust_decimal::Decimal;
@@ -13,6 +17,9 @@ use std::time::{Duration as StdDuration, Instant};
 use support::*;
 
 const CUSTOMERS: i64 = 2000;
+/// One in ten customers bills its fee in advance: an opening invoice each.
+const IN_ADVANCE: i64 = CUSTOMERS / 10;
+const INVOICES: i64 = CUSTOMERS + IN_ADVANCE;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn finalization_killed_and_restarted_invoices_each_customer_once() {
@@ -22,6 +29,19 @@ async fn finalization_killed_and_restarted_invoices_each_customer_once() {
     let q = previous(month_of(Utc::now()));
     // Customer i made i million requests: $0.40 × i.
     let ids = bulk_customers(&pool, "c", CUSTOMERS, "payg", q.start).await;
+    let mut adv = st.plan_version("payg", 1).await.unwrap();
+    adv.plan = "payg_adv".into();
+    adv.flat_fee = Decimal::from(20);
+    adv.fee_timing = billing_api::catalog::FeeTiming::InAdvance;
+    st.publish_plan(&adv, "test").await.unwrap();
+    for (set, rem) in [("anchor_day = 15", 1), ("plan = 'payg_adv'", 2)] {
+        sqlx::query(&format!(
+            "UPDATE subscriptions SET {set} WHERE (substr(customer_id, 2)::bigint - 1000000) % 10 = {rem}"
+        ))
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
     let t = q.start + Duration::days(9);
     let events: Vec<_> = ids
         .iter()
@@ -97,33 +117,51 @@ async fn finalization_killed_and_restarted_invoices_each_customer_once() {
         }
         child.kill().unwrap();
         child.wait().unwrap();
-        if count().await < CUSTOMERS {
+        if count().await < INVOICES {
             mid_run_kills += 1;
         }
     }
     assert!(mid_run_kills >= 1, "no kill landed in the middle of a run");
-    assert_eq!(count().await, CUSTOMERS);
+    assert_eq!(count().await, INVOICES);
     let seqs: Vec<i64> = sqlx::query_scalar("SELECT seq FROM invoices ORDER BY seq")
         .fetch_all(&pool)
         .await
         .unwrap();
-    assert_eq!(seqs, (1..=CUSTOMERS).collect::<Vec<_>>(), "gapless");
-    let per_customer: i64 = sqlx::query_scalar(
-        "SELECT count(DISTINCT customer_id) FROM invoices WHERE period_start = $1",
+    assert_eq!(seqs, (1..=INVOICES).collect::<Vec<_>>(), "gapless");
+    // One period invoice per customer (anchor day 15: the period that
+    // closed first, mid-month to mid-month), one opening invoice per
+    // customer billing in advance.
+    let by_kind: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT kind, count(*), count(DISTINCT customer_id) FROM invoices GROUP BY kind ORDER BY kind",
     )
-    .bind(q.start)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        by_kind,
+        [
+            ("opening".to_string(), IN_ADVANCE, IN_ADVANCE),
+            ("period".to_string(), CUSTOMERS, CUSTOMERS)
+        ]
+    );
+    let anchored: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM invoices WHERE kind = 'period' AND period_end = $1",
+    )
+    .bind(q.start + Duration::days(14))
     .fetch_one(&pool)
     .await
     .unwrap();
-    assert_eq!(per_customer, CUSTOMERS);
+    assert_eq!(anchored, CUSTOMERS / 10);
     let total: Decimal = sqlx::query_scalar("SELECT sum(total) FROM invoices")
         .fetch_one(&pool)
         .await
         .unwrap();
-    // 0.40 × (1 + … + N)
+    // 0.40 × (1 + … + N), and $20 twice (this period's fee at once, the
+    // next one's on the period invoice) per customer billing in advance.
     assert_eq!(
         total,
         Decimal::new(40, 2) * Decimal::from(CUSTOMERS * (CUSTOMERS + 1) / 2)
+            + Decimal::from(40 * IN_ADVANCE)
     );
     println!("{runs} runs, {mid_run_kills} killed mid-run");
 }

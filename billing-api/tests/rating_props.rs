@@ -174,3 +174,68 @@ proptest! {
         prop_assert_eq!(r.total, expected);
     }
 }
+
+fn in_advance(version: u32, flat: u32, seat: u32) -> PlanVersion {
+    let mut p = plan(version, flat, seat, 0);
+    p.fee_timing = billing_api::catalog::FeeTiming::InAdvance;
+    p
+}
+
+proptest! {
+    /// Issue 13, fees in advance: for any sequence of switches, seat
+    /// changes and a cancellation inside a period, the fees billed for it
+    /// (those in force at its start, for the whole period, then every
+    /// change's refund of the rest and charge of the rest) add up exactly,
+    /// before rounding, to the fees of its segments rated in arrears; after
+    /// rounding each line once they differ by at most half a cent a line.
+    /// Refunds are negative, charges positive.
+    #[test]
+    fn fees_in_advance_with_their_refunds_and_charges_add_up_to_the_fees_in_arrears(
+        cuts in prop::collection::btree_set(1i64..LEN, 0..5),
+        fees in prop::collection::vec((0u32..400, 0u32..60), 6),
+        seat_changes in prop::collection::btree_map(0i64..LEN, 0u32..30, 1..6),
+        cancel in prop::option::of(1i64..LEN),
+    ) {
+        use billing_api::advance;
+        use billing_api::rating::Advance;
+        let p = period();
+        let at = |s: i64| DateTime::from_timestamp(START + s, 0).unwrap();
+        let end = cancel.unwrap_or(LEN);
+        let mut bounds: Vec<i64> = std::iter::once(0).chain(cuts.into_iter().filter(|c| *c < end)).collect();
+        bounds.push(end);
+        let segs: Vec<Segment> = bounds.windows(2).enumerate().map(|(i, w)| Segment {
+            trial: false,
+            plan: in_advance(i as u32 + 1, fees[i].0, fees[i].1),
+            start: at(w[0]),
+            end: at(w[1]),
+            usage: vec![],
+        }).collect();
+        let changes: Vec<(i64, u32)> = seat_changes.into_iter().collect();
+        let seats: Vec<SeatInterval> = changes.iter().enumerate().filter(|(_, (_, n))| *n > 0).map(|(i, (s, n))| SeatInterval {
+            start: at(*s),
+            end: at(changes.get(i + 1).map_or(LEN, |c| c.0)),
+            seats: *n,
+        }).collect();
+        let arrears = rate(&p, &segs, &seats).unwrap();
+        // What the period's fees were billed as: at its start (as the
+        // invoice before, or an opening invoice, bills them), then changes.
+        let mut ahead = advance::opening(p, &segs, &seats, p.start).unwrap();
+        let changes = advance::changes(p, &segs, &seats).unwrap();
+        for l in &changes {
+            match l.advance {
+                Some(Advance::Credit) => prop_assert!(l.amount <= Decimal::ZERO, "{:?}", l),
+                Some(Advance::Charge) => prop_assert!(l.amount >= Decimal::ZERO, "{:?}", l),
+                other => prop_assert!(false, "{:?}", other),
+            }
+        }
+        ahead.extend(changes);
+        let exact = |ls: &[billing_api::rating::Line]| ls.iter().map(|l| l.amount_exact).sum::<Decimal>();
+        let rounded = |ls: &[billing_api::rating::Line]| ls.iter().map(|l| l.amount).sum::<Decimal>();
+        prop_assert!((exact(&ahead) - exact(&arrears.lines)).abs() < Decimal::new(1, 15),
+            "{} vs {}", exact(&ahead), exact(&arrears.lines));
+        let slack = Decimal::new(5, 3) * Decimal::from(ahead.len() + arrears.lines.len());
+        prop_assert!((rounded(&ahead) - rounded(&arrears.lines)).abs() <= slack);
+        // In arrears, a plan billing in advance leaves nothing of its fees.
+        prop_assert!(advance::arrears(arrears, &segs).lines.is_empty());
+    }
+}

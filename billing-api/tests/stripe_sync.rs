@@ -240,10 +240,10 @@ async fn billing_killed_mid_sync_leaves_each_invoice_once() {
     assert_exactly_once(st.as_ref(), &standin).await;
 }
 
-/// Fees in advance reach Stripe as they are billed: the opening invoice,
-/// and a boundary invoice whose refund after a downgrade is a negative
-/// invoice item beside the charges, the invoice's total equal to Tally's
-/// to the cent.
+/// Fees in advance reach Stripe as they are billed, through injected
+/// faults: the opening invoice, and a boundary invoice whose refunds after
+/// a downgrade are negative invoice items beside the charges, each
+/// invoice's total equal to Tally's to the cent, each item once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refunds_of_fees_in_advance_are_negative_lines_in_stripe() {
     let (_url, st, _pool) = pg("syncadvance").await;
@@ -298,8 +298,21 @@ async fn refunds_of_fees_in_advance_are_negative_lines_in_stripe() {
     assert!(boundary.total.is_sign_positive(), "{}", boundary.total);
 
     let standin = StandIn::start(0).await.unwrap();
+    standin.inject([
+        Fault::RateLimit,
+        Fault::LoseResponse, // the customer
+        Fault::Pass,
+        Fault::ServerError,
+        Fault::LoseResponse, // an invoice
+        Fault::Pass,
+        Fault::Pass,
+        Fault::LoseResponse, // an item
+    ]);
     let sync = StripeSync::new(config(&standin), st.clone(), Metrics::new());
     assert_eq!(sync.run_once().await.unwrap(), (2, 0));
+    assert_eq!(standin.invoices().len(), 2);
+    let sent: i64 = standin.items().iter().map(|i| i.amount).sum();
+    let mut billed = 0;
     for inv in st.invoices_of("cus_a").await.unwrap() {
         assert_eq!(inv.sync_status, SyncStatus::Synced, "{}", inv.number);
         let sid = inv.stripe_invoice_id.clone().unwrap();
@@ -309,7 +322,9 @@ async fn refunds_of_fees_in_advance_are_negative_lines_in_stripe() {
             "{}",
             inv.number
         );
+        billed += minor_units(inv.total, &inv.currency).unwrap();
     }
+    assert_eq!(sent, billed, "no item twice, none astray");
     let refunds: Vec<i64> = standin
         .items()
         .iter()

@@ -172,7 +172,8 @@ async function loadAdvisor(at) {
   }
 }
 
-// Trial, billing day, a scheduled or past cancellation or switch: what the
+// Trial, billing day, fees billed in advance, a scheduled or past
+// cancellation or switch: what the
 // subscription says beyond the plan's name (a contract is named in the
 // advisor's table).
 async function loadSubscription() {
@@ -181,6 +182,11 @@ async function loadSubscription() {
   const cur = s.current;
   if (cur && cur.trial_end && new Date(cur.trial_end) > new Date()) notes.push(`trial until ${cur.trial_end.slice(0, 10)}`);
   if (cur && cur.anchor_day && cur.anchor_day !== 1) notes.push(`billed from day ${cur.anchor_day} of each month`);
+  if (cur) {
+    const plans = await api("GET", "/v1/plans");
+    const mine = plans.find((p) => p.plan.plan === cur.plan && p.plan.version === cur.version);
+    if (mine && mine.plan.fee_timing === "in_advance") notes.push("fees billed in advance");
+  }
   if (s.cancelled_at) {
     const when = s.cancelled_at.slice(0, 10);
     notes.push(new Date(s.cancelled_at) > new Date() ? `cancels on ${when}` : `cancelled on ${when}`);
@@ -199,10 +205,15 @@ async function loadInvoices() {
   }
   list.sort((a, b) => b.seq - a.seq);
   for (const inv of list) {
-    const status = inv.carried_to ? "carried forward" : inv.payment_status;
+    // A negative total (refunds of fees paid in advance) is carried to the
+    // next invoice, never charged.
+    const credit = inv.sync_status === "carried_forward" && inv.total.startsWith("-");
+    const status = inv.carried_to ? "carried forward" : credit ? "credit carried" : inv.payment_status;
+    // An opening invoice bills fees in advance from the day they start.
+    const period = inv.kind === "opening" ? `fees from ${inv.period.start.slice(0, 10)}` : inv.period.start.slice(0, 7);
     body.append(el("tr", { "data-invoice": inv.number },
       el("td", {}, inv.number),
-      el("td", {}, inv.period.start.slice(0, 7)),
+      el("td", {}, period),
       el("td", {}, el("span", { class: "status " + inv.payment_status, "data-status": status }, status)),
       moneyCell(inv.total, inv.currency)));
   }

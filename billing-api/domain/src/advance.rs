@@ -173,7 +173,7 @@ pub fn changes(
     let mut at: Vec<DateTime<Utc>> = segs
         .iter()
         .flat_map(|s| [s.start, s.end])
-        .chain(seats.iter().map(|iv| iv.start))
+        .chain(seats.iter().flat_map(|iv| [iv.start, iv.end]))
         .filter(|t| period.start < *t && *t < period.end)
         .collect();
     at.sort();
