@@ -167,9 +167,7 @@ async fn main() {
     adv.fee_timing = billing_api::catalog::FeeTiming::InAdvance;
     mst.publish_plan(&adv, "bench").await.unwrap();
     support::bulk_customers(&mpool, "c", n, "payg", period.start).await;
-    let every = |rem: i64| {
-        format!("(substr(customer_id, 2)::bigint - 1000000) % 10 = {rem}")
-    };
+    let every = |rem: i64| format!("(substr(customer_id, 2)::bigint - 1000000) % 10 = {rem}");
     // Anchored customers subscribed from their period's start (Oct 15):
     // the steady state, each period one whole segment. (A first period
     // begun mid-way is rated from per-customer usage reads instead: see
@@ -183,10 +181,13 @@ async fn main() {
     .execute(&mpool)
     .await
     .unwrap();
-    sqlx::query(&format!("UPDATE subscriptions SET plan = 'payg_adv' WHERE {}", every(2)))
-        .execute(&mpool)
-        .await
-        .unwrap();
+    sqlx::query(&format!(
+        "UPDATE subscriptions SET plan = 'payg_adv' WHERE {}",
+        every(2)
+    ))
+    .execute(&mpool)
+    .await
+    .unwrap();
     let mf = Finalizer {
         state: mst.clone(),
         usage: f.usage.clone(),

@@ -10,7 +10,7 @@ use crate::usage::{segment_usage_from, PeriodUsage};
 use aggregator::UsageStore;
 use billing_domain::advance;
 use billing_domain::catalog::PlanVersion;
-use billing_domain::rating::{rate, with_minor_units, Period, Rated, SeatInterval, Segment};
+use billing_domain::rating::{rate, Period, Rated, SeatInterval, Segment};
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use schemas::MeterCatalog;
@@ -161,25 +161,7 @@ pub async fn openings_due(
     let segments = fee_segments(state, plans, segs).await?;
     let mut out = Vec::new();
     for t in advance::start_instants(&segments, seats, period) {
-        let lines = advance::opening(period, &segments, seats, t)?;
-        let plan = &segments
-            .iter()
-            .find(|s| s.start <= t && t < s.end)
-            .expect("a start is inside a segment")
-            .plan;
-        let total = billing_domain::rating::with_minor_units(
-            lines.iter().map(|l| l.amount).sum(),
-            plan.minor_units,
-        );
-        out.push((
-            t,
-            Rated {
-                currency: plan.currency.clone(),
-                minor_units: plan.minor_units,
-                lines,
-                total,
-            },
-        ));
+        out.push((t, advance::opening(period, &segments, seats, t)?));
     }
     Ok(out)
 }
@@ -376,13 +358,8 @@ pub async fn rerate(
             let all = rate_invoice(state, usage, meters, c, inv.period, true).await?;
             let (advance, own): (Vec<_>, Vec<_>) =
                 all.lines.into_iter().partition(|l| l.advance.is_some());
-            let total = with_minor_units(own.iter().map(|l| l.amount).sum(), all.minor_units);
             Ok(Rerated {
-                own: Rated {
-                    lines: own,
-                    total,
-                    ..all
-                },
+                own: Rated::of_lines(all.currency, all.minor_units, own),
                 advance,
             })
         }
@@ -398,12 +375,9 @@ pub async fn rerate(
                 .find(|(t, _)| *t == inv.period.start)
                 .map(|(_, r)| r.lines)
                 .unwrap_or_default();
+            let billed = billed(inv);
             Ok(Rerated {
-                own: Rated {
-                    lines: vec![],
-                    total: with_minor_units(Decimal::ZERO, billed(inv).minor_units),
-                    ..billed(inv)
-                },
+                own: Rated::of_lines(billed.currency, billed.minor_units, vec![]),
                 advance,
             })
         }

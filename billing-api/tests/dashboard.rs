@@ -476,8 +476,10 @@ async fn dashboard_shows_fees_billed_in_advance() {
         .call(
             M::POST,
             "/v1/plans",
-            Some(json!({"plan": "pro", "version": 1, "name": "Pro", "currency": "USD",
-                "flat_fee": "20", "fee_timing": "in_advance"})),
+            Some(
+                json!({"plan": "pro", "version": 1, "name": "Pro", "currency": "USD",
+                "flat_fee": "20", "fee_timing": "in_advance"}),
+            ),
         )
         .await;
     assert_eq!(s, 201, "{v}");
@@ -499,7 +501,13 @@ async fn dashboard_shows_fees_billed_in_advance() {
         .await;
     assert_eq!(s, 201, "{v}");
     let fin = finalizer(api.st.clone(), api.usage.clone(), 100);
-    assert_eq!(fin.run_once(prev.end + Duration::hours(2)).await.unwrap().finalized, 2);
+    assert_eq!(
+        fin.run_once(prev.end + Duration::hours(2))
+            .await
+            .unwrap()
+            .finalized,
+        2
+    );
     api.quota.refresh(Utc::now()).await.unwrap();
     let (_, sess) = api
         .call(M::POST, "/v1/customers/cus_p/sessions", Some(json!({})))
@@ -510,7 +518,10 @@ async fn dashboard_shows_fees_billed_in_advance() {
         .goto(&format!("{}/dashboard#token={token}", api.base))
         .await;
     browser
-        .wait_for("return document.body.dataset.loaded || null;", "the page to load")
+        .wait_for(
+            "return document.body.dataset.loaded || null;",
+            "the page to load",
+        )
         .await;
     let page = browser.js(READ_PAGE).await;
     assert_eq!(page["lifecycle"], "· fees billed in advance", "{page}");

@@ -219,7 +219,7 @@ proptest! {
         let arrears = rate(&p, &segs, &seats).unwrap();
         // What the period's fees were billed as: at its start (as the
         // invoice before, or an opening invoice, bills them), then changes.
-        let mut ahead = advance::opening(p, &segs, &seats, p.start).unwrap();
+        let mut ahead = advance::opening(p, &segs, &seats, p.start).unwrap().lines;
         let changes = advance::changes(p, &segs, &seats).unwrap();
         for l in &changes {
             match l.advance {

@@ -748,6 +748,8 @@ fn example_9_fees_in_advance() {
     )];
     assert_eq!(advance::start_instants(&nov_segs, &[], NOV), [nov(10)]);
     let open = advance::opening(NOV, &nov_segs, &[], nov(10)).unwrap();
+    assert_eq!((open.currency.as_str(), open.total), ("USD", d("14.00")));
+    let open = open.lines;
     assert_eq!(
         lines_of(&open),
         [(
@@ -889,7 +891,7 @@ fn in_advance_seats_a_cancellation_and_a_trial() {
     let s = seats(&[(1, 31, 2)]);
     assert_eq!(advance::start_instants(&segs, &s, NOV), [nov(15)]);
     assert_eq!(
-        lines_of(&advance::opening(NOV, &segs, &s, nov(15)).unwrap()),
+        lines_of(&advance::opening(NOV, &segs, &s, nov(15)).unwrap().lines),
         [(
             "Team seats, 2026-11-15 – 2026-12-01",
             d("16.00"),

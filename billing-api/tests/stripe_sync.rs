@@ -254,8 +254,12 @@ async fn refunds_of_fees_in_advance_are_negative_lines_in_stripe() {
             "currency": "USD", "flat_fee": flat, "seat_fee": "10", "fee_timing": "in_advance"}))
         .unwrap()
     };
-    st.publish_plan(&plan("adv_big", "90"), "test").await.unwrap();
-    st.publish_plan(&plan("adv_small", "60"), "test").await.unwrap();
+    st.publish_plan(&plan("adv_big", "90"), "test")
+        .await
+        .unwrap();
+    st.publish_plan(&plan("adv_small", "60"), "test")
+        .await
+        .unwrap();
     let q = previous(month_of(Utc::now()));
     st.create_customer(
         &Customer {
@@ -267,9 +271,13 @@ async fn refunds_of_fees_in_advance_are_negative_lines_in_stripe() {
     )
     .await
     .unwrap();
-    st.subscribe("cus_a", &NewSubscription::new("adv_big", 1, q.start), "test")
-        .await
-        .unwrap();
+    st.subscribe(
+        "cus_a",
+        &NewSubscription::new("adv_big", 1, q.start),
+        "test",
+    )
+    .await
+    .unwrap();
     st.set_seats("cus_a", 4, q.start, "test").await.unwrap();
     let down = q.start + Duration::days(10);
     st.switch_plan("cus_a", "adv_small", 1, down, "test")
@@ -294,7 +302,10 @@ async fn refunds_of_fees_in_advance_are_negative_lines_in_stripe() {
         .map(|l| l.description.clone())
         .collect();
     assert_eq!(negative.len(), 2, "{:?}", boundary.body.lines);
-    assert!(negative.iter().all(|d| d.starts_with("Refund of adv_big")), "{negative:?}");
+    assert!(
+        negative.iter().all(|d| d.starts_with("Refund of adv_big")),
+        "{negative:?}"
+    );
     assert!(boundary.total.is_sign_positive(), "{}", boundary.total);
 
     let standin = StandIn::start(0).await.unwrap();

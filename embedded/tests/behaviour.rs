@@ -1224,6 +1224,9 @@ async fn lifecycle(mode: Mode) {
         .await;
     assert_eq!((s, v["code"].as_str()), (409, Some("conflict")), "{v}");
 
+    // Every invoice so far re-rates from raw events exactly.
+    assert_rerated(&sys, &["cus_now", "cus_pe", "cus_re", "cus_tr", "cus_tc"]).await;
+
     // Late usage timed before the cancellation, after the final invoice,
     // and late usage of last month (still accepted, and after the one
     // invoice that adjusted last month): with no later invoice to carry
@@ -1392,6 +1395,7 @@ async fn anchor_days(mode: Mode) {
         .map(|i| i["seq"].as_i64().unwrap())
         .collect();
     assert_eq!(seqs, [seqs[0], seqs[0] + 1, seqs[0] + 2]);
+    assert_rerated(&sys, &["cus_31"]).await;
 
     // Cancelled, then subscribed again: the anchor stays.
     let (s, v) = sys
@@ -1862,26 +1866,28 @@ async fn fees_in_advance(mode: Mode) {
     assert_eq!(dec(&inv["total"]), sum, "{inv}");
 
     // Every invoice re-rates exactly, fees in advance included.
-    for c in ["cus_adv", "cus_adv2"] {
-        let (_, list) = sys
+    assert_rerated(&sys, &["cus_adv", "cus_adv2"]).await;
+}
+
+/// Every invoice of `customers` re-rated from raw events reproduces it,
+/// line by line (fees in advance derived again from the plan history).
+async fn assert_rerated(sys: &System, customers: &[&str]) {
+    let mut n = 0;
+    for c in customers {
+        let (s, list) = sys
             .api(M::GET, &format!("/v1/customers/{c}/invoices"), None)
             .await;
+        assert_eq!(s, 200, "{list}");
         for i in list.as_array().unwrap() {
+            let id = i["id"].as_str().unwrap();
             let (s, r) = sys
-                .api(
-                    M::GET,
-                    &format!("/v1/invoices/{}/rerate", i["id"].as_str().unwrap()),
-                    None,
-                )
+                .api(M::GET, &format!("/v1/invoices/{id}/rerate"), None)
                 .await;
-            assert_eq!(
-                (s, &r["reproduces"]),
-                (200, &json!(true)),
-                "{}: {r}",
-                i["id"]
-            );
+            assert_eq!((s, &r["reproduces"]), (200, &json!(true)), "{id}: {r}");
+            n += 1;
         }
     }
+    assert!(n > 0, "no invoice of {customers:?} to re-rate");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -38,7 +38,6 @@ use crate::rating::{
 };
 use crate::subscription::PeriodFinalized;
 use chrono::{DateTime, Timelike, Utc};
-use rust_decimal::Decimal;
 
 /// The fees in force at an instant.
 #[derive(Debug, Clone, Copy)]
@@ -221,17 +220,26 @@ pub fn start_instants(
         .collect()
 }
 
-/// The lines of the opening invoice for a start at `t` in `period`: the
-/// fees in force at `t` to the period's end.
+/// The opening invoice's rating for a start at `t` in `period`: the fees
+/// in force at `t` to the period's end (none when `t` is not in a paid
+/// in-advance segment).
 pub fn opening(
     period: Period,
     segs: &[Segment],
     seats: &[SeatInterval],
     t: DateTime<Utc>,
-) -> Result<Vec<Line>, RatingError> {
+) -> Result<Rated, RatingError> {
     match state_at(segs, seats, t).filter(|s| s.paid()) {
-        Some(st) => fees(period, st, t, period.end, Advance::Fee),
-        None => Ok(vec![]),
+        Some(st) => Ok(Rated::of_lines(
+            st.seg.plan.currency.clone(),
+            st.seg.plan.minor_units,
+            fees(period, st, t, period.end, Advance::Fee)?,
+        )),
+        None => Ok(Rated::of_lines(
+            String::new(),
+            crate::rating::DEFAULT_MINOR_UNITS,
+            vec![],
+        )),
     }
 }
 
@@ -276,16 +284,7 @@ pub fn arrears(full: Rated, segs: &[Segment]) -> Rated {
             })
     };
     let lines: Vec<Line> = full.lines.into_iter().filter(|l| !ahead(l)).collect();
-    let total = with_total(&lines, full.minor_units);
-    Rated {
-        lines,
-        total,
-        ..full
-    }
-}
-
-fn with_total(lines: &[Line], minor_units: u32) -> Decimal {
-    crate::rating::with_minor_units(lines.iter().map(|l| l.amount).sum(), minor_units)
+    Rated::of_lines(full.currency, full.minor_units, lines)
 }
 
 /// What the invoice of `period` bills from its rating `full` (every segment
@@ -298,13 +297,13 @@ pub fn invoice(
     seats: &[SeatInterval],
     next: Option<&Next<'_>>,
 ) -> Result<Rated, RatingError> {
-    let mut r = arrears(full, segs);
-    r.lines.extend(changes(period, segs, seats)?);
+    let r = arrears(full, segs);
+    let mut lines = r.lines;
+    lines.extend(changes(period, segs, seats)?);
     if let Some(n) = next {
-        r.lines.extend(next_fees(period, segs, seats, n)?);
+        lines.extend(next_fees(period, segs, seats, n)?);
     }
-    r.total = with_total(&r.lines, r.minor_units);
-    Ok(r)
+    Ok(Rated::of_lines(r.currency, r.minor_units, lines))
 }
 
 /// Whether a change at `at` may be made for a customer billed in advance

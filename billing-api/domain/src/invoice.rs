@@ -271,17 +271,17 @@ pub fn billed(inv: &Invoice) -> Rated {
         .filter(|l| l.advance.is_none())
         .cloned()
         .collect();
-    let total = if lines.len() == inv.body.lines.len() {
-        inv.subtotal
-    } else {
-        crate::rating::with_minor_units(lines.iter().map(|l| l.amount).sum(), minor_units)
-    };
-    Rated {
-        currency: inv.currency.clone(),
-        minor_units,
-        lines,
-        total,
+    if lines.len() == inv.body.lines.len() {
+        // The subtotal as stored (an invoice of no lines: zero at the
+        // recorded digits, whatever its scale).
+        return Rated {
+            currency: inv.currency.clone(),
+            minor_units,
+            lines,
+            total: inv.subtotal,
+        };
     }
+    Rated::of_lines(inv.currency.clone(), minor_units, lines)
 }
 
 /// Builds the invoice of `period` from its rating, the previous period's

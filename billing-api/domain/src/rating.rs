@@ -194,6 +194,17 @@ pub struct Rated {
 }
 
 impl Rated {
+    /// A rating of `lines`, its total their sum (each already rounded).
+    pub fn of_lines(currency: String, minor_units: u32, lines: Vec<Line>) -> Rated {
+        let total = with_minor_units(lines.iter().map(|l| l.amount).sum(), minor_units);
+        Rated {
+            currency,
+            minor_units,
+            lines,
+            total,
+        }
+    }
+
     /// The total without the plan's maximum (what the usage itself costs;
     /// spending caps and alerts compare this).
     pub fn before_maximum(&self) -> Decimal {
@@ -581,15 +592,9 @@ pub fn rate(
     let minor_units = segments
         .first()
         .map_or(DEFAULT_MINOR_UNITS, |s| s.plan.minor_units);
-    let total = with_minor_units(lines.iter().map(|l| l.amount).sum(), minor_units);
     let currency = segments
         .first()
         .map(|s| s.plan.currency.clone())
         .unwrap_or_default();
-    Ok(Rated {
-        currency,
-        minor_units,
-        lines,
-        total,
-    })
+    Ok(Rated::of_lines(currency, minor_units, lines))
 }
