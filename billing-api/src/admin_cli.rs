@@ -258,6 +258,15 @@ pub async fn run(args: &AdminArgs) -> anyhow::Result<String> {
                     if let Some(t) = cur.get("trial_end").and_then(Value::as_str) {
                         let _ = writeln!(out, "trial until {t}");
                     }
+                    let plans = c.call(M::GET, "/v1/plans", None).await?;
+                    let ahead = plans.as_array().into_iter().flatten().any(|p| {
+                        p["plan"]["plan"] == cur["plan"]
+                            && p["plan"]["version"] == cur["version"]
+                            && p["plan"]["fee_timing"] == "in_advance"
+                    });
+                    if ahead {
+                        let _ = writeln!(out, "fees billed in advance");
+                    }
                 }
                 None => {
                     let _ = writeln!(out, "plan: none");
@@ -273,6 +282,31 @@ pub async fn run(args: &AdminArgs) -> anyhow::Result<String> {
                     s["plan"].as_str().unwrap_or(""),
                     s["version"],
                     s["start"].as_str().unwrap_or("")
+                );
+            }
+            // The latest invoices: an opening one (fees in advance) by the
+            // instant its fees start, a period's by its month.
+            let invoices = c
+                .call(
+                    M::GET,
+                    &format!("/v1/customers/{}/invoices", urlencode(&id)),
+                    None,
+                )
+                .await?;
+            let list = invoices.as_array().map(Vec::as_slice).unwrap_or(&[]);
+            for i in &list[list.len().saturating_sub(3)..] {
+                let start = i["period"]["start"].as_str().unwrap_or("");
+                let what = match i["kind"].as_str() {
+                    Some("opening") => format!("fees in advance from {start}"),
+                    _ => format!("period {}", start.get(..7).unwrap_or(start)),
+                };
+                let _ = writeln!(
+                    out,
+                    "invoice {} {what}: {} {} {}",
+                    i["number"].as_str().unwrap_or(""),
+                    i["total"].as_str().unwrap_or(""),
+                    i["currency"].as_str().unwrap_or(""),
+                    i["sync_status"].as_str().unwrap_or("")
                 );
             }
         }

@@ -40,6 +40,48 @@ fn req(q: u64) -> UsageItem {
     }
 }
 
+/// A period's plan history from generated cuts (a switch at each, to
+/// plan version i + 1 with `fees[i]`, made by `plan`), seat changes and a
+/// cancellation: its segment bounds (seconds into the period), segments
+/// and seat intervals.
+fn history(
+    cuts: std::collections::BTreeSet<i64>,
+    fees: &[(u32, u32)],
+    seat_changes: std::collections::BTreeMap<i64, u32>,
+    cancel: Option<i64>,
+    plan: impl Fn(u32, (u32, u32)) -> PlanVersion,
+) -> (Vec<i64>, Vec<Segment>, Vec<SeatInterval>) {
+    let at = |s: i64| DateTime::from_timestamp(START + s, 0).unwrap();
+    let end = cancel.unwrap_or(LEN);
+    let mut bounds: Vec<i64> = std::iter::once(0)
+        .chain(cuts.into_iter().filter(|c| *c < end))
+        .collect();
+    bounds.push(end);
+    let segs = bounds
+        .windows(2)
+        .enumerate()
+        .map(|(i, w)| Segment {
+            trial: false,
+            plan: plan(i as u32 + 1, fees[i]),
+            start: at(w[0]),
+            end: at(w[1]),
+            usage: vec![],
+        })
+        .collect();
+    let changes: Vec<(i64, u32)> = seat_changes.into_iter().collect();
+    let seats = changes
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, n))| *n > 0)
+        .map(|(i, (s, n))| SeatInterval {
+            start: at(*s),
+            end: at(changes.get(i + 1).map_or(LEN, |c| c.0)),
+            seats: *n,
+        })
+        .collect();
+    (bounds, segs, seats)
+}
+
 fn sorted_bounds() -> impl Strategy<Value = Vec<u32>> {
     prop::collection::btree_set(1u32..1_000_000, 1..4).prop_map(|s| s.into_iter().collect())
 }
@@ -132,23 +174,7 @@ proptest! {
     ) {
         use rust_decimal::RoundingStrategy::MidpointNearestEven;
         let p = period();
-        let at = |s: i64| DateTime::from_timestamp(START + s, 0).unwrap();
-        let end = cancel.unwrap_or(LEN);
-        let mut bounds: Vec<i64> = std::iter::once(0).chain(cuts.into_iter().filter(|c| *c < end)).collect();
-        bounds.push(end);
-        let segs: Vec<Segment> = bounds.windows(2).enumerate().map(|(i, w)| Segment {
-            trial: false,
-            plan: plan(i as u32 + 1, fees[i].0, fees[i].1, 0),
-            start: at(w[0]),
-            end: at(w[1]),
-            usage: vec![],
-        }).collect();
-        let changes: Vec<(i64, u32)> = seat_changes.into_iter().collect();
-        let seats: Vec<SeatInterval> = changes.iter().enumerate().filter(|(_, (_, n))| *n > 0).map(|(i, (s, n))| SeatInterval {
-            start: at(*s),
-            end: at(changes.get(i + 1).map_or(LEN, |c| c.0)),
-            seats: *n,
-        }).collect();
+        let (bounds, segs, seats) = history(cuts, &fees, seat_changes, cancel, |i, (f, s)| plan(i, f, s, 0));
         let r = rate(&p, &segs, &seats).unwrap();
         let billed: Decimal = r.lines.iter().map(|l| l.amount).sum();
         let len = Decimal::from(LEN);
@@ -199,23 +225,7 @@ proptest! {
         use billing_api::advance;
         use billing_api::rating::Advance;
         let p = period();
-        let at = |s: i64| DateTime::from_timestamp(START + s, 0).unwrap();
-        let end = cancel.unwrap_or(LEN);
-        let mut bounds: Vec<i64> = std::iter::once(0).chain(cuts.into_iter().filter(|c| *c < end)).collect();
-        bounds.push(end);
-        let segs: Vec<Segment> = bounds.windows(2).enumerate().map(|(i, w)| Segment {
-            trial: false,
-            plan: in_advance(i as u32 + 1, fees[i].0, fees[i].1),
-            start: at(w[0]),
-            end: at(w[1]),
-            usage: vec![],
-        }).collect();
-        let changes: Vec<(i64, u32)> = seat_changes.into_iter().collect();
-        let seats: Vec<SeatInterval> = changes.iter().enumerate().filter(|(_, (_, n))| *n > 0).map(|(i, (s, n))| SeatInterval {
-            start: at(*s),
-            end: at(changes.get(i + 1).map_or(LEN, |c| c.0)),
-            seats: *n,
-        }).collect();
+        let (_, segs, seats) = history(cuts, &fees, seat_changes, cancel, |i, (f, s)| in_advance(i, f, s));
         let arrears = rate(&p, &segs, &seats).unwrap();
         // What the period's fees were billed as: at its start (as the
         // invoice before, or an opening invoice, bills them), then changes.

@@ -312,6 +312,25 @@ async fn serve_loads_catalog_finalizes_and_stops_on_sigterm() {
     );
     let (_, out, _) = admin(&["find", "cus_s"]);
     assert!(!out.contains("cancelled at"), "{out}");
+    // A plan billing its fees in advance: `find` says so, beside the
+    // latest invoices.
+    let mut adv = st.plan_version("payg", 1).await.unwrap();
+    adv.plan = "payg_adv".into();
+    adv.flat_fee = rust_decimal::Decimal::from(20);
+    adv.fee_timing = billing_api::catalog::FeeTiming::InAdvance;
+    st.publish_plan(&adv, "test").await.unwrap();
+    let (ok, out, err) = admin(&["switch", "cus_s", "payg_adv", "--yes"]);
+    assert!(ok, "{out}{err}");
+    let (_, out, _) = admin(&["find", "cus_s"]);
+    assert!(
+        out.contains("plan: payg_adv v1")
+            && out.contains("fees billed in advance")
+            && out.contains(&format!(
+                "invoice TALLY-000001 period {}: 2.00 USD",
+                q.start.format("%Y-%m")
+            )),
+        "{out}"
+    );
     let (ok, _, err) = admin(&["cancel", "cus_s", "--at", "tomorrow", "--yes"]);
     assert!(!ok && err.contains("--at"), "{err}");
     let (ok, out, err) = admin(&["preview", "cus_s", "team", "--at", "2099-01-01T00:00:00Z"]);
