@@ -46,6 +46,8 @@ pub struct Entry {
     pub earlier: Vec<Segment>,
     /// Where the trial of the plan in force ends, while in one.
     pub trial_end: Option<DateTime<Utc>>,
+    /// Where the subscription ends inside the period (a cancellation).
+    pub ends: Option<DateTime<Utc>>,
     pub seats: Vec<SeatInterval>,
     pub running: Running,
     pub suspended: bool,
@@ -91,6 +93,7 @@ impl Entry {
             usage_to_date: &self.usage_to_date,
             earlier: &self.earlier,
             trial_end: self.trial_end,
+            ends: self.ends,
             seats: &self.seats,
             running: &self.running,
             suspended: self.suspended,
@@ -286,6 +289,7 @@ impl QuotaService {
         // start. Everyone else is read in one pass below.
         let mut earlier: HashMap<String, Vec<Segment>> = HashMap::new();
         let mut trials: HashMap<String, DateTime<Utc>> = HashMap::new();
+        let mut endings: HashMap<String, DateTime<Utc>> = HashMap::new();
         let mut usage: HashMap<String, Vec<UsageItem>> = HashMap::new();
         for (c, ss) in &segs {
             let Some(cur) = ss.iter().find(|s| s.start <= now && now < s.end) else {
@@ -294,6 +298,11 @@ impl QuotaService {
             let plan = plans.get(st, &cur.plan, cur.version).await?.clone();
             if cur.trial {
                 trials.insert(c.clone(), cur.end);
+            }
+            // Segments run back to back while subscribed: a last one that
+            // ends inside the period ends the subscription there.
+            if let Some(e) = ss.last().map(|s| s.end).filter(|e| *e < period.end) {
+                endings.insert(c.clone(), e);
             }
             let since = cur.start.max(period.start);
             if since > period.start {
@@ -407,6 +416,7 @@ impl QuotaService {
                     usage_to_date: usage.remove(&c).unwrap_or_default(),
                     earlier: earlier.remove(&c).unwrap_or_default(),
                     trial_end: trials.remove(&c),
+                    ends: endings.remove(&c),
                     seats: seats_all.get(&c).cloned().unwrap_or_default(),
                     running: running.remove(&c).unwrap_or_default(),
                     suspended,

@@ -274,6 +274,7 @@ fn quota_decision_table() {
         let plan = cat.latest(c.plan).unwrap();
         let q = QuotaInput {
             trial_end: None,
+            ends: None,
             plan,
             period,
             now,
@@ -315,6 +316,7 @@ fn forecast_extends_counters_at_their_rate_and_gauges_as_they_run() {
     let run = running(&[("web", "t4g.small", 2)], &[]);
     let at = |day: u32| QuotaInput {
         trial_end: None,
+        ends: None,
         plan: cat.latest("payg").unwrap(),
         period,
         now: Utc.with_ymd_and_hms(2026, 11, day, 0, 0, 0).unwrap(),
@@ -329,4 +331,38 @@ fn forecast_extends_counters_at_their_rate_and_gauges_as_they_run() {
     assert_eq!(forecast(&at(11)).unwrap(), d("34.27"));
     // Day 21: 10 M in 20 days → 15 M ($6.00); 2 × 240 h × $0.0232 = $11.14.
     assert_eq!(forecast(&at(21)).unwrap(), d("17.14"));
+    // Cancelled on Nov 21 (issue 13): the forecast stops there. Day 11:
+    // 10 M more to Nov 21 → 20 M ($8.00); 2 × 240 h × $0.0232 = $11.14.
+    let cancelled = QuotaInput {
+        ends: Some(Utc.with_ymd_and_hms(2026, 11, 21, 0, 0, 0).unwrap()),
+        ..at(11)
+    };
+    assert_eq!(forecast(&cancelled).unwrap(), d("19.14"));
+}
+
+#[test]
+fn a_cancellation_prorates_the_forecast_fees_to_it() {
+    let cat = Catalog::default_catalog();
+    let period = Period {
+        start: Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).unwrap(),
+        end: Utc.with_ymd_and_hms(2026, 12, 1, 0, 0, 0).unwrap(),
+    };
+    let run = running(&[], &[]);
+    let q = |ends| QuotaInput {
+        trial_end: None,
+        ends,
+        plan: cat.latest("business").unwrap(),
+        period,
+        now: Utc.with_ymd_and_hms(2026, 11, 5, 0, 0, 0).unwrap(),
+        usage_to_date: &[],
+        earlier: &[],
+        seats: &[],
+        running: &run,
+        suspended: false,
+        spending_cap: None,
+    };
+    // $299 flat: the whole month, or 12 of its 30 days (cancelled Nov 13).
+    assert_eq!(forecast(&q(None)).unwrap(), d("299.00"));
+    let nov13 = Utc.with_ymd_and_hms(2026, 11, 13, 0, 0, 0).unwrap();
+    assert_eq!(forecast(&q(Some(nov13))).unwrap(), d("119.60"));
 }

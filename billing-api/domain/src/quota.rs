@@ -143,6 +143,9 @@ pub struct QuotaInput<'a> {
     /// Where the trial of `plan` ends, while it is in one: fees are waived
     /// until then (usage to date and the forecast are rated in the trial).
     pub trial_end: Option<DateTime<Utc>>,
+    /// Where the subscription ends inside the period (a cancellation),
+    /// if it does: fees and the forecast stop there.
+    pub ends: Option<DateTime<Utc>>,
     pub seats: &'a [SeatInterval],
     pub running: &'a Running,
     pub suspended: bool,
@@ -200,13 +203,22 @@ pub fn since(q: &QuotaInput) -> DateTime<Utc> {
         .map_or(q.period.start, |s| s.end.max(q.period.start))
 }
 
+/// Where the plan in force now stops being billed: the subscription's end
+/// inside the period (a cancellation), else the period's end.
+fn until(q: &QuotaInput) -> DateTime<Utc> {
+    q.ends
+        .filter(|e| *e > since(q))
+        .map_or(q.period.end, |e| e.min(q.period.end))
+}
+
 /// (billed total, cost before the plan's maximum) of the period: the
 /// earlier segments as they are, then the plan in force now with `usage`.
 fn rated_total(q: &QuotaInput, usage: Vec<UsageItem>) -> anyhow::Result<(Decimal, Decimal)> {
     let mut segments = q.earlier.to_vec();
     let start = since(q);
+    let end = until(q);
     match q.trial_end.filter(|t| *t > start) {
-        Some(t) if t < q.period.end => {
+        Some(t) if t < end => {
             segments.push(Segment {
                 trial: true,
                 plan: q.plan.clone(),
@@ -218,7 +230,7 @@ fn rated_total(q: &QuotaInput, usage: Vec<UsageItem>) -> anyhow::Result<(Decimal
                 trial: false,
                 plan: q.plan.clone(),
                 start: t,
-                end: q.period.end,
+                end,
                 usage: vec![],
             });
         }
@@ -226,7 +238,7 @@ fn rated_total(q: &QuotaInput, usage: Vec<UsageItem>) -> anyhow::Result<(Decimal
             trial: trial.is_some(),
             plan: q.plan.clone(),
             start,
-            end: q.period.end,
+            end,
             usage,
         }),
     }
@@ -281,7 +293,8 @@ pub fn projection(
     out
 }
 
-/// The projected usage of the plan in force now to the period end, plus
+/// The projected usage of the plan in force now to the period end (or the
+/// subscription's end inside it), plus
 /// `extra`. Counters are projected from the whole period's usage, on every
 /// segment, as the dashboard's forecast does.
 fn projected_usage(q: &QuotaInput, extra: Vec<UsageItem>) -> Vec<UsageItem> {
@@ -292,7 +305,11 @@ fn projected_usage(q: &QuotaInput, extra: Vec<UsageItem>) -> Vec<UsageItem> {
         .flat_map(|s| s.usage.iter().cloned())
         .chain(q.usage_to_date.iter().cloned())
         .collect();
-    out.extend(projection(q.plan, q.period, q.now, &month, q.running));
+    let to = Period {
+        start: q.period.start,
+        end: until(q),
+    };
+    out.extend(projection(q.plan, to, q.now, &month, q.running));
     out.extend(extra);
     out
 }
