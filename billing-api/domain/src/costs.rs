@@ -206,17 +206,16 @@ impl Month {
     }
 
     /// Rated total with the rest of the period projected onto the last
-    /// segment (the plan in force now).
+    /// segment (the plan in force now), up to where it ends: the period's
+    /// end, or a cancellation inside it (nothing after one in the past).
     pub fn forecast(&self) -> anyhow::Result<Decimal> {
         let mut segs = self.segments_through(None);
         if let Some(last) = segs.last_mut() {
-            let extra = projection(
-                &last.plan,
-                self.period,
-                self.now,
-                &self.to_date,
-                &self.running,
-            );
+            let to = Period {
+                start: self.period.start,
+                end: last.end.max(self.now).min(self.period.end),
+            };
+            let extra = projection(&last.plan, to, self.now, &self.to_date, &self.running);
             last.usage.extend(extra);
         }
         Ok(rate(&self.period, &segs, &self.seats)?.total)
@@ -565,6 +564,18 @@ mod tests {
             (Some(dec("25.00")), Some(dec("25.00")))
         );
         assert_eq!(r.plan.as_ref().map(|p| p.plan.as_str()), Some("payg"));
+        // Cancelled on Nov 16: the rate runs 13 more days, not 27: 5 M in
+        // 2 days → 37.5 M requests by then, $15.00; cancelled now: nothing
+        // more than the month to date.
+        for (day, want) in [(16, "15.00"), (3, "2.00")] {
+            let mut c = m.clone();
+            c.segments[0].end = nov(day);
+            assert_eq!(
+                report(&c, "cus_1").unwrap().forecast,
+                dec(want),
+                "Nov {day}"
+            );
+        }
 
         let candidates: Vec<PlanVersion> = ["payg", "free"]
             .iter()
