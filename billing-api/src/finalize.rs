@@ -154,30 +154,32 @@ impl Finalizer {
         }
         let issued = state.openings(p).await?;
         let mut seats = state.seat_intervals_all(window).await?;
-        let mut carried = state.open_carried(None).await?;
         let mut plans = PlanCache::default();
         let mut customers: Vec<String> = segments.keys().cloned().collect();
         customers.sort();
-        let mut batch = Vec::new();
+        let mut due = Vec::new();
         for c in customers {
             let segs = segments.remove(&c).unwrap_or_default();
             let seats = seats.remove(&c).unwrap_or_default();
             let done = issued.get(&c).map(Vec::as_slice).unwrap_or(&[]);
             for (t, rated) in openings_due(state, &mut plans, p, &segs, &seats).await? {
-                if t > now || done.iter().any(|i| i.period.start == t) {
-                    continue;
+                if t <= now && !done.iter().any(|i| i.period.start == t) {
+                    due.push((c.clone(), t, rated));
                 }
-                let carried = carried.remove(&c).unwrap_or_default();
-                batch.push(build_opening(
-                    &c,
-                    p,
-                    t,
-                    rated,
-                    &carried,
-                    self.config.min_charge,
-                ));
             }
         }
+        if due.is_empty() {
+            return Ok(0);
+        }
+        // Carried-forward amounts go on the first invoice written after them.
+        let mut carried = state.open_carried(None).await?;
+        let mut batch: Vec<_> = due
+            .into_iter()
+            .map(|(c, t, rated)| {
+                let carried = carried.remove(&c).unwrap_or_default();
+                build_opening(&c, p, t, rated, &carried, self.config.min_charge)
+            })
+            .collect();
         let mut written = 0;
         while !batch.is_empty() {
             let rest = batch.split_off(batch.len().min(self.config.batch.max(1)));
@@ -206,7 +208,7 @@ impl Finalizer {
             if ahead {
                 report.finalized += self.openings(p, now, group).await?;
             }
-            report.finalized += self.finalize(p, now, group, None).await?;
+            report.finalized += self.finalize(p, now, group, None, ahead).await?;
             report.periods += 1;
             p = following(p);
         }
@@ -226,7 +228,7 @@ impl Finalizer {
                 .map(|(c, _)| c)
                 .collect();
             if !due.is_empty() {
-                report.finalized += self.finalize(p, now, group, Some(&due)).await?;
+                report.finalized += self.finalize(p, now, group, Some(&due), ahead).await?;
             }
             p = following(p);
         }
@@ -238,14 +240,16 @@ impl Finalizer {
     /// and, for a closed period, an adjustment invoice for each of the
     /// group's customers whose previous period's invoice late usage
     /// changed and who has no subscription in `p` (a cancelled customer: no
-    /// later invoice would carry the adjustment). Returns how many invoices
-    /// it wrote.
+    /// later invoice would carry the adjustment). `ahead`: some plan bills
+    /// its fees in advance, so the next period's plans and seats are read
+    /// for them. Returns how many invoices it wrote.
     async fn finalize(
         &self,
         p: Period,
         now: DateTime<Utc>,
         group: Group<'_>,
         only: Option<&BTreeSet<String>>,
+        ahead: bool,
     ) -> anyhow::Result<usize> {
         let state = self.state.as_ref();
         let done = state.invoices_in_period(p.start).await?;
@@ -286,8 +290,14 @@ impl Finalizer {
         let seats = state.seat_intervals_all(p).await?;
         // The next period's plan and seats at its start: its fees in advance.
         let next = following(p);
-        let mut next_segments = state.plan_segments_all(next).await?;
-        let mut next_seats = state.seat_intervals_all(next).await?;
+        let (mut next_segments, mut next_seats) = if ahead {
+            (
+                state.plan_segments_all(next).await?,
+                state.seat_intervals_all(next).await?,
+            )
+        } else {
+            Default::default()
+        };
         let prev_seats = state.seat_intervals_all(prev).await?;
         let carried = state.open_carried(None).await?;
 

@@ -314,12 +314,12 @@ pub fn build(
     let adjustments_total = rated.money(adjs.iter().map(|a| a.amount).sum());
     let carried: Vec<CarriedInvoice> = carried
         .iter()
+        // Earlier periods' invoices, and opening invoices of this period
+        // (their span starts inside it).
         .filter(|c| {
             c.customer_id == customer
                 && (c.period.start < period.start
-                    || (c.kind == InvoiceKind::Opening
-                        && c.period.end <= period.end
-                        && c.id != invoice_id(customer, period)))
+                    || (c.kind == InvoiceKind::Opening && c.period.end <= period.end))
         })
         .map(|c| CarriedInvoice {
             invoice_id: c.id.clone(),
