@@ -10,7 +10,10 @@
 //! A second run in the same process finalizes the same usage for a mixed
 //! customer base (one in ten on billing anchor day 15, one in ten on a plan
 //! billing a $20 fee in advance, the rest calendar months in arrears), in
-//! a database of its own, and is reported next to the calendar run.
+//! a database of its own, and is reported next to the calendar run. A
+//! third run finalizes it once more with every customer holding a $5
+//! credit grant, a 10 % coupon and a 20 % VAT profile (settlement and the
+//! consumption writes), also next to the calendar run.
 //!
 //! `TALLY_BENCH_CUSTOMERS` sets N. Needs TALLY_DATABASE_URL and
 //! TALLY_CLICKHOUSE_URL (ops/bench.sh sets them). Writes
@@ -200,6 +203,63 @@ async fn main() {
     let mixed_secs = t.elapsed().as_secs_f64();
     let in_advance = (0..n).filter(|i| i % 10 == 2).count() as i64;
     assert_eq!(mr.finalized as i64, n + in_advance);
+    // The settled run: the same usage on the calendar, every customer with
+    // a $5 grant, a 10 % coupon applied and a 20 % VAT profile (the
+    // settlement step and the consumption writes), beside the plain run.
+    let (_url, sst, spool) = support::pg("bench_fin_settle").await;
+    support::default_catalog(sst.as_ref()).await;
+    support::bulk_customers(&spool, "c", n, "payg", period.start).await;
+    sst.publish_coupon(
+        &serde_json::from_value(serde_json::json!({"id": "ten", "name": "Ten",
+            "percent_off": "10", "duration": "forever"}))
+        .unwrap(),
+        "bench",
+    )
+    .await
+    .unwrap();
+    sst.create_tax_rate(
+        &serde_json::from_value(serde_json::json!({"id": "vat", "name": "VAT",
+            "country": "FR", "percentage": "20"}))
+        .unwrap(),
+        "bench",
+    )
+    .await
+    .unwrap();
+    for sql in [
+        "INSERT INTO credit_grants (id, customer_id, kind, currency, amount, remaining, effective_at, \
+         expires_at, priority, reason, usable, invoice_id, idempotency_key, request_sha256, created_at) \
+         SELECT 'g' || id, id, 'promotional', 'USD', 5, 5, $1, NULL, 10, 'bench', true, NULL, NULL, '', $1 \
+         FROM customers",
+        "INSERT INTO credit_ledger (grant_id, customer_id, kind, amount, currency, at, invoice_id, recorded_at) \
+         SELECT id, customer_id, 'grant', amount, currency, effective_at, NULL, created_at FROM credit_grants",
+        "INSERT INTO customer_coupons (id, customer_id, coupon_id, coupon_version, applied_at, removed_at, \
+         ends_at, created_at) SELECT 'a' || id, id, 'ten', 1, $1, NULL, NULL, $1 FROM customers",
+        "INSERT INTO tax_profiles (customer_id, body, updated_at) \
+         SELECT id, '{\"country\": \"FR\"}'::jsonb, $1 FROM customers",
+    ] {
+        sqlx::query(sql)
+            .bind(period.start)
+            .execute(&spool)
+            .await
+            .unwrap();
+    }
+    let sf = Finalizer {
+        state: sst.clone(),
+        usage: f.usage.clone(),
+        meters: f.meters.clone(),
+        config: FinalizeConfig::default(),
+        metrics: Metrics::new(),
+    };
+    let t = Instant::now();
+    let sr = sf.run_once(period.end + Duration::hours(2)).await.unwrap();
+    let settled_secs = t.elapsed().as_secs_f64();
+    assert_eq!(sr.finalized as i64, n);
+    let consumed: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM credit_ledger WHERE kind = 'consumption'")
+            .fetch_one(&spool)
+            .await
+            .unwrap();
+    assert_eq!(consumed, n, "one consumption per customer");
     let out = serde_json::json!({
         "customers": n, "series_per_customer": series, "hours": hours, "rollup_rows": rows,
         "groups": groups, "invoice_lines": lines,
@@ -213,6 +273,11 @@ async fn main() {
             "invoices": mr.finalized, "periods_walked": mr.periods,
             "finalize_seconds": mixed_secs,
             "ratio_to_calendar_run": secs / mixed_secs,
+        },
+        "settled": {
+            "grants": n, "coupons": n, "tax_profiles": n, "consumptions": consumed,
+            "finalize_seconds": settled_secs,
+            "ratio_to_calendar_run": secs / settled_secs,
         },
     });
     println!("{}", serde_json::to_string_pretty(&out).unwrap());

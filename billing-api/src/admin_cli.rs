@@ -12,6 +12,12 @@
 //! billing-api admin audit   <customer>
 //! billing-api admin scheduled-changes list     --customer <customer>
 //! billing-api admin scheduled-changes withdraw --customer <customer> --change <id>
+//! billing-api admin credit grant  --customer <c> --amount 5.00 [--kind promotional|purchased]
+//!                                 [--currency USD] [--effective T] [--expires T] [--priority N]
+//!                                 [--reason TEXT] [--top-up] [--key IDEMPOTENCY-KEY]
+//! billing-api admin credit void   --customer <c> --grant <id>
+//! billing-api admin credit paid   --customer <c> --grant <id>
+//! billing-api admin credit ledger --customer <c>
 //! ```
 //!
 //! `switch` without `--yes` only previews; `cancel` without `--yes` only
@@ -81,6 +87,62 @@ pub enum AdminCommand {
     /// List or withdraw plan switches scheduled for later.
     #[command(subcommand)]
     ScheduledChanges(ScheduledCommand),
+    /// Grant, void or mark paid credit; read the ledger.
+    #[command(subcommand)]
+    Credit(CreditCommand),
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum CreditCommand {
+    /// Grant credit (`--key` makes a repeat answer the first grant).
+    Grant {
+        #[arg(long)]
+        customer: String,
+        /// A decimal amount in whole minor units, e.g. 5.00.
+        #[arg(long)]
+        amount: String,
+        /// promotional or purchased.
+        #[arg(long, default_value = "promotional")]
+        kind: String,
+        #[arg(long, default_value = "USD")]
+        currency: String,
+        /// From this instant (RFC 3339; default now).
+        #[arg(long, value_name = "INSTANT", value_parser = parse_instant)]
+        effective: Option<chrono::DateTime<chrono::Utc>>,
+        /// Expires at this instant (RFC 3339).
+        #[arg(long, value_name = "INSTANT", value_parser = parse_instant)]
+        expires: Option<chrono::DateTime<chrono::Utc>>,
+        /// Lower is consumed first (after the earliest expiry).
+        #[arg(long)]
+        priority: Option<u32>,
+        #[arg(long)]
+        reason: Option<String>,
+        /// A purchased grant usable once its top-up is paid.
+        #[arg(long)]
+        top_up: bool,
+        /// An idempotency key for the grant.
+        #[arg(long)]
+        key: Option<String>,
+    },
+    /// Void a grant's unused remainder.
+    Void {
+        #[arg(long)]
+        customer: String,
+        #[arg(long)]
+        grant: String,
+    },
+    /// Mark a top-up grant paid (usable from now on).
+    Paid {
+        #[arg(long)]
+        customer: String,
+        #[arg(long)]
+        grant: String,
+    },
+    /// The customer's credit ledger and balances.
+    Ledger {
+        #[arg(long)]
+        customer: String,
+    },
 }
 
 #[derive(Subcommand, Debug, Clone)]
@@ -154,12 +216,26 @@ impl Client<'_> {
         path: &str,
         body: Option<Value>,
     ) -> anyhow::Result<Value> {
+        self.call_keyed(method, path, body, None).await
+    }
+
+    /// [`call`](Self::call) with an `Idempotency-Key`.
+    async fn call_keyed(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+        key: Option<&str>,
+    ) -> anyhow::Result<Value> {
         let url = format!("{}{path}", self.args.url.trim_end_matches('/'));
         let mut r = self
             .http
             .request(method, &url)
             .bearer_auth(&self.args.key)
             .header("X-Tally-Actor", &self.args.actor);
+        if let Some(k) = key {
+            r = r.header("Idempotency-Key", k);
+        }
         if let Some(b) = body {
             r = r.json(&b);
         }
@@ -302,10 +378,11 @@ pub async fn run(args: &AdminArgs) -> anyhow::Result<String> {
                 };
                 let _ = writeln!(
                     out,
-                    "invoice {} {what}: {} {} {}",
+                    "invoice {} {what}: {} {} due {} {}",
                     i["number"].as_str().unwrap_or(""),
                     i["total"].as_str().unwrap_or(""),
                     i["currency"].as_str().unwrap_or(""),
+                    i["amount_due"].as_str().unwrap_or(""),
                     i["sync_status"].as_str().unwrap_or("")
                 );
             }
@@ -496,6 +573,113 @@ pub async fn run(args: &AdminArgs) -> anyhow::Result<String> {
                 v["plan"].as_str().unwrap_or(""),
                 v["version"],
                 v["start"].as_str().unwrap_or("")
+            );
+        }
+        AdminCommand::Credit(cmd) => {
+            let (v, customer) = match cmd {
+                CreditCommand::Grant {
+                    customer,
+                    amount,
+                    kind,
+                    currency,
+                    effective,
+                    expires,
+                    priority,
+                    reason,
+                    top_up,
+                    key,
+                } => {
+                    let body = json!({"kind": kind, "amount": amount, "currency": currency,
+                        "effective_at": effective, "expires_at": expires, "priority": priority,
+                        "reason": reason, "top_up": top_up});
+                    let v = c
+                        .call_keyed(
+                            M::POST,
+                            &format!("/v1/customers/{}/credit-grants", urlencode(customer)),
+                            Some(body),
+                            key.as_deref(),
+                        )
+                        .await
+                        .map_err(|e| naming(&format!("--customer {customer}"), e))?;
+                    (v, customer)
+                }
+                CreditCommand::Void { customer, grant }
+                | CreditCommand::Paid { customer, grant } => {
+                    let what = if matches!(cmd, CreditCommand::Void { .. }) {
+                        "void"
+                    } else {
+                        "paid"
+                    };
+                    let v = c
+                        .call(
+                            M::POST,
+                            &format!(
+                                "/v1/customers/{}/credit-grants/{}/{what}",
+                                urlencode(customer),
+                                urlencode(grant)
+                            ),
+                            None,
+                        )
+                        .await
+                        .map_err(|e| {
+                            naming(&format!("--customer {customer} --grant {grant}"), e)
+                        })?;
+                    (v, customer)
+                }
+                CreditCommand::Ledger { customer } => {
+                    let v = c
+                        .call(
+                            M::GET,
+                            &format!("/v1/customers/{}/credit-ledger", urlencode(customer)),
+                            None,
+                        )
+                        .await
+                        .map_err(|e| naming(&format!("--customer {customer}"), e))?;
+                    if args.json {
+                        return Ok(v.to_string());
+                    }
+                    for (cur, b) in v["balances"].as_object().into_iter().flatten() {
+                        let _ = writeln!(out, "balance: {} {cur}", b.as_str().unwrap_or("?"));
+                    }
+                    for e in v["entries"].as_array().into_iter().flatten() {
+                        let _ = writeln!(
+                            out,
+                            "{:>6}  {}  {:<11} {:>12} {}  grant {}{}",
+                            e["seq"],
+                            e["at"].as_str().unwrap_or(""),
+                            e["kind"].as_str().unwrap_or(""),
+                            e["amount"].as_str().unwrap_or(""),
+                            e["currency"].as_str().unwrap_or(""),
+                            e["grant_id"].as_str().unwrap_or(""),
+                            e["invoice_id"]
+                                .as_str()
+                                .map(|i| format!("  invoice {i}"))
+                                .unwrap_or_default()
+                        );
+                    }
+                    return Ok(out);
+                }
+            };
+            if args.json {
+                return Ok(v.to_string());
+            }
+            let _ = writeln!(
+                out,
+                "grant {} of {customer}: {} {} {}, {} left{}{}",
+                v["id"].as_str().unwrap_or(""),
+                v["kind"].as_str().unwrap_or(""),
+                v["amount"].as_str().unwrap_or(""),
+                v["currency"].as_str().unwrap_or(""),
+                v["remaining"].as_str().unwrap_or(""),
+                if v["usable"] == json!(false) {
+                    ", usable once paid"
+                } else {
+                    ""
+                },
+                v["voided_at"]
+                    .as_str()
+                    .map(|t| format!(", voided at {t}"))
+                    .unwrap_or_default()
             );
         }
     }

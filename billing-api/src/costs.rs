@@ -99,6 +99,22 @@ pub async fn load(
         .unwrap_or_default();
     let own_cap = entry.and_then(|e| e.spending_cap);
     let to_date = merged(items.iter().map(|d| &d.item));
+    // What the month's invoice would be settled with, at the period's end.
+    let currency = segments
+        .last()
+        .map(|s| s.plan.currency.clone())
+        .unwrap_or_else(|| "USD".into());
+    let settling = crate::invoice::Settling::read_one(state, customer).await?;
+    let mut settle = settling.inputs(
+        customer,
+        &currency,
+        period.end.max(now),
+        period.end,
+        period.end,
+    );
+    // The balance and what expires soon count every grant, not only those
+    // that can pay this period's invoice.
+    settle.grants = state.grants_of(customer).await?;
     Ok(Month {
         period,
         now,
@@ -108,6 +124,7 @@ pub async fn load(
         to_date,
         running,
         own_cap,
+        settle,
     })
 }
 

@@ -33,6 +33,7 @@
 use crate::invoice::{
     add_earlier, baseline, billed, build, build_opening, following, needs_earlier, opening_window,
     openings_due, period_of, previous, rate_segments, uncovered, Billing, NextFees, PlanCache,
+    Settling,
 };
 use crate::metrics::Metrics;
 use crate::state::{DynStateStore, Invoice, StateStore};
@@ -70,6 +71,8 @@ impl Default for FinalizeConfig {
 pub struct FinalizeReport {
     pub periods: usize,
     pub finalized: usize,
+    /// Credit grants whose remainder expired in this run.
+    pub expired: u64,
 }
 
 pub struct Finalizer {
@@ -132,6 +135,10 @@ impl Finalizer {
             self.walk(*a, Group::Only(ids), first, now, ahead, &mut report)
                 .await?;
         }
+        // Every invoice that could still consume a grant that has expired
+        // is written by now (`credit::expiry_due`): its remainder expires.
+        let grace = chrono::Duration::from_std(self.config.grace).unwrap_or_default();
+        report.expired = self.state.expire_grants(now, grace).await?;
         Ok(report)
     }
 
@@ -173,11 +180,15 @@ impl Finalizer {
         }
         // Carried-forward amounts go on the first invoice written after them.
         let mut carried = state.open_carried(None).await?;
+        let settling = Settling::read_all(state, p.start).await?;
         let mut batch: Vec<_> = due
             .into_iter()
             .map(|(c, t, rated)| {
                 let carried = carried.remove(&c).unwrap_or_default();
-                build_opening(&c, p, t, rated, &carried, self.config.min_charge)
+                let mut n = build_opening(&c, p, t, rated, &carried, self.config.min_charge);
+                // Fees in advance only: credits effective before it is issued.
+                settling.settle(&mut n, now, now, self.config.min_charge);
+                n
             })
             .collect();
         let mut written = 0;
@@ -300,6 +311,7 @@ impl Finalizer {
         };
         let prev_seats = state.seat_intervals_all(prev).await?;
         let carried = state.open_carried(None).await?;
+        let settling = Settling::read_all(state, p.start).await?;
 
         let mut plans = PlanCache::default();
         let versions: BTreeSet<(String, u32)> = segments
@@ -422,6 +434,7 @@ impl Finalizer {
                 if orphan && n.body.adjustments.is_empty() {
                     continue;
                 }
+                settling.settle(&mut n, now, p.end, self.config.min_charge);
                 let events: u64 = unbilled.iter().map(|u| u.events).sum();
                 self.metrics.unbilled_events.inc_by(events);
                 n.body.unbilled = unbilled;

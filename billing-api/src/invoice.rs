@@ -10,7 +10,9 @@ use crate::usage::{segment_usage_from, PeriodUsage};
 use aggregator::UsageStore;
 use billing_domain::advance;
 use billing_domain::catalog::PlanVersion;
+use billing_domain::credit::Grant;
 use billing_domain::rating::{rate, Period, Rated, SeatInterval, Segment};
+use billing_domain::settle::{self, Applied, Settlement, TaxProfile, TaxRate};
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use schemas::MeterCatalog;
@@ -338,6 +340,10 @@ pub async fn draft(
         let rerated = rate_arrears(state, usage, meters, customer, prev2).await?;
         add_earlier(&mut n, inv2, &baseline(inv2, prev_inv), rerated, min_charge);
     }
+    // As finalization would settle it at the period's end.
+    Settling::read_one(state, customer)
+        .await?
+        .settle(&mut n, period.end, period.end, min_charge);
     Ok(n)
 }
 
@@ -356,11 +362,13 @@ pub async fn rerate(
     match inv.kind {
         InvoiceKind::Period => {
             let all = rate_invoice(state, usage, meters, c, inv.period, true).await?;
+            let settlement = resettle(inv, &all.lines);
             let (advance, own): (Vec<_>, Vec<_>) =
                 all.lines.into_iter().partition(|l| l.advance.is_some());
             Ok(Rerated {
                 own: Rated::of_lines(all.currency, all.minor_units, own),
                 advance,
+                settlement,
             })
         }
         InvoiceKind::Opening => {
@@ -378,6 +386,7 @@ pub async fn rerate(
             let billed = billed(inv);
             Ok(Rerated {
                 own: Rated::of_lines(billed.currency, billed.minor_units, vec![]),
+                settlement: resettle(inv, &advance),
                 advance,
             })
         }
@@ -392,6 +401,106 @@ pub struct Rerated {
     /// Fees billed in advance: changes, the next period's fees, or an
     /// opening invoice's fees.
     pub advance: Vec<billing_domain::rating::Line>,
+    /// Discounts, tax and credits settled again on the re-rated lines with
+    /// what the invoice recorded it was settled with (`settled_with`).
+    pub settlement: Option<Settlement>,
+}
+
+/// `inv`'s settlement computed again over `lines` (the re-rated lines, in
+/// the invoice's order) and its adjustments and carried-in amount, from
+/// the inputs it recorded; None when it recorded none.
+fn resettle(inv: &Invoice, lines: &[billing_domain::rating::Line]) -> Option<Settlement> {
+    let inputs = inv.body.settled_with.as_ref()?;
+    Some(settle::settle(
+        &charges(lines, &inv.body.adjustments),
+        inv.carried_in,
+        &inv.currency,
+        digits(&inv.body, &inv.currency),
+        inputs,
+    ))
+}
+
+/// What settling invoices reads from the state: every customer's open
+/// grants, applied coupons and tax profile, and the tax rates; read once
+/// for a finalization pass or for one customer's draft.
+#[derive(Debug, Default)]
+pub struct Settling {
+    grants: HashMap<String, Vec<Grant>>,
+    applied: HashMap<String, Vec<Applied>>,
+    profiles: HashMap<String, TaxProfile>,
+    rates: Vec<TaxRate>,
+}
+
+impl Settling {
+    /// Everyone's, with coupons not removed before `since`.
+    pub async fn read_all(
+        state: &(impl StateStore + ?Sized),
+        since: DateTime<Utc>,
+    ) -> anyhow::Result<Settling> {
+        Ok(Settling {
+            grants: state.open_grants_all().await?,
+            applied: state.applied_all(since).await?,
+            profiles: state.tax_profiles_all().await?,
+            rates: state.tax_rates().await?,
+        })
+    }
+
+    /// One customer's.
+    pub async fn read_one(
+        state: &(impl StateStore + ?Sized),
+        customer: &str,
+    ) -> anyhow::Result<Settling> {
+        let one = |k: &str| k.to_owned();
+        let mut s = Settling {
+            rates: state.tax_rates().await?,
+            ..Settling::default()
+        };
+        s.grants
+            .insert(one(customer), state.grants_of(customer).await?);
+        s.applied
+            .insert(one(customer), state.coupons_of(customer).await?);
+        if let Some(p) = state.tax_profile(customer).await? {
+            s.profiles.insert(one(customer), p);
+        }
+        Ok(s)
+    }
+
+    /// What `customer`'s invoice in `currency` for a period ending at
+    /// `period_end`, issued at `issued`, is settled with (credits cut off
+    /// at `until`).
+    pub fn inputs(
+        &self,
+        customer: &str,
+        currency: &str,
+        issued: DateTime<Utc>,
+        period_end: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> settle::Inputs {
+        settle::inputs(
+            self.applied.get(customer).map(Vec::as_slice).unwrap_or(&[]),
+            self.profiles.get(customer),
+            &self.rates,
+            self.grants.get(customer).map(Vec::as_slice).unwrap_or(&[]),
+            currency,
+            issued,
+            period_end,
+            until,
+        )
+    }
+
+    /// Settles `n` (`invoice::settle_invoice`): issued at `issued`, its
+    /// credits cut off at `until`.
+    pub fn settle(
+        &self,
+        n: &mut NewInvoice,
+        issued: DateTime<Utc>,
+        until: DateTime<Utc>,
+        min_charge: Decimal,
+    ) {
+        let end = n.body.fees_period.unwrap_or(n.period).end;
+        let inputs = self.inputs(&n.customer_id, &n.currency, issued, end, until);
+        settle_invoice(n, inputs, min_charge);
+    }
 }
 
 impl Rerated {
@@ -404,7 +513,7 @@ impl Rerated {
             .filter(|l| l.advance.is_some())
             .cloned()
             .collect();
-        self.own == billed(inv) && self.advance == ahead
+        self.own == billed(inv) && self.advance == ahead && self.settlement == inv.body.settlement
     }
 }
 

@@ -52,6 +52,8 @@ pub struct Entry {
     pub running: Running,
     pub suspended: bool,
     pub spending_cap: Option<Decimal>,
+    /// Credit the customer can spend (in the plan's currency) at `as_of`.
+    pub credit: Decimal,
     pub version: u64,
 }
 
@@ -98,6 +100,7 @@ impl Entry {
             running: &self.running,
             suspended: self.suspended,
             spending_cap: self.spending_cap,
+            credit: self.credit,
         }
     }
 }
@@ -281,6 +284,7 @@ impl QuotaService {
             None => st.seat_intervals_all(period).await?,
         };
         let settings = st.quota_settings().await?;
+        let grants = st.open_grants_all().await?;
         let mut plans = PlanCache::default();
         let mut current: HashMap<String, PlanVersion> = HashMap::new();
         // Customers whose plan in force now started inside the period: the
@@ -409,6 +413,9 @@ impl QuotaService {
             .into_iter()
             .map(|(c, plan)| {
                 let (suspended, cap) = settings.get(&c).cloned().unwrap_or((false, None));
+                let credit = grants.get(&c).map_or(Decimal::ZERO, |g| {
+                    billing_domain::credit::balance_at(g, &plan.currency, as_of)
+                });
                 let e = Entry {
                     plan,
                     period,
@@ -421,6 +428,7 @@ impl QuotaService {
                     running: running.remove(&c).unwrap_or_default(),
                     suspended,
                     spending_cap: cap,
+                    credit,
                     version: 0,
                 };
                 (c, e)

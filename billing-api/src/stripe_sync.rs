@@ -135,12 +135,27 @@ pub fn stripe_lines(inv: &Invoice) -> Vec<(String, String, Decimal)> {
     for (i, a) in inv.body.adjustments.iter().enumerate() {
         out.push((format!("a{i}"), a.description.clone(), a.amount));
     }
+    if let Some(s) = &inv.body.settlement {
+        for (i, d) in s.discounts.iter().enumerate() {
+            out.push((format!("d{i}"), d.description.clone(), d.amount));
+        }
+        // Inclusive tax is already in the lines: only exclusive tax is sent.
+        for (i, t) in s.taxes.iter().enumerate().filter(|(_, t)| !t.inclusive) {
+            out.push((format!("t{i}"), t.description.clone(), t.amount));
+        }
+    }
     for (i, c) in inv.body.carried.iter().enumerate() {
         out.push((
             format!("c{i}"),
             format!("Carried forward from invoice {}", c.invoice_number),
             c.total,
         ));
+    }
+    // Credits last, as on the invoice: Stripe's total is Tally's amount due.
+    if let Some(s) = &inv.body.settlement {
+        for (i, k) in s.credits.iter().enumerate() {
+            out.push((format!("k{i}"), k.description.clone(), k.amount));
+        }
     }
     out.retain(|l| !l.2.is_zero());
     out
@@ -400,7 +415,7 @@ impl StripeSync {
         // Read back: the Stripe invoice must carry exactly our lines.
         let back = self.lines(stripe_id.as_str()).await?;
         let sent: i64 = back.iter().map(|l| l.amount).sum();
-        let want = minor_units(inv.total, &inv.currency)?;
+        let want = minor_units(inv.amount_due, &inv.currency)?;
         let keys: HashSet<&str> = back
             .iter()
             .filter_map(|l| l.metadata.get("tally_line").map(String::as_str))

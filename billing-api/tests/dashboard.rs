@@ -186,6 +186,8 @@ return {
   mtd: q("month-to-date").dataset.value, mtd_text: q("month-to-date").textContent,
   forecast: q("forecast").dataset.value, forecast_text: q("forecast").textContent,
   cap: q("spending-cap").dataset.value, cap_text: q("spending-cap").textContent,
+  credit: q("credit-balance").dataset.value, expiring: q("credit-expiring").textContent,
+  forecast_split: q("forecast-split").textContent, due: q("forecast-due").dataset.value,
   bars: [...q("daily-chart").querySelectorAll("rect.bar")].map((b) => ({ key: b.dataset.date, amount: b.dataset.value, h: Number(b.getAttribute("height")) })),
   meters: rows("by-meter", "key"), apps: rows("by-app", "key"),
   advisor: rows("advisor", "plan"), invoices: rows("invoices", "invoice"),
@@ -279,6 +281,35 @@ async fn dashboard_in_chromium_shows_the_api_figures_and_sets_the_cap() {
         )
         .await;
     assert_eq!(s, 200, "{v}");
+    // Credit expiring in ten days, a 10 % coupon and 20 % VAT (issue 14):
+    // the page shows the balance, what expires, and the month settled.
+    let expires = billing_api::wire::to_micros(Utc::now()) + Duration::days(10);
+    for (path, body) in [
+        (
+            "/v1/customers/cus_d/credit-grants",
+            json!({"kind": "promotional", "amount": "3.00", "expires_at": expires}),
+        ),
+        (
+            "/v1/coupons",
+            json!({"id": "ten", "name": "Ten", "percent_off": "10", "duration": "forever"}),
+        ),
+        ("/v1/customers/cus_d/coupons", json!({"coupon": "ten"})),
+        (
+            "/v1/tax-rates",
+            json!({"id": "vat", "name": "VAT", "country": "FR", "percentage": "20"}),
+        ),
+    ] {
+        let (s, v) = api.call(M::POST, path, Some(body)).await;
+        assert_eq!(s, 201, "{path}: {v}");
+    }
+    let (s, v) = api
+        .call(
+            M::PUT,
+            "/v1/customers/cus_d/tax-profile",
+            Some(json!({"country": "FR"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
     api.quota.refresh(Utc::now()).await.unwrap();
     let (_, sess) = api
         .call(M::POST, "/v1/customers/cus_d/sessions", Some(json!({})))
@@ -365,6 +396,7 @@ async fn dashboard_in_chromium_shows_the_api_figures_and_sets_the_cap() {
                 vec![
                     dec(&p["month_to_date"]),
                     dec(&p["forecast"]),
+                    dec(&p["forecast_total"]),
                     dec(&p["saving"]),
                 ],
             )
@@ -377,9 +409,46 @@ async fn dashboard_in_chromium_shows_the_api_figures_and_sets_the_cap() {
         cells(&page["invoices"]),
         vec![(
             inv["number"].as_str().unwrap().to_owned(),
-            vec![dec(&inv["total"])]
+            [
+                "discount_total",
+                "tax_total",
+                "total",
+                "credit_total",
+                "amount_due"
+            ]
+            .iter()
+            .map(|k| dec(&inv[*k]))
+            .collect()
         )]
     );
+    // The month settled: credit, what expires, discounts and tax.
+    let st = &costs["settlement"];
+    assert_eq!(
+        (dec(&page["credit"]), dec(&st["credit_balance"])),
+        (Decimal::new(300, 2), Decimal::new(300, 2)),
+        "{page}"
+    );
+    assert_eq!(
+        page["expiring"].as_str().unwrap(),
+        format!("$3.00 expires {}", expires.format("%Y-%m-%d"))
+    );
+    assert_eq!(dec(&page["due"]), dec(&st["forecast_due"]));
+    let (fd, ft) = (dec(&st["forecast_discounts"]), dec(&st["forecast_tax"]));
+    let mut want = String::new();
+    if !fd.is_zero() {
+        want += &format!("discounts −${:.2} · ", -fd);
+    }
+    if !ft.is_zero() {
+        want += &format!("tax ${ft:.2} · ");
+    }
+    want += &format!("total ${:.2}", dec(&st["forecast_total"]));
+    assert_eq!(page["forecast_split"].as_str().unwrap(), want);
+    assert!(ft > Decimal::ZERO, "{st}");
+    // 10 % off then 20 %: the forecast settled is 1.08 × the forecast,
+    // give or take the rounding of each step.
+    let f = dec(&costs["forecast"]);
+    let diff = (dec(&st["forecast_total"]) - f * Decimal::new(108, 2)).abs();
+    assert!(diff <= Decimal::new(2, 2), "{st}");
     assert!(dec(&inv["total"]) > Decimal::ZERO);
     let inv_text = page["invoices"][0]["text"].to_string();
     assert!(inv_text.contains("open"), "{inv_text}");

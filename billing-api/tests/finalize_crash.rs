@@ -3,7 +3,10 @@
 //! 1..=N without gaps or repeats, and totals are right. One customer in
 //! ten is on billing anchor day 15 (a walk of its own) and one in ten bills
 //! a $20 fee in advance (an opening invoice too, written before the
-//! period's): each of those invoices is written once as well.
+//! period's): each of those invoices is written once as well. Half of the
+//! customers have credit: every grant is consumed exactly once, never
+//! below zero, and each customer consumes the lesser of its credit and
+//! its invoices.
 
 use testkit::billing as support;
 
@@ -41,6 +44,34 @@ async fn finalization_killed_and_restarted_invoices_each_customer_once() {
         .execute(&pool)
         .await
         .unwrap();
+    }
+    // Every other customer has $1.00 of promotional credit; every fourth
+    // a second grant of $0.30 expiring after the period, consumed first.
+    let mut grants = 0;
+    for (i, c) in ids.iter().enumerate().filter(|(i, _)| i % 2 == 0) {
+        for (amount, expires) in [("1.00", None), ("0.30", Some(q.end + Duration::days(40)))] {
+            if expires.is_some() && i % 4 != 0 {
+                continue;
+            }
+            st.grant_credit(
+                &billing_api::state::NewGrant {
+                    customer_id: c.clone(),
+                    kind: billing_api::state::GrantKind::Promotional,
+                    currency: "USD".into(),
+                    amount: amount.parse().unwrap(),
+                    effective_at: Some(q.start),
+                    expires_at: expires,
+                    priority: 10,
+                    reason: "crash test".into(),
+                    top_up: false,
+                    idempotency_key: Some(format!("g-{c}-{amount}")),
+                },
+                "test",
+            )
+            .await
+            .unwrap();
+            grants += 1;
+        }
     }
     let t = q.start + Duration::days(9);
     let events: Vec<_> = ids
@@ -163,5 +194,57 @@ async fn finalization_killed_and_restarted_invoices_each_customer_once() {
         Decimal::new(40, 2) * Decimal::from(CUSTOMERS * (CUSTOMERS + 1) / 2)
             + Decimal::from(40 * IN_ADVANCE)
     );
-    println!("{runs} runs, {mid_run_kills} killed mid-run");
+    // Credits: each grant consumed at most once per invoice, never below
+    // zero, its ledger summing to its balance; what the invoices say they
+    // consumed is what the ledger holds; each customer consumed exactly
+    // the lesser of its grants and its invoices' totals.
+    let per_customer: Vec<(String, Decimal, Decimal, Option<Decimal>)> = sqlx::query_as(
+        "SELECT i.customer_id, sum(i.total), -sum(i.credit_total), \
+         (SELECT sum(amount) FROM credit_grants g WHERE g.customer_id = i.customer_id) \
+         FROM invoices i GROUP BY i.customer_id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let mut with_credit = 0;
+    for (c, total, consumed, granted) in &per_customer {
+        let granted = granted.unwrap_or_default();
+        assert_eq!(*consumed, granted.min(*total), "{c}");
+        with_credit += (!granted.is_zero()) as i64;
+    }
+    assert_eq!(with_credit, CUSTOMERS / 2);
+    let bad: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM credit_grants g WHERE g.remaining < 0 OR g.amount - g.remaining <> \
+         -(SELECT coalesce(sum(amount), 0) FROM credit_ledger l WHERE l.grant_id = g.id AND l.kind = 'consumption')",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(bad, 0);
+    let (entries, ledger_sum): (i64, Decimal) = sqlx::query_as(
+        "SELECT count(*), coalesce(sum(amount), 0) FROM credit_ledger WHERE kind = 'consumption'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let invoiced: Decimal = sqlx::query_scalar("SELECT sum(credit_total) FROM invoices")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(ledger_sum, invoiced);
+    let twice: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT grant_id, invoice_id FROM credit_ledger WHERE kind = 'consumption' \
+         GROUP BY grant_id, invoice_id HAVING count(*) > 1) x",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(twice, 0);
+    assert!(
+        entries >= grants / 2,
+        "{entries} consumptions of {grants} grants"
+    );
+    println!(
+        "{runs} runs, {mid_run_kills} killed mid-run, {entries} consumptions of {grants} grants"
+    );
 }

@@ -284,6 +284,7 @@ fn quota_decision_table() {
             running: &c.running,
             suspended: c.suspended,
             spending_cap: c.cap.map(d),
+            credit: Decimal::ZERO,
         };
         let got: Decision = decide(&q, &c.ask).unwrap();
         let (allow, reason, limit, current, cost) = c.want;
@@ -326,6 +327,7 @@ fn forecast_extends_counters_at_their_rate_and_gauges_as_they_run() {
         running: &run,
         suspended: false,
         spending_cap: None,
+        credit: Decimal::ZERO,
     };
     // Day 11: 10 M so far → 30 M ($12.00); 2 smalls × 480 h × $0.0232 = $22.27.
     assert_eq!(forecast(&at(11)).unwrap(), d("34.27"));
@@ -360,9 +362,57 @@ fn a_cancellation_prorates_the_forecast_fees_to_it() {
         running: &run,
         suspended: false,
         spending_cap: None,
+        credit: Decimal::ZERO,
     };
     // $299 flat: the whole month, or 12 of its 30 days (cancelled Nov 13).
     assert_eq!(forecast(&q(None)).unwrap(), d("299.00"));
     let nov13 = Utc.with_ymd_and_hms(2026, 11, 13, 0, 0, 0).unwrap();
     assert_eq!(forecast(&q(Some(nov13))).unwrap(), d("119.60"));
+}
+
+/// Spending caps count credit: on the free tier ($0 cap), the nano in a
+/// second app that would cost $2.61 past the free hours is allowed with
+/// $5 of promotional credit, refused with $2.60, and the decision says
+/// what credit it counted.
+#[test]
+fn a_zero_cap_lets_usage_run_as_far_as_the_credit() {
+    let cat = Catalog::default_catalog();
+    let period = Period {
+        start: Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).unwrap(),
+        end: Utc.with_ymd_and_hms(2026, 12, 1, 0, 0, 0).unwrap(),
+    };
+    let usage = vec![nano_secs(240 * 3600)];
+    let running = running(&[("web", "t4g.nano", 1)], &[]);
+    let q = |credit: &str| QuotaInput {
+        trial_end: None,
+        ends: None,
+        plan: cat.latest("free").unwrap(),
+        period,
+        now: Utc.with_ymd_and_hms(2026, 11, 11, 0, 0, 0).unwrap(),
+        usage_to_date: &usage,
+        earlier: &[],
+        seats: &[],
+        running: &running,
+        suspended: false,
+        spending_cap: None,
+        credit: d(credit),
+    };
+    let ask = start("api", "t4g.nano", 1);
+    let with = decide(&q("5.00"), &ask).unwrap();
+    assert_eq!(
+        (
+            with.allow,
+            with.spending_cap,
+            with.credit,
+            with.projected_usage_cost
+        ),
+        (true, Some(d("0")), d("5.00"), d("2.61"))
+    );
+    let short = decide(&q("2.60"), &ask).unwrap();
+    assert_eq!(
+        (short.allow, short.reason),
+        (false, Some(Reason::SpendingCap))
+    );
+    let exact = decide(&q("2.61"), &ask).unwrap();
+    assert!(exact.allow);
 }

@@ -326,11 +326,68 @@ async fn serve_loads_catalog_finalizes_and_stops_on_sigterm() {
         out.contains("plan: payg_adv v1")
             && out.contains("fees billed in advance")
             && out.contains(&format!(
-                "invoice TALLY-000001 period {}: 2.00 USD",
+                "invoice TALLY-000001 period {}: 2.00 USD due 2.00",
                 q.start.format("%Y-%m")
             )),
         "{out}"
     );
+    // Credit from the command line: a grant under a key (a repeat answers
+    // the first grant), its ledger, its void; bad flags named.
+    let grant_args = [
+        "credit",
+        "grant",
+        "--customer",
+        "cus_s",
+        "--amount",
+        "5.00",
+        "--reason",
+        "goodwill",
+        "--key",
+        "cli-1",
+    ];
+    let (ok, out, err) = admin(&grant_args);
+    assert!(
+        ok && out.contains("promotional 5.00 USD, 5.00 left"),
+        "{out}{err}"
+    );
+    let id = out.split_whitespace().nth(1).unwrap().to_owned();
+    let (ok, again, _) = admin(&grant_args);
+    assert!(ok && again.contains(&id), "{again}");
+    let (ok, _, err) = admin(&["credit", "grant", "--customer", "cus_s", "--amount", "0"]);
+    assert!(
+        !ok && err.contains("--customer cus_s: 422") && err.contains("amount"),
+        "{err}"
+    );
+    let (ok, _, err) = admin(&[
+        "credit",
+        "grant",
+        "--customer",
+        "cus_s",
+        "--amount",
+        "1",
+        "--expires",
+        "soon",
+    ]);
+    assert!(!ok && err.contains("--expires"), "{err}");
+    let (ok, out, err) = admin(&["credit", "void", "--customer", "cus_s", "--grant", &id]);
+    assert!(ok && out.contains("0 left, voided at"), "{out}{err}");
+    let (ok, out, err) = admin(&["credit", "ledger", "--customer", "cus_s"]);
+    assert!(
+        ok && out.contains("balance: 0 USD")
+            && out.contains("grant")
+            && out.contains("void")
+            && out.contains("-5.00"),
+        "{out}{err}"
+    );
+    let (ok, _, err) = admin(&[
+        "credit",
+        "void",
+        "--customer",
+        "cus_s",
+        "--grant",
+        "gr_nope",
+    ]);
+    assert!(!ok && err.contains("--grant gr_nope: 404"), "{err}");
     let (ok, _, err) = admin(&["cancel", "cus_s", "--at", "tomorrow", "--yes"]);
     assert!(!ok && err.contains("--at"), "{err}");
     let (ok, out, err) = admin(&["preview", "cus_s", "team", "--at", "2099-01-01T00:00:00Z"]);

@@ -147,6 +147,8 @@ on_both!(
     keys_and_quota,
     alerts,
     concurrent_writers,
+    credits_ledger,
+    coupons_and_taxes,
 );
 
 // ------------------------------------------------------------------ fixtures
@@ -290,8 +292,12 @@ fn new_invoice(
         currency: "USD".into(),
         subtotal: d(subtotal),
         adjustments_total: d("0.00"),
+        discount_total: d("0.00"),
+        tax_total: d("0.00"),
         carried_in,
         total: d(subtotal) + carried_in,
+        credit_total: d("0.00"),
+        amount_due: d(subtotal) + carried_in,
         body: InvoiceBody {
             lines,
             adjustments: vec![],
@@ -301,6 +307,8 @@ fn new_invoice(
             adjusted_earlier: None,
             minor_units: Some(2),
             fees_period: None,
+            settlement: None,
+            settled_with: None,
         },
         sync_status: status.into(),
     }
@@ -318,8 +326,12 @@ fn finalized(n: &NewInvoice, seq: i64, at: DateTime<Utc>) -> Invoice {
         currency: n.currency.clone(),
         subtotal: n.subtotal,
         adjustments_total: n.adjustments_total,
+        discount_total: n.discount_total,
+        tax_total: n.tax_total,
         carried_in: n.carried_in,
         total: n.total,
+        credit_total: n.credit_total,
+        amount_due: n.amount_due,
         body: n.body.clone(),
         finalized_at: at,
         sync_status: n.sync_status.clone(),
@@ -1203,6 +1215,424 @@ async fn opening_invoices(db: Db) {
     );
     let e = db.raw.exec(&sql, &[]).await.unwrap_err();
     assert!(e.contains("immutable"), "{e}");
+}
+
+/// Credit grants: idempotent on the caller's key (same body: the first
+/// grant; another body: a conflict); each finalized invoice consumes once,
+/// in its own transaction, and only what the grant still holds (a balance
+/// changed since settling fails the batch and writes nothing); void and
+/// expiry take the remainder; the ledger is append-only and sums to the
+/// balances; every change is audited.
+async fn credits_ledger(db: Db) {
+    use billing_api::state::{EntryKind, GrantKind, NewGrant};
+    let st = db.st.clone();
+    customers(st.as_ref(), &["cr", "other"]).await;
+    let since = Utc::now();
+    let new = |amount: &str, key: Option<&str>, expires: Option<DateTime<Utc>>| NewGrant {
+        customer_id: "cr".into(),
+        kind: GrantKind::Promotional,
+        currency: "USD".into(),
+        amount: d(amount),
+        effective_at: Some(nov(1)),
+        expires_at: expires,
+        priority: 10,
+        reason: "signup".into(),
+        top_up: false,
+        idempotency_key: key.map(str::to_owned),
+    };
+    let (promo, created) = st
+        .grant_credit(&new("5.00", Some("k1"), Some(t(2026, 12, 31))), "staff")
+        .await
+        .unwrap();
+    assert!(created);
+    assert_eq!((promo.amount, promo.remaining), (d("5.00"), d("5.00")));
+    let (again, created) = st
+        .grant_credit(&new("5.00", Some("k1"), Some(t(2026, 12, 31))), "staff")
+        .await
+        .unwrap();
+    assert!(!created);
+    assert_eq!(again, promo);
+    let e = st
+        .grant_credit(&new("6.00", Some("k1"), None), "staff")
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StateError::Conflict(_)), "{e}");
+    // The same key is another customer's own.
+    let mut theirs = new("1.00", Some("k1"), None);
+    theirs.customer_id = "other".into();
+    assert!(st.grant_credit(&theirs, "staff").await.unwrap().1);
+    let mut bought = new("20.00", None, None);
+    bought.kind = GrantKind::Purchased;
+    let (bought, _) = st.grant_credit(&bought, "staff").await.unwrap();
+    let expiring = st
+        .grant_credit(&new("3.00", None, Some(nov(20))), "staff")
+        .await
+        .unwrap()
+        .0;
+    let missing = NewGrant {
+        customer_id: "nobody".into(),
+        ..new("1.00", None, None)
+    };
+    assert!(matches!(
+        st.grant_credit(&missing, "staff").await.unwrap_err(),
+        StateError::NotFound(_)
+    ));
+
+    // November: $7.40 before credits (example 11).
+    let nov_p = month(2026, 11);
+    let rated = billing_api::rating::Rated {
+        currency: "USD".into(),
+        minor_units: 2,
+        lines: vec![],
+        total: d("7.40"),
+    };
+    let settling = billing_api::invoice::Settling::read_all(st.as_ref(), nov_p.start)
+        .await
+        .unwrap();
+    let mut n = billing_api::invoice::build("cr", nov_p, rated, None, &[], d("0.50"));
+    n.body.lines = vec![flat_line("7.40")];
+    settling.settle(&mut n, nov_p.end, nov_p.end, d("0.50"));
+    assert_eq!((n.credit_total, n.amount_due), (d("-7.40"), d("0.00")));
+    // A grant voided between settling and writing: the batch fails whole.
+    let (spare, _) = st
+        .grant_credit(&new("1.00", None, None), "staff")
+        .await
+        .unwrap();
+    let mut stale = n.clone();
+    stale.id = "inv_stale".into();
+    stale.period = month(2026, 10);
+    stale.body.settlement.as_mut().unwrap().credits[0].balance_before = d("4.00");
+    let e = st
+        .insert_invoices(vec![stale], nov_p.end)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StateError::Conflict(_)), "{e}");
+    assert!(st.invoices_of("cr").await.unwrap().is_empty());
+    let w = st
+        .insert_invoices(vec![n.clone()], nov_p.end + Duration::hours(1))
+        .await
+        .unwrap();
+    assert_eq!(w.len(), 1);
+    assert_eq!(
+        (
+            w[0].total,
+            w[0].credit_total,
+            w[0].amount_due,
+            w[0].sync_status
+        ),
+        (d("7.40"), d("-7.40"), d("0.00"), SyncStatus::NothingDue)
+    );
+    // Written again (a restarted run): skipped, nothing consumed twice.
+    assert!(st
+        .insert_invoices(vec![n.clone()], nov_p.end + Duration::hours(2))
+        .await
+        .unwrap()
+        .is_empty());
+    let balances: HashMap<String, Decimal> = st
+        .grants_of("cr")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|g| (g.id, g.remaining))
+        .collect();
+    assert_eq!(balances[&promo.id], d("0"));
+    assert_eq!(balances[&bought.id], d("17.60"));
+    assert_eq!(balances[&expiring.id], d("3.00"));
+
+    // Void the spare; expire the one that ended on Nov 20 (due an hour
+    // after with a grace of one hour).
+    let voided = st
+        .void_grant("cr", &spare.id, "staff", nov(25))
+        .await
+        .unwrap();
+    assert_eq!(
+        (voided.remaining, voided.voided_at),
+        (d("0"), Some(nov(25)))
+    );
+    assert_eq!(
+        st.void_grant("cr", &spare.id, "staff", nov(26))
+            .await
+            .unwrap(),
+        voided
+    );
+    assert!(matches!(
+        st.void_grant("other", &spare.id, "staff", nov(26))
+            .await
+            .unwrap_err(),
+        StateError::NotFound(_)
+    ));
+    let grace = Duration::hours(1);
+    assert_eq!(st.expire_grants(nov(20), grace).await.unwrap(), 0);
+    assert_eq!(st.expire_grants(nov(21), grace).await.unwrap(), 1);
+    assert_eq!(st.expire_grants(nov(22), grace).await.unwrap(), 0);
+
+    let ledger = st.ledger_of("cr").await.unwrap();
+    let kinds: Vec<(String, EntryKind, Decimal, Option<String>)> = ledger
+        .iter()
+        .map(|e| (e.grant_id.clone(), e.kind, e.amount, e.invoice_id.clone()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            (promo.id.clone(), EntryKind::Grant, d("5.00"), None),
+            (bought.id.clone(), EntryKind::Grant, d("20.00"), None),
+            (expiring.id.clone(), EntryKind::Grant, d("3.00"), None),
+            (spare.id.clone(), EntryKind::Grant, d("1.00"), None),
+            (
+                promo.id.clone(),
+                EntryKind::Consumption,
+                d("-5.00"),
+                Some(n.id.clone())
+            ),
+            (
+                bought.id.clone(),
+                EntryKind::Consumption,
+                d("-2.40"),
+                Some(n.id.clone())
+            ),
+            (spare.id.clone(), EntryKind::Void, d("-1.00"), None),
+            (expiring.id.clone(), EntryKind::Expiry, d("-3.00"), None),
+        ]
+    );
+    assert!(ledger.windows(2).all(|w| w[0].seq < w[1].seq));
+    assert_eq!(
+        ledger
+            .iter()
+            .find(|e| e.kind == EntryKind::Expiry)
+            .unwrap()
+            .at,
+        nov(20)
+    );
+    // The ledger sums to the balances, grant by grant.
+    for g in st.grants_of("cr").await.unwrap() {
+        let sum: Decimal = ledger
+            .iter()
+            .filter(|e| e.grant_id == g.id)
+            .map(|e| e.amount)
+            .sum();
+        assert_eq!(sum, g.remaining, "{}", g.id);
+    }
+    let open = st.open_grants_all().await.unwrap();
+    assert_eq!(
+        open["cr"].iter().map(|g| g.id.clone()).collect::<Vec<_>>(),
+        [bought.id.clone()]
+    );
+    assert_eq!(open["other"].len(), 1);
+    // Append-only.
+    for sql in [
+        "UPDATE credit_ledger SET amount = '0'",
+        "DELETE FROM credit_ledger",
+    ] {
+        let e = db.raw.exec(sql, &[]).await.unwrap_err();
+        assert!(e.contains("append-only"), "{e}");
+    }
+    // A top-up is usable once paid.
+    let mut top = new("10.00", None, None);
+    top.kind = GrantKind::Purchased;
+    top.top_up = true;
+    let (top, _) = st.grant_credit(&top, "staff").await.unwrap();
+    assert!(!top.usable);
+    let paid = st.mark_grant_paid("cr", &top.id, "staff").await.unwrap();
+    assert!(paid.usable);
+    assert_eq!(
+        st.mark_grant_paid("cr", &top.id, "staff").await.unwrap(),
+        paid
+    );
+    let actions: Vec<String> = st
+        .audit_log("customer:cr")
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.at >= since && e.action.starts_with("credit."))
+        .map(|e| e.action)
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "credit.grant",
+            "credit.grant",
+            "credit.grant",
+            "credit.grant",
+            "credit.void",
+            "credit.expire",
+            "credit.grant",
+            "credit.paid"
+        ]
+    );
+}
+
+/// Coupons: versions assigned on publication, applied from an instant,
+/// redemption limits, removal; a once coupon is redeemed by one invoice;
+/// tax rates immutable but for archiving; tax profiles set and read.
+async fn coupons_and_taxes(db: Db) {
+    use billing_api::state::{Coupon, TaxProfile, TaxRate};
+    use billing_domain::settle::CouponDuration;
+    let st = db.st.clone();
+    customers(st.as_ref(), &["cp", "cq"]).await;
+    let c = Coupon {
+        id: "welcome".into(),
+        version: 1,
+        name: "Welcome".into(),
+        percent_off: Some(d("10")),
+        amount_off: None,
+        currency: None,
+        duration: CouponDuration::Once,
+        periods: None,
+        applies_to: None,
+        max_redemptions: Some(1),
+    };
+    assert_eq!(st.publish_coupon(&c, "staff").await.unwrap().version, 1);
+    let v2 = Coupon {
+        percent_off: Some(d("15")),
+        ..c.clone()
+    };
+    assert_eq!(st.publish_coupon(&v2, "staff").await.unwrap().version, 2);
+    assert_eq!(st.coupons().await.unwrap().len(), 2);
+    let a = st
+        .apply_coupon("cp", "welcome", nov(5), "staff")
+        .await
+        .unwrap();
+    assert_eq!(
+        (a.coupon.version, a.coupon.percent_off, a.redeemed),
+        (2, Some(d("15")), 0)
+    );
+    // One redemption in all.
+    assert!(matches!(
+        st.apply_coupon("cq", "welcome", nov(5), "staff")
+            .await
+            .unwrap_err(),
+        StateError::Conflict(_)
+    ));
+    assert!(matches!(
+        st.apply_coupon("cq", "nope", nov(5), "staff")
+            .await
+            .unwrap_err(),
+        StateError::NotFound(_)
+    ));
+    // Three periods from Nov 5: ends with January.
+    let r = st
+        .publish_coupon(
+            &Coupon {
+                id: "three".into(),
+                duration: CouponDuration::Repeating,
+                periods: Some(3),
+                max_redemptions: None,
+                ..c.clone()
+            },
+            "staff",
+        )
+        .await
+        .unwrap();
+    let ra = st.apply_coupon("cq", &r.id, nov(5), "staff").await.unwrap();
+    assert_eq!(ra.ends_at, Some(t(2027, 2, 1)));
+
+    // Tax.
+    let vat = TaxRate {
+        id: "de_vat".into(),
+        name: "VAT".into(),
+        country: "DE".into(),
+        region: None,
+        percentage: d("19"),
+        inclusive: false,
+        archived: false,
+    };
+    st.create_tax_rate(&vat, "staff").await.unwrap();
+    assert!(matches!(
+        st.create_tax_rate(&vat, "staff").await.unwrap_err(),
+        StateError::Conflict(_)
+    ));
+    let profile = TaxProfile {
+        country: "DE".into(),
+        region: None,
+        tax_id: None,
+        exempt: false,
+        reverse_charge: false,
+    };
+    assert_eq!(st.tax_profile("cp").await.unwrap(), None);
+    st.set_tax_profile("cp", &profile, "staff").await.unwrap();
+    st.set_tax_profile("cp", &profile, "staff").await.unwrap();
+    assert_eq!(st.tax_profile("cp").await.unwrap(), Some(profile.clone()));
+    assert_eq!(st.tax_profiles_all().await.unwrap().len(), 1);
+
+    // November's invoice of $100: 15 % off once, then 19 % VAT.
+    let nov_p = month(2026, 11);
+    let rated = |c: &str| billing_api::rating::Rated {
+        currency: "USD".into(),
+        minor_units: 2,
+        lines: vec![],
+        total: d(c),
+    };
+    let mut n = billing_api::invoice::build("cp", nov_p, rated("100.00"), None, &[], d("0.50"));
+    n.body.lines = vec![flat_line("100.00")];
+    let settling = billing_api::invoice::Settling::read_all(st.as_ref(), nov_p.start)
+        .await
+        .unwrap();
+    settling.settle(&mut n, nov_p.end, nov_p.end, d("0.50"));
+    assert_eq!(
+        (n.discount_total, n.tax_total, n.total, n.amount_due),
+        (d("-15.00"), d("16.15"), d("101.15"), d("101.15"))
+    );
+    st.insert_invoices(vec![n], nov_p.end).await.unwrap();
+    let a = st.coupons_of("cp").await.unwrap().pop().unwrap();
+    assert_eq!(a.redeemed, 1);
+    // Redeemed once: December's invoice gets no discount.
+    let dec_p = month(2026, 12);
+    let mut n = billing_api::invoice::build("cp", dec_p, rated("100.00"), None, &[], d("0.50"));
+    n.body.lines = vec![flat_line("100.00")];
+    let settling = billing_api::invoice::Settling::read_all(st.as_ref(), dec_p.start)
+        .await
+        .unwrap();
+    settling.settle(&mut n, dec_p.end, dec_p.end, d("0.50"));
+    assert_eq!((n.discount_total, n.tax_total), (d("0.00"), d("19.00")));
+    // Archived: no more tax; removal ends a coupon; repeats answer the same.
+    assert!(
+        st.archive_tax_rate("de_vat", "staff")
+            .await
+            .unwrap()
+            .archived
+    );
+    assert!(
+        st.archive_tax_rate("de_vat", "staff")
+            .await
+            .unwrap()
+            .archived
+    );
+    assert!(st.tax_rates().await.unwrap()[0].archived);
+    let removed = st
+        .remove_coupon("cq", &ra.id, nov(20), "staff")
+        .await
+        .unwrap();
+    assert_eq!(removed.removed_at, Some(nov(20)));
+    assert_eq!(
+        st.remove_coupon("cq", &ra.id, nov(25), "staff")
+            .await
+            .unwrap(),
+        removed
+    );
+    assert!(st.applied_all(nov(21)).await.unwrap().get("cq").is_none());
+    assert_eq!(st.applied_all(nov(19)).await.unwrap()["cq"].len(), 1);
+}
+
+fn flat_line(amount: &str) -> Line {
+    Line {
+        kind: billing_api::rating::LineKind::FlatFee,
+        description: "Flat fee".into(),
+        plan: "p".into(),
+        plan_version: 1,
+        segment_start: nov(1),
+        segment_end: nov(31),
+        meter: None,
+        filter: Default::default(),
+        events: 0,
+        quantity: Decimal::ZERO,
+        price_quantity: Decimal::ZERO,
+        unit_price: None,
+        tiers: vec![],
+        amount_exact: d(amount),
+        amount: d(amount),
+        waived: None,
+        advance: None,
+    }
 }
 
 /// A state file written before opening invoices existed keeps its invoices
@@ -2181,7 +2611,7 @@ async fn both_schemas_have_the_same_tables_and_columns() {
         Some(vec!["version".into(), "name".into(), "applied_at".into()])
     );
     assert_eq!(lite_tables, pg_tables);
-    assert_eq!(pg_tables.len(), 10, "{:?}", pg_tables.keys());
+    assert_eq!(pg_tables.len(), 17, "{:?}", pg_tables.keys());
 }
 
 /// The SQLite file: WAL, synchronous=FULL, foreign keys, busy timeout;
@@ -2221,7 +2651,8 @@ async fn sqlite_file_settings_and_encodings() {
         vec![
             (1, "state".to_string()),
             (2, "lifecycle".to_string()),
-            (3, "fees_in_advance".to_string())
+            (3, "fees_in_advance".to_string()),
+            (4, "credits".to_string())
         ]
     );
 

@@ -356,3 +356,141 @@ async fn refunds_of_fees_in_advance_are_negative_lines_in_stripe() {
     };
     assert_eq!(refunds, [cents(90), cents(40)]);
 }
+
+/// A discount, exclusive tax and credit reach Stripe as invoice items of
+/// their own (discount and credit negative), so Stripe's total is Tally's
+/// amount due to the cent, through faults; inclusive tax is not sent again;
+/// an invoice paid in full by credit is not sent at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discounts_tax_and_credits_reach_stripe_as_their_own_lines() {
+    use billing_api::state::{Coupon, GrantKind, NewGrant, TaxProfile, TaxRate};
+    use billing_domain::settle::CouponDuration;
+    let (_url, st, _pool) = pg("syncsettle").await;
+    let (_ch, _db, usage) = clickhouse("syncsettle").await;
+    default_catalog(st.as_ref()).await;
+    let plan: billing_api::catalog::PlanVersion = serde_json::from_value(serde_json::json!({
+        "plan": "flat40", "version": 1, "name": "Flat", "currency": "USD", "flat_fee": "40"}))
+    .unwrap();
+    st.publish_plan(&plan, "test").await.unwrap();
+    let q = previous(month_of(Utc::now()));
+    for id in ["cus_s", "cus_paid"] {
+        st.create_customer(
+            &Customer {
+                id: id.into(),
+                external_id: format!("ext-{id}"),
+                name: id.into(),
+            },
+            "test",
+        )
+        .await
+        .unwrap();
+        st.subscribe(id, &NewSubscription::new("flat40", 1, q.start), "test")
+            .await
+            .unwrap();
+    }
+    let coupon = Coupon {
+        id: "quarter".into(),
+        version: 1,
+        name: "Quarter off".into(),
+        percent_off: Some("25".parse().unwrap()),
+        amount_off: None,
+        currency: None,
+        duration: CouponDuration::Forever,
+        periods: None,
+        applies_to: None,
+        max_redemptions: None,
+    };
+    st.publish_coupon(&coupon, "test").await.unwrap();
+    st.apply_coupon("cus_s", "quarter", q.start, "test")
+        .await
+        .unwrap();
+    st.create_tax_rate(
+        &TaxRate {
+            id: "vat".into(),
+            name: "VAT".into(),
+            country: "FR".into(),
+            region: None,
+            percentage: "20".parse().unwrap(),
+            inclusive: false,
+            archived: false,
+        },
+        "test",
+    )
+    .await
+    .unwrap();
+    st.set_tax_profile(
+        "cus_s",
+        &TaxProfile {
+            country: "FR".into(),
+            region: None,
+            tax_id: None,
+            exempt: false,
+            reverse_charge: false,
+        },
+        "test",
+    )
+    .await
+    .unwrap();
+    let grant = |c: &str, amount: &str| NewGrant {
+        customer_id: c.into(),
+        kind: GrantKind::Promotional,
+        currency: "USD".into(),
+        amount: amount.parse().unwrap(),
+        effective_at: Some(q.start),
+        expires_at: None,
+        priority: 10,
+        reason: "welcome".into(),
+        top_up: false,
+        idempotency_key: None,
+    };
+    st.grant_credit(&grant("cus_s", "5.00"), "test")
+        .await
+        .unwrap();
+    st.grant_credit(&grant("cus_paid", "100.00"), "test")
+        .await
+        .unwrap();
+    let f = finalizer(st.clone(), usage, 100);
+    f.run_once(q.end + Duration::hours(2)).await.unwrap();
+    let inv = st.invoices_of("cus_s").await.unwrap().pop().unwrap();
+    // $40 − 25 % = $30; VAT $6.00; total $36.00; credit −$5.00; due $31.00.
+    let d = |s: &str| -> rust_decimal::Decimal { s.parse().unwrap() };
+    assert_eq!(
+        (
+            inv.discount_total,
+            inv.tax_total,
+            inv.total,
+            inv.credit_total,
+            inv.amount_due
+        ),
+        (d("-10.00"), d("6.00"), d("36.00"), d("-5.00"), d("31.00"))
+    );
+    let keys: Vec<String> = stripe_lines(&inv).into_iter().map(|l| l.0).collect();
+    assert_eq!(keys, ["l0", "d0", "t0", "k0"]);
+    let paid = st.invoices_of("cus_paid").await.unwrap().pop().unwrap();
+    assert_eq!(
+        (paid.amount_due, paid.sync_status),
+        (d("0.00"), SyncStatus::NothingDue)
+    );
+
+    let standin = StandIn::start(0).await.unwrap();
+    standin.inject([
+        Fault::Pass,
+        Fault::Pass,
+        Fault::LoseResponse, // an item
+        Fault::ServerError,
+    ]);
+    let sync = StripeSync::new(config(&standin), st.clone(), Metrics::new());
+    assert_eq!(sync.run_once().await.unwrap(), (1, 0));
+    assert_eq!(
+        standin.invoices().len(),
+        1,
+        "the credit-settled one is not sent"
+    );
+    let inv = st.invoice(&inv.id).await.unwrap();
+    assert_eq!(inv.sync_status, SyncStatus::Synced);
+    let sid = inv.stripe_invoice_id.clone().unwrap();
+    assert_eq!(standin.invoice_total(&sid), Some(3100));
+    let mut amounts: Vec<i64> = standin.items().iter().map(|i| i.amount).collect();
+    amounts.sort();
+    assert_eq!(amounts, [-1000, -500, 600, 4000]);
+}

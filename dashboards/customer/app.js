@@ -138,6 +138,20 @@ async function loadCosts() {
     `usage ${money(c.usage, cur)} · fees ${money(c.fees, cur)}` +
     (Number(c.plan_adjustments) !== 0 ? ` · plan minimum/maximum ${money(c.plan_adjustments, cur)}` : "");
   setMoney($("forecast"), c.forecast, cur);
+  // Discounts, tax and credit, as the month's invoice would settle them.
+  const st = c.settlement;
+  const steps = (d, t, total) =>
+    (Number(d) !== 0 ? `discounts ${money(d, cur)} · ` : "") +
+    (Number(t) !== 0 ? `tax ${money(t, cur)} · ` : "") + `total ${money(total, cur)}`;
+  $("mtd-split").textContent += ` · ${steps(st.month_to_date_discounts, st.month_to_date_tax, st.month_to_date_total)}`;
+  $("forecast-split").textContent = steps(st.forecast_discounts, st.forecast_tax, st.forecast_total);
+  setMoney($("credit-balance"), st.credit_balance, cur);
+  $("credit-expiring").textContent = st.credit_expiring.length
+    ? st.credit_expiring.map((e) => `${money(e.remaining, cur)} expires ${e.expires_at.slice(0, 10)}`).join(" · ")
+    : "nothing expires in the next 30 days";
+  $("forecast-due").textContent =
+    `credit would pay ${money(st.forecast_credit.replace(/^-/, ""), cur)} of the forecast; due ${money(st.forecast_due, cur)}`;
+  $("forecast-due").dataset.value = st.forecast_due;
   setMoney($("spending-cap"), c.spending_cap, cur);
   if (c.spending_cap === null) $("spending-cap").textContent = "No cap";
   $("cap-note").textContent = c.own_spending_cap !== null
@@ -165,6 +179,7 @@ async function loadAdvisor(at) {
       name,
       moneyCell(p.month_to_date, a.currency),
       moneyCell(p.forecast, a.currency),
+      moneyCell(p.forecast_total, a.currency),
       p.fits
         ? moneyCell(p.saving, a.currency, s > 0 ? "saving" : s < 0 ? "loss" : "")
         : el("td", { class: "num", "data-value": p.saving }, "—"));
@@ -207,15 +222,20 @@ async function loadInvoices() {
   for (const inv of list) {
     // A negative total (refunds of fees paid in advance) is carried to the
     // next invoice, never charged.
-    const credit = inv.sync_status === "carried_forward" && inv.total.startsWith("-");
-    const status = inv.carried_to ? "carried forward" : credit ? "credit carried" : inv.payment_status;
+    const credit = inv.sync_status === "carried_forward" && inv.amount_due.startsWith("-");
+    const status = inv.carried_to ? "carried forward" : credit ? "credit carried"
+      : inv.sync_status === "nothing_due" && Number(inv.credit_total) !== 0 ? "paid by credit" : inv.payment_status;
     // An opening invoice bills fees in advance from the day they start.
     const period = inv.kind === "opening" ? `fees from ${inv.period.start.slice(0, 10)}` : inv.period.start.slice(0, 7);
     body.append(el("tr", { "data-invoice": inv.number },
       el("td", {}, inv.number),
       el("td", {}, period),
       el("td", {}, el("span", { class: "status " + inv.payment_status, "data-status": status }, status)),
-      moneyCell(inv.total, inv.currency)));
+      moneyCell(inv.discount_total, inv.currency),
+      moneyCell(inv.tax_total, inv.currency),
+      moneyCell(inv.total, inv.currency),
+      moneyCell(inv.credit_total, inv.currency),
+      moneyCell(inv.amount_due, inv.currency)));
   }
 }
 

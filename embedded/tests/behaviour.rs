@@ -1899,3 +1899,500 @@ async fn fees_in_advance_embedded() {
 async fn fees_in_advance_distributed() {
     fees_in_advance(Mode::Distributed).await;
 }
+
+/// The invoices of `customer` by period start: (kind, total, discount,
+/// tax, credit, amount due, sync status) of each.
+async fn invoice_at(sys: &System, customer: &str, start: chrono::DateTime<Utc>) -> Value {
+    let (s, list) = sys
+        .api(M::GET, &format!("/v1/customers/{customer}/invoices"), None)
+        .await;
+    assert_eq!(s, 200, "{list}");
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["kind"] == "period" && instant(&i["period"]["start"]) == start)
+        .unwrap_or_else(|| panic!("{customer}: no invoice of {start}: {list}"))
+        .clone()
+}
+
+fn steps(inv: &Value) -> [String; 5] {
+    [
+        "total",
+        "discount_total",
+        "tax_total",
+        "credit_total",
+        "amount_due",
+    ]
+    .map(|k| {
+        let mut x = dec(&inv[k]);
+        x.rescale(2);
+        x.to_string()
+    })
+}
+
+async fn grant(sys: &System, customer: &str, body: Value, key: Option<&str>) -> (u16, Value) {
+    let headers: Vec<(&str, &str)> = key.map(|k| ("idempotency-key", k)).into_iter().collect();
+    sys.api_with(
+        M::POST,
+        &format!("/v1/customers/{customer}/credit-grants"),
+        Some(body),
+        &headers,
+    )
+    .await
+}
+
+/// Issue 14: credits, coupons and taxes through the public API in both
+/// modes: promotional credit on signup used up over two months (drafts
+/// showing what would be consumed); a top-up grant usable once paid, then
+/// consumed; a grant expiring mid-period paying nothing and expiring in the
+/// ledger; a coupon for 3 periods; tax exclusive, inclusive, exempt and
+/// reverse charge; a free-tier customer ($0 cap) allowed by its credit and
+/// stopped by the cap once the credit is spent; bad input refused by field
+/// with nothing written; every invoice re-rated reproduces every step.
+async fn credits_coupons_taxes(mode: Mode) {
+    let sys = System::start(mode, &format!("credits_{mode:?}").to_lowercase()).await;
+    let wait = StdDuration::from_secs(90);
+    let now = billing_api::wire::to_micros(Utc::now());
+    let cur = month_of(now);
+    let prev = previous(cur);
+    let next = billing_api::invoice::following(cur);
+    let next2 = billing_api::invoice::following(next);
+    let day = Duration::days(1);
+    let in_cur = cur.start + (now - cur.start) / 2;
+
+    publish_variant(&sys, "payg", "cflat", |p| p["flat_fee"] = json!("10")).await;
+    publish_variant(&sys, "free", "freecr", |p| {
+        p.as_object_mut().unwrap().remove("maximum");
+        p["limits"]["max_volume_gb"] = json!("1000000");
+    })
+    .await;
+    for c in ["cus_promo", "cus_top", "cus_exp"] {
+        sys.customer(c, "payg", prev.start).await;
+    }
+    for c in ["cus_cp", "cus_de", "cus_at", "cus_ex", "cus_rc"] {
+        sys.customer(c, "cflat", prev.start).await;
+    }
+    sys.customer("cus_free", "freecr", prev.start).await;
+
+    // Grants. Bad input first: refused by field, nothing written.
+    let ok = json!({"kind": "promotional", "amount": "5.00", "effective_at": prev.start, "reason": "signup"});
+    let with = |k: &str, v: Value| {
+        let mut b = ok.clone();
+        b[k] = v;
+        b
+    };
+    for (body, field) in [
+        (with("amount", json!("0")), "amount"),
+        (with("amount", json!("1.001")), "amount"),
+        (with("amount", json!(5)), "decimal string"),
+        (with("kind", json!("gift")), "kind"),
+        (with("currency", json!("usd")), "currency"),
+        (with("expires_at", json!(prev.start)), "expires_at"),
+        (with("priority", json!(5000)), "priority"),
+        (with("top_up", json!(true)), "top_up"),
+        (with("colour", json!("red")), "colour"),
+    ] {
+        let (s, v) = grant(&sys, "cus_promo", body, None).await;
+        assert!((400..500).contains(&s), "{field}: {s} {v}");
+        assert!(
+            v["message"].as_str().unwrap().contains(field),
+            "{field}: {v}"
+        );
+    }
+    let (s, v) = grant(&sys, "cus_nobody", ok.clone(), None).await;
+    assert_eq!(s, 404, "{v}");
+    let (s, v) = sys
+        .api(M::GET, "/v1/customers/cus_promo/credit-grants", None)
+        .await;
+    assert_eq!((s, v.as_array().unwrap().len()), (200, 0), "{v}");
+    // Granted once under its key; the same request answers the first
+    // grant, another body under the key is a conflict.
+    let (s, promo) = grant(&sys, "cus_promo", ok.clone(), Some("signup-promo")).await;
+    assert_eq!(s, 201, "{promo}");
+    let (s, again) = grant(&sys, "cus_promo", ok.clone(), Some("signup-promo")).await;
+    assert_eq!((s, &again["id"]), (200, &promo["id"]), "{again}");
+    let (s, v) = grant(
+        &sys,
+        "cus_promo",
+        with("amount", json!("6.00")),
+        Some("signup-promo"),
+    )
+    .await;
+    assert_eq!((s, &v["code"]), (409, &json!("conflict")), "{v}");
+    let (s, top) = grant(
+        &sys,
+        "cus_top",
+        json!({"kind": "purchased", "amount": "3.00", "effective_at": prev.start, "top_up": true}),
+        None,
+    )
+    .await;
+    assert_eq!((s, &top["usable"]), (201, &json!(false)), "{top}");
+    let (s, v) = grant(
+        &sys,
+        "cus_exp",
+        with("expires_at", json!(prev.start + day * 10)),
+        None,
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = grant(&sys, "cus_free", ok.clone(), None).await;
+    assert_eq!(s, 201, "{v}");
+
+    // Coupons: refused by field; a 10 % coupon for 3 periods.
+    let coupon = json!({"id": "three", "name": "Three months", "percent_off": "10", "duration": "repeating", "periods": 3});
+    let cwith = |k: &str, v: Value| {
+        let mut b = coupon.clone();
+        b[k] = v;
+        b
+    };
+    for (body, field) in [
+        (cwith("percent_off", json!("150")), "percent_off"),
+        (cwith("periods", Value::Null), "periods"),
+        (
+            cwith("applies_to", json!({"meters": ["nope"]})),
+            "applies_to.meters",
+        ),
+        (cwith("amount_off", json!("1.00")), "amount_off"),
+    ] {
+        let (s, v) = sys.api(M::POST, "/v1/coupons", Some(body)).await;
+        assert_eq!(s, 422, "{field}: {v}");
+        assert!(
+            v["message"].as_str().unwrap().contains(field),
+            "{field}: {v}"
+        );
+    }
+    let (s, v) = sys.api(M::POST, "/v1/coupons", Some(coupon)).await;
+    assert_eq!((s, &v["version"]), (201, &json!(1)), "{v}");
+    let (s, v) = sys
+        .api(
+            M::POST,
+            "/v1/customers/cus_cp/coupons",
+            Some(json!({"coupon": "nope"})),
+        )
+        .await;
+    assert_eq!(s, 404, "{v}");
+    let (s, applied) = sys
+        .api(
+            M::POST,
+            "/v1/customers/cus_cp/coupons",
+            Some(json!({"coupon": "three", "applied_at": prev.start})),
+        )
+        .await;
+    assert_eq!(s, 201, "{applied}");
+    assert_eq!(instant(&applied["ends_at"]), next.end, "{applied}");
+
+    // Taxes: refused by field; DE 19 % exclusive, AT 20 % inclusive.
+    let rate = json!({"id": "de_vat", "name": "VAT", "country": "DE", "percentage": "19"});
+    for (k, v, field) in [
+        ("country", json!("de"), "country"),
+        ("percentage", json!("150"), "percentage"),
+    ] {
+        let mut b = rate.clone();
+        b[k] = v;
+        let (s, v) = sys.api(M::POST, "/v1/tax-rates", Some(b)).await;
+        assert_eq!(s, 422, "{v}");
+        assert!(v["message"].as_str().unwrap().contains(field), "{v}");
+    }
+    let (s, v) = sys.api(M::POST, "/v1/tax-rates", Some(rate.clone())).await;
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = sys.api(M::POST, "/v1/tax-rates", Some(rate)).await;
+    assert_eq!(s, 409, "{v}");
+    let (s, v) = sys
+        .api(
+            M::POST,
+            "/v1/tax-rates",
+            Some(json!({"id": "at_vat", "name": "USt", "country": "AT", "percentage": "20", "inclusive": true})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    for (c, profile) in [
+        ("cus_de", json!({"country": "DE"})),
+        ("cus_at", json!({"country": "AT"})),
+        ("cus_ex", json!({"country": "DE", "exempt": true})),
+        (
+            "cus_rc",
+            json!({"country": "DE", "reverse_charge": true, "tax_id": "DE123456789"}),
+        ),
+    ] {
+        let (s, v) = sys
+            .api(
+                M::PUT,
+                &format!("/v1/customers/{c}/tax-profile"),
+                Some(profile),
+            )
+            .await;
+        assert_eq!(s, 200, "{c}: {v}");
+    }
+    let (s, v) = sys
+        .api(
+            M::PUT,
+            "/v1/customers/cus_cp/tax-profile",
+            Some(json!({"country": "DE", "reverse_charge": true})),
+        )
+        .await;
+    assert_eq!(s, 422, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("tax_id"), "{v}");
+
+    // Usage last month: $4.00 each for promo, top and exp (exp's after
+    // its grant expired), $5.00 past the free million for the free tier.
+    let last = prev.start + day * 12;
+    let (s, v) = sys
+        .ingest(&[
+            requests("p-1", "cus_promo", "web", last, 10_000_000),
+            requests("t-1", "cus_top", "web", last, 10_000_000),
+            requests("e-1", "cus_exp", "web", last, 10_000_000),
+            requests("f-1", "cus_free", "web", last, 13_500_000),
+        ])
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let prev_q = format!("?period={}", billing_api::invoice::month_label(prev));
+    sys.eventually("last month's usage", wait, || async {
+        let d = sys
+            .api(
+                M::GET,
+                &format!("/v1/customers/cus_free/invoices/draft{prev_q}"),
+                None,
+            )
+            .await
+            .1;
+        if d["subtotal"] == json!("5.00") {
+            Ok(())
+        } else {
+            Err(format!("{d}"))
+        }
+    })
+    .await;
+    // The draft shows the credit it would consume.
+    let (_, d) = sys
+        .api(
+            M::GET,
+            &format!("/v1/customers/cus_promo/invoices/draft{prev_q}"),
+            None,
+        )
+        .await;
+    assert_eq!(steps(&d), ["4.00", "0.00", "0.00", "-4.00", "0.00"], "{d}");
+
+    // The free tier: a $0 cap, $5 of credit. A volume costing about $3
+    // for the rest of the month is allowed, counting the credit.
+    let left = (cur.end - Utc::now()).num_seconds().max(1);
+    let gb = (16 * 2_592_000 + left - 1) / left;
+    let ask = json!({"customer_id": "cus_free", "ask": {"kind": "grow_volume", "app": "web", "volume_id": "vol-1", "size_gb": gb.to_string()}});
+    let (s, q) = sys.api(M::POST, "/v1/quota/check", Some(ask.clone())).await;
+    assert_eq!(s, 200, "{q}");
+    assert_eq!(
+        (&q["allow"], dec(&q["credit"])),
+        (&json!(true), Decimal::new(500, 2)),
+        "{q}"
+    );
+    let cost = dec(&q["projected_usage_cost"]);
+    assert!(cost > Decimal::ZERO && cost <= Decimal::from(5), "{q}");
+
+    // November is invoiced.
+    sys.finalize(cur.start);
+    let inv = invoice_at(&sys, "cus_promo", prev.start).await;
+    assert_eq!(
+        steps(&inv),
+        ["4.00", "0.00", "0.00", "-4.00", "0.00"],
+        "{inv}"
+    );
+    assert_eq!(inv["sync_status"], "nothing_due", "{inv}");
+    let inv = invoice_at(&sys, "cus_top", prev.start).await;
+    assert_eq!(
+        steps(&inv),
+        ["4.00", "0.00", "0.00", "0.00", "4.00"],
+        "{inv}"
+    );
+    let inv = invoice_at(&sys, "cus_exp", prev.start).await;
+    assert_eq!(
+        steps(&inv),
+        ["4.00", "0.00", "0.00", "0.00", "4.00"],
+        "{inv}"
+    );
+    let inv = invoice_at(&sys, "cus_free", prev.start).await;
+    assert_eq!(
+        steps(&inv),
+        ["5.00", "0.00", "0.00", "-5.00", "0.00"],
+        "{inv}"
+    );
+    let inv = invoice_at(&sys, "cus_cp", prev.start).await;
+    assert_eq!(
+        steps(&inv),
+        ["9.00", "-1.00", "0.00", "0.00", "9.00"],
+        "{inv}"
+    );
+    let inv = invoice_at(&sys, "cus_de", prev.start).await;
+    assert_eq!(
+        steps(&inv),
+        ["11.90", "0.00", "1.90", "0.00", "11.90"],
+        "{inv}"
+    );
+    let inv = invoice_at(&sys, "cus_at", prev.start).await;
+    assert_eq!(
+        steps(&inv),
+        ["10.00", "0.00", "0.00", "0.00", "10.00"],
+        "{inv}"
+    );
+    let at_tax = &inv["body"]["settlement"]["taxes"][0];
+    assert_eq!(
+        (&at_tax["amount"], &at_tax["inclusive"]),
+        (&json!("1.67"), &json!(true)),
+        "{inv}"
+    );
+    for (c, treatment) in [("cus_ex", "exempt"), ("cus_rc", "reverse_charge")] {
+        let inv = invoice_at(&sys, c, prev.start).await;
+        assert_eq!(
+            steps(&inv),
+            ["10.00", "0.00", "0.00", "0.00", "10.00"],
+            "{inv}"
+        );
+        let s = &inv["body"]["settlement"];
+        assert_eq!(
+            (&s["treatment"], s["taxes"].as_array().unwrap().len()),
+            (&json!(treatment), 0),
+            "{inv}"
+        );
+    }
+    // The expired grant: its remainder expired in the ledger at its expiry.
+    let (_, ledger) = sys
+        .api(M::GET, "/v1/customers/cus_exp/credit-ledger", None)
+        .await;
+    let kinds: Vec<(String, String)> = ledger["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["kind"].as_str().unwrap().to_owned(),
+                e["amount"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("grant".into(), "5.00".into()),
+            ("expiry".into(), "-5.00".into())
+        ],
+        "{ledger}"
+    );
+    assert_eq!(instant(&ledger["entries"][1]["at"]), prev.start + day * 10);
+
+    // The free tier's credit is spent: the same volume is now over the cap.
+    sys.eventually("the cap without credit", wait, || async {
+        let q = sys
+            .api(M::POST, "/v1/quota/check", Some(ask.clone()))
+            .await
+            .1;
+        if q["allow"] == json!(false) {
+            Ok(q)
+        } else {
+            Err(format!("{q}"))
+        }
+    })
+    .await;
+    let q = sys
+        .api(M::POST, "/v1/quota/check", Some(ask.clone()))
+        .await
+        .1;
+    assert_eq!(
+        (&q["reason"], dec(&q["credit"])),
+        (&json!("spending_cap"), Decimal::ZERO),
+        "{q}"
+    );
+
+    // The top-up is paid; this month's usage: $2.00 each.
+    let (s, v) = sys
+        .api(
+            M::POST,
+            &format!(
+                "/v1/customers/cus_top/credit-grants/{}/paid",
+                top["id"].as_str().unwrap()
+            ),
+            None,
+        )
+        .await;
+    assert_eq!((s, &v["usable"]), (200, &json!(true)), "{v}");
+    let (s, v) = sys
+        .ingest(&[
+            requests("p-2", "cus_promo", "web", in_cur, 5_000_000),
+            requests("t-2", "cus_top", "web", in_cur, 5_000_000),
+        ])
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let d = sys
+        .eventually("this month's usage", wait, || async {
+            let d = draft(&sys, "cus_promo").await;
+            if d["subtotal"] == json!("2.00") {
+                Ok(d)
+            } else {
+                Err(format!("{d}"))
+            }
+        })
+        .await;
+    // The $1.00 left of the promotional credit.
+    assert_eq!(steps(&d), ["2.00", "0.00", "0.00", "-1.00", "1.00"], "{d}");
+    sys.finalize(cur.end);
+    let inv = invoice_at(&sys, "cus_promo", cur.start).await;
+    assert_eq!(
+        steps(&inv),
+        ["2.00", "0.00", "0.00", "-1.00", "1.00"],
+        "{inv}"
+    );
+    assert_eq!(inv["sync_status"], "pending", "{inv}");
+    let inv = invoice_at(&sys, "cus_top", cur.start).await;
+    assert_eq!(
+        steps(&inv),
+        ["2.00", "0.00", "0.00", "-2.00", "0.00"],
+        "{inv}"
+    );
+    let (_, ledger) = sys
+        .api(M::GET, "/v1/customers/cus_promo/credit-ledger", None)
+        .await;
+    assert_eq!(dec(&ledger["balances"]["USD"]), Decimal::ZERO, "{ledger}");
+    let consumed: Vec<&str> = ledger["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "consumption")
+        .map(|e| e["amount"].as_str().unwrap())
+        .collect();
+    assert_eq!(consumed, ["-4.00", "-1.00"], "{ledger}");
+
+    // The coupon's three periods: last month, this one and the next; not
+    // the one after.
+    sys.finalize(next.end);
+    sys.finalize(next2.end);
+    for (p, want) in [(cur, "-1.00"), (next, "-1.00"), (next2, "0.00")] {
+        let inv = invoice_at(&sys, "cus_cp", p.start).await;
+        assert_eq!(steps(&inv)[1], want, "{inv}");
+    }
+    let (_, list) = sys.api(M::GET, "/v1/customers/cus_cp/coupons", None).await;
+    assert_eq!(list[0]["redeemed"], json!(3), "{list}");
+
+    // Re-rating reproduces every step of every invoice.
+    assert_rerated(
+        &sys,
+        &[
+            "cus_promo",
+            "cus_top",
+            "cus_exp",
+            "cus_cp",
+            "cus_de",
+            "cus_at",
+            "cus_ex",
+            "cus_rc",
+            "cus_free",
+        ],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credits_coupons_taxes_embedded() {
+    credits_coupons_taxes(Mode::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credits_coupons_taxes_distributed() {
+    credits_coupons_taxes(Mode::Distributed).await;
+}

@@ -83,6 +83,11 @@ pub const SQLITE_STATE: &[Migration] = &[
         name: "fees_in_advance",
         sql: include_str!("../migrations/sqlite/state/0003_fees_in_advance.sql"),
     },
+    Migration {
+        version: 4,
+        name: "credits",
+        sql: include_str!("../migrations/sqlite/state/0004_credits.sql"),
+    },
 ];
 
 /// PostgreSQL migrations (billing state), in order. Each file may hold
@@ -122,6 +127,11 @@ pub const POSTGRES: &[Migration] = &[
         version: 7,
         name: "fees_in_advance",
         sql: include_str!("../migrations/postgres/0007_fees_in_advance.sql"),
+    },
+    Migration {
+        version: 8,
+        name: "credits",
+        sql: include_str!("../migrations/postgres/0008_credits.sql"),
     },
 ];
 

@@ -205,10 +205,24 @@ impl System {
 
     /// Calls the billing API as admin: (status, body or Null).
     pub async fn api(&self, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        self.api_with(method, path, body, &[]).await
+    }
+
+    /// [`api`](Self::api) with extra request headers.
+    pub async fn api_with(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> (u16, Value) {
         let mut rq = self
             .http
             .request(method, format!("{}{path}", self.billing))
             .bearer_auth(ADMIN_KEY);
+        for (k, v) in headers {
+            rq = rq.header(*k, *v);
+        }
         if let Some(b) = body {
             rq = rq.json(&b);
         }

@@ -36,10 +36,13 @@
 //!   fitting, after those that fit.
 
 use crate::catalog::{cap_in_force, PlanVersion};
+use crate::credit::{balance_at, consume};
+use crate::invoice::charges;
 use crate::quota::{projection, Running};
 use crate::rating::{
     matches, rate, with_minor_units, LineKind, Period, Rated, SeatInterval, Segment, UsageItem,
 };
+use crate::settle::{settle, Inputs};
 use chrono::{DateTime, Duration, Utc};
 use rust_decimal::Decimal;
 use schemas::Aggregation;
@@ -97,6 +100,42 @@ pub struct CostReport {
     pub by_app: Vec<Amount>,
     /// Usage cost per UTC day of the period so far (sums to `usage`).
     pub daily: Vec<DayCost>,
+    /// Discounts, tax and credits on the month to date and the forecast,
+    /// as the invoice would settle them.
+    pub settlement: MonthSettlement,
+}
+
+/// Discounts, tax and credit on the open month (`settle`): the month to
+/// date and the forecast settled as its invoice would be, with the credit
+/// that would pay them and what expires soon.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, ToSchema)]
+pub struct MonthSettlement {
+    /// Σ discount lines on the month to date (≤ 0).
+    pub month_to_date_discounts: Decimal,
+    /// Exclusive tax on the month to date.
+    pub month_to_date_tax: Decimal,
+    /// Month to date after discounts and tax.
+    pub month_to_date_total: Decimal,
+    pub forecast_discounts: Decimal,
+    pub forecast_tax: Decimal,
+    /// The forecast after discounts and tax.
+    pub forecast_total: Decimal,
+    /// What the customer's credit would pay of `forecast_total` (≤ 0).
+    pub forecast_credit: Decimal,
+    /// `forecast_total + forecast_credit`: what would be due.
+    pub forecast_due: Decimal,
+    /// Credit that can be spent now, in the month's currency.
+    pub credit_balance: Decimal,
+    /// Grants with a balance that expire within 30 days of now.
+    pub credit_expiring: Vec<ExpiringCredit>,
+}
+
+/// Credit that expires soon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct ExpiringCredit {
+    pub grant_id: String,
+    pub remaining: Decimal,
+    pub expires_at: DateTime<Utc>,
 }
 
 /// One plan priced on this month's usage.
@@ -114,7 +153,11 @@ pub struct AdvisorPlan {
     pub month_to_date: Decimal,
     /// The month-end forecast on this plan.
     pub forecast: Decimal,
-    /// The customer's own forecast minus this plan's (positive: cheaper).
+    /// The forecast after the customer's discounts and tax on this plan
+    /// (the same footing as its own: its coupons, its tax profile).
+    pub forecast_total: Decimal,
+    /// The customer's own forecast minus this plan's, both after discounts
+    /// and tax (positive: cheaper).
     pub saving: Decimal,
     /// The plan offers everything this month used, and the forecast stays
     /// within its default spending cap (the free tier's $0): a plan that
@@ -132,7 +175,9 @@ pub struct Advisor {
     pub as_of: DateTime<Utc>,
     /// The customer's forecast as things stand (as in the cost report).
     pub forecast: Decimal,
-    /// Plans that fit first, cheapest forecast first.
+    /// The same after its discounts and tax.
+    pub forecast_total: Decimal,
+    /// Plans that fit first, cheapest forecast (after discounts and tax) first.
     pub plans: Vec<AdvisorPlan>,
 }
 
@@ -159,6 +204,10 @@ pub struct Month {
     pub to_date: Vec<UsageItem>,
     pub running: Running,
     pub own_cap: Option<Decimal>,
+    /// The coupons, tax rates and treatment the month's invoice would be
+    /// settled with (`settle::inputs` at the period's end); its grants are
+    /// the customer's grants as they stand now.
+    pub settle: Inputs,
 }
 
 /// Whether a meter's usage adds over days (counted by day in the daily
@@ -209,6 +258,11 @@ impl Month {
     /// segment (the plan in force now), up to where it ends: the period's
     /// end, or a cancellation inside it (nothing after one in the past).
     pub fn forecast(&self) -> anyhow::Result<Decimal> {
+        Ok(self.forecast_rated()?.total)
+    }
+
+    /// The forecast's rating ([`forecast`](Self::forecast)).
+    pub fn forecast_rated(&self) -> anyhow::Result<Rated> {
         let mut segs = self.segments_through(None);
         if let Some(last) = segs.last_mut() {
             let to = Period {
@@ -218,15 +272,74 @@ impl Month {
             let extra = projection(&last.plan, to, self.now, &self.to_date, &self.running);
             last.usage.extend(extra);
         }
-        Ok(rate(&self.period, &segs, &self.seats)?.total)
+        Ok(rate(&self.period, &segs, &self.seats)?)
+    }
+
+    /// `rated` settled as the month's invoice would be, without credits:
+    /// (discounts, exclusive tax, total after them).
+    pub fn discounted(&self, rated: &Rated) -> (Decimal, Decimal, Decimal) {
+        let inputs = Inputs {
+            grants: vec![],
+            until: None,
+            ..self.settle.clone()
+        };
+        let s = settle(
+            &charges(&rated.lines, &[]),
+            Decimal::ZERO,
+            &rated.currency,
+            rated.minor_units,
+            &inputs,
+        );
+        let total = rated.money(rated.total + s.discount_total + s.tax_total);
+        (s.discount_total, s.tax_total, total)
+    }
+
+    /// The month's settlement: discounts and tax on the month to date and
+    /// the forecast, the credit that would pay the forecast, the balance
+    /// and what expires within 30 days.
+    pub fn settlement(&self, mtd: &Rated, forecast: &Rated) -> MonthSettlement {
+        let (md, mt, mtotal) = self.discounted(mtd);
+        let (fd, ft, ftotal) = self.discounted(forecast);
+        let currency = &forecast.currency;
+        let paying = match self.settle.until {
+            Some(until) => consume(ftotal, currency, until, &self.settle.grants),
+            None => vec![],
+        };
+        let fcredit = forecast.money(paying.iter().map(|c| c.amount).sum());
+        let soon = self.now + Duration::days(30);
+        MonthSettlement {
+            month_to_date_discounts: md,
+            month_to_date_tax: mt,
+            month_to_date_total: mtotal,
+            forecast_discounts: fd,
+            forecast_tax: ft,
+            forecast_total: ftotal,
+            forecast_credit: fcredit,
+            forecast_due: forecast.money(ftotal + fcredit),
+            credit_balance: forecast.money(balance_at(&self.settle.grants, currency, self.now)),
+            credit_expiring: self
+                .settle
+                .grants
+                .iter()
+                .filter(|g| {
+                    g.usable
+                        && g.voided_at.is_none()
+                        && g.remaining > Decimal::ZERO
+                        && g.currency.eq_ignore_ascii_case(currency)
+                        && g.expires_at.is_some_and(|e| e > self.now && e <= soon)
+                })
+                .map(|g| ExpiringCredit {
+                    grant_id: g.id.clone(),
+                    remaining: g.remaining,
+                    expires_at: g.expires_at.expect("filtered"),
+                })
+                .collect(),
+        }
     }
 
     /// (month to date, forecast, why it does not fit) as if the whole month
     /// were on `plan`.
-    pub fn on_plan(
-        &self,
-        plan: &PlanVersion,
-    ) -> anyhow::Result<(Decimal, Decimal, Option<String>)> {
+    pub fn on_plan(&self, plan: &PlanVersion) -> anyhow::Result<(Decimal, Rated, Option<String>)> {
         let mut seats = self.seats.clone();
         if seats.is_empty() && !plan.seat_fee.is_zero() {
             seats.push(SeatInterval {
@@ -280,7 +393,7 @@ impl Month {
                 _ => None,
             }
         };
-        Ok((mtd, rated.total, note))
+        Ok((mtd, rated, note))
     }
 
     pub fn currency(&self) -> String {
@@ -402,6 +515,8 @@ pub fn report(m: &Month, customer: &str) -> anyhow::Result<CostReport> {
     }
     let plan = m.current_plan();
     let money = |x| rated.money(x);
+    let forecast = m.forecast_rated()?;
+    let settlement = m.settlement(&rated, &forecast);
     Ok(CostReport {
         customer_id: customer.to_owned(),
         currency: m.currency(),
@@ -416,7 +531,7 @@ pub fn report(m: &Month, customer: &str) -> anyhow::Result<CostReport> {
         usage: usage_sum,
         fees: money(fees),
         plan_adjustments: money(adjustments),
-        forecast: m.forecast()?,
+        forecast: forecast.total,
         spending_cap: plan
             .map_or(m.own_cap, |p| cap_in_force(p, m.own_cap))
             .map(money),
@@ -436,6 +551,7 @@ pub fn report(m: &Month, customer: &str) -> anyhow::Result<CostReport> {
             })
             .collect(),
         daily,
+        settlement,
     })
 }
 
@@ -445,14 +561,18 @@ pub fn report(m: &Month, customer: &str) -> anyhow::Result<CostReport> {
 pub fn advisor(m: &Month, candidates: &[PlanVersion], customer: &str) -> anyhow::Result<Advisor> {
     let now = m.now;
     let currency = m.currency();
-    let own = m.forecast()?;
+    let own_rated = m.forecast_rated()?;
+    let own = own_rated.total;
+    let own_total = m.discounted(&own_rated).2;
     let current = m.current_plan().map(|p| (p.plan.clone(), p.version));
     let mut plans = Vec::new();
     for p in candidates
         .iter()
         .filter(|p| p.currency == currency && p.offered_to(customer))
     {
-        let (mtd, forecast, note) = m.on_plan(p)?;
+        let (mtd, rated, note) = m.on_plan(p)?;
+        let forecast = rated.total;
+        let forecast_total = m.discounted(&rated).2;
         plans.push(AdvisorPlan {
             plan: p.plan.clone(),
             version: p.version,
@@ -461,7 +581,8 @@ pub fn advisor(m: &Month, candidates: &[PlanVersion], customer: &str) -> anyhow:
             contract: p.customer.is_some(),
             month_to_date: mtd,
             forecast,
-            saving: with_minor_units(own - forecast, p.minor_units),
+            forecast_total,
+            saving: with_minor_units(own_total - forecast_total, p.minor_units),
             fits: note.is_none(),
             note,
         });
@@ -469,7 +590,7 @@ pub fn advisor(m: &Month, candidates: &[PlanVersion], customer: &str) -> anyhow:
     plans.sort_by(|a, b| {
         b.fits
             .cmp(&a.fits)
-            .then(a.forecast.cmp(&b.forecast))
+            .then(a.forecast_total.cmp(&b.forecast_total))
             .then(a.plan.cmp(&b.plan))
     });
     Ok(Advisor {
@@ -478,6 +599,7 @@ pub fn advisor(m: &Month, candidates: &[PlanVersion], customer: &str) -> anyhow:
         period: m.period,
         as_of: now,
         forecast: own,
+        forecast_total: own_total,
         plans,
     })
 }
@@ -536,6 +658,7 @@ mod tests {
             items,
             running: Running::default(),
             own_cap: Some(dec("25")),
+            settle: Inputs::default(),
         };
         let r = report(&m, "cus_1").unwrap();
         assert_eq!(r.usage, dec("2.00"));
@@ -588,6 +711,83 @@ mod tests {
         assert_eq!(
             (on_payg.month_to_date, on_payg.saving),
             (dec("2.00"), dec("0.00"))
+        );
+        assert_eq!(a.forecast_total, a.forecast);
+
+        // With a 10 % coupon, 20 % VAT and $10 of credit of which $4
+        // expire on Nov 20: month to date $2.00 − 0.20 + 0.36 = $2.16;
+        // the forecast $30.00 − 3.00 + 5.40 = $32.40, $10.00 of it paid by
+        // credit.
+        let mut s = m.clone();
+        let coupon: crate::settle::Coupon = serde_json::from_value(serde_json::json!({
+            "id": "ten", "name": "Ten", "percent_off": "10", "duration": "forever"}))
+        .unwrap();
+        let grant = |id: &str, amount: i64, expires: Option<DateTime<Utc>>| crate::credit::Grant {
+            id: id.into(),
+            customer_id: "cus_1".into(),
+            kind: crate::credit::GrantKind::Promotional,
+            currency: "USD".into(),
+            amount: Decimal::new(amount, 2),
+            remaining: Decimal::new(amount, 2),
+            effective_at: nov(1),
+            expires_at: expires,
+            priority: 10,
+            reason: String::new(),
+            usable: true,
+            invoice_id: None,
+            created_at: nov(1),
+            voided_at: None,
+        };
+        s.settle = Inputs {
+            coupons: vec![crate::settle::Applied {
+                id: "a".into(),
+                customer_id: "cus_1".into(),
+                coupon,
+                applied_at: nov(1),
+                removed_at: None,
+                ends_at: None,
+                redeemed: 0,
+            }],
+            treatment: Some(crate::settle::TaxTreatment::Standard),
+            tax_id: None,
+            rates: vec![serde_json::from_value(serde_json::json!({
+                "id": "vat", "name": "VAT", "country": "FR", "percentage": "20"}))
+            .unwrap()],
+            grants: vec![grant("g1", 600, None), grant("g2", 400, Some(nov(20)))],
+            until: Some(period.end),
+        };
+        let st = report(&s, "cus_1").unwrap().settlement;
+        assert_eq!(
+            (
+                st.month_to_date_discounts,
+                st.month_to_date_tax,
+                st.month_to_date_total
+            ),
+            (dec("-0.20"), dec("0.36"), dec("2.16"))
+        );
+        assert_eq!(
+            (st.forecast_discounts, st.forecast_tax, st.forecast_total),
+            (dec("-3.00"), dec("5.40"), dec("32.40"))
+        );
+        // The grant expiring Nov 20 cannot pay the invoice cut at Dec 1.
+        assert_eq!(
+            (st.forecast_credit, st.forecast_due, st.credit_balance),
+            (dec("-6.00"), dec("26.40"), dec("10.00"))
+        );
+        assert_eq!(
+            st.credit_expiring
+                .iter()
+                .map(|e| (e.grant_id.as_str(), e.remaining))
+                .collect::<Vec<_>>(),
+            [("g2", dec("4.00"))]
+        );
+        // The advisor compares every plan after the same coupon and tax.
+        let a = advisor(&s, &candidates, "cus_1").unwrap();
+        assert_eq!((a.forecast, a.forecast_total), (dec("30.00"), dec("32.40")));
+        let on_payg = a.plans.iter().find(|p| p.plan == "payg").unwrap();
+        assert_eq!(
+            (on_payg.forecast_total, on_payg.saving),
+            (dec("32.40"), dec("0.00"))
         );
     }
 

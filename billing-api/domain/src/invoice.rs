@@ -22,6 +22,7 @@
 use crate::adjust::{adjustments, AdjustmentLine, OriginalInvoice};
 use crate::catalog::currency_digits;
 use crate::rating::{Line, Period, Rated};
+use crate::settle::{settle, Charge, Inputs, Settlement};
 use chrono::{DateTime, Datelike, TimeZone, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -193,7 +194,8 @@ pub struct AdjustedPeriod {
     pub rerated: Rated,
 }
 
-/// An earlier invoice whose total is added to this one.
+/// An earlier invoice whose amount due (below the minimum charge) is added
+/// to this one; `total` is that amount due.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CarriedInvoice {
     pub invoice_id: String,
@@ -227,6 +229,15 @@ pub struct InvoiceBody {
     /// invoice's own period runs from where they start to its end).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fees_period: Option<Period>,
+    /// Discounts, tax and credits after the charges (`settle`), when any
+    /// applied or the customer has a tax profile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settlement: Option<Settlement>,
+    /// What the settlement was computed from (the coupons applied, the tax
+    /// rates and profile's treatment, the grants with their balances before
+    /// this invoice): re-rating settles the re-rated charges with them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settled_with: Option<Inputs>,
 }
 
 /// An invoice before it is numbered: the draft of an open period, or what
@@ -241,8 +252,22 @@ pub struct NewInvoice {
     pub currency: String,
     pub subtotal: Decimal,
     pub adjustments_total: Decimal,
+    /// Σ discount lines (≤ 0).
+    #[serde(default)]
+    pub discount_total: Decimal,
+    /// Σ exclusive tax lines.
+    #[serde(default)]
+    pub tax_total: Decimal,
     pub carried_in: Decimal,
+    /// `subtotal + adjustments_total + discount_total + tax_total + carried_in`.
     pub total: Decimal,
+    /// Σ credits consumed (≤ 0).
+    #[serde(default)]
+    pub credit_total: Decimal,
+    /// `total + credit_total`: what is sent for payment (or carried, or,
+    /// when zero, settled by credits).
+    #[serde(default)]
+    pub amount_due: Decimal,
     pub body: InvoiceBody,
     /// What finalization will do with it: `pending` (send), `carried_forward`
     /// (below the minimum charge) or `nothing_due` (zero).
@@ -324,7 +349,7 @@ pub fn build(
         .map(|c| CarriedInvoice {
             invoice_id: c.id.clone(),
             invoice_number: c.number.clone(),
-            total: c.total,
+            total: c.amount_due,
         })
         .collect();
     let carried_in = rated.money(carried.iter().map(|c| c.total).sum());
@@ -338,8 +363,12 @@ pub fn build(
         currency: rated.currency.clone(),
         subtotal: rated.money(rated.total),
         adjustments_total,
+        discount_total: rated.money(Decimal::ZERO),
+        tax_total: rated.money(Decimal::ZERO),
         carried_in,
         total,
+        credit_total: rated.money(Decimal::ZERO),
+        amount_due: total,
         body: InvoiceBody {
             lines: rated.lines,
             adjustments: adjs,
@@ -349,6 +378,8 @@ pub fn build(
             adjusted_earlier: None,
             minor_units: Some(rated.minor_units),
             fees_period: None,
+            settlement: None,
+            settled_with: None,
         },
         sync_status: status,
     }
@@ -375,6 +406,68 @@ pub fn build_opening(
         id: opening_id(customer, t),
         kind: InvoiceKind::Opening,
         ..n
+    }
+}
+
+/// The charges discounts and tax work on: an invoice's lines and its
+/// late-usage adjustments, in that order.
+pub fn charges(lines: &[Line], adjustments: &[crate::adjust::AdjustmentLine]) -> Vec<Charge> {
+    let lines = lines.iter().map(|l| Charge {
+        kind: l.kind,
+        meter: l.meter.clone(),
+        amount: l.amount,
+    });
+    let adjs = adjustments.iter().map(|a| Charge {
+        kind: a.kind,
+        meter: a.meter.clone(),
+        amount: a.amount,
+    });
+    lines.chain(adjs).collect()
+}
+
+/// The digits an invoice's amounts are rounded to.
+pub fn digits(body: &InvoiceBody, currency: &str) -> u32 {
+    body.minor_units
+        .unwrap_or_else(|| currency_digits(currency))
+}
+
+/// Settles `n` (built, with its adjustments): discounts, tax and credits
+/// from `inputs` (`settle::settle`), then its total, amount due and what
+/// finalization does with it. An amount due of zero is settled (by
+/// credits, or there was nothing) and not sent. The settlement and its
+/// inputs are kept in the body unless nothing applied.
+pub fn settle_invoice(n: &mut NewInvoice, mut inputs: Inputs, min_charge: Decimal) {
+    let dp = digits(&n.body, &n.currency);
+    if let Some(until) = inputs.until {
+        inputs
+            .grants
+            .retain(|g| crate::credit::can_pay(g, &n.currency, until));
+    }
+    let s = settle(
+        &charges(&n.body.lines, &n.body.adjustments),
+        n.carried_in,
+        &n.currency,
+        dp,
+        &inputs,
+    );
+    let money = |x: Decimal| crate::rating::with_minor_units(x, dp);
+    n.discount_total = s.discount_total;
+    n.tax_total = s.tax_total;
+    n.total =
+        money(n.subtotal + n.adjustments_total + s.discount_total + s.tax_total + n.carried_in);
+    n.credit_total = s.credit_total;
+    n.amount_due = money(n.total + s.credit_total);
+    n.sync_status = status_of(n.amount_due, min_charge);
+    let nothing = s.discounts.is_empty()
+        && s.taxes.is_empty()
+        && s.credits.is_empty()
+        && s.treatment.is_none();
+    if nothing {
+        n.body.settlement = None;
+        n.body.settled_with = None;
+    } else {
+        n.body.settlement = Some(s);
+        n.body.settled_with = Some(inputs);
     }
 }
 
@@ -438,6 +531,7 @@ pub fn add_earlier(
     let more: Decimal = adjs.iter().map(|a| a.amount).sum();
     n.adjustments_total = money(n.adjustments_total + more);
     n.total = money(n.subtotal + n.adjustments_total + n.carried_in);
+    n.amount_due = n.total;
     n.sync_status = status_of(n.total, min_charge);
     n.body.adjustments.extend(adjs);
     n.body.adjusted_earlier = Some(AdjustedPeriod {
@@ -488,8 +582,14 @@ pub struct Invoice {
     pub currency: String,
     pub subtotal: Decimal,
     pub adjustments_total: Decimal,
+    pub discount_total: Decimal,
+    pub tax_total: Decimal,
     pub carried_in: Decimal,
+    /// Before credits.
     pub total: Decimal,
+    pub credit_total: Decimal,
+    /// After credits: what is owed (or, negative, refunded).
+    pub amount_due: Decimal,
     pub body: InvoiceBody,
     pub finalized_at: DateTime<Utc>,
     pub sync_status: SyncStatus,
@@ -552,8 +652,12 @@ mod tests {
             // As both stores read zero back.
             subtotal: Decimal::ZERO,
             adjustments_total: Decimal::ZERO,
+            discount_total: Decimal::ZERO,
+            tax_total: Decimal::ZERO,
             carried_in: Decimal::ZERO,
             total: Decimal::ZERO,
+            credit_total: Decimal::ZERO,
+            amount_due: Decimal::ZERO,
             body,
             finalized_at: period.end,
             sync_status: n.sync_status,
@@ -660,8 +764,12 @@ mod tests {
             currency: "USD".into(),
             subtotal: Decimal::ZERO,
             adjustments_total: Decimal::ZERO,
+            discount_total: Decimal::ZERO,
+            tax_total: Decimal::ZERO,
             carried_in: Decimal::ZERO,
             total: Decimal::ZERO,
+            credit_total: Decimal::ZERO,
+            amount_due: Decimal::ZERO,
             body: InvoiceBody {
                 lines: vec![],
                 adjustments: vec![],
@@ -671,6 +779,8 @@ mod tests {
                 adjusted_earlier: None,
                 minor_units: Some(2),
                 fees_period: None,
+                settlement: None,
+                settled_with: None,
             },
             finalized_at,
             sync_status: SyncStatus::Pending,

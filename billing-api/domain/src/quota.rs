@@ -16,7 +16,8 @@
 //!    `limits.max_instances_per_app`; a volume's new size ≤
 //!    `limits.max_volume_gb`.
 //! 4. `spending_cap`: the forecast month-end cost with the change must not
-//!    exceed the cap (the customer's own, else the plan's default).
+//!    exceed the cap (the customer's own, else the plan's default) plus
+//!    the credit the customer can spend now.
 //!
 //! Scaling down (zero instances, a volume no larger than now) is always
 //! allowed.
@@ -124,6 +125,7 @@ pub fn without_subscription(ask: &Ask) -> Decision {
         projected_month_end: Decimal::ZERO,
         projected_usage_cost: Decimal::ZERO,
         spending_cap: None,
+        credit: Decimal::ZERO,
     }
 }
 
@@ -151,6 +153,10 @@ pub struct QuotaInput<'a> {
     pub suspended: bool,
     /// The customer's own monthly cap, if set.
     pub spending_cap: Option<Decimal>,
+    /// Credit the customer can spend now in the plan's currency
+    /// (`credit::balance_at`): the cap check lets usage run that much
+    /// further (a $0 cap with $5 of credit allows $5 of usage).
+    pub credit: Decimal,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -170,6 +176,9 @@ pub struct Decision {
     /// compares).
     pub projected_usage_cost: Decimal,
     pub spending_cap: Option<Decimal>,
+    /// The credit the customer can spend now, counted beside the cap.
+    #[serde(default)]
+    pub credit: Decimal,
 }
 
 const COMPUTE: &str = "compute";
@@ -390,6 +399,7 @@ pub fn decide(q: &QuotaInput, ask: &Ask) -> anyhow::Result<Decision> {
         projected_month_end: projected,
         projected_usage_cost: usage_cost,
         spending_cap: cap,
+        credit: q.credit,
     };
     if !growing {
         return Ok(d);
@@ -440,7 +450,7 @@ pub fn decide(q: &QuotaInput, ask: &Ask) -> anyhow::Result<Decision> {
         }
     }
     if let Some(cap) = cap {
-        if usage_cost > cap {
+        if usage_cost > cap + q.credit {
             deny(Reason::SpendingCap, Some(cap), mtd);
         }
     }

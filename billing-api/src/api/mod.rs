@@ -61,6 +61,7 @@ use std::sync::Arc;
 use utoipa::{OpenApi, ToSchema};
 
 mod costs;
+mod credits;
 mod customers;
 mod error;
 mod invoices;
@@ -71,8 +72,8 @@ mod stripe_webhook;
 mod subscriptions;
 
 pub use self::{
-    costs::*, customers::*, error::*, invoices::*, keys::*, plans::*, quota::*, stripe_webhook::*,
-    subscriptions::*,
+    costs::*, credits::*, customers::*, error::*, invoices::*, keys::*, plans::*, quota::*,
+    stripe_webhook::*, subscriptions::*,
 };
 
 /// Largest request body accepted.
@@ -182,6 +183,34 @@ pub fn router(app: Arc<ApiState>) -> Router {
         .route("/v1/customers/{id}/sessions", post(create_session))
         .route("/v1/customers/{id}/costs", get(customer_costs))
         .route("/v1/customers/{id}/plan-advisor", get(plan_advisor))
+        .route(
+            "/v1/customers/{id}/credit-grants",
+            get(list_grants).post(create_grant),
+        )
+        .route(
+            "/v1/customers/{id}/credit-grants/{grant}/void",
+            post(void_grant),
+        )
+        .route(
+            "/v1/customers/{id}/credit-grants/{grant}/paid",
+            post(mark_grant_paid),
+        )
+        .route("/v1/customers/{id}/credit-ledger", get(credit_ledger))
+        .route("/v1/coupons", get(list_coupons).post(publish_coupon))
+        .route(
+            "/v1/customers/{id}/coupons",
+            get(list_customer_coupons).post(apply_coupon),
+        )
+        .route(
+            "/v1/customers/{id}/coupons/{applied}",
+            delete(remove_coupon),
+        )
+        .route("/v1/tax-rates", get(list_tax_rates).post(create_tax_rate))
+        .route("/v1/tax-rates/{rate}/archive", post(archive_tax_rate))
+        .route(
+            "/v1/customers/{id}/tax-profile",
+            get(get_tax_profile).put(set_tax_profile),
+        )
         .route("/v1/me", get(whoami))
         .route_layer(axum::middleware::from_fn_with_state(
             app.clone(),
@@ -252,6 +281,21 @@ async fn metrics(State(app): State<Arc<ApiState>>) -> impl IntoResponse {
         set_suspension,
         customer_costs,
         plan_advisor,
+        create_grant,
+        list_grants,
+        void_grant,
+        mark_grant_paid,
+        credit_ledger,
+        publish_coupon,
+        list_coupons,
+        apply_coupon,
+        list_customer_coupons,
+        remove_coupon,
+        create_tax_rate,
+        list_tax_rates,
+        archive_tax_rate,
+        set_tax_profile,
+        get_tax_profile,
         whoami,
         stripe_webhook
     ),

@@ -132,7 +132,9 @@ pub struct App {
 pub use billing_domain::catalog::PublishedPlan;
 
 pub use billing_domain::alert::{AlertKind, AlertStatus, NewAlert};
+pub use billing_domain::credit::{Entry, EntryKind, Grant, GrantKind};
 pub use billing_domain::invoice::{Invoice, PaymentStatus, SyncStatus};
+pub use billing_domain::settle::{Applied, Coupon, TaxProfile, TaxRate};
 pub use billing_domain::subscription::{
     anchor_for, check_can_subscribe, check_offered, check_plan_usable, reopen, retire_refused,
     trial_end, withdrawn_earlier, CancelWrites, Cancellation, NewSubscription, RuleError,
@@ -409,6 +411,128 @@ pub trait StateStore: Send + Sync {
         outcome: AlertOutcome,
     ) -> impl Future<Output = StateResult<()>> + Send;
     fn alerts_of(&self, customer: &str) -> impl Future<Output = StateResult<Vec<Alert>>> + Send;
+
+    /// Records a credit grant and its ledger entry, audited. With an
+    /// idempotency key already used by the customer: the first grant when
+    /// the request is the same (`false`: nothing written), a conflict when
+    /// it is not.
+    fn grant_credit(
+        &self,
+        g: &NewGrant,
+        actor: &str,
+    ) -> impl Future<Output = StateResult<(Grant, bool)>> + Send;
+    /// Voids the unused remainder of a grant (a `void` ledger entry),
+    /// audited; a repeat answers the voided grant.
+    fn void_grant(
+        &self,
+        customer: &str,
+        grant: &str,
+        actor: &str,
+        at: DateTime<Utc>,
+    ) -> impl Future<Output = StateResult<Grant>> + Send;
+    /// Makes a purchased grant awaiting its top-up invoice usable (the
+    /// invoice was paid), audited; a repeat answers the same.
+    fn mark_grant_paid(
+        &self,
+        customer: &str,
+        grant: &str,
+        actor: &str,
+    ) -> impl Future<Output = StateResult<Grant>> + Send;
+    fn grants_of(&self, customer: &str) -> impl Future<Output = StateResult<Vec<Grant>>> + Send;
+    /// The customer's ledger in order.
+    fn ledger_of(&self, customer: &str) -> impl Future<Output = StateResult<Vec<Entry>>> + Send;
+    /// Every customer's grants with a remaining balance, not voided.
+    fn open_grants_all(
+        &self,
+    ) -> impl Future<Output = StateResult<HashMap<String, Vec<Grant>>>> + Send;
+    /// Writes the expiry entry of every grant whose expiry is due at `now`
+    /// (`credit::expiry_due`); returns how many.
+    fn expire_grants(
+        &self,
+        now: DateTime<Utc>,
+        grace: chrono::Duration,
+    ) -> impl Future<Output = StateResult<u64>> + Send;
+
+    /// Publishes the next version of a coupon (its `version` is assigned),
+    /// audited.
+    fn publish_coupon(
+        &self,
+        c: &Coupon,
+        actor: &str,
+    ) -> impl Future<Output = StateResult<Coupon>> + Send;
+    /// Every version of every coupon, by id then version.
+    fn coupons(&self) -> impl Future<Output = StateResult<Vec<Coupon>>> + Send;
+    /// Applies the latest version of a coupon to a customer from `at`,
+    /// audited; refused past its redemption limit.
+    fn apply_coupon(
+        &self,
+        customer: &str,
+        coupon: &str,
+        at: DateTime<Utc>,
+        actor: &str,
+    ) -> impl Future<Output = StateResult<Applied>> + Send;
+    /// Ends an applied coupon at `at`, audited; a repeat answers the same.
+    fn remove_coupon(
+        &self,
+        customer: &str,
+        applied: &str,
+        at: DateTime<Utc>,
+        actor: &str,
+    ) -> impl Future<Output = StateResult<Applied>> + Send;
+    fn coupons_of(&self, customer: &str) -> impl Future<Output = StateResult<Vec<Applied>>> + Send;
+    /// Every customer's applied coupons not removed before `since`.
+    fn applied_all(
+        &self,
+        since: DateTime<Utc>,
+    ) -> impl Future<Output = StateResult<HashMap<String, Vec<Applied>>>> + Send;
+
+    /// Creates a tax rate (immutable afterwards), audited.
+    fn create_tax_rate(
+        &self,
+        r: &TaxRate,
+        actor: &str,
+    ) -> impl Future<Output = StateResult<()>> + Send;
+    /// Archives a rate: no invoice uses it afterwards. Audited; a repeat
+    /// answers the same.
+    fn archive_tax_rate(
+        &self,
+        id: &str,
+        actor: &str,
+    ) -> impl Future<Output = StateResult<TaxRate>> + Send;
+    fn tax_rates(&self) -> impl Future<Output = StateResult<Vec<TaxRate>>> + Send;
+    /// Sets a customer's tax profile, audited.
+    fn set_tax_profile(
+        &self,
+        customer: &str,
+        p: &TaxProfile,
+        actor: &str,
+    ) -> impl Future<Output = StateResult<()>> + Send;
+    fn tax_profile(
+        &self,
+        customer: &str,
+    ) -> impl Future<Output = StateResult<Option<TaxProfile>>> + Send;
+    fn tax_profiles_all(
+        &self,
+    ) -> impl Future<Output = StateResult<HashMap<String, TaxProfile>>> + Send;
+}
+
+/// A credit grant as requested.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NewGrant {
+    pub customer_id: String,
+    pub kind: GrantKind,
+    pub currency: String,
+    pub amount: Decimal,
+    /// None: from when it is recorded. (The request as given is what an
+    /// idempotency key stands for, so a repeat without it is the same.)
+    pub effective_at: Option<DateTime<Utc>>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub priority: u32,
+    pub reason: String,
+    /// A purchased grant invoiced on its own: usable once that invoice is
+    /// paid.
+    pub top_up: bool,
+    pub idempotency_key: Option<String>,
 }
 
 /// Clips `[start, end?)` spans to a period, dropping the ones outside it.
@@ -432,7 +556,7 @@ pub fn clip(
 /// An invoice row's columns.
 pub(crate) const INVOICE_COLUMNS: &str = "id, seq, number, customer_id, period_start, period_end, currency, subtotal, \
     adjustments_total, carried_in, total, body, finalized_at, sync_status, stripe_invoice_id, carried_to, \
-    payment_status, sync_error, kind";
+    payment_status, sync_error, kind, discount_total, tax_total, credit_total, amount_due";
 
 /// An API key row's columns.
 pub(crate) const API_KEY_COLUMNS: &str =
@@ -502,8 +626,12 @@ pub(crate) fn invoice_from(r: &impl StateRow) -> StateResult<Invoice> {
         currency: r.text("currency")?,
         subtotal: r.decimal("subtotal")?,
         adjustments_total: r.decimal("adjustments_total")?,
+        discount_total: r.decimal("discount_total")?,
+        tax_total: r.decimal("tax_total")?,
         carried_in: r.decimal("carried_in")?,
         total: r.decimal("total")?,
+        credit_total: r.decimal("credit_total")?,
+        amount_due: r.decimal("amount_due")?,
         body: serde_json::from_value(r.json("body")?)
             .map_err(|e| StateError::Invalid(format!("stored invoice body: {e}")))?,
         finalized_at: r.time("finalized_at")?,

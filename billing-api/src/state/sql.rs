@@ -15,6 +15,8 @@
 //! batches lock the invoice counter the same way, so invoice numbers stay
 //! gapless; alert claims skip rows another claimer holds.
 
+mod credits;
+
 use super::dialect::{q, Dialect, Query};
 use super::{
     alert_from, api_key_from, app_from, audit_entry_from, by_customer, carried_ids,
@@ -30,11 +32,13 @@ use super::{
     anchor_for, check_offered, reopen, trial_end, CancelWrites, Cancellation, NewSubscription,
     UNCANCEL_ACTION,
 };
+use super::{Applied, Coupon, Entry, Grant, NewGrant, TaxProfile, TaxRate};
 use crate::auth::ApiKey;
 use billing_domain::catalog::PlanVersion;
 use billing_domain::invoice::NewInvoice;
 use billing_domain::rating::{Period, SeatInterval};
 use chrono::{DateTime, Utc};
+use credits::settle_writes;
 use rust_decimal::Decimal;
 use std::collections::HashMap;
 
@@ -835,8 +839,9 @@ impl<D: Dialect> StateStore for SqlState<D> {
                     q(format!(
                         "INSERT INTO invoices (id, seq, number, customer_id, period_start, period_end, \
                          currency, subtotal, adjustments_total, carried_in, total, body, finalized_at, \
-                         sync_status, kind) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, \
-                         $13, $14, $15) RETURNING {INVOICE_COLUMNS}"
+                         sync_status, kind, discount_total, tax_total, credit_total, amount_due) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, \
+                         $17, $18, $19) RETURNING {INVOICE_COLUMNS}"
                     ))
                     .bind(&n.id)
                     .bind(last)
@@ -852,9 +857,15 @@ impl<D: Dialect> StateStore for SqlState<D> {
                     .bind(body)
                     .bind(finalized_at)
                     .bind(n.sync_status.as_str())
-                    .bind(n.kind.as_str()),
+                    .bind(n.kind.as_str())
+                    .bind(n.discount_total)
+                    .bind(n.tax_total)
+                    .bind(n.credit_total)
+                    .bind(n.amount_due),
                 )
                 .await?;
+            // Credits consumed and coupons redeemed, once, with the invoice.
+            settle_writes(&mut tx, &n, finalized_at).await?;
             // An invoice under the minimum points the earlier ones it
             // carries at itself; each is carried once.
             let carried = carried_ids(&n);
@@ -1139,6 +1150,95 @@ impl<D: Dialect> StateStore for SqlState<D> {
             .iter()
             .map(alert_from)
             .collect()
+    }
+
+    async fn grant_credit(&self, g: &NewGrant, actor: &str) -> StateResult<(Grant, bool)> {
+        self.grant_credit_sql(g, actor).await
+    }
+    async fn void_grant(
+        &self,
+        customer: &str,
+        grant: &str,
+        actor: &str,
+        at: DateTime<Utc>,
+    ) -> StateResult<Grant> {
+        self.void_grant_sql(customer, grant, actor, at).await
+    }
+    async fn mark_grant_paid(
+        &self,
+        customer: &str,
+        grant: &str,
+        actor: &str,
+    ) -> StateResult<Grant> {
+        self.mark_grant_paid_sql(customer, grant, actor).await
+    }
+    async fn grants_of(&self, customer: &str) -> StateResult<Vec<Grant>> {
+        self.grants_of_sql(customer).await
+    }
+    async fn ledger_of(&self, customer: &str) -> StateResult<Vec<Entry>> {
+        self.ledger_of_sql(customer).await
+    }
+    async fn open_grants_all(&self) -> StateResult<HashMap<String, Vec<Grant>>> {
+        self.open_grants_all_sql().await
+    }
+    async fn expire_grants(&self, now: DateTime<Utc>, grace: chrono::Duration) -> StateResult<u64> {
+        self.expire_grants_sql(now, grace).await
+    }
+    async fn publish_coupon(&self, c: &Coupon, actor: &str) -> StateResult<Coupon> {
+        self.publish_coupon_sql(c, actor).await
+    }
+    async fn coupons(&self) -> StateResult<Vec<Coupon>> {
+        self.coupons_sql().await
+    }
+    async fn apply_coupon(
+        &self,
+        customer: &str,
+        coupon: &str,
+        at: DateTime<Utc>,
+        actor: &str,
+    ) -> StateResult<Applied> {
+        self.apply_coupon_sql(customer, coupon, at, actor).await
+    }
+    async fn remove_coupon(
+        &self,
+        customer: &str,
+        applied: &str,
+        at: DateTime<Utc>,
+        actor: &str,
+    ) -> StateResult<Applied> {
+        self.remove_coupon_sql(customer, applied, at, actor).await
+    }
+    async fn coupons_of(&self, customer: &str) -> StateResult<Vec<Applied>> {
+        self.coupons_of_sql(customer).await
+    }
+    async fn applied_all(
+        &self,
+        since: DateTime<Utc>,
+    ) -> StateResult<HashMap<String, Vec<Applied>>> {
+        self.applied_all_sql(since).await
+    }
+    async fn create_tax_rate(&self, r: &TaxRate, actor: &str) -> StateResult<()> {
+        self.create_tax_rate_sql(r, actor).await
+    }
+    async fn archive_tax_rate(&self, id: &str, actor: &str) -> StateResult<TaxRate> {
+        self.archive_tax_rate_sql(id, actor).await
+    }
+    async fn tax_rates(&self) -> StateResult<Vec<TaxRate>> {
+        self.tax_rates_sql().await
+    }
+    async fn set_tax_profile(
+        &self,
+        customer: &str,
+        p: &TaxProfile,
+        actor: &str,
+    ) -> StateResult<()> {
+        self.set_tax_profile_sql(customer, p, actor).await
+    }
+    async fn tax_profile(&self, customer: &str) -> StateResult<Option<TaxProfile>> {
+        self.tax_profile_sql(customer).await
+    }
+    async fn tax_profiles_all(&self) -> StateResult<HashMap<String, TaxProfile>> {
+        self.tax_profiles_all_sql().await
     }
 }
 
