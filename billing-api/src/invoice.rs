@@ -371,6 +371,12 @@ pub async fn rerate(
                 settlement,
             })
         }
+        // One line of what was bought: nothing to derive again.
+        InvoiceKind::TopUp => Ok(Rerated {
+            own: billed(inv),
+            advance: vec![],
+            settlement: inv.body.settlement.clone(),
+        }),
         InvoiceKind::Opening => {
             let period = inv.body.fees_period.unwrap_or(inv.period);
             let window = opening_window(period);

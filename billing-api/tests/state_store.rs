@@ -1432,8 +1432,34 @@ async fn credits_ledger(db: Db) {
     top.top_up = true;
     let (top, _) = st.grant_credit(&top, "staff").await.unwrap();
     assert!(!top.usable);
+    // Its own invoice, numbered after the others, pending for Stripe.
+    let bill = st
+        .invoice(top.invoice_id.as_deref().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            bill.kind,
+            bill.seq,
+            bill.total,
+            bill.amount_due,
+            bill.sync_status
+        ),
+        (
+            InvoiceKind::TopUp,
+            2,
+            d("10.00"),
+            d("10.00"),
+            SyncStatus::Pending
+        )
+    );
+    assert_eq!(bill.body.lines.len(), 1);
     let paid = st.mark_grant_paid("cr", &top.id, "staff").await.unwrap();
     assert!(paid.usable);
+    assert_eq!(
+        st.invoice(&bill.id).await.unwrap().payment_status,
+        PaymentStatus::Paid
+    );
     assert_eq!(
         st.mark_grant_paid("cr", &top.id, "staff").await.unwrap(),
         paid
@@ -1459,6 +1485,25 @@ async fn credits_ledger(db: Db) {
             "credit.paid"
         ]
     );
+    // Paid through Stripe: its `invoice.paid` makes the grant usable.
+    let mut top2 = new("20.00", None, None);
+    top2.kind = GrantKind::Purchased;
+    top2.top_up = true;
+    let (top2, _) = st.grant_credit(&top2, "staff").await.unwrap();
+    let bill = top2.invoice_id.clone().unwrap();
+    st.set_stripe_invoice(&bill, "in_top2").await.unwrap();
+    assert!(st
+        .set_payment_status("in_top2", PaymentStatus::Paid)
+        .await
+        .unwrap());
+    let g = st
+        .grants_of("cr")
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|g| g.id == top2.id)
+        .unwrap();
+    assert!(g.usable);
 }
 
 /// Coupons: versions assigned on publication, applied from an instant,
@@ -1636,8 +1681,9 @@ fn flat_line(amount: &str) -> Line {
 }
 
 /// A state file written before opening invoices existed keeps its invoices
-/// (and their carried-forward links) through the table's rebuild in
-/// migration 3, each of kind `period`, still immutable.
+/// (and their carried-forward links) through the table's rebuilds in
+/// migrations 3 and 4, each of kind `period`, owing its total, still
+/// immutable.
 #[tokio::test]
 async fn sqlite_invoices_survive_the_fees_in_advance_migration() {
     let dir = tempfile::tempdir().unwrap();
@@ -1698,7 +1744,10 @@ async fn sqlite_invoices_survive_the_fees_in_advance_migration() {
                 i.id.as_str(),
                 i.kind,
                 i.carried_to.as_deref(),
-                i.total.to_string()
+                i.total.to_string(),
+                // Migration 4: what is due of an earlier invoice is its total.
+                i.amount_due.to_string(),
+                i.credit_total.is_zero() && i.discount_total.is_zero() && i.tax_total.is_zero()
             ))
             .collect::<Vec<_>>(),
         [
@@ -1706,13 +1755,17 @@ async fn sqlite_invoices_survive_the_fees_in_advance_migration() {
                 "inv_m_202610",
                 InvoiceKind::Period,
                 Some("inv_m_202611"),
-                "0.40".to_string()
+                "0.40".to_string(),
+                "0.40".to_string(),
+                true
             ),
             (
                 "inv_m_202611",
                 InvoiceKind::Period,
                 None,
-                "5.40".to_string()
+                "5.40".to_string(),
+                "5.40".to_string(),
+                true
             ),
         ]
     );
@@ -1746,6 +1799,7 @@ async fn sqlite_invoices_survive_the_fees_in_advance_migration() {
         .unwrap();
     for sql in [
         "UPDATE invoices SET total = '0' WHERE id = 'inv_m_202611'",
+        "UPDATE invoices SET amount_due = '0' WHERE id = 'inv_m_202611'",
         "DELETE FROM invoices WHERE id = 'inv_m_202610'",
     ] {
         let e = sqlx::query(sql).execute(&raw).await.unwrap_err();

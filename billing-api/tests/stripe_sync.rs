@@ -449,9 +449,27 @@ async fn discounts_tax_and_credits_reach_stripe_as_their_own_lines() {
     st.grant_credit(&grant("cus_paid", "100.00"), "test")
         .await
         .unwrap();
+    // A top-up of $25 for cus_paid: its own invoice, usable once paid.
+    let (top, _) = st
+        .grant_credit(
+            &NewGrant {
+                kind: GrantKind::Purchased,
+                top_up: true,
+                ..grant("cus_paid", "25.00")
+            },
+            "test",
+        )
+        .await
+        .unwrap();
     let f = finalizer(st.clone(), usage, 100);
     f.run_once(q.end + Duration::hours(2)).await.unwrap();
-    let inv = st.invoices_of("cus_s").await.unwrap().pop().unwrap();
+    let inv = st
+        .invoices_of("cus_s")
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|i| i.kind == billing_api::invoice::InvoiceKind::Period)
+        .unwrap();
     // $40 − 25 % = $30; VAT $6.00; total $36.00; credit −$5.00; due $31.00.
     let d = |s: &str| -> rust_decimal::Decimal { s.parse().unwrap() };
     assert_eq!(
@@ -466,7 +484,13 @@ async fn discounts_tax_and_credits_reach_stripe_as_their_own_lines() {
     );
     let keys: Vec<String> = stripe_lines(&inv).into_iter().map(|l| l.0).collect();
     assert_eq!(keys, ["l0", "d0", "t0", "k0"]);
-    let paid = st.invoices_of("cus_paid").await.unwrap().pop().unwrap();
+    let paid = st
+        .invoices_of("cus_paid")
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|i| i.kind == billing_api::invoice::InvoiceKind::Period)
+        .unwrap();
     assert_eq!(
         (paid.amount_due, paid.sync_status),
         (d("0.00"), SyncStatus::NothingDue)
@@ -480,11 +504,11 @@ async fn discounts_tax_and_credits_reach_stripe_as_their_own_lines() {
         Fault::ServerError,
     ]);
     let sync = StripeSync::new(config(&standin), st.clone(), Metrics::new());
-    assert_eq!(sync.run_once().await.unwrap(), (1, 0));
+    assert_eq!(sync.run_once().await.unwrap(), (2, 0));
     assert_eq!(
         standin.invoices().len(),
-        1,
-        "the credit-settled one is not sent"
+        2,
+        "the top-up and the invoice due; the credit-settled one is not sent"
     );
     let inv = st.invoice(&inv.id).await.unwrap();
     assert_eq!(inv.sync_status, SyncStatus::Synced);
@@ -492,5 +516,26 @@ async fn discounts_tax_and_credits_reach_stripe_as_their_own_lines() {
     assert_eq!(standin.invoice_total(&sid), Some(3100));
     let mut amounts: Vec<i64> = standin.items().iter().map(|i| i.amount).collect();
     amounts.sort();
-    assert_eq!(amounts, [-1000, -500, 600, 4000]);
+    assert_eq!(amounts, [-1000, -500, 600, 2500, 4000]);
+    // Stripe reports the top-up paid: the grant becomes usable.
+    let bill = st
+        .invoice(top.invoice_id.as_deref().unwrap())
+        .await
+        .unwrap();
+    let sid = bill.stripe_invoice_id.clone().unwrap();
+    assert_eq!(standin.invoice_total(&sid), Some(2500));
+    let usable = || async {
+        st.grants_of("cus_paid")
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|g| g.id == top.id)
+            .unwrap()
+            .usable
+    };
+    assert!(!usable().await);
+    st.set_payment_status(&sid, billing_api::state::PaymentStatus::Paid)
+        .await
+        .unwrap();
+    assert!(usable().await);
 }

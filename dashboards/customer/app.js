@@ -226,7 +226,8 @@ async function loadInvoices() {
     const status = inv.carried_to ? "carried forward" : credit ? "credit carried"
       : inv.sync_status === "nothing_due" && Number(inv.credit_total) !== 0 ? "paid by credit" : inv.payment_status;
     // An opening invoice bills fees in advance from the day they start.
-    const period = inv.kind === "opening" ? `fees from ${inv.period.start.slice(0, 10)}` : inv.period.start.slice(0, 7);
+    const period = inv.kind === "opening" ? `fees from ${inv.period.start.slice(0, 10)}`
+      : inv.kind === "top_up" ? `credit bought ${inv.period.start.slice(0, 10)}` : inv.period.start.slice(0, 7);
     body.append(el("tr", { "data-invoice": inv.number },
       el("td", {}, inv.number),
       el("td", {}, period),

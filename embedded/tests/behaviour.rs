@@ -2312,6 +2312,21 @@ async fn credits_coupons_taxes(mode: Mode) {
         )
         .await;
     assert_eq!((s, &v["usable"]), (200, &json!(true)), "{v}");
+    // Its top-up invoice, numbered with the others, is paid.
+    let (_, list) = sys
+        .api(M::GET, "/v1/customers/cus_top/invoices", None)
+        .await;
+    let bill = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["kind"] == "top_up")
+        .unwrap_or_else(|| panic!("no top-up invoice: {list}"));
+    assert_eq!(
+        (&bill["amount_due"], &bill["payment_status"], &bill["id"]),
+        (&json!("3.00"), &json!("paid"), &v["invoice_id"]),
+        "{bill}"
+    );
     let (s, v) = sys
         .ingest(&[
             requests("p-2", "cus_promo", "web", in_cur, 5_000_000),

@@ -471,6 +471,8 @@ pub fn report(m: &Month, customer: &str) -> anyhow::Result<CostReport> {
         match line.kind {
             LineKind::FlatFee | LineKind::SeatFee => fees += line.amount,
             LineKind::MinimumTrueUp | LineKind::MaximumCap => adjustments += line.amount,
+            // Not part of a month's rating.
+            LineKind::TopUp => {}
             LineKind::Usage => {
                 let meter = line.meter.clone().unwrap_or_default();
                 *by_meter.entry(meter.clone()).or_default() += line.amount;

@@ -165,6 +165,56 @@ pub fn opening_id(customer: &str, t: DateTime<Utc>) -> String {
     format!("inv_{}_{}_open", customer, t.format("%Y%m%dT%H%M%S%6fZ"))
 }
 
+/// Stable id of the top-up invoice of credit grant `grant`.
+pub fn top_up_id(customer: &str, grant: &str) -> String {
+    format!("inv_{customer}_topup_{grant}")
+}
+
+/// The top-up invoice of a purchased grant of `amount` in `currency`
+/// recorded at `at`: one line, no discount, tax or credit (the tax of
+/// what credit pays is on the invoices that consume it), its period the
+/// instant it was bought.
+pub fn build_top_up(
+    customer: &str,
+    grant: &str,
+    amount: Decimal,
+    currency: &str,
+    at: DateTime<Utc>,
+    reason: &str,
+) -> NewInvoice {
+    let dp = currency_digits(currency);
+    let amount = crate::rating::with_minor_units(amount, dp);
+    let line = Line {
+        kind: crate::rating::LineKind::TopUp,
+        description: match reason {
+            "" => "Prepaid credit".to_owned(),
+            r => format!("Prepaid credit: {r}"),
+        },
+        plan: String::new(),
+        plan_version: 0,
+        segment_start: at,
+        segment_end: at,
+        meter: None,
+        filter: Default::default(),
+        events: 0,
+        quantity: Decimal::ONE,
+        price_quantity: Decimal::ONE,
+        unit_price: Some(amount),
+        tiers: vec![],
+        amount_exact: amount,
+        amount,
+        waived: None,
+        advance: None,
+    };
+    let rated = Rated::of_lines(currency.to_owned(), dp, vec![line]);
+    let period = Period { start: at, end: at };
+    NewInvoice {
+        id: top_up_id(customer, grant),
+        kind: InvoiceKind::TopUp,
+        ..build(customer, period, rated, None, &[], Decimal::ZERO)
+    }
+}
+
 crate::named! {
     /// What an invoice is for, stored and answered as its name. A customer
     /// has at most one `period` invoice per period and one `opening`
@@ -177,6 +227,9 @@ crate::named! {
         /// Fees in advance from where they start (a new subscription, a
         /// reactivation, a trial's end) to the period's end, issued at once.
         Opening => "opening",
+        /// Prepaid credit bought on its own: written with its purchased
+        /// grant, which is usable once this invoice is paid.
+        TopUp => "top_up",
     }
 }
 

@@ -120,6 +120,8 @@ pub enum LineKind {
     Usage,
     MinimumTrueUp,
     MaximumCap,
+    /// Prepaid credit bought on its own (a top-up invoice's one line).
+    TopUp,
 }
 
 /// How one tier contributed to a usage line.

@@ -66,8 +66,9 @@ pub struct CreateGrant {
     pub priority: Option<u32>,
     #[serde(default)]
     pub reason: Option<String>,
-    /// A purchased grant invoiced on its own: usable once that invoice is
-    /// paid (staff mark it paid in the embedded mode).
+    /// A purchased grant invoiced on its own (a `top_up` invoice, numbered
+    /// and sent to Stripe like any other): usable once that invoice is paid
+    /// (Stripe's `invoice.paid`, or staff marking it paid).
     #[serde(default)]
     pub top_up: bool,
 }
@@ -112,6 +113,12 @@ pub(super) async fn create_grant(
     let reason = req.reason.unwrap_or_default();
     if reason.len() > 500 {
         return Err(ApiError::invalid("reason: at most 500 characters"));
+    }
+    if req.top_up && req.amount < app.min_charge {
+        return Err(ApiError::invalid(format!(
+            "amount: a top-up is invoiced on its own: at least the minimum charge, {}",
+            app.min_charge
+        )));
     }
     if req.top_up && req.kind != GrantKind::Purchased {
         return Err(ApiError::invalid(

@@ -94,6 +94,95 @@ impl<D: Dialect> Tx<D> {
         Ok(())
     }
 
+    /// Numbers and writes one invoice (`last` is the counter, locked by the
+    /// caller), its settlement's writes and its carried-forward links;
+    /// None when the customer already has it.
+    async fn insert_invoice(
+        &mut self,
+        n: &NewInvoice,
+        finalized_at: DateTime<Utc>,
+        last: &mut i64,
+    ) -> StateResult<Option<Invoice>> {
+        let exists = self
+            .opt(
+                q(
+                    "SELECT 1 FROM invoices WHERE customer_id = $1 AND period_start = $2 \
+                   AND kind = $3",
+                )
+                .bind(&n.customer_id)
+                .bind(n.period.start)
+                .bind(n.kind.as_str()),
+            )
+            .await?;
+        if exists.is_some() {
+            return Ok(None);
+        }
+        *last += 1;
+        let number = crate::invoice::invoice_number(*last);
+        let body = serde_json::to_value(&n.body).map_err(|e| StateError::Invalid(e.to_string()))?;
+        let row = self
+            .one(
+                q(format!(
+                    "INSERT INTO invoices (id, seq, number, customer_id, period_start, period_end, \
+                     currency, subtotal, adjustments_total, carried_in, total, body, finalized_at, \
+                     sync_status, kind, discount_total, tax_total, credit_total, amount_due) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, \
+                     $17, $18, $19) RETURNING {INVOICE_COLUMNS}"
+                ))
+                .bind(&n.id)
+                .bind(*last)
+                .bind(number)
+                .bind(&n.customer_id)
+                .bind(n.period.start)
+                .bind(n.period.end)
+                .bind(&n.currency)
+                .bind(n.subtotal)
+                .bind(n.adjustments_total)
+                .bind(n.carried_in)
+                .bind(n.total)
+                .bind(body)
+                .bind(finalized_at)
+                .bind(n.sync_status.as_str())
+                .bind(n.kind.as_str())
+                .bind(n.discount_total)
+                .bind(n.tax_total)
+                .bind(n.credit_total)
+                .bind(n.amount_due),
+            )
+            .await?;
+        // Credits consumed and coupons redeemed, once, with the invoice.
+        settle_writes(self, n, finalized_at).await?;
+        // An invoice under the minimum points the earlier ones it
+        // carries at itself; each is carried once.
+        let carried = carried_ids(n);
+        let mut moved = 0;
+        for id in &carried {
+            moved += self
+                .run(
+                    q(
+                        "UPDATE invoices SET carried_to = $1 WHERE id = $2 AND customer_id = $3 \
+                       AND carried_to IS NULL AND sync_status = 'carried_forward'",
+                    )
+                    .bind(&n.id)
+                    .bind(id)
+                    .bind(&n.customer_id),
+                )
+                .await?;
+        }
+        check_carried_moved(n, moved, carried.len())?;
+        Ok(Some(invoice_from(&row)?))
+    }
+
+    /// The invoice counter, locked until commit.
+    async fn lock_counter(&mut self) -> StateResult<i64> {
+        self.one(q(format!(
+            "SELECT last FROM invoice_numbers WHERE id{}",
+            D::FOR_UPDATE
+        )))
+        .await?
+        .bigint("last")
+    }
+
     /// The customer must exist; its row stays locked until commit, so
     /// changes to one customer are serialized.
     async fn lock_customer(&mut self, customer: &str) -> StateResult<()> {
@@ -807,82 +896,12 @@ impl<D: Dialect> StateStore for SqlState<D> {
     ) -> StateResult<Vec<Invoice>> {
         let mut tx = self.begin().await?;
         // The counter row lock serializes finalizers until commit.
-        let mut last = tx
-            .one(q(format!(
-                "SELECT last FROM invoice_numbers WHERE id{}",
-                D::FOR_UPDATE
-            )))
-            .await?
-            .bigint("last")?;
+        let mut last = tx.lock_counter().await?;
         let mut written = Vec::with_capacity(new.len());
         for n in new {
-            let exists = tx
-                .opt(
-                    q(
-                        "SELECT 1 FROM invoices WHERE customer_id = $1 AND period_start = $2 \
-                       AND kind = $3",
-                    )
-                    .bind(&n.customer_id)
-                    .bind(n.period.start)
-                    .bind(n.kind.as_str()),
-                )
-                .await?;
-            if exists.is_some() {
-                continue;
+            if let Some(inv) = tx.insert_invoice(&n, finalized_at, &mut last).await? {
+                written.push(inv);
             }
-            last += 1;
-            let number = crate::invoice::invoice_number(last);
-            let body =
-                serde_json::to_value(&n.body).map_err(|e| StateError::Invalid(e.to_string()))?;
-            let row = tx
-                .one(
-                    q(format!(
-                        "INSERT INTO invoices (id, seq, number, customer_id, period_start, period_end, \
-                         currency, subtotal, adjustments_total, carried_in, total, body, finalized_at, \
-                         sync_status, kind, discount_total, tax_total, credit_total, amount_due) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, \
-                         $17, $18, $19) RETURNING {INVOICE_COLUMNS}"
-                    ))
-                    .bind(&n.id)
-                    .bind(last)
-                    .bind(number)
-                    .bind(&n.customer_id)
-                    .bind(n.period.start)
-                    .bind(n.period.end)
-                    .bind(&n.currency)
-                    .bind(n.subtotal)
-                    .bind(n.adjustments_total)
-                    .bind(n.carried_in)
-                    .bind(n.total)
-                    .bind(body)
-                    .bind(finalized_at)
-                    .bind(n.sync_status.as_str())
-                    .bind(n.kind.as_str())
-                    .bind(n.discount_total)
-                    .bind(n.tax_total)
-                    .bind(n.credit_total)
-                    .bind(n.amount_due),
-                )
-                .await?;
-            // Credits consumed and coupons redeemed, once, with the invoice.
-            settle_writes(&mut tx, &n, finalized_at).await?;
-            // An invoice under the minimum points the earlier ones it
-            // carries at itself; each is carried once.
-            let carried = carried_ids(&n);
-            let mut moved = 0;
-            for id in &carried {
-                moved += tx
-                    .run(
-                        q("UPDATE invoices SET carried_to = $1 WHERE id = $2 AND customer_id = $3 \
-                           AND carried_to IS NULL AND sync_status = 'carried_forward'")
-                        .bind(&n.id)
-                        .bind(id)
-                        .bind(&n.customer_id),
-                    )
-                    .await?;
-            }
-            check_carried_moved(&n, moved, carried.len())?;
-            written.push(invoice_from(&row)?);
         }
         tx.run(q("UPDATE invoice_numbers SET last = $1 WHERE id").bind(last))
             .await?;
@@ -961,13 +980,18 @@ impl<D: Dialect> StateStore for SqlState<D> {
         stripe_invoice_id: &str,
         status: PaymentStatus,
     ) -> StateResult<bool> {
-        let n = self
-            .execute(
+        let mut tx = self.begin().await?;
+        let n = tx
+            .run(
                 q("UPDATE invoices SET payment_status = $2 WHERE stripe_invoice_id = $1")
                     .bind(stripe_invoice_id)
                     .bind(status.as_str()),
             )
             .await?;
+        if status == PaymentStatus::Paid {
+            tx.top_up_paid(stripe_invoice_id).await?;
+        }
+        tx.commit().await?;
         Ok(n > 0)
     }
 

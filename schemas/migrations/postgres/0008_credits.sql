@@ -91,6 +91,10 @@ CREATE TABLE IF NOT EXISTS tax_profiles (
     updated_at TIMESTAMPTZ NOT NULL
 );
 
+-- A top-up invoice (kind `top_up`) bills prepaid credit bought on its own.
+ALTER TABLE invoices DROP CONSTRAINT IF EXISTS invoices_kind;
+ALTER TABLE invoices ADD CONSTRAINT invoices_kind CHECK (kind IN ('period', 'opening', 'top_up'));
+
 -- An invoice's steps after its charges: discounts and credits (negative),
 -- exclusive tax, and what is due after credits. Invoices written before
 -- have none of them, and their amount due is their total.

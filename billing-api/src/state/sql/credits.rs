@@ -12,7 +12,7 @@
 use super::{q, AuditRecord, Dialect, SqlState, StateError, StateResult, StateRow, Tx};
 use crate::state::{conflict_or, customer_not_found, NewGrant};
 use billing_domain::credit::{Entry, EntryKind, Grant};
-use billing_domain::invoice::NewInvoice;
+use billing_domain::invoice::{build_top_up, NewInvoice};
 use billing_domain::settle::{Applied, Coupon, CouponDuration, TaxProfile, TaxRate};
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -287,7 +287,7 @@ impl<D: Dialect> SqlState<D> {
                     .bind(now),
             )
             .await?;
-        let grant = grant_from(&row)?;
+        let mut grant = grant_from(&row)?;
         tx.ledger(
             &grant,
             EntryKind::Grant,
@@ -296,6 +296,23 @@ impl<D: Dialect> SqlState<D> {
             None,
         )
         .await?;
+        if g.top_up {
+            // Its top-up invoice, numbered with every other invoice.
+            let mut last = tx.lock_counter().await?;
+            let n = build_top_up(&g.customer_id, &id, g.amount, &g.currency, now, &g.reason);
+            tx.insert_invoice(&n, now, &mut last)
+                .await?
+                .ok_or_else(|| StateError::Conflict(format!("top-up invoice {} exists", n.id)))?;
+            tx.run(q("UPDATE invoice_numbers SET last = $1 WHERE id").bind(last))
+                .await?;
+            tx.run(
+                q("UPDATE credit_grants SET invoice_id = $1 WHERE id = $2")
+                    .bind(&n.id)
+                    .bind(&id),
+            )
+            .await?;
+            grant.invoice_id = Some(n.id);
+        }
         tx.audit(
             actor,
             now,
@@ -370,6 +387,11 @@ impl<D: Dialect> SqlState<D> {
                 .bind(grant),
         )
         .await?;
+        // Its top-up invoice is paid (marked by staff where Stripe is not).
+        if let Some(inv) = &g.invoice_id {
+            tx.run(q("UPDATE invoices SET payment_status = 'paid' WHERE id = $1").bind(inv))
+                .await?;
+        }
         let after = tx.grant_row(customer, grant).await?;
         tx.audit(
             actor,
@@ -844,5 +866,43 @@ impl<D: Dialect> SqlState<D> {
             .iter()
             .map(|r| Ok((r.text("customer_id")?, json_of(r, "tax profile")?)))
             .collect()
+    }
+}
+
+impl<D: Dialect> Tx<D> {
+    /// A top-up invoice reported paid: its grant becomes usable (audited).
+    pub(super) async fn top_up_paid(&mut self, stripe_invoice: &str) -> StateResult<()> {
+        let rows = self
+            .all(
+                q(format!(
+                    "SELECT {GRANT_COLUMNS} FROM credit_grants WHERE usable = $2 AND voided_at IS NULL \
+                     AND invoice_id IN (SELECT id FROM invoices WHERE stripe_invoice_id = $1){}",
+                    D::FOR_UPDATE
+                ))
+                .bind(stripe_invoice)
+                .bind(false),
+            )
+            .await?;
+        for r in &rows {
+            let g = grant_from(r)?;
+            self.run(
+                q("UPDATE credit_grants SET usable = $1 WHERE id = $2")
+                    .bind(true)
+                    .bind(&g.id),
+            )
+            .await?;
+            self.audit(
+                "stripe",
+                Utc::now(),
+                audit(
+                    "credit.paid",
+                    &g.customer_id,
+                    Some(serde_json::json!({"grant": g.id, "usable": false})),
+                    Some(serde_json::json!({"grant": g.id, "usable": true, "stripe_invoice": stripe_invoice})),
+                ),
+            )
+            .await?;
+        }
+        Ok(())
     }
 }

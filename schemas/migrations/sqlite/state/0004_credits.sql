@@ -86,13 +86,55 @@ CREATE TABLE IF NOT EXISTS tax_profiles (
     updated_at INTEGER NOT NULL
 ) STRICT;
 
--- The steps after an invoice's charges; earlier invoices owe their total.
-ALTER TABLE invoices ADD COLUMN discount_total TEXT NOT NULL DEFAULT '0';
-ALTER TABLE invoices ADD COLUMN tax_total TEXT NOT NULL DEFAULT '0';
-ALTER TABLE invoices ADD COLUMN credit_total TEXT NOT NULL DEFAULT '0';
-ALTER TABLE invoices ADD COLUMN amount_due TEXT;
-UPDATE invoices SET amount_due = total WHERE amount_due IS NULL;
+-- Invoices: the steps after their charges (discounts and credits
+-- negative, exclusive tax, the amount due after credits; earlier invoices
+-- owe their total) and a third kind, `top_up` (prepaid credit bought on
+-- its own). SQLite cannot change a CHECK, so the table is rebuilt as in
+-- migration 3 (its documented procedure, in this migration's transaction,
+-- foreign keys checked at commit) with the triggers created again.
+PRAGMA defer_foreign_keys = ON;
+CREATE TABLE IF NOT EXISTS invoices_v4 (
+    id TEXT PRIMARY KEY NOT NULL,
+    seq INTEGER NOT NULL UNIQUE,
+    number TEXT NOT NULL UNIQUE,
+    customer_id TEXT NOT NULL REFERENCES customers (id),
+    period_start INTEGER NOT NULL,
+    period_end INTEGER NOT NULL,
+    currency TEXT NOT NULL,
+    subtotal TEXT NOT NULL,
+    adjustments_total TEXT NOT NULL,
+    carried_in TEXT NOT NULL,
+    total TEXT NOT NULL,                 -- before credits
+    body TEXT NOT NULL,
+    finalized_at INTEGER NOT NULL,
+    sync_status TEXT NOT NULL CHECK (sync_status IN ('pending', 'synced', 'carried_forward', 'nothing_due', 'failed')),
+    stripe_invoice_id TEXT UNIQUE,
+    carried_to TEXT REFERENCES invoices_v4 (id), -- renamed with the table
+    payment_status TEXT NOT NULL DEFAULT 'open' CHECK (payment_status IN ('open', 'paid', 'payment_failed', 'void')),
+    sync_error TEXT,
+    kind TEXT NOT NULL DEFAULT 'period' CHECK (kind IN ('period', 'opening', 'top_up')),
+    discount_total TEXT NOT NULL DEFAULT '0',
+    tax_total TEXT NOT NULL DEFAULT '0',
+    credit_total TEXT NOT NULL DEFAULT '0',
+    amount_due TEXT NOT NULL,
+    UNIQUE (customer_id, period_start, kind)
+) STRICT;
+INSERT INTO invoices_v4 (id, kind, seq, number, customer_id, period_start, period_end, currency,
+    subtotal, adjustments_total, carried_in, total, body, finalized_at, sync_status,
+    stripe_invoice_id, carried_to, payment_status, sync_error, discount_total, tax_total,
+    credit_total, amount_due)
+SELECT id, kind, seq, number, customer_id, period_start, period_end, currency,
+    subtotal, adjustments_total, carried_in, total, body, finalized_at, sync_status,
+    stripe_invoice_id, carried_to, payment_status, sync_error, '0', '0', '0', total FROM invoices;
+DROP TRIGGER IF EXISTS invoices_no_delete;
 DROP TRIGGER IF EXISTS invoices_no_change;
+DROP TABLE invoices;
+ALTER TABLE invoices_v4 RENAME TO invoices;
+CREATE INDEX IF NOT EXISTS invoices_to_sync ON invoices (seq) WHERE sync_status = 'pending';
+CREATE TRIGGER IF NOT EXISTS invoices_no_delete BEFORE DELETE ON invoices
+BEGIN
+    SELECT RAISE(ABORT, 'invoices are immutable');
+END;
 CREATE TRIGGER IF NOT EXISTS invoices_no_change BEFORE UPDATE ON invoices
 WHEN NEW.id IS NOT OLD.id OR NEW.kind IS NOT OLD.kind OR NEW.seq IS NOT OLD.seq
     OR NEW.number IS NOT OLD.number
