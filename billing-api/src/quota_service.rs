@@ -413,8 +413,13 @@ impl QuotaService {
             .into_iter()
             .map(|(c, plan)| {
                 let (suspended, cap) = settings.get(&c).cloned().unwrap_or((false, None));
+                let until = endings
+                    .get(&c)
+                    .copied()
+                    .unwrap_or(period.end)
+                    .min(period.end);
                 let credit = grants.get(&c).map_or(Decimal::ZERO, |g| {
-                    billing_domain::credit::balance_at(g, &plan.currency, as_of)
+                    billing_domain::credit::spendable(g, &plan.currency, as_of, until)
                 });
                 let e = Entry {
                     plan,

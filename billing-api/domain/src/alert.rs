@@ -19,6 +19,9 @@ crate::named! {
         SpendingCap => "spending_cap",
         /// A price's free units (`rating::free_units`).
         Allowance => "allowance",
+        /// The credit the customer can spend: how much of it the month's
+        /// usage so far would use up (a low balance).
+        Credit => "credit",
     }
 }
 
@@ -131,6 +134,21 @@ pub fn evaluate(
             );
         }
     }
+    // Credit running low: the month to date against the balance it would
+    // be paid from.
+    if q.credit > Decimal::ZERO {
+        let (_, cost) = cost_to_date(q)?;
+        for t in crossed(cost, q.credit, thresholds) {
+            raise(
+                AlertKind::Credit,
+                String::new(),
+                t,
+                cost,
+                q.credit,
+                &q.plan.currency,
+            );
+        }
+    }
     // The plan in force now is rated from where it started, with the usage
     // since then: its allowances are that segment's.
     let since = since(q);
@@ -186,6 +204,53 @@ mod tests {
         assert_eq!(all, vec![50, 80, 100]);
     }
 
+    /// $2.00 of requests so far against $2.50 of credit: 50 % and 80 % of
+    /// it used, not 100 %; no credit, no such alert.
+    #[test]
+    fn a_low_credit_balance_raises_alerts() {
+        use chrono::TimeZone;
+        let cat = crate::catalog::Catalog::default_catalog();
+        let period = crate::rating::Period {
+            start: Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).unwrap(),
+            end: Utc.with_ymd_and_hms(2026, 12, 1, 0, 0, 0).unwrap(),
+        };
+        let usage = vec![crate::rating::UsageItem {
+            meter: "requests".into(),
+            dims: Default::default(),
+            quantity: Decimal::from(5_000_000),
+            events: 1,
+        }];
+        let running = crate::quota::Running::default();
+        let q = |credit: Decimal| QuotaInput {
+            plan: cat.latest("payg").unwrap(),
+            period,
+            now: Utc.with_ymd_and_hms(2026, 11, 11, 0, 0, 0).unwrap(),
+            usage_to_date: &usage,
+            earlier: &[],
+            trial_end: None,
+            ends: None,
+            seats: &[],
+            running: &running,
+            suspended: false,
+            spending_cap: None,
+            credit,
+        };
+        let credit = |a: &[NewAlert]| -> Vec<u32> {
+            a.iter()
+                .filter(|x| x.kind == AlertKind::Credit)
+                .map(|x| x.threshold)
+                .collect()
+        };
+        let raised = evaluate("c", &q(Decimal::new(250, 2)), &[50, 80, 100]).unwrap();
+        assert_eq!(credit(&raised), [50, 80]);
+        let a = raised.iter().find(|x| x.kind == AlertKind::Credit).unwrap();
+        assert_eq!(
+            (&a.payload["used"], &a.payload["limit"], &a.payload["unit"]),
+            (&json!("2.00"), &json!("2.50"), &json!("USD"))
+        );
+        assert!(credit(&evaluate("c", &q(Decimal::ZERO), &[50, 80, 100]).unwrap()).is_empty());
+    }
+
     #[test]
     fn delivery_backs_off_doubling_to_an_hour() {
         let first = Duration::seconds(10);
@@ -198,7 +263,7 @@ mod tests {
     #[test]
     fn kinds_and_statuses_have_their_stored_names() {
         let kinds: Vec<&str> = AlertKind::ALL.iter().map(|k| k.as_str()).collect();
-        assert_eq!(kinds, ["spending_cap", "allowance"]);
+        assert_eq!(kinds, ["spending_cap", "allowance", "credit"]);
         let statuses: Vec<&str> = AlertStatus::ALL.iter().map(|s| s.as_str()).collect();
         assert_eq!(statuses, ["pending", "delivered", "failed"]);
         for k in AlertKind::ALL {

@@ -200,6 +200,28 @@ pub fn balance_at(grants: &[Grant], currency: &str, at: DateTime<Utc>) -> Decima
         .sum()
 }
 
+/// What the spending cap counts at `at`: the balance of the grants in
+/// `currency` that are usable and effective by then and can still pay the
+/// invoice of usage ending at `until` (not expired before it, example 11).
+pub fn spendable(
+    grants: &[Grant],
+    currency: &str,
+    at: DateTime<Utc>,
+    until: DateTime<Utc>,
+) -> Decimal {
+    grants
+        .iter()
+        .filter(|g| {
+            g.usable
+                && g.voided_at.is_none()
+                && g.currency.eq_ignore_ascii_case(currency)
+                && g.effective_at <= at
+                && g.expires_at.is_none_or(|e| e >= until)
+        })
+        .map(|g| g.remaining.max(Decimal::ZERO))
+        .sum()
+}
+
 /// Whether an expiry entry is due for `g` at `now`: it has expired with a
 /// remainder, and no invoice can still consume it (an invoice whose period
 /// ended at or before the expiry is finalized by `expires_at + grace`; the
@@ -287,6 +309,16 @@ mod tests {
         // Balances: the expired one is gone after Nov 20.
         assert_eq!(balance_at(&all, "USD", at(11, 10)), Decimal::new(200, 2));
         assert_eq!(balance_at(&all, "USD", at(11, 25)), Decimal::new(100, 2));
+        // The cap counts only what can still pay the invoice cut at Dec 1:
+        // not the one expiring Nov 20, even on Nov 10.
+        assert_eq!(
+            spendable(&all, "USD", at(11, 10), until),
+            Decimal::new(100, 2)
+        );
+        assert_eq!(
+            spendable(&all, "USD", at(11, 10), at(11, 15)),
+            Decimal::new(200, 2)
+        );
         let g = chrono::Duration::hours(1);
         assert!(expiry_due(&all[2], at(11, 20) + g, g));
         assert!(!expiry_due(&all[2], at(11, 20), g));

@@ -153,9 +153,9 @@ pub struct QuotaInput<'a> {
     pub suspended: bool,
     /// The customer's own monthly cap, if set.
     pub spending_cap: Option<Decimal>,
-    /// Credit the customer can spend now in the plan's currency
-    /// (`credit::balance_at`): the cap check lets usage run that much
-    /// further (a $0 cap with $5 of credit allows $5 of usage).
+    /// Credit the customer can spend on this period's invoice, in the
+    /// plan's currency (`credit::spendable`): the cap check lets usage run
+    /// that much further (a $0 cap with $5 of credit allows $5 of usage).
     pub credit: Decimal,
 }
 

@@ -91,6 +91,11 @@ CREATE TABLE IF NOT EXISTS tax_profiles (
     updated_at TIMESTAMPTZ NOT NULL
 );
 
+-- Usage alerts on the credit balance (kind `credit`).
+ALTER TABLE usage_alerts DROP CONSTRAINT IF EXISTS usage_alerts_kind_check;
+ALTER TABLE usage_alerts ADD CONSTRAINT usage_alerts_kind_check
+    CHECK (kind IN ('spending_cap', 'allowance', 'credit'));
+
 -- A top-up invoice (kind `top_up`) bills prepaid credit bought on its own.
 ALTER TABLE invoices DROP CONSTRAINT IF EXISTS invoices_kind;
 ALTER TABLE invoices ADD CONSTRAINT invoices_kind CHECK (kind IN ('period', 'opening', 'top_up'));

@@ -148,3 +148,26 @@ WHEN NEW.id IS NOT OLD.id OR NEW.kind IS NOT OLD.kind OR NEW.seq IS NOT OLD.seq
 BEGIN
     SELECT RAISE(ABORT, 'finalized invoices are immutable');
 END;
+
+-- Usage alerts on the credit balance (kind `credit`): the table rebuilt for
+-- its CHECK, the same way.
+CREATE TABLE IF NOT EXISTS usage_alerts_v4 (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    customer_id TEXT NOT NULL REFERENCES customers (id),
+    period_start INTEGER NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('spending_cap', 'allowance', 'credit')),
+    subject TEXT NOT NULL,
+    threshold INTEGER NOT NULL CHECK (threshold > 0),
+    payload TEXT NOT NULL,
+    created_at INTEGER NOT NULL DEFAULT (unixepoch() * 1000000),
+    status TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'delivered', 'failed')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at INTEGER NOT NULL DEFAULT (unixepoch() * 1000000),
+    delivered_at INTEGER,
+    last_error TEXT,
+    UNIQUE (customer_id, period_start, kind, subject, threshold)
+) STRICT;
+INSERT INTO usage_alerts_v4 SELECT * FROM usage_alerts;
+DROP TABLE usage_alerts;
+ALTER TABLE usage_alerts_v4 RENAME TO usage_alerts;
+CREATE INDEX IF NOT EXISTS usage_alerts_due ON usage_alerts (next_attempt_at) WHERE status = 'pending';
