@@ -180,7 +180,7 @@ impl Finalizer {
         }
         // Carried-forward amounts go on the first invoice written after them.
         let mut carried = state.open_carried(None).await?;
-        let settling = Settling::read_all(state, p.start).await?;
+        let mut settling = Settling::read_all(state, p.start).await?;
         let mut batch: Vec<_> = due
             .into_iter()
             .map(|(c, t, rated)| {
@@ -311,7 +311,7 @@ impl Finalizer {
         };
         let prev_seats = state.seat_intervals_all(prev).await?;
         let carried = state.open_carried(None).await?;
-        let settling = Settling::read_all(state, p.start).await?;
+        let mut settling = Settling::read_all(state, p.start).await?;
 
         let mut plans = PlanCache::default();
         let versions: BTreeSet<(String, u32)> = segments
@@ -350,6 +350,8 @@ impl Finalizer {
             for c in chunk {
                 let t = Instant::now();
                 let segs = segments.remove(c).unwrap_or_default();
+                // Credits pay usage up to where it ends (a cancellation).
+                let until = crate::invoice::usage_end(&segs, p);
                 let none = Vec::new();
                 let orphan = orphans.contains(c);
                 let unbilled = match cancelled.get(c) {
@@ -434,7 +436,7 @@ impl Finalizer {
                 if orphan && n.body.adjustments.is_empty() {
                     continue;
                 }
-                settling.settle(&mut n, now, p.end, self.config.min_charge);
+                settling.settle(&mut n, now, until, self.config.min_charge);
                 let events: u64 = unbilled.iter().map(|u| u.events).sum();
                 self.metrics.unbilled_events.inc_by(events);
                 n.body.unbilled = unbilled;

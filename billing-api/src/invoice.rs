@@ -340,10 +340,12 @@ pub async fn draft(
         let rerated = rate_arrears(state, usage, meters, customer, prev2).await?;
         add_earlier(&mut n, inv2, &baseline(inv2, prev_inv), rerated, min_charge);
     }
-    // As finalization would settle it at the period's end.
+    // As finalization would settle it at the period's end (its credits cut
+    // off where the usage period ends: a cancellation inside it).
+    let until = usage_end(&state.plan_segments(customer, period).await?, period);
     Settling::read_one(state, customer)
         .await?
-        .settle(&mut n, period.end, period.end, min_charge);
+        .settle(&mut n, period.end, until, min_charge);
     Ok(n)
 }
 
@@ -426,6 +428,16 @@ fn resettle(inv: &Invoice, lines: &[billing_domain::rating::Line]) -> Option<Set
     ))
 }
 
+/// Where the usage an invoice of `period` bills ends: the period's end, or
+/// a cancellation inside it (the end of its last segment). Credits must be
+/// effective before it and not expired by it.
+pub fn usage_end(segs: &[PlanSegment], period: Period) -> DateTime<Utc> {
+    segs.iter()
+        .map(|s| s.end)
+        .max()
+        .map_or(period.end, |e| e.min(period.end))
+}
+
 /// What settling invoices reads from the state: every customer's open
 /// grants, applied coupons and tax profile, and the tax rates; read once
 /// for a finalization pass or for one customer's draft.
@@ -495,9 +507,12 @@ impl Settling {
     }
 
     /// Settles `n` (`invoice::settle_invoice`): issued at `issued`, its
-    /// credits cut off at `until`.
+    /// credits cut off at `until`. What it consumes and redeems is taken
+    /// off what this holds, so a second invoice of the customer settled
+    /// from it (two opening invoices in one run) sees the balances and
+    /// once-coupons as the first one leaves them.
     pub fn settle(
-        &self,
+        &mut self,
         n: &mut NewInvoice,
         issued: DateTime<Utc>,
         until: DateTime<Utc>,
@@ -506,6 +521,24 @@ impl Settling {
         let end = n.body.fees_period.unwrap_or(n.period).end;
         let inputs = self.inputs(&n.customer_id, &n.currency, issued, end, until);
         settle_invoice(n, inputs, min_charge);
+        let Some(s) = &n.body.settlement else {
+            return;
+        };
+        if let Some(grants) = self.grants.get_mut(&n.customer_id) {
+            for g in grants.iter_mut() {
+                g.remaining = billing_domain::credit::after(g, &s.credits);
+            }
+        }
+        if let Some(applied) = self.applied.get_mut(&n.customer_id) {
+            for a in applied.iter_mut() {
+                if s.discounts
+                    .iter()
+                    .any(|d| d.applied_id == a.id && settle::redeems(d))
+                {
+                    a.redeemed += 1;
+                }
+            }
+        }
     }
 }
 
@@ -527,6 +560,36 @@ impl Rerated {
 mod tests {
     use super::*;
     use chrono::TimeZone;
+
+    #[test]
+    fn credits_pay_usage_up_to_a_cancellation() {
+        let d = |day| Utc.with_ymd_and_hms(2026, 11, day, 0, 0, 0).unwrap();
+        let period = Period {
+            start: d(1),
+            end: Utc.with_ymd_and_hms(2026, 12, 1, 0, 0, 0).unwrap(),
+        };
+        let seg = |a, b| PlanSegment {
+            trial: false,
+            plan: "payg".into(),
+            version: 1,
+            start: a,
+            end: b,
+        };
+        assert_eq!(usage_end(&[seg(d(1), d(13))], period), d(13));
+        assert_eq!(
+            usage_end(&[seg(d(1), d(10)), seg(d(10), period.end)], period),
+            period.end
+        );
+        // Segments reach past the period when nothing ends them.
+        assert_eq!(
+            usage_end(
+                &[seg(d(1), period.end + chrono::Duration::days(40))],
+                period
+            ),
+            period.end
+        );
+        assert_eq!(usage_end(&[], period), period.end);
+    }
 
     #[test]
     fn a_switch_cuts_the_history() {

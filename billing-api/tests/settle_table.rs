@@ -337,6 +337,24 @@ fn coupons_apply_in_order_each_on_what_the_earlier_left_in_its_scope() {
         },
     );
     assert_eq!(s.discount_total, d("0.00"));
+    // Zero is written as zero, never "-0.00".
+    assert_eq!(s.discounts[0].amount.to_string(), "0.00");
+    assert_eq!(s.discounts[0].amount_exact.to_string(), "0");
+    assert!(!settle::redeems(&s.discounts[0]));
+    // An amount off in another currency does not apply at all.
+    let mut euros = coupon("eur5", None, Some("5.00"), CouponDuration::Once);
+    euros.currency = Some("EUR".into());
+    let i = settle::inputs(
+        &[applied(euros, at(11, 1))],
+        None,
+        &[],
+        &[],
+        "USD",
+        NOV.end,
+        NOV.end,
+        NOV.end,
+    );
+    assert!(i.coupons.is_empty());
 }
 
 #[test]

@@ -149,6 +149,7 @@ on_both!(
     concurrent_writers,
     credits_ledger,
     coupons_and_taxes,
+    one_customers_invoices_in_a_batch_share_its_credit,
 );
 
 // ------------------------------------------------------------------ fixtures
@@ -1286,7 +1287,7 @@ async fn credits_ledger(db: Db) {
         lines: vec![],
         total: d("7.40"),
     };
-    let settling = billing_api::invoice::Settling::read_all(st.as_ref(), nov_p.start)
+    let mut settling = billing_api::invoice::Settling::read_all(st.as_ref(), nov_p.start)
         .await
         .unwrap();
     let mut n = billing_api::invoice::build("cr", nov_p, rated, None, &[], d("0.50"));
@@ -1432,6 +1433,13 @@ async fn credits_ledger(db: Db) {
     top.top_up = true;
     let (top, _) = st.grant_credit(&top, "staff").await.unwrap();
     assert!(!top.usable);
+    // Not voided while its invoice may still be collected.
+    assert!(matches!(
+        st.void_grant("cr", &top.id, "staff", nov(26))
+            .await
+            .unwrap_err(),
+        StateError::Conflict(_)
+    ));
     // Its own invoice, numbered after the others, pending for Stripe.
     let bill = st
         .invoice(top.invoice_id.as_deref().unwrap())
@@ -1492,6 +1500,13 @@ async fn credits_ledger(db: Db) {
     let (top2, _) = st.grant_credit(&top2, "staff").await.unwrap();
     let bill = top2.invoice_id.clone().unwrap();
     st.set_stripe_invoice(&bill, "in_top2").await.unwrap();
+    // With Stripe, Stripe says when it is paid, not staff.
+    assert!(matches!(
+        st.mark_grant_paid("cr", &top2.id, "staff")
+            .await
+            .unwrap_err(),
+        StateError::Conflict(_)
+    ));
     assert!(st
         .set_payment_status("in_top2", PaymentStatus::Paid)
         .await
@@ -1504,6 +1519,78 @@ async fn credits_ledger(db: Db) {
         .find(|g| g.id == top2.id)
         .unwrap();
     assert!(g.usable);
+}
+
+/// Two invoices of one customer settled in one pass (two opening invoices
+/// in a run) and written in one batch: the second is settled with what the
+/// first left of the grant and of a once coupon, and the batch is written
+/// (a stale balance would fail it at every run).
+async fn one_customers_invoices_in_a_batch_share_its_credit(db: Db) {
+    use billing_api::state::{Coupon, GrantKind, NewGrant};
+    use billing_domain::settle::CouponDuration;
+    let st = db.st.clone();
+    customers(st.as_ref(), &["two"]).await;
+    st.grant_credit(
+        &NewGrant {
+            customer_id: "two".into(),
+            kind: GrantKind::Promotional,
+            currency: "USD".into(),
+            amount: d("5.00"),
+            effective_at: Some(nov(1)),
+            expires_at: None,
+            priority: 10,
+            reason: String::new(),
+            top_up: false,
+            idempotency_key: None,
+        },
+        "staff",
+    )
+    .await
+    .unwrap();
+    let c = Coupon {
+        id: "once".into(),
+        version: 1,
+        name: "Once".into(),
+        percent_off: None,
+        amount_off: Some(d("1.00")),
+        currency: Some("USD".into()),
+        duration: CouponDuration::Once,
+        periods: None,
+        applies_to: None,
+        max_redemptions: None,
+    };
+    st.publish_coupon(&c, "staff").await.unwrap();
+    st.apply_coupon("two", "once", nov(1), "staff")
+        .await
+        .unwrap();
+    let nov_p = month(2026, 11);
+    let rated = billing_api::rating::Rated::of_lines("USD".into(), 2, vec![flat_line("4.00")]);
+    let mut settling = billing_api::invoice::Settling::read_all(st.as_ref(), nov_p.start)
+        .await
+        .unwrap();
+    let mut batch = vec![];
+    for t in [nov(2), nov(12)] {
+        let mut n =
+            billing_api::invoice::build_opening("two", nov_p, t, rated.clone(), &[], d("0.50"));
+        settling.settle(&mut n, t, t, d("0.50"));
+        batch.push(n);
+    }
+    // $4 − $1 once = $3, all of it credit; then $4, $2 of credit left.
+    let steps: Vec<(Decimal, Decimal, Decimal)> = batch
+        .iter()
+        .map(|n| (n.discount_total, n.credit_total, n.amount_due))
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            (d("-1.00"), d("-3.00"), d("0.00")),
+            (d("0.00"), d("-2.00"), d("2.00"))
+        ]
+    );
+    assert_eq!(st.insert_invoices(batch, nov(12)).await.unwrap().len(), 2);
+    let g = st.grants_of("two").await.unwrap().pop().unwrap();
+    assert_eq!(g.remaining, d("0"));
+    assert_eq!(st.coupons_of("two").await.unwrap()[0].redeemed, 1);
 }
 
 /// Coupons: versions assigned on publication, applied from an instant,
@@ -1609,7 +1696,7 @@ async fn coupons_and_taxes(db: Db) {
     };
     let mut n = billing_api::invoice::build("cp", nov_p, rated("100.00"), None, &[], d("0.50"));
     n.body.lines = vec![flat_line("100.00")];
-    let settling = billing_api::invoice::Settling::read_all(st.as_ref(), nov_p.start)
+    let mut settling = billing_api::invoice::Settling::read_all(st.as_ref(), nov_p.start)
         .await
         .unwrap();
     settling.settle(&mut n, nov_p.end, nov_p.end, d("0.50"));
@@ -1624,7 +1711,7 @@ async fn coupons_and_taxes(db: Db) {
     let dec_p = month(2026, 12);
     let mut n = billing_api::invoice::build("cp", dec_p, rated("100.00"), None, &[], d("0.50"));
     n.body.lines = vec![flat_line("100.00")];
-    let settling = billing_api::invoice::Settling::read_all(st.as_ref(), dec_p.start)
+    let mut settling = billing_api::invoice::Settling::read_all(st.as_ref(), dec_p.start)
         .await
         .unwrap();
     settling.settle(&mut n, dec_p.end, dec_p.end, d("0.50"));

@@ -501,6 +501,13 @@ pub fn settle(
                 left[scope[k]] -= part;
             }
         }
+        let neg = |x: Decimal| {
+            if x.is_zero() {
+                money(Decimal::ZERO)
+            } else {
+                money(-x)
+            }
+        };
         discounts.push(DiscountLine {
             applied_id: a.id.clone(),
             coupon_id: c.id.clone(),
@@ -513,8 +520,12 @@ pub fn settle(
             base,
             percent_off: c.percent_off,
             amount_off: c.amount_off,
-            amount_exact: -exact,
-            amount: money(-amount),
+            amount_exact: if exact.is_zero() {
+                Decimal::ZERO
+            } else {
+                -exact
+            },
+            amount: neg(amount),
         });
     }
     let discount_total = money(discounts.iter().map(|d| d.amount).sum());
@@ -601,9 +612,18 @@ pub fn inputs(
     period_end: DateTime<Utc>,
     until: DateTime<Utc>,
 ) -> Inputs {
+    // An amount off in another currency does not apply (and is not
+    // redeemed) at all.
     let mut coupons: Vec<Applied> = applied
         .iter()
         .filter(|a| a.applies(issued, period_end))
+        .filter(|a| {
+            a.coupon.amount_off.is_none()
+                || a.coupon
+                    .currency
+                    .as_deref()
+                    .is_some_and(|c| c.eq_ignore_ascii_case(currency))
+        })
         .cloned()
         .collect();
     coupons.sort_by(|a, b| a.applied_at.cmp(&b.applied_at).then(a.id.cmp(&b.id)));
@@ -621,4 +641,11 @@ pub fn inputs(
             .collect(),
         until: Some(until),
     }
+}
+
+/// Whether a discount line redeems its coupon: it had something in scope
+/// to work on (a `once` coupon with nothing to discount waits for the next
+/// invoice).
+pub fn redeems(d: &DiscountLine) -> bool {
+    !(d.amount.is_zero() && d.base <= Decimal::ZERO)
 }

@@ -58,8 +58,10 @@ pub trait Dialect: Send + Sync + 'static {
     type Row: StateRow + Send + Sync;
 
     /// Appended to a `SELECT` that must lock the rows it reads until
-    /// commit: `FOR UPDATE` where row locks exist; empty where a write
-    /// transaction already holds the database's only write lock.
+    /// commit: `FOR NO KEY UPDATE` where row locks exist (it leaves
+    /// foreign-key checks of inserts referencing the row unblocked); empty
+    /// where a write transaction already holds the database's only write
+    /// lock.
     const FOR_UPDATE: &'static str;
     /// Appended to a sub-select that claims rows other claimers may hold:
     /// `FOR UPDATE SKIP LOCKED`, or empty where the statement runs alone.

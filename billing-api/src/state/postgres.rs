@@ -78,7 +78,11 @@ fn bound(sql: &str, args: Vec<Arg>) -> Bound<'_> {
 impl Dialect for PgDialect {
     type Tx = Transaction<'static, Postgres>;
     type Row = PgRow;
-    const FOR_UPDATE: &'static str = " FOR UPDATE";
+    // NO KEY UPDATE: serializes writers of the row as FOR UPDATE does, but
+    // not the KEY SHARE lock a foreign-key check takes on it, so inserting
+    // a customer's invoice or ledger entry never waits for (and never
+    // deadlocks with) a change that holds the customer row.
+    const FOR_UPDATE: &'static str = " FOR NO KEY UPDATE";
     const SKIP_LOCKED: &'static str = " FOR UPDATE SKIP LOCKED";
 
     async fn migrate(&self) -> StateResult<()> {

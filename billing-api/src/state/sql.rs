@@ -981,6 +981,11 @@ impl<D: Dialect> StateStore for SqlState<D> {
         status: PaymentStatus,
     ) -> StateResult<bool> {
         let mut tx = self.begin().await?;
+        // A paid top-up's grant first: grant rows before invoice rows, as
+        // marking a grant paid takes them.
+        if status == PaymentStatus::Paid {
+            tx.top_up_paid(stripe_invoice_id).await?;
+        }
         let n = tx
             .run(
                 q("UPDATE invoices SET payment_status = $2 WHERE stripe_invoice_id = $1")
@@ -988,9 +993,6 @@ impl<D: Dialect> StateStore for SqlState<D> {
                     .bind(status.as_str()),
             )
             .await?;
-        if status == PaymentStatus::Paid {
-            tx.top_up_paid(stripe_invoice_id).await?;
-        }
         tx.commit().await?;
         Ok(n > 0)
     }

@@ -143,6 +143,40 @@ impl<D: Dialect> Tx<D> {
         Ok(())
     }
 
+    async fn set_usable(&mut self, grant: &str) -> StateResult<()> {
+        self.run(
+            q("UPDATE credit_grants SET usable = $1 WHERE id = $2")
+                .bind(true)
+                .bind(grant),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Audits a change to grant `before` (as it stands now, after it) and
+    /// commits; the grant as changed.
+    async fn grant_changed(
+        mut self,
+        action: &'static str,
+        before: &Grant,
+        actor: &str,
+    ) -> StateResult<Grant> {
+        let after = self.grant_row(&before.customer_id, &before.id).await?;
+        self.audit(
+            actor,
+            Utc::now(),
+            audit(
+                action,
+                &before.customer_id,
+                Some(to_json(before)?),
+                Some(to_json(&after)?),
+            ),
+        )
+        .await?;
+        self.commit().await?;
+        Ok(after)
+    }
+
     async fn set_remaining(&mut self, grant: &str, remaining: Decimal) -> StateResult<()> {
         self.run(
             q("UPDATE credit_grants SET remaining = $1 WHERE id = $2")
@@ -199,6 +233,10 @@ pub(super) async fn settle_writes<D: Dialect>(
         .map(|a| a.id.as_str())
         .collect();
     for d in &s.discounts {
+        if !billing_domain::settle::redeems(d) {
+            // Nothing in its scope: not redeemed (a once coupon waits).
+            continue;
+        }
         if once.contains(&d.applied_id.as_str()) {
             let used = tx
                 .one(
@@ -213,10 +251,6 @@ pub(super) async fn settle_writes<D: Dialect>(
                     d.applied_id, n.id
                 )));
             }
-        }
-        if d.amount.is_zero() && d.base <= Decimal::ZERO {
-            // Nothing in its scope: not redeemed (a once coupon waits).
-            continue;
         }
         tx.run_or(
             q("INSERT INTO coupon_redemptions (applied_id, invoice_id) VALUES ($1, $2)")
@@ -336,7 +370,14 @@ impl<D: Dialect> SqlState<D> {
         if g.voided_at.is_some() {
             return Ok(g);
         }
-        let now = Utc::now();
+        if !g.usable && g.invoice_id.is_some() {
+            // Invoices are not voided here: a top-up still to be paid would
+            // be collected for credit that never becomes usable.
+            return Err(StateError::Conflict(format!(
+                "credit grant {grant} awaits payment of its top-up invoice {}; it can be voided once paid",
+                g.invoice_id.as_deref().unwrap_or_default()
+            )));
+        }
         if !g.remaining.is_zero() {
             tx.ledger(&g, EntryKind::Void, -g.remaining, at, None)
                 .await?;
@@ -348,20 +389,7 @@ impl<D: Dialect> SqlState<D> {
                 .bind(&g.id),
         )
         .await?;
-        let after = tx.grant_row(customer, grant).await?;
-        tx.audit(
-            actor,
-            now,
-            audit(
-                "credit.void",
-                customer,
-                Some(to_json(&g)?),
-                Some(to_json(&after)?),
-            ),
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(after)
+        tx.grant_changed("credit.void", &g, actor).await
     }
 
     pub(super) async fn mark_grant_paid_sql(
@@ -381,31 +409,24 @@ impl<D: Dialect> SqlState<D> {
                 "credit grant {grant} is voided"
             )));
         }
-        tx.run(
-            q("UPDATE credit_grants SET usable = $1 WHERE id = $2")
-                .bind(true)
-                .bind(grant),
-        )
-        .await?;
+        if let Some(inv) = &g.invoice_id {
+            let sent = tx
+                .one(q("SELECT stripe_invoice_id FROM invoices WHERE id = $1").bind(inv))
+                .await?
+                .opt_text("stripe_invoice_id")?;
+            if let Some(sid) = sent {
+                return Err(StateError::Conflict(format!(
+                    "top-up invoice {inv} is with Stripe ({sid}): Stripe's invoice.paid makes the grant usable"
+                )));
+            }
+        }
+        tx.set_usable(grant).await?;
         // Its top-up invoice is paid (marked by staff where Stripe is not).
         if let Some(inv) = &g.invoice_id {
             tx.run(q("UPDATE invoices SET payment_status = 'paid' WHERE id = $1").bind(inv))
                 .await?;
         }
-        let after = tx.grant_row(customer, grant).await?;
-        tx.audit(
-            actor,
-            Utc::now(),
-            audit(
-                "credit.paid",
-                customer,
-                Some(to_json(&g)?),
-                Some(to_json(&after)?),
-            ),
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(after)
+        tx.grant_changed("credit.paid", &g, actor).await
     }
 
     pub(super) async fn grants_where(
@@ -481,6 +502,8 @@ impl<D: Dialect> SqlState<D> {
         let mut written = 0;
         for g in due {
             let mut tx = self.begin().await?;
+            // The customer, then the grant: the order a void takes them in.
+            tx.lock_customer(&g.customer_id).await?;
             let cur = tx.grant_row(&g.customer_id, &g.id).await?;
             if !billing_domain::credit::expiry_due(&cur, now, grace) {
                 continue;
@@ -885,12 +908,7 @@ impl<D: Dialect> Tx<D> {
             .await?;
         for r in &rows {
             let g = grant_from(r)?;
-            self.run(
-                q("UPDATE credit_grants SET usable = $1 WHERE id = $2")
-                    .bind(true)
-                    .bind(&g.id),
-            )
-            .await?;
+            self.set_usable(&g.id).await?;
             self.audit(
                 "stripe",
                 Utc::now(),
