@@ -3,7 +3,9 @@
 //! adjustment lines ([`adjust`]), invoice building, periods and numbering
 //! ([`invoice`]), usage alerts: what raises one, thresholds, back-off and
 //! their kinds and statuses ([`alert`]), the cost report and plan advisor
-//! arithmetic ([`costs`]), quota decisions
+//! arithmetic ([`costs`]), credit grants and their consumption order
+//! ([`credit`]), coupons, tax and the steps from rated lines to the amount
+//! due ([`settle`]), quota decisions
 //! ([`quota`]), subscription rules ([`subscription`]), status enums ([`names`]), webhook
 //! signatures ([`webhook`]) and how decimals and instants are read from
 //! request bodies and catalog files ([`wire`]).
