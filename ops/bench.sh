@@ -10,6 +10,9 @@ eval "$(bash ops/services.sh env)"
 # The benchmark spawns the release binaries next to it.
 cargo build --release -p collector -p aggregator
 cargo bench -p aggregator --bench pipeline
+# CPU per event without I/O, each beside serde_json parsing the same bytes.
+cargo bench -p collector --bench event_path
+cargo bench -p aggregator --bench event_path
 # Billing: the rating engine (criterion) and a finalization run of
 # 10,000 customers x 20 series over a month of hourly rollups.
 cargo bench -p billing-api --bench rating
