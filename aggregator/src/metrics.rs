@@ -3,7 +3,7 @@
 //! partition numbers).
 
 use prometheus::{
-    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
 };
 
 #[derive(Clone)]
@@ -19,6 +19,9 @@ pub struct Metrics {
     pub write_retries: IntCounter,
     pub rollup_repairs: IntCounter,
     pub dedup_window_widened: IntCounter,
+    /// Messages per processed batch (in the embedded mode: per group
+    /// commit, one transaction and one fsync).
+    pub batch_messages: Histogram,
 }
 
 impl Metrics {
@@ -93,6 +96,16 @@ impl Metrics {
                 "Dedup key reloads reaching back before the usual window, for events accepted before a month boundary",
             )
             .unwrap(),
+            batch_messages: Histogram::with_opts(
+                HistogramOpts::new(
+                    "tally_aggregator_batch_messages",
+                    "Messages per processed batch (embedded mode: per group commit)",
+                )
+                .buckets(vec![
+                    1.0, 10.0, 100.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0, 50000.0,
+                ]),
+            )
+            .unwrap(),
         };
         let r = &m.registry;
         r.register(Box::new(m.messages_consumed.clone())).unwrap();
@@ -108,6 +121,7 @@ impl Metrics {
         r.register(Box::new(m.rollup_repairs.clone())).unwrap();
         r.register(Box::new(m.dedup_window_widened.clone()))
             .unwrap();
+        r.register(Box::new(m.batch_messages.clone())).unwrap();
         m
     }
 

@@ -256,6 +256,7 @@ impl<W: UsageWriter> Processor<W> {
         stop: &watch::Receiver<bool>,
     ) -> anyhow::Result<Commits> {
         let mut commits = Commits::new();
+        self.metrics.batch_messages.observe(msgs.len() as f64);
         let mut partitions: Vec<i32> = msgs.iter().map(|m| m.partition).collect();
         partitions.sort_unstable();
         partitions.dedup();

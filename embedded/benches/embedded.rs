@@ -4,7 +4,10 @@
 //! - ingest (HTTP batch → validated, deduplicated, raw rows + rollups
 //!   committed and fsynced → 200), events/s, against a raw SQLite batch
 //!   insert of the same rows into the same `usage_events` table with the
-//!   same durability settings (WAL, `synchronous=FULL`) and batch size;
+//!   same durability settings (WAL, `synchronous=FULL`) and batch size,
+//!   and against the same insert committing as many rows per transaction
+//!   as the product's group commits did (`tally_aggregator_batch_messages`
+//!   from its /metrics): the honest limit;
 //! - the same ingest without HTTP (the collector's sink driven in-process);
 //! - event-to-queryable latency p50/p99 at 2,000 events/s (time from
 //!   sending a batch until a separate connection reads it);
@@ -124,10 +127,11 @@ async fn main() {
     );
     store.migrate().await.unwrap();
     let (_stop_tx, stop) = tokio::sync::watch::channel(false);
+    let sink_metrics = aggregator::metrics::Metrics::new();
     let (sink, writer) = embedded::ingest::start(
         store.clone(),
         meters.clone(),
-        aggregator::metrics::Metrics::new(),
+        sink_metrics.clone(),
         10_000,
         stop,
     )
@@ -166,12 +170,32 @@ async fn main() {
     let sink_rate = n as f64 / t.elapsed().as_secs_f64();
     drop(sink);
     writer.await.unwrap();
-    println!("embedded sink (no HTTP): {sink_rate:.0} events/s");
+    let sink_group = sink_metrics.batch_messages.get_sample_sum()
+        / sink_metrics.batch_messages.get_sample_count().max(1) as f64;
+    println!("embedded sink (no HTTP): {sink_rate:.0} events/s, {sink_group:.0} events per commit");
 
     // The tally binary over HTTP.
     let mut sys = System::embedded("bench", Some(tmp.path().join("serve")));
     let http_rate = http_ingest(&sys.ingest, bench_events(n, "bench-http")).await;
-    println!("embedded ingest over HTTP: {http_rate:.0} events/s");
+    // Events per group commit the product made: the baseline that commits
+    // as many rows per transaction as it does.
+    let metrics_text = reqwest::get(format!("{}/metrics", sys.ingest))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let sample = |name: &str| -> f64 {
+        metrics_text
+            .lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("no {name} in /metrics"))
+    };
+    let http_group = sample("tally_aggregator_batch_messages_sum ")
+        / sample("tally_aggregator_batch_messages_count ").max(1.0);
+    println!(
+        "embedded ingest over HTTP: {http_rate:.0} events/s, {http_group:.0} events per commit"
+    );
 
     // Latency: 100-event batches every 50 ms for 20 s; time until a
     // separate connection reads the batch's last event.
@@ -218,6 +242,22 @@ async fn main() {
     println!("event-to-queryable at 2,000 events/s: p50 {p50:.1} ms, p99 {p99:.1} ms");
     let rss_ingest = rss_kb(sys.procs_pid()) / 1024;
     assert!(sys.terminate(), "tally serve exits 0 on SIGTERM");
+
+    // The same raw insert, committing as many rows per transaction as the
+    // product's group commits did over HTTP; run once `tally` has stopped,
+    // so nothing else competes for the CPU or the disk.
+    let same_rows = rows_of(&bench_events(n, "bench-raw-same"));
+    let same_store = SqliteStore::open(&tmp.path().join("raw_same.db"))
+        .await
+        .unwrap();
+    same_store.migrate().await.unwrap();
+    let group = (http_group.round() as usize).max(1);
+    let t = Instant::now();
+    for chunk in same_rows.chunks(group) {
+        same_store.write_raw(chunk.to_vec()).await.unwrap();
+    }
+    let raw_same_rate = n as f64 / t.elapsed().as_secs_f64();
+    println!("raw SQLite insert, {group} rows per transaction: {raw_same_rate:.0} events/s");
 
     // Peak RSS with 1,000 customers.
     let sys = System::embedded("bench-rss", Some(tmp.path().join("rss")));
@@ -267,6 +307,10 @@ async fn main() {
         "embedded_http_events_per_s": http_rate.round(),
         "sink_vs_raw": (sink_rate / raw_rate * 1000.0).round() / 1000.0,
         "http_vs_raw": (http_rate / raw_rate * 1000.0).round() / 1000.0,
+        "sink_events_per_commit": sink_group.round(),
+        "http_events_per_commit": http_group.round(),
+        "raw_sqlite_same_size_events_per_s": raw_same_rate.round(),
+        "http_vs_raw_same_size": (http_rate / raw_same_rate * 1000.0).round() / 1000.0,
         "latency_ms_p50": (p50 * 10.0).round() / 10.0,
         "latency_ms_p99": (p99 * 10.0).round() / 10.0,
         "peak_rss_mib_1000_customers": rss_1000,
