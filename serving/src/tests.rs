@@ -125,6 +125,29 @@ async fn read_to_close(s: &mut TcpStream) -> Vec<u8> {
     out
 }
 
+/// Reads up to the end of the first response head (the blank line), or
+/// what came before the peer closed.
+async fn read_head(s: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = async {
+        loop {
+            if let Some(end) = out.windows(4).position(|w| w == b"\r\n\r\n") {
+                out.truncate(end + 4);
+                return;
+            }
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), read)
+        .await
+        .expect("the server should answer");
+    out
+}
+
 /// Reads one response with a content-length off a kept-alive connection.
 async fn read_one(s: &mut TcpStream) -> Response {
     let mut out = Vec::new();
@@ -202,7 +225,12 @@ async fn hypers_own_answers_are_recognised() {
         let mut s = TcpStream::connect(addr).await.unwrap();
         // The server may answer and close before it has read all of it.
         let _ = s.write_all(request.as_bytes()).await;
-        let raw = read_to_close(&mut s).await;
+        // The canned answer is a bodiless head: read it, not to the close.
+        // Hyper on its own (no `JsonErrors`) decides when to close a
+        // connection it refused, and once under load (CI, 2026-12-04) that
+        // outlasted a 10 s read to the close; when is not what this test
+        // is about.
+        let raw = read_head(&mut s).await;
         let c = parse_canned(&raw)
             .unwrap_or_else(|| panic!("not recognised: {:?}", String::from_utf8_lossy(&raw)));
         assert_eq!(c.status, status);
