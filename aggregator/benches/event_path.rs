@@ -15,10 +15,10 @@ use aggregator::metrics::Metrics;
 use aggregator::pipeline::{DeadLetter, DeadLetterSink, Message, Processor};
 use aggregator::rollup::{RollupKey, RollupValue};
 use aggregator::store::{PartitionState, RawRow, UsageWriter};
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Utc};
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use schemas::MeterCatalog;
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::sync::Arc;
 
 const EVENTS: usize = 1000;
@@ -61,22 +61,10 @@ impl DeadLetterSink for NoLetters {
 /// the collector produces them (`collector::sink::Envelope::accept`).
 fn messages(round: u64, offset: i64, at: DateTime<Utc>) -> Vec<Message> {
     let meters = MeterCatalog::default_catalog();
-    let t = (at - Duration::minutes(5)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    (0..EVENTS)
-        .map(|i| {
-            let customer = format!("cus_{:05}", i % 97);
-            let ev = if i % 2 == 0 {
-                json!({"specversion": "1.0", "id": format!("req-{round}-{i}"), "source": "router/eu-1",
-                    "type": "tally.requests", "subject": customer, "time": t,
-                    "datacontenttype": "application/json",
-                    "data": {"app": format!("app-{}", i % 7), "count": 1200 + i}})
-            } else {
-                json!({"specversion": "1.0", "id": format!("cmp-{round}-{i}"), "source": "inventory/eu-1",
-                    "type": "tally.compute", "subject": customer, "time": t,
-                    "datacontenttype": "application/json",
-                    "data": {"app": format!("app-{}", i % 7), "instance_type": "t4g.small",
-                        "region": "eu-west-1", "instance_seconds": "60"}})
-            };
+    testkit::pipeline::router_and_inventory_events(&round.to_string(), at, EVENTS)
+        .into_iter()
+        .enumerate()
+        .map(|(i, ev)| {
             let raw = schemas::event::parse_single(&serde_json::to_vec(&ev).unwrap())
                 .unwrap()
                 .unwrap();

@@ -10,33 +10,16 @@
 //! `cargo bench -p collector --bench event_path`; ns/event figures and
 //! their ratio in BENCHMARKS.md.
 
-use chrono::{Duration, Utc};
+use chrono::Utc;
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use schemas::MeterCatalog;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 const EVENTS: usize = 1000;
 
 /// A batch as collectors send it: half requests, half compute.
-pub fn batch_body() -> Vec<u8> {
-    let t = (Utc::now() - Duration::minutes(5)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    let events: Vec<Value> = (0..EVENTS)
-        .map(|i| {
-            let customer = format!("cus_{:05}", i % 97);
-            if i % 2 == 0 {
-                json!({"specversion": "1.0", "id": format!("req-{i}"), "source": "router/eu-1",
-                    "type": "tally.requests", "subject": customer, "time": t,
-                    "datacontenttype": "application/json",
-                    "data": {"app": format!("app-{}", i % 7), "count": 1200 + i}})
-            } else {
-                json!({"specversion": "1.0", "id": format!("cmp-{i}"), "source": "inventory/eu-1",
-                    "type": "tally.compute", "subject": customer, "time": t,
-                    "datacontenttype": "application/json",
-                    "data": {"app": format!("app-{}", i % 7), "instance_type": "t4g.small",
-                        "region": "eu-west-1", "instance_seconds": "60"}})
-            }
-        })
-        .collect();
+fn batch_body() -> Vec<u8> {
+    let events = testkit::pipeline::router_and_inventory_events("c", Utc::now(), EVENTS);
     serde_json::to_vec(&events).unwrap()
 }
 

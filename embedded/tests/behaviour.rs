@@ -2196,42 +2196,18 @@ async fn credits_coupons_taxes(mode: Mode) {
         "{inv}"
     );
     assert_eq!(inv["sync_status"], "nothing_due", "{inv}");
-    let inv = invoice_at(&sys, "cus_top", prev.start).await;
-    assert_eq!(
-        steps(&inv),
-        ["4.00", "0.00", "0.00", "0.00", "4.00"],
-        "{inv}"
-    );
-    let inv = invoice_at(&sys, "cus_exp", prev.start).await;
-    assert_eq!(
-        steps(&inv),
-        ["4.00", "0.00", "0.00", "0.00", "4.00"],
-        "{inv}"
-    );
-    let inv = invoice_at(&sys, "cus_free", prev.start).await;
-    assert_eq!(
-        steps(&inv),
-        ["5.00", "0.00", "0.00", "-5.00", "0.00"],
-        "{inv}"
-    );
-    let inv = invoice_at(&sys, "cus_cp", prev.start).await;
-    assert_eq!(
-        steps(&inv),
-        ["9.00", "-1.00", "0.00", "0.00", "9.00"],
-        "{inv}"
-    );
-    let inv = invoice_at(&sys, "cus_de", prev.start).await;
-    assert_eq!(
-        steps(&inv),
-        ["11.90", "0.00", "1.90", "0.00", "11.90"],
-        "{inv}"
-    );
+    for (c, want) in [
+        ("cus_top", ["4.00", "0.00", "0.00", "0.00", "4.00"]),
+        ("cus_exp", ["4.00", "0.00", "0.00", "0.00", "4.00"]),
+        ("cus_free", ["5.00", "0.00", "0.00", "-5.00", "0.00"]),
+        ("cus_cp", ["9.00", "-1.00", "0.00", "0.00", "9.00"]),
+        ("cus_de", ["11.90", "0.00", "1.90", "0.00", "11.90"]),
+        ("cus_at", ["10.00", "0.00", "0.00", "0.00", "10.00"]),
+    ] {
+        let inv = invoice_at(&sys, c, prev.start).await;
+        assert_eq!(steps(&inv), want, "{c}: {inv}");
+    }
     let inv = invoice_at(&sys, "cus_at", prev.start).await;
-    assert_eq!(
-        steps(&inv),
-        ["10.00", "0.00", "0.00", "0.00", "10.00"],
-        "{inv}"
-    );
     let at_tax = &inv["body"]["settlement"]["taxes"][0];
     assert_eq!(
         (&at_tax["amount"], &at_tax["inclusive"]),

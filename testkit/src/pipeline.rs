@@ -419,6 +419,36 @@ pub fn bench_events(n: usize, source: &str) -> Vec<schemas::RawEvent> {
     out
 }
 
+/// `n` CloudEvents as a router and an inventory source send them (half
+/// requests, half compute; 97 customers, 7 apps), timed five minutes
+/// before `at`, their ids unique to `round`: the batch the event-path
+/// benchmarks of the collector and the aggregator time.
+pub fn router_and_inventory_events(
+    round: &str,
+    at: chrono::DateTime<chrono::Utc>,
+    n: usize,
+) -> Vec<serde_json::Value> {
+    let t = (at - chrono::Duration::minutes(5)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    (0..n)
+        .map(|i| {
+            let customer = format!("cus_{:05}", i % 97);
+            let app = format!("app-{}", i % 7);
+            if i % 2 == 0 {
+                serde_json::json!({"specversion": "1.0", "id": format!("req-{round}-{i}"),
+                    "source": "router/eu-1", "type": "tally.requests", "subject": customer,
+                    "time": t, "datacontenttype": "application/json",
+                    "data": {"app": app, "count": 1200 + i}})
+            } else {
+                serde_json::json!({"specversion": "1.0", "id": format!("cmp-{round}-{i}"),
+                    "source": "inventory/eu-1", "type": "tally.compute", "subject": customer,
+                    "time": t, "datacontenttype": "application/json",
+                    "data": {"app": app, "instance_type": "t4g.small", "region": "eu-west-1",
+                        "instance_seconds": "60"}})
+            }
+        })
+        .collect()
+}
+
 pub fn rss_kb(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
