@@ -436,6 +436,36 @@ fn exempt_and_reverse_charge_invoices_carry_no_tax_and_say_so() {
     assert_eq!(p.validate().unwrap_err().field, "tax_id");
 }
 
+/// Found by the property below: $3.81 of fees and a −$0.02 refund of
+/// usage, with $0.87 and $2.93 off the fees: the second discount stops at
+/// what keeps the whole invoice at zero ($2.92), not at the fees' $2.94.
+#[test]
+fn a_discount_never_takes_the_invoice_below_zero() {
+    let mut a = coupon("c0", None, Some("0.87"), CouponDuration::Forever);
+    a.applies_to = Some(Scope {
+        meters: vec![],
+        fees: vec![LineKind::FlatFee],
+    });
+    let mut b = a.clone();
+    b.amount_off = Some(d("2.93"));
+    let s = settle(
+        &[
+            charge(LineKind::FlatFee, "3.81"),
+            charge(LineKind::Usage, "-0.02"),
+        ],
+        Decimal::ZERO,
+        "USD",
+        2,
+        &Inputs {
+            coupons: vec![applied(a, at(11, 1)), applied(b, at(11, 2))],
+            ..Inputs::default()
+        },
+    );
+    let got: Vec<Decimal> = s.discounts.iter().map(|x| x.amount).collect();
+    assert_eq!(got, [d("-0.87"), d("-2.92")]);
+    assert_eq!(s.discount_total, d("-3.79"));
+}
+
 #[test]
 fn a_refund_invoice_consumes_no_credit_and_its_tax_is_refunded() {
     let s = settle(
@@ -660,7 +690,7 @@ fn arb_coupon() -> impl Strategy<Value = Applied> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(512))]
+    #![proptest_config(ProptestConfig::with_cases(2048))]
 
     #[test]
     fn every_step_is_rounded_once_and_nothing_goes_below_zero(

@@ -7,7 +7,8 @@
 //!    already rounded).
 //! 2. **Discounts**: one line per coupon, in the order the coupons were
 //!    applied to the customer; each works on the net of the charges in its
-//!    scope as the earlier ones left them, and never takes it below zero.
+//!    scope as the earlier ones left them, and never takes it, or the
+//!    invoice's charges as a whole, below zero.
 //!    A discount is shared over the charges in its scope (largest
 //!    remainder, to the minor unit) so that a later coupon with another
 //!    scope sees exactly what is left of its own charges.
@@ -490,7 +491,12 @@ pub fn settle(
             }
             _ => Decimal::ZERO,
         };
-        let amount = round(exact, dp).min(base.max(Decimal::ZERO));
+        // Never below zero: neither the charges in its scope nor the whole
+        // invoice (a refund outside the scope counts against the latter).
+        let all_left: Decimal = left.iter().sum();
+        let amount = round(exact, dp)
+            .min(base.max(Decimal::ZERO))
+            .min(all_left.max(Decimal::ZERO));
         // Shared over the charges in scope that still have something left.
         let weights: Vec<Decimal> = scope.iter().map(|&i| left[i].max(Decimal::ZERO)).collect();
         if !amount.is_zero() {
