@@ -114,7 +114,7 @@ pub async fn load(
     );
     // The balance and what expires soon count every grant, not only those
     // that can pay this period's invoice.
-    settle.grants = state.grants_of(customer).await?;
+    settle.grants = settling.grants(customer).to_vec();
     Ok(Month {
         period,
         now,

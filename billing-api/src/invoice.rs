@@ -506,6 +506,12 @@ impl Settling {
         )
     }
 
+    /// Every grant of `customer` read (all of them for one customer's
+    /// read, the open ones for everyone's).
+    pub fn grants(&self, customer: &str) -> &[Grant] {
+        self.grants.get(customer).map(Vec::as_slice).unwrap_or(&[])
+    }
+
     /// Settles `n` (`invoice::settle_invoice`): issued at `issued`, its
     /// credits cut off at `until`. What it consumes and redeems is taken
     /// off what this holds, so a second invoice of the customer settled

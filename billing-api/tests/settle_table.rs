@@ -2,6 +2,8 @@
 //! 11 and 12 with every figure asserted, one case per rule, and properties
 //! over random coupons, rates, grants and charges.
 
+use testkit::billing::line;
+
 use billing_domain::credit::{self, Grant, GrantKind};
 use billing_domain::invoice::{build, settle_invoice, NewInvoice};
 use billing_domain::rating::{Line, LineKind, Period, Rated};
@@ -25,28 +27,6 @@ const NOV: Period = Period {
     start: DateTime::from_timestamp(1793491200, 0).unwrap(), // 2026-11-01
     end: DateTime::from_timestamp(1796083200, 0).unwrap(),   // 2026-12-01
 };
-
-fn line(kind: LineKind, meter: Option<&str>, amount: &str) -> Line {
-    Line {
-        kind,
-        description: format!("{kind:?}"),
-        plan: "p".into(),
-        plan_version: 1,
-        segment_start: NOV.start,
-        segment_end: NOV.end,
-        meter: meter.map(str::to_owned),
-        filter: Default::default(),
-        events: 0,
-        quantity: Decimal::ZERO,
-        price_quantity: Decimal::ZERO,
-        unit_price: None,
-        tiers: vec![],
-        amount_exact: d(amount),
-        amount: d(amount),
-        waived: None,
-        advance: None,
-    }
-}
 
 fn invoice(lines: Vec<Line>) -> NewInvoice {
     let rated = Rated::of_lines("USD".into(), 2, lines);

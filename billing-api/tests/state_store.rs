@@ -1746,25 +1746,7 @@ async fn coupons_and_taxes(db: Db) {
 }
 
 fn flat_line(amount: &str) -> Line {
-    Line {
-        kind: billing_api::rating::LineKind::FlatFee,
-        description: "Flat fee".into(),
-        plan: "p".into(),
-        plan_version: 1,
-        segment_start: nov(1),
-        segment_end: nov(31),
-        meter: None,
-        filter: Default::default(),
-        events: 0,
-        quantity: Decimal::ZERO,
-        price_quantity: Decimal::ZERO,
-        unit_price: None,
-        tiers: vec![],
-        amount_exact: d(amount),
-        amount: d(amount),
-        waived: None,
-        advance: None,
-    }
+    support::line(billing_api::rating::LineKind::FlatFee, None, amount)
 }
 
 /// A state file written before opening invoices existed keeps its invoices

@@ -360,3 +360,33 @@ impl Api {
         out
     }
 }
+
+/// A rounded invoice line of `kind` (and `meter`) for `amount`, its segment
+/// November 2026: what settlement tests put on an invoice.
+pub fn line(
+    kind: billing_api::rating::LineKind,
+    meter: Option<&str>,
+    amount: &str,
+) -> billing_api::rating::Line {
+    use chrono::TimeZone;
+    let amount: Decimal = amount.parse().unwrap();
+    billing_api::rating::Line {
+        kind,
+        description: format!("{kind:?}"),
+        plan: "p".into(),
+        plan_version: 1,
+        segment_start: Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).unwrap(),
+        segment_end: Utc.with_ymd_and_hms(2026, 12, 1, 0, 0, 0).unwrap(),
+        meter: meter.map(str::to_owned),
+        filter: Default::default(),
+        events: 0,
+        quantity: Decimal::ZERO,
+        price_quantity: Decimal::ZERO,
+        unit_price: None,
+        tiers: vec![],
+        amount_exact: amount,
+        amount,
+        waived: None,
+        advance: None,
+    }
+}

@@ -322,10 +322,7 @@ impl Month {
                 .grants
                 .iter()
                 .filter(|g| {
-                    g.usable
-                        && g.voided_at.is_none()
-                        && g.remaining > Decimal::ZERO
-                        && g.currency.eq_ignore_ascii_case(currency)
+                    crate::credit::live(g, currency)
                         && g.expires_at.is_some_and(|e| e > self.now && e <= soon)
                 })
                 .map(|g| ExpiringCredit {

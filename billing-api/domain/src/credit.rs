@@ -113,12 +113,17 @@ pub struct CreditLine {
 /// Whether `g` may pay an invoice whose cut-off is `until` (the end of the
 /// invoiced usage period; of an opening invoice, its issue instant).
 pub fn can_pay(g: &Grant, currency: &str, until: DateTime<Utc>) -> bool {
+    live(g, currency) && g.effective_at < until && g.expires_at.is_none_or(|e| e >= until)
+}
+
+/// Whether `g` holds credit in `currency` that can ever be spent: usable
+/// (a top-up paid), not voided, something left. Every question about
+/// balances starts here.
+pub fn live(g: &Grant, currency: &str) -> bool {
     g.usable
         && g.voided_at.is_none()
         && g.remaining > Decimal::ZERO
         && g.currency.eq_ignore_ascii_case(currency)
-        && g.effective_at < until
-        && g.expires_at.is_none_or(|e| e >= until)
 }
 
 /// The order grants are consumed in: earliest expiry (none last), lower
@@ -183,42 +188,34 @@ pub fn after(g: &Grant, lines: &[CreditLine]) -> Decimal {
             .sum::<Decimal>()
 }
 
-/// Of a customer's grants in `currency`, what can be spent at `at` (usable,
-/// effective, not expired, not voided): what spending caps and quota
-/// forecasts count.
+/// Of a customer's grants in `currency`, what can be spent at `at` (live,
+/// effective, not expired): the balance the ledger and the dashboard show.
 pub fn balance_at(grants: &[Grant], currency: &str, at: DateTime<Utc>) -> Decimal {
-    grants
-        .iter()
-        .filter(|g| {
-            g.usable
-                && g.voided_at.is_none()
-                && g.currency.eq_ignore_ascii_case(currency)
-                && g.effective_at <= at
-                && g.expires_at.is_none_or(|e| e > at)
-        })
-        .map(|g| g.remaining.max(Decimal::ZERO))
-        .sum()
+    sum_where(grants, currency, |g| {
+        g.effective_at <= at && g.expires_at.is_none_or(|e| e > at)
+    })
 }
 
 /// What the spending cap counts at `at`: the balance of the grants in
-/// `currency` that are usable and effective by then and can still pay the
-/// invoice of usage ending at `until` (not expired before it, example 11).
+/// `currency` that are effective by then and can still pay the invoice of
+/// usage ending at `until` (not expired before it, example 11).
 pub fn spendable(
     grants: &[Grant],
     currency: &str,
     at: DateTime<Utc>,
     until: DateTime<Utc>,
 ) -> Decimal {
+    sum_where(grants, currency, |g| {
+        g.effective_at <= at && g.expires_at.is_none_or(|e| e >= until)
+    })
+}
+
+/// The remaining balance of the live grants in `currency` that `keep`.
+fn sum_where(grants: &[Grant], currency: &str, keep: impl Fn(&Grant) -> bool) -> Decimal {
     grants
         .iter()
-        .filter(|g| {
-            g.usable
-                && g.voided_at.is_none()
-                && g.currency.eq_ignore_ascii_case(currency)
-                && g.effective_at <= at
-                && g.expires_at.is_none_or(|e| e >= until)
-        })
-        .map(|g| g.remaining.max(Decimal::ZERO))
+        .filter(|g| live(g, currency) && keep(g))
+        .map(|g| g.remaining)
         .sum()
 }
 
