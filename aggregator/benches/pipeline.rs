@@ -140,6 +140,8 @@ async fn main() {
         brokers: env.brokers.clone(),
         topic: env.topic.clone(),
         dlq_topic: env.dlq_topic(),
+        deltas_topic: env.deltas_topic(),
+        fault_abort_before_delta: None,
         group_id: unique("bench-raw-consumer"),
         partitions: 4,
         batch_max_events: 20_000,

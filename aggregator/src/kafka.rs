@@ -1,8 +1,13 @@
 //! The aggregator's Kafka edge (the `kafka` feature): the consumer group
-//! that feeds [`Processor`] batches, the dead-letter producer, and the
-//! commit of offsets after each batch is stored. Everything that decides
+//! that feeds [`Processor`] batches, the dead-letter producer, the
+//! publication of each written batch's [`UsageDelta`] to the deltas topic
+//! (after the write, before the commit: a delta lost in a crash in between
+//! is noticed by followers through the partition's head, published again
+//! when the partition is loaded), and the commit of offsets after each
+//! batch is stored. Everything that decides
 //! what is counted lives in [`crate::pipeline`], which knows no Kafka.
 
+use crate::delta::UsageDelta;
 use crate::metrics::Metrics;
 use crate::pipeline::{
     DeadLetter, DeadLetterSink, Message, Processor, DLQ_CODE, DLQ_REASON, DLQ_SOURCE_OFFSET,
@@ -92,6 +97,80 @@ impl DeadLetterSink for KafkaDeadLetters {
     }
 }
 
+/// Publishes usage deltas to the deltas topic's one partition (one order
+/// for every follower to resume from), keyed by the usage partition.
+pub struct KafkaDeltas {
+    brokers: String,
+    producer: Mutex<Arc<FutureProducer>>,
+    topic: String,
+}
+
+/// The deltas topic's partition count: one, so followers read one ordered
+/// stream (a delta is one message per written batch).
+pub const DELTA_PARTITIONS: i32 = 1;
+
+impl KafkaDeltas {
+    pub fn new(brokers: &str, topic: &str) -> anyhow::Result<Self> {
+        Ok(Self {
+            brokers: brokers.to_owned(),
+            producer: Mutex::new(Arc::new(producer(brokers)?)),
+            topic: topic.to_owned(),
+        })
+    }
+
+    /// Sends `deltas` in order and waits for every ack. A failure other
+    /// than a timeout (a broker that lost the idempotent producer's state in
+    /// a restart rejects it for good) gets a fresh producer for the retry.
+    pub async fn publish(&self, deltas: &[UsageDelta]) -> anyhow::Result<()> {
+        let p = self.producer.lock().unwrap().clone();
+        for d in deltas {
+            let key = d.partition.to_string();
+            let body = d.to_json();
+            let rec: FutureRecord<'_, str, [u8]> = FutureRecord::to(&self.topic)
+                .partition(0)
+                .key(key.as_str())
+                .payload(body.as_slice());
+            if let Err((e, _)) = p.send(rec, Duration::from_secs(10)).await {
+                if e.rdkafka_error_code() != Some(rdkafka::types::RDKafkaErrorCode::MessageTimedOut)
+                {
+                    tracing::warn!(error = %e, "usage delta producer rejected; creating a new one");
+                    let mut cur = self.producer.lock().unwrap();
+                    if Arc::ptr_eq(&cur, &p) {
+                        *cur = Arc::new(producer(&self.brokers)?);
+                    }
+                }
+                anyhow::bail!("usage delta produce failed: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Self::publish`], retried until it succeeds or `stop` turns true.
+    async fn publish_retrying(
+        &self,
+        deltas: &[UsageDelta],
+        metrics: &Metrics,
+        stop: &watch::Receiver<bool>,
+    ) -> anyhow::Result<()> {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.publish(deltas).await {
+                Ok(()) => {
+                    metrics.deltas_published.inc_by(deltas.len() as u64);
+                    return Ok(());
+                }
+                Err(e) if *stop.borrow() => return Err(e.context("giving up on shutdown")),
+                Err(e) => {
+                    metrics.write_retries.inc();
+                    tracing::warn!(error = %format!("{e:#}"), backoff_ms = backoff.as_millis() as u64, "usage delta publication failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}
+
 /// Records revoked partitions so the loop can drop their state.
 #[derive(Default, Clone)]
 pub struct RebalanceContext {
@@ -124,6 +203,8 @@ pub struct PipelineConfig {
     pub brokers: String,
     pub topic: String,
     pub dlq_topic: String,
+    /// Where each written batch's usage delta is published.
+    pub deltas_topic: String,
     pub group_id: String,
     pub partitions: i32,
     pub batch_max_events: usize,
@@ -135,6 +216,9 @@ pub struct PipelineConfig {
     /// supervisor, and brokers whose group coordinator is unreliable (tansu
     /// 0.6.0 keeps SIGKILLed members in a group, see README).
     pub static_partitions: Option<Vec<i32>>,
+    /// Fault injection for tests: abort after this many written batches,
+    /// before the last one's delta is published.
+    pub fault_abort_before_delta: Option<u64>,
 }
 
 pub fn consumer(cfg: &PipelineConfig) -> anyhow::Result<StreamConsumer<RebalanceContext>> {
@@ -166,16 +250,19 @@ pub async fn run<W: UsageWriter>(
     metrics: Metrics,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    for t in [&cfg.topic, &cfg.dlq_topic] {
-        ensure_topic(
-            &cfg.brokers,
-            t,
-            if t == &cfg.topic { cfg.partitions } else { 1 },
-        )
-        .await?;
+    for t in [&cfg.topic, &cfg.dlq_topic, &cfg.deltas_topic] {
+        let n = if t == &cfg.topic {
+            cfg.partitions
+        } else if t == &cfg.deltas_topic {
+            DELTA_PARTITIONS
+        } else {
+            1
+        };
+        ensure_topic(&cfg.brokers, t, n).await?;
     }
     let consumer = consumer(&cfg)?;
     let dlq = KafkaDeadLetters::new(&cfg.brokers, &cfg.dlq_topic, &cfg.topic)?;
+    let deltas = KafkaDeltas::new(&cfg.brokers, &cfg.deltas_topic)?;
     let mut proc = Processor::new(writer, meters, metrics.clone());
     if let Some(parts) = &cfg.static_partitions {
         let mut tpl = TopicPartitionList::new();
@@ -190,9 +277,13 @@ pub async fn run<W: UsageWriter>(
         }
         consumer.assign(&tpl)?;
         tracing::info!(partitions = ?parts, "partitions statically assigned");
+        deltas
+            .publish_retrying(&proc.take_heads(), &metrics, &shutdown)
+            .await?;
     }
     let revoked = consumer.context().revoked.clone();
     let mut last_lag = Instant::now();
+    let mut written = 0u64;
     loop {
         let mut msgs = Vec::new();
         let deadline = tokio::time::Instant::now() + cfg.batch_max_wait;
@@ -224,7 +315,22 @@ pub async fn run<W: UsageWriter>(
         }
         if !msgs.is_empty() {
             let (n, t) = (msgs.len(), Instant::now());
-            let commits = proc.process(msgs, &dlq, &shutdown).await?;
+            let done = proc.process_batch(msgs, &dlq, &shutdown).await?;
+            if done.deltas.iter().any(|d| !d.is_head()) {
+                written += 1;
+                if cfg.fault_abort_before_delta == Some(written) {
+                    tracing::error!(
+                        batches = written,
+                        "fault injection: aborting before the delta is published"
+                    );
+                    std::process::abort();
+                }
+            }
+            // Followers see the batch before Kafka forgets it.
+            deltas
+                .publish_retrying(&done.deltas, &metrics, &shutdown)
+                .await?;
+            let commits = done.commits;
             tracing::debug!(
                 messages = n,
                 process_ms = t.elapsed().as_millis() as u64,

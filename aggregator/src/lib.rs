@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod dedup;
+pub mod delta;
 #[cfg(feature = "kafka")]
 pub mod dlq;
 #[cfg(feature = "kafka")]

@@ -33,6 +33,10 @@ struct Common {
         default_value = "usage-events-dlq"
     )]
     dlq_topic: String,
+    /// Where each written batch's usage delta goes, for billing's quota
+    /// state to follow.
+    #[arg(long, env = "TALLY_KAFKA_DELTAS_TOPIC", default_value = "usage-deltas")]
+    deltas_topic: String,
     #[arg(
         long,
         env = "TALLY_CLICKHOUSE_URL",
@@ -87,6 +91,10 @@ enum Command {
         /// is abandoned and consumed again at the next start.
         #[arg(long, env = "TALLY_SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]
         shutdown_timeout_secs: u64,
+        /// Fault injection for tests: abort the process after the Nth
+        /// written batch, before its usage delta is published.
+        #[arg(long, hide = true)]
+        fault_abort_before_delta: Option<u64>,
     },
     /// Apply ClickHouse migrations and exit.
     Migrate {
@@ -158,6 +166,7 @@ async fn main() -> anyhow::Result<()> {
             assign,
             metrics_listen,
             shutdown_timeout_secs,
+            fault_abort_before_delta,
         } => {
             let static_partitions = match assign.as_slice() {
                 [] => None,
@@ -207,11 +216,13 @@ async fn main() -> anyhow::Result<()> {
                 brokers: common.brokers.clone(),
                 topic: common.topic.clone(),
                 dlq_topic: common.dlq_topic.clone(),
+                deltas_topic: common.deltas_topic.clone(),
                 group_id: group,
                 partitions,
                 batch_max_events,
                 batch_max_wait: Duration::from_millis(batch_max_wait_ms),
                 static_partitions,
+                fault_abort_before_delta,
             };
             let mut stopping = rx.clone();
             let run = aggregator::kafka::run(

@@ -17,6 +17,7 @@ pub struct Metrics {
     pub insert_duration: HistogramVec,
     pub consumer_lag: IntGaugeVec,
     pub write_retries: IntCounter,
+    pub deltas_published: IntCounter,
     pub rollup_repairs: IntCounter,
     pub dedup_window_widened: IntCounter,
     /// Messages per processed batch (in the embedded mode: per group
@@ -86,6 +87,11 @@ impl Metrics {
                 "Failed store writes that were retried",
             )
             .unwrap(),
+            deltas_published: IntCounter::new(
+                "tally_aggregator_deltas_published_total",
+                "Usage deltas (one per written batch and partition, and partition heads) published for followers",
+            )
+            .unwrap(),
             rollup_repairs: IntCounter::new(
                 "tally_aggregator_rollup_repairs_total",
                 "Rollup keys recomputed from raw rows after an interrupted batch",
@@ -119,6 +125,7 @@ impl Metrics {
         r.register(Box::new(m.consumer_lag.clone())).unwrap();
         r.register(Box::new(m.write_retries.clone())).unwrap();
         r.register(Box::new(m.rollup_repairs.clone())).unwrap();
+        r.register(Box::new(m.deltas_published.clone())).unwrap();
         r.register(Box::new(m.dedup_window_widened.clone()))
             .unwrap();
         r.register(Box::new(m.batch_messages.clone())).unwrap();

@@ -24,6 +24,7 @@
 //! missing rollups are recomputed, see `store/clickhouse.rs`).
 
 use crate::dedup::{fingerprint, month_start, DedupSet};
+use crate::delta::UsageDelta;
 use crate::metrics::Metrics;
 use crate::rollup::{hour_of, rollup_version, RollupKey, RollupValue};
 use crate::store::{to_stored_precision, RawRow, UsageWriter};
@@ -81,10 +82,21 @@ pub struct Processor<W: UsageWriter> {
     rollups: HashMap<RollupKey, RollupValue>,
     loaded_pairs: HashSet<(String, i64)>,
     last_prune: Instant,
+    /// Heads of partitions loaded since the last batch (see [`crate::delta`]).
+    heads: Vec<UsageDelta>,
 }
 
 /// Outcome of one batch: the next offset to commit per partition.
 pub type Commits = BTreeMap<i32, i64>;
+
+/// What one batch did: the offsets to commit, and what it added to the
+/// store (one delta per partition written, after a head for each partition
+/// loaded since the last batch), for followers of the usage state.
+#[derive(Debug, Default)]
+pub struct Processed {
+    pub commits: Commits,
+    pub deltas: Vec<UsageDelta>,
+}
 
 async fn retry<T, F, Fut>(
     what: &str,
@@ -128,7 +140,14 @@ impl<W: UsageWriter> Processor<W> {
             rollups: HashMap::new(),
             loaded_pairs: HashSet::new(),
             last_prune: Instant::now(),
+            heads: Vec::new(),
         }
+    }
+
+    /// The heads of partitions loaded since the last batch (a writer
+    /// publishes them as soon as it has loaded its partitions).
+    pub fn take_heads(&mut self) -> Vec<UsageDelta> {
+        std::mem::take(&mut self.heads)
     }
 
     /// Forgets everything about partitions this consumer no longer owns;
@@ -165,7 +184,12 @@ impl<W: UsageWriter> Processor<W> {
             return Ok(());
         }
         self.load_partition(p, previous_month_start(Utc::now()), stop)
-            .await
+            .await?;
+        let version = self.parts[&p].max_offset.map_or(0, rollup_version);
+        self.heads.retain(|h| h.partition != p as u32);
+        self.heads
+            .push(UsageDelta::head(p as u32, version, Utc::now()));
+        Ok(())
     }
 
     /// Makes sure partition `p`'s dedup set reaches back to `oldest`, the
@@ -255,6 +279,16 @@ impl<W: UsageWriter> Processor<W> {
         dlq: &impl DeadLetterSink,
         stop: &watch::Receiver<bool>,
     ) -> anyhow::Result<Commits> {
+        Ok(self.process_batch(msgs, dlq, stop).await?.commits)
+    }
+
+    /// [`Processor::process`], with what the batch added to the store.
+    pub async fn process_batch(
+        &mut self,
+        msgs: Vec<Message>,
+        dlq: &impl DeadLetterSink,
+        stop: &watch::Receiver<bool>,
+    ) -> anyhow::Result<Processed> {
         let mut commits = Commits::new();
         self.metrics.batch_messages.observe(msgs.len() as f64);
         let mut partitions: Vec<i32> = msgs.iter().map(|m| m.partition).collect();
@@ -349,7 +383,10 @@ impl<W: UsageWriter> Processor<W> {
         }
         if rows.is_empty() {
             self.prune();
-            return Ok(commits);
+            return Ok(Processed {
+                commits,
+                deltas: self.take_heads(),
+            });
         }
 
         // 5a. Rollups: load the current value of every (customer, hour) the
@@ -411,7 +448,21 @@ impl<W: UsageWriter> Processor<W> {
             .await?;
         }
 
-        // 6. Durable: now remember it.
+        // 6. Durable: now remember it, and say what was added.
+        let written_at = Utc::now();
+        let mut deltas = self.take_heads();
+        let mut parts: Vec<(&i32, &u64)> = written_max.iter().collect();
+        parts.sort();
+        for (p, max) in parts {
+            let prev = self.parts[p].max_offset.map_or(0, rollup_version);
+            deltas.push(UsageDelta::of_rows(
+                *p as u32,
+                prev,
+                rollup_version(*max),
+                written_at,
+                rows.iter().filter(|r| r.partition == *p as u32),
+            ));
+        }
         self.rollups.extend(touched);
         for (p, fp, t) in new_keys {
             self.parts.get_mut(&p).unwrap().dedup.insert(fp, t);
@@ -422,7 +473,7 @@ impl<W: UsageWriter> Processor<W> {
         }
         self.metrics.events_written.inc_by(n);
         self.prune();
-        Ok(commits)
+        Ok(Processed { commits, deltas })
     }
 }
 

@@ -110,11 +110,23 @@ impl AlertRaiser {
         metrics: &Metrics,
         now: DateTime<Utc>,
     ) -> anyhow::Result<Vec<NewAlert>> {
+        self.raise_for(quota.entries(), state, metrics, now).await
+    }
+
+    /// [`Self::raise`] for these entries only (those changed since the
+    /// last evaluation, when the quota state follows usage).
+    pub async fn raise_for(
+        &self,
+        entries: Vec<(String, std::sync::Arc<crate::quota_service::Entry>)>,
+        state: &(impl StateStore + ?Sized),
+        metrics: &Metrics,
+        now: DateTime<Utc>,
+    ) -> anyhow::Result<Vec<NewAlert>> {
         let mut fresh = Vec::new();
         {
             let mut recorded = self.recorded.lock().unwrap();
             let mut oldest: Option<DateTime<Utc>> = None;
-            for (c, e) in quota.entries() {
+            for (c, e) in entries {
                 oldest = Some(oldest.map_or(e.period.start, |o| o.min(e.period.start)));
                 for a in evaluate(&c, &e.input(), &self.config.thresholds)? {
                     if !recorded.contains(&key(&a)) {

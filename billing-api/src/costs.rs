@@ -95,7 +95,7 @@ pub async fn load(
     let entry = quota.entry(customer);
     let running = entry
         .as_ref()
-        .map(|e| e.running.clone())
+        .map(|e| e.running_at(now))
         .unwrap_or_default();
     let own_cap = entry.and_then(|e| e.spending_cap);
     let to_date = merged(items.iter().map(|d| &d.item));

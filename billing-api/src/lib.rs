@@ -6,6 +6,8 @@ pub mod api;
 pub mod auth;
 pub mod costs;
 pub mod dashboard;
+#[cfg(feature = "kafka")]
+pub mod delta_feed;
 pub mod finalize;
 pub mod invoice;
 pub mod metrics;

@@ -49,6 +49,14 @@ enum Command {
         listen: String,
         #[command(flatten)]
         serve: ServeOptions,
+        /// Kafka brokers to follow the aggregators' usage deltas from: quota
+        /// decisions then see usage seconds after it is acknowledged. Unset,
+        /// the quota state re-reads usage every --quota-refresh-secs.
+        #[arg(long, env = "TALLY_KAFKA_BROKERS")]
+        kafka_brokers: Option<String>,
+        /// The aggregators' --deltas-topic.
+        #[arg(long, env = "TALLY_KAFKA_DELTAS_TOPIC", default_value = "usage-deltas")]
+        deltas_topic: String,
     },
     /// Apply PostgreSQL migrations and load the catalog, then exit.
     Migrate {
@@ -89,6 +97,8 @@ async fn main() -> anyhow::Result<()> {
             common,
             listen,
             serve: opts,
+            kafka_brokers,
+            deltas_topic,
         } => {
             let alerts = opts.alerts()?;
             let admin_keys = opts.admin_keys()?;
@@ -106,9 +116,27 @@ async fn main() -> anyhow::Result<()> {
                 }
             };
             let p = setup(&common).await?;
+            // Positioned before the state is read (see `delta_feed`).
+            let follower = match &kafka_brokers {
+                Some(b) => Some(billing_api::delta_feed::subscribe(b, &deltas_topic).await?),
+                None => {
+                    tracing::warn!("--kafka-brokers not set: quota usage is re-read every --quota-refresh-secs instead of followed");
+                    None
+                }
+            };
             let api = p
                 .api(&common.billing, &opts, admin_keys, session_secret)
                 .await?;
+            if let Some(c) = follower {
+                // Ends with the process.
+                let (keep, stop) = tokio::sync::watch::channel(false);
+                std::mem::forget(keep);
+                tokio::spawn(
+                    api.quota
+                        .clone()
+                        .follow(billing_api::delta_feed::feed(c), stop),
+                );
+            }
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
                 .map_err(|e| anyhow::anyhow!("--listen {listen}: {e}"))?;

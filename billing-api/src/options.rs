@@ -89,9 +89,17 @@ pub struct ServeOptions {
     /// Stripe webhook endpoint secret (`whsec_…`); webhooks are refused without one.
     #[arg(long, env = "STRIPE_WEBHOOK_SECRET", hide_env_values = true)]
     pub stripe_webhook_secret: Option<Secret>,
-    /// Seconds between reloads of the quota state (usage, plans, caps).
+    /// Seconds between full re-reads of the quota state (usage, plans,
+    /// caps) when it does not follow usage deltas (a distributed billing-api
+    /// without --kafka-brokers).
     #[arg(long, env = "TALLY_QUOTA_REFRESH_SECS", default_value_t = 60)]
     pub quota_refresh_secs: u64,
+    /// Seconds between full re-reads of the quota state when it follows
+    /// usage deltas (tally always; billing-api with --kafka-brokers): only a
+    /// backstop, for what neither the deltas nor the audit log carry (credit
+    /// consumed by a finalization run in another process).
+    #[arg(long, env = "TALLY_QUOTA_BACKSTOP_SECS", default_value_t = 3600)]
+    pub quota_backstop_secs: u64,
     /// Seconds between scheduler runs.
     #[arg(long, env = "TALLY_FINALIZE_EVERY_SECS", default_value_t = 60)]
     pub finalize_every_secs: u64,
@@ -167,6 +175,10 @@ impl ServeOptions {
 
     pub fn quota_every(&self) -> Duration {
         Duration::from_secs(self.quota_refresh_secs.max(1))
+    }
+
+    pub fn quota_backstop(&self) -> Duration {
+        Duration::from_secs(self.quota_backstop_secs.max(1))
     }
 
     pub fn shutdown_limit(&self) -> Duration {

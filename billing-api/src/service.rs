@@ -236,6 +236,7 @@ pub async fn serve_until(
     tokio::spawn(refresh_quota(
         api.clone(),
         quota_every,
+        opts.quota_backstop(),
         alerts,
         stop_rx.clone(),
     ));
@@ -268,27 +269,49 @@ async fn refresh_keys(api: Arc<ApiState>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-/// Reloads the quota state of every customer every `every`, then raises
-/// the usage alerts it warrants.
+/// Keeps the quota state current and raises the usage alerts it warrants.
+///
+/// Following usage deltas ([`QuotaService::following`]), the alerts of the
+/// entries changed are evaluated every second and every customer is re-read
+/// only every `backstop` (changes the state cannot see: credit consumed by
+/// a finalization run in another process). Otherwise every customer is
+/// re-read every `every`, then every entry is evaluated.
 async fn refresh_quota(
     api: Arc<ApiState>,
     every: Duration,
+    backstop: Duration,
     alerts: Option<AlertConfig>,
     mut stop: watch::Receiver<bool>,
 ) {
     let raiser = alerts.map(AlertRaiser::new);
+    let mut last_full = std::time::Instant::now();
     loop {
+        let following = api.quota.following();
+        let wait = if following {
+            Duration::from_secs(1)
+        } else {
+            every
+        };
         tokio::select! {
-            _ = tokio::time::sleep(every) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = stop.changed() => return,
         }
-        if let Err(e) = api.quota.refresh(chrono::Utc::now()).await {
-            tracing::warn!(error = %format!("{e:#}"), "quota refresh failed; answering from the previous state");
-            continue;
+        let full = !following || last_full.elapsed() >= backstop;
+        if full {
+            last_full = std::time::Instant::now();
+            if let Err(e) = api.quota.refresh(chrono::Utc::now()).await {
+                tracing::warn!(error = %format!("{e:#}"), "quota refresh failed; answering from the previous state");
+                continue;
+            }
         }
         if let Some(raiser) = &raiser {
+            let entries = if following {
+                api.quota.take_changed()
+            } else {
+                api.quota.entries()
+            };
             if let Err(e) = raiser
-                .raise(&api.quota, api.state.as_ref(), &api.metrics, Utc::now())
+                .raise_for(entries, api.state.as_ref(), &api.metrics, Utc::now())
                 .await
             {
                 tracing::warn!(error = %format!("{e:#}"), "usage alert evaluation failed; retrying after the next refresh");

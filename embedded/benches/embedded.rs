@@ -133,6 +133,7 @@ async fn main() {
         meters.clone(),
         sink_metrics.clone(),
         10_000,
+        tokio::sync::broadcast::channel(16).0,
         stop,
     )
     .await

@@ -13,17 +13,22 @@
 //! while a batch is being written wait for the next one, which is how
 //! concurrent senders share one fsync.
 //!
+//! After each commit the batch's [`UsageDelta`]s go to `deltas` (a
+//! broadcast channel), which billing's quota state follows: usage is in
+//! quota decisions as soon as it is acknowledged.
+//!
 //! Offsets: on start the writer resumes one past the highest offset in the
 //! store, exactly as a Kafka partition resumes. Offsets of batches that were
 //! not written (duplicates only, or a failed write) are simply skipped.
 
+use aggregator::delta::UsageDelta;
 use aggregator::metrics::Metrics as AggMetrics;
 use aggregator::pipeline::{Message, Processor};
 use aggregator::store::sqlite::SqliteStore;
 use collector::sink::{Delivery, Envelope, EventSink};
 use schemas::MeterCatalog;
 use std::sync::Arc;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 struct Request {
     batch: Vec<Envelope>,
@@ -57,6 +62,7 @@ pub async fn start(
     meters: Arc<MeterCatalog>,
     metrics: AggMetrics,
     max_batch: usize,
+    deltas: broadcast::Sender<Arc<UsageDelta>>,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<(Arc<StoreSink>, tokio::task::JoinHandle<()>)> {
     let mut proc = Processor::new(store.clone(), meters, metrics);
@@ -64,6 +70,10 @@ pub async fn start(
         .stored_max_offset(0, &stop)
         .await?
         .map_or(0, |o| o as i64 + 1);
+    // No receiver yet is fine: followers read the store when they start.
+    for d in proc.take_heads() {
+        let _ = deltas.send(Arc::new(d));
+    }
     tracing::info!(next_offset = next, "embedded usage writer resumed");
     let (tx, mut rx) = mpsc::channel::<Request>(1024);
     let task = tokio::spawn(async move {
@@ -91,11 +101,15 @@ pub async fn start(
                     next += 1;
                 }
             }
-            let res = proc
-                .process(msgs, store.as_ref(), &stop)
-                .await
-                .map(|_| ())
-                .map_err(|e| format!("{e:#}"));
+            let res = match proc.process_batch(msgs, store.as_ref(), &stop).await {
+                Ok(done) => {
+                    for d in done.deltas {
+                        let _ = deltas.send(Arc::new(d));
+                    }
+                    Ok(())
+                }
+                Err(e) => Err(format!("{e:#}")),
+            };
             if let Err(e) = &res {
                 tracing::error!(error = %e, events = n, "embedded usage write failed; not acknowledged");
             }

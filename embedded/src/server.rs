@@ -130,11 +130,19 @@ pub async fn run(
     let (stop_tx, stop_rx) = watch::channel(false);
     let collector_metrics = collector::metrics::Metrics::new();
     let agg_metrics = aggregator::metrics::Metrics::in_registry(collector_metrics.registry.clone());
+    // The quota state follows every committed batch (see `ingest`).
+    let (deltas, _) = tokio::sync::broadcast::channel(DELTA_BACKLOG);
+    tokio::spawn(
+        api.quota
+            .clone()
+            .follow(follow_broadcast(deltas.subscribe()), stop_rx.clone()),
+    );
     let (sink, writer) = ingest::start(
         usage.clone(),
         parts.meters.clone(),
         agg_metrics,
         cfg.write_batch.max(1),
+        deltas,
         stop_rx.clone(),
     )
     .await?;
@@ -288,4 +296,31 @@ fn print_banner(
         );
     }
     println!("Stop with Ctrl-C; start again with the same --data-dir to resume.");
+}
+
+/// Batches the quota state may fall behind the writer before it re-reads
+/// everyone instead.
+const DELTA_BACKLOG: usize = 4096;
+
+/// The quota state's feed from the in-process broadcast: a receiver that
+/// fell behind says so, and the state re-reads the store.
+fn follow_broadcast(
+    mut rx: tokio::sync::broadcast::Receiver<std::sync::Arc<aggregator::delta::UsageDelta>>,
+) -> tokio::sync::mpsc::Receiver<billing_api::quota_service::Feed> {
+    use billing_api::quota_service::Feed;
+    use tokio::sync::broadcast::error::RecvError;
+    let (tx, out) = tokio::sync::mpsc::channel(DELTA_BACKLOG);
+    tokio::spawn(async move {
+        loop {
+            let item = match rx.recv().await {
+                Ok(d) => Feed::Delta(d),
+                Err(RecvError::Lagged(_)) => Feed::Lost,
+                Err(RecvError::Closed) => return,
+            };
+            if tx.send(item).await.is_err() {
+                return;
+            }
+        }
+    });
+    out
 }

@@ -41,10 +41,16 @@ async fn a_batch_accepted_before_the_boundary_is_counted_once() {
     };
     for _run in 0..2 {
         let (_tx, stop) = tokio::sync::watch::channel(false);
-        let (sink, task) =
-            embedded::ingest::start(store.clone(), meters.clone(), Metrics::new(), 1000, stop)
-                .await
-                .unwrap();
+        let (sink, task) = embedded::ingest::start(
+            store.clone(),
+            meters.clone(),
+            Metrics::new(),
+            1000,
+            tokio::sync::broadcast::channel(16).0,
+            stop,
+        )
+        .await
+        .unwrap();
         sink.send(batch()).await.unwrap();
         drop(sink);
         task.await.unwrap();

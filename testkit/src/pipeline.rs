@@ -123,6 +123,10 @@ impl Env {
         format!("{}-dlq", self.topic)
     }
 
+    pub fn deltas_topic(&self) -> String {
+        format!("{}-deltas", self.topic)
+    }
+
     /// Writes a collector config and returns (path, port).
     pub fn collector_config(&self, extra: &str, delivery_timeout_ms: u64) -> (PathBuf, u16) {
         let port = free_port();
@@ -198,6 +202,7 @@ impl Env {
         .env("TALLY_KAFKA_BROKERS", &self.brokers)
         .env("TALLY_KAFKA_TOPIC", &self.topic)
         .env("TALLY_KAFKA_DLQ_TOPIC", self.dlq_topic())
+        .env("TALLY_KAFKA_DELTAS_TOPIC", self.deltas_topic())
         .env("TALLY_CLICKHOUSE_URL", &self.clickhouse_url)
         .env("TALLY_CLICKHOUSE_DATABASE", &self.database)
         .env("TALLY_AGGREGATOR_GROUP", &self.group)

@@ -43,6 +43,9 @@ pub async fn spawn_serve(
         .env("TALLY_CLICKHOUSE_DATABASE", db)
         .env("TALLY_ADMIN_KEY_SHA256", &hash)
         .env_remove("STRIPE_SECRET_KEY")
+        // Not following usage deltas: this process re-reads the quota state
+        // every --quota-refresh-secs (the configuration without Kafka).
+        .env_remove("TALLY_KAFKA_BROKERS")
         .stdout(Stdio::null())
         .stderr(stderr)
         .spawn()

@@ -35,14 +35,16 @@ pub struct System {
     billing_env: Vec<(String, String)>,
     http: reqwest::Client,
     pub env: Option<Env>,
+    quota_refresh_secs: u64,
 }
 
-fn common_billing_args() -> Vec<String> {
+/// Seconds between full re-reads of the quota state: 1 s by default (so
+/// alerts are raised promptly); [`System::following`] makes it an hour, so
+/// only the followed usage deltas keep the state current.
+fn common_billing_args(quota_refresh_secs: u64) -> Vec<String> {
     [
         "--grace-secs",
         "0",
-        "--quota-refresh-secs",
-        "1",
         "--finalize-every-secs",
         "3600",
         "--admin-key-sha256",
@@ -50,6 +52,11 @@ fn common_billing_args() -> Vec<String> {
     .iter()
     .map(|s| s.to_string())
     .chain([hex_sha256(ADMIN_KEY)])
+    .chain(
+        ["--quota-refresh-secs", "--quota-backstop-secs"]
+            .into_iter()
+            .flat_map(|flag| [flag.to_string(), quota_refresh_secs.to_string()]),
+    )
     .collect()
 }
 
@@ -61,8 +68,25 @@ impl System {
         }
     }
 
+    /// [`System::start`] with the quota state's full re-read an hour
+    /// apart: usage reaches quota decisions only through the deltas it
+    /// follows.
+    pub async fn following(mode: Mode, test: &str) -> Self {
+        match mode {
+            Mode::Embedded => Self::embedded_with(test, None, 3600),
+            Mode::Distributed => {
+                let db = pg_database(test).await;
+                Self::distributed_with(Env::new(test), db, 3600)
+            }
+        }
+    }
+
     /// `tally serve` on a data directory (a new one when `dir` is None).
     pub fn embedded(test: &str, dir: Option<PathBuf>) -> Self {
+        Self::embedded_with(test, dir, 1)
+    }
+
+    fn embedded_with(test: &str, dir: Option<PathBuf>, quota_refresh_secs: u64) -> Self {
         let dir = dir.unwrap_or_else(|| {
             std::env::temp_dir()
                 .join("tally-tests")
@@ -78,7 +102,7 @@ impl System {
             .args(["--listen", &format!("127.0.0.1:{bp}")])
             .args(["--ingest-listen", &format!("127.0.0.1:{ip}")])
             .args(["--ingest-key-sha256", &hex_sha256(INGEST_KEY)])
-            .args(common_billing_args())
+            .args(common_billing_args(quota_refresh_secs))
             .env("TALLY_SESSION_SECRET", SESSION_SECRET)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -103,6 +127,7 @@ impl System {
             dir,
             http: reqwest::Client::new(),
             env: None,
+            quota_refresh_secs,
         }
     }
 
@@ -115,6 +140,10 @@ impl System {
     /// The distributed services over `env`'s ClickHouse database and the
     /// PostgreSQL database `db`.
     pub fn distributed_on(env: Env, db: String) -> Self {
+        Self::distributed_with(env, db, 1)
+    }
+
+    fn distributed_with(env: Env, db: String, quota_refresh_secs: u64) -> Self {
         let (cfg, port) = env.collector_config("", 5000);
         let collector = env.spawn_collector(&cfg, port);
         let aggregator = env.spawn_aggregator(free_port(), None);
@@ -134,7 +163,9 @@ impl System {
         let child = Command::new(bin("billing-api"))
             .arg("serve")
             .args(["--listen", &format!("127.0.0.1:{bp}")])
-            .args(common_billing_args())
+            .args(common_billing_args(quota_refresh_secs))
+            .args(["--kafka-brokers", &env.brokers])
+            .args(["--deltas-topic", &env.deltas_topic()])
             .envs(billing_env.iter().cloned())
             .env("TALLY_SESSION_SECRET", SESSION_SECRET)
             .env("RUST_LOG", "info")
@@ -160,7 +191,104 @@ impl System {
             ],
             http: reqwest::Client::new(),
             env: Some(env),
+            quota_refresh_secs,
         }
+    }
+
+    /// The usage store's rollup version of `customer` now, read from the
+    /// store itself (`usage.db`, or ClickHouse): what the quota state must
+    /// reach to hold everything acknowledged so far.
+    pub async fn store_version(&self, customer: &str) -> u64 {
+        use aggregator::UsageStore;
+        let now = Utc::now();
+        let (from, to) = (
+            now - chrono::Duration::days(40),
+            now + chrono::Duration::days(40),
+        );
+        let ids = [customer.to_owned()];
+        let v = match &self.env {
+            Some(env) => env.store().versions(from, to, Some(&ids)).await,
+            None => {
+                let store =
+                    aggregator::store::sqlite::SqliteStore::open(&self.dir.join("usage.db"))
+                        .await
+                        .unwrap();
+                store.versions(from, to, Some(&ids)).await
+            }
+        };
+        v.unwrap().get(customer).copied().unwrap_or(0)
+    }
+
+    /// Waits (polling, up to `timeout`) until the quota state at `billing`
+    /// holds `customer`'s usage through `version`; returns how long it took.
+    pub async fn await_quota_state(
+        &self,
+        billing: &str,
+        customer: &str,
+        version: u64,
+        timeout: Duration,
+    ) -> Duration {
+        let start = std::time::Instant::now();
+        loop {
+            let (s, p) = self
+                .api_at(
+                    billing,
+                    Method::GET,
+                    &format!("/v1/quota/state?customer={customer}"),
+                    None,
+                )
+                .await;
+            assert_eq!(s, 200, "{p}");
+            let at = p["customer"]["usage_version"].as_u64().unwrap_or(0);
+            if at >= version && p["pending_rereads"] == 0 {
+                return start.elapsed();
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "the quota state of {customer} stayed at version {at} (< {version}): {p}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Starts another billing-api replica over the same stores (distributed
+    /// mode); returns its base URL. It stops with the system.
+    pub fn billing_replica(&mut self) -> String {
+        let env = self
+            .env
+            .as_ref()
+            .expect("replicas are of the distributed mode");
+        let bp = free_port();
+        let log = std::fs::File::create(env.dir.join(format!("billing-{bp}.log"))).unwrap();
+        let refresh = self.quota_refresh_secs;
+        let child = Command::new(bin("billing-api"))
+            .arg("serve")
+            .args(["--listen", &format!("127.0.0.1:{bp}")])
+            .args(common_billing_args(refresh))
+            .args(["--kafka-brokers", &env.brokers])
+            .args(["--deltas-topic", &env.deltas_topic()])
+            .envs(self.billing_env.iter().cloned())
+            .env("TALLY_SESSION_SECRET", SESSION_SECRET)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let billing = format!("http://127.0.0.1:{bp}");
+        wait_http(&format!("{billing}/healthz"), Duration::from_secs(60));
+        self.procs.push(Proc {
+            child,
+            name: format!("billing-api-{bp}"),
+        });
+        billing
+    }
+
+    /// SIGKILLs the process named `name` (`aggregator`, `billing-api`, …).
+    pub fn kill9_named(&mut self, name: &str) {
+        for p in self.procs.iter_mut().filter(|p| p.name == name) {
+            p.kill9();
+        }
+        self.procs.retain(|p| p.name != name);
     }
 
     /// The pid of the first process (`tally` in the embedded mode).
@@ -216,9 +344,32 @@ impl System {
         body: Option<Value>,
         headers: &[(&str, &str)],
     ) -> (u16, Value) {
+        self.request(&self.billing, method, path, body, headers)
+            .await
+    }
+
+    /// [`System::api`] against another billing replica's base URL.
+    pub async fn api_at(
+        &self,
+        billing: &str,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        self.request(billing, method, path, body, &[]).await
+    }
+
+    async fn request(
+        &self,
+        billing: &str,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> (u16, Value) {
         let mut rq = self
             .http
-            .request(method, format!("{}{path}", self.billing))
+            .request(method, format!("{billing}{path}"))
             .bearer_auth(ADMIN_KEY);
         for (k, v) in headers {
             rq = rq.header(*k, *v);

@@ -626,6 +626,37 @@ impl UsageStore for ClickHouseStore {
         let cells = self.cells(&meters, first, Scope::List(ids)).await?;
         Ok(super::answer_all(questions, cells))
     }
+
+    async fn versions(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        ids: Option<&[String]>,
+    ) -> anyhow::Result<std::collections::HashMap<String, u64>> {
+        #[derive(Row, Deserialize)]
+        struct V {
+            customer: String,
+            v: u64,
+        }
+        let who = match ids {
+            Some([]) => return Ok(Default::default()),
+            Some(ids) => {
+                let list: Vec<String> = ids.iter().map(|c| quote(c)).collect();
+                format!("customer IN ({})", list.join(", "))
+            }
+            None => "1".into(),
+        };
+        // Every version row counts, merged or not: the highest is the
+        // latest write of the customer's cells either way.
+        let sql = format!(
+            "SELECT customer, max(version) AS v FROM usage_rollups_hourly \
+             WHERE {who} AND hour >= toDateTime({}, 'UTC') AND hour < toDateTime({}, 'UTC') GROUP BY customer",
+            from.timestamp(),
+            to.timestamp()
+        );
+        let rows: Vec<V> = self.client.query(&sql).fetch_all().await?;
+        Ok(rows.into_iter().map(|r| (r.customer, r.v)).collect())
+    }
 }
 
 /// Whose cells to read.

@@ -199,6 +199,18 @@ pub trait UsageStore: Send + Sync {
         questions: &[(MeterDef, UsageQuery)],
         ids: &[String],
     ) -> impl Future<Output = anyhow::Result<Vec<PerCustomer>>> + Send;
+    /// The highest rollup version among each customer's cells with hours in
+    /// `[from, to)` (of the customers listed, or of all): where a read of
+    /// those hours stands against the stream of [`crate::delta`]s. A read
+    /// taken between two equal answers for a customer holds exactly that
+    /// customer's batches up to the version; customers without cells are
+    /// absent.
+    fn versions(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        ids: Option<&[String]>,
+    ) -> impl Future<Output = anyhow::Result<HashMap<String, u64>>> + Send;
 }
 
 /// Answer rows by customer id.

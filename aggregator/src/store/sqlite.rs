@@ -24,7 +24,7 @@ use rust_decimal::Decimal;
 use schemas::{Aggregation, MeterDef};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::str::FromStr;
 
@@ -636,6 +636,34 @@ impl UsageStore for SqliteStore {
         let list = serde_json::to_string(ids)?;
         let cells = self.cells(&meters, first, Scope::List(&list)).await?;
         Ok(super::answer_all(questions, cells))
+    }
+
+    async fn versions(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        ids: Option<&[String]>,
+    ) -> anyhow::Result<HashMap<String, u64>> {
+        let list = ids.map(serde_json::to_string).transpose()?;
+        let scope = match &list {
+            Some(l) => Scope::List(l),
+            None => Scope::All(None),
+        };
+        let sql = format!(
+            "SELECT customer, max(version) AS v FROM usage_rollups_hourly \
+             WHERE {} AND hour >= ?2 AND hour < ?3 GROUP BY customer",
+            scope.sql()
+        );
+        let rows = sqlx::query(&sql)
+            .bind(scope.bounds().0)
+            .bind(from.timestamp())
+            .bind(to.timestamp())
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get::<String, _>("customer"), r.get::<i64, _>("v") as u64))
+            .collect())
     }
 }
 

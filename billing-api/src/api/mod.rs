@@ -33,7 +33,7 @@
 use crate::auth::{self, ApiKey, Authenticator, Principal, Role};
 use crate::invoice::{self, month_of, NewInvoice, PlannedSwitch};
 use crate::metrics::Metrics;
-use crate::quota_service::{QuotaService, Snapshot};
+use crate::quota_service::{QuotaService, Snapshot, StateProgress};
 use crate::state::{
     App, AuditEntry, Customer, DynStateStore, Invoice, PublishedPlan, StateError, StateStore,
     Subscription,
@@ -176,6 +176,7 @@ pub fn router(app: Arc<ApiState>) -> Router {
         .route("/v1/audit", get(audit_log))
         .route("/v1/quota/check", post(quota_check))
         .route("/v1/quota/snapshot", get(quota_snapshot))
+        .route("/v1/quota/state", get(quota_state))
         .route("/v1/customers/{id}/spending-cap", put(set_spending_cap))
         .route("/v1/customers/{id}/suspension", put(set_suspension))
         .route("/v1/keys", get(list_keys).post(create_key))
@@ -277,6 +278,7 @@ async fn metrics(State(app): State<Arc<ApiState>>) -> impl IntoResponse {
         create_session,
         quota_check,
         quota_snapshot,
+        quota_state,
         set_spending_cap,
         set_suspension,
         customer_costs,

@@ -40,7 +40,7 @@ pub(super) async fn quota_check(
     }
     let entry = app.quota.entry(&req.customer_id);
     let decision = match &entry {
-        Some(entry) => entry.decide(&req.ask)?,
+        Some(entry) => entry.decide_at(&req.ask, crate::wire::now())?,
         None => {
             // Unknown customers are a 404; known ones without a plan are
             // denied every start.
@@ -83,6 +83,29 @@ pub(super) async fn quota_snapshot(
     who.admin_or_control_plane()?;
     let Query(q) = q.map_err(|e| ApiError::bad_query(e.body_text()))?;
     Ok(Json(app.quota.snapshot(q.since.unwrap_or(0))))
+}
+
+/// Where the in-memory usage state stands: per usage partition, the batch
+/// applied through (its rollup version and when it was written), and how
+/// many customers wait to be read again. The staleness of a quota decision
+/// is the time from a batch's write to its version showing here.
+#[utoipa::path(get, path = "/v1/quota/state", params(("customer" = Option<String>, Query)),
+    responses((status = 200, body = StateProgress), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)))]
+pub(super) async fn quota_state(
+    State(app): State<Arc<ApiState>>,
+    axum::Extension(who): axum::Extension<Principal>,
+    q: Result<Query<StateQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<StateProgress> {
+    who.admin_or_control_plane()?;
+    let Query(q) = q.map_err(|e| ApiError::bad_query(e.body_text()))?;
+    Ok(Json(app.quota.progress(q.customer.as_deref())))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StateQuery {
+    /// Also report this customer's entry.
+    pub customer: Option<String>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]

@@ -256,6 +256,16 @@ pub trait StateStore: Send + Sync {
     ) -> impl Future<Output = StateResult<Vec<SeatInterval>>> + Send;
     fn audit_log(&self, subject: &str)
         -> impl Future<Output = StateResult<Vec<AuditEntry>>> + Send;
+    /// (id, subject) of the audit entries with ids above `after`, in id
+    /// order, at most `limit`: what changed since, for replicas that keep
+    /// state in memory.
+    fn audit_after(
+        &self,
+        after: i64,
+        limit: u32,
+    ) -> impl Future<Output = StateResult<Vec<(i64, String)>>> + Send;
+    /// The highest audit entry id (0 when there is none).
+    fn audit_head(&self) -> impl Future<Output = StateResult<i64>> + Send;
 
     // Catalog administration.
     fn list_plans(&self) -> impl Future<Output = StateResult<Vec<PublishedPlan>>> + Send;

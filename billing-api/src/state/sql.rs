@@ -742,6 +742,24 @@ impl<D: Dialect> StateStore for SqlState<D> {
         .collect()
     }
 
+    async fn audit_after(&self, after: i64, limit: u32) -> StateResult<Vec<(i64, String)>> {
+        self.read(
+            q("SELECT id, subject FROM audit_log WHERE id > $1 ORDER BY id LIMIT $2")
+                .bind(after)
+                .bind(limit as i64),
+        )
+        .await?
+        .iter()
+        .map(|r| Ok((r.int("id")?, r.text("subject")?)))
+        .collect()
+    }
+
+    async fn audit_head(&self) -> StateResult<i64> {
+        self.read_one(q("SELECT COALESCE(MAX(id), 0) AS id FROM audit_log"))
+            .await?
+            .int("id")
+    }
+
     async fn list_plans(&self) -> StateResult<Vec<PublishedPlan>> {
         self.read(q(
             "SELECT body, retired_at IS NOT NULL AS retired FROM plan_versions ORDER BY plan, version",
