@@ -42,7 +42,9 @@ target/release/aggregator run --metrics-listen 127.0.0.1:9464 2> "$data/aggregat
 pids+=($!)
 target/release/collector serve --config "$data/collector.toml" 2> "$data/collector.log" &
 pids+=($!)
-# billing-api with the demo admin key "dev-admin-key".
+# billing-api with the demo admin key "dev-admin-key"; TALLY_KAFKA_BROKERS
+# (from the services env) makes its quota state follow the aggregator's
+# usage deltas.
 admin_key=dev-admin-key
 TALLY_ADMIN_KEY_SHA256=$(target/release/billing-api hash-key "$admin_key") \
   target/release/billing-api serve --listen 127.0.0.1:8090 2> "$data/billing.log" &

@@ -70,6 +70,10 @@ struct PartState {
     widened: Option<Instant>,
 }
 
+/// Rollup keys the processor keeps in memory between batches (see
+/// `Processor::cap_rollup_cache`).
+const ROLLUP_CACHE_MAX: usize = 100_000;
+
 /// How long a widened dedup window is kept after the last event that
 /// needed it, before `prune` drops the older keys again.
 const WIDENED_KEEP: Duration = Duration::from_secs(3600);
@@ -84,6 +88,8 @@ pub struct Processor<W: UsageWriter> {
     last_prune: Instant,
     /// Heads of partitions loaded since the last batch (see [`crate::delta`]).
     heads: Vec<UsageDelta>,
+    /// The rollup cache's size that triggers [`Processor::cap_rollup_cache`].
+    rollup_cap: usize,
 }
 
 /// Outcome of one batch: the next offset to commit per partition.
@@ -141,6 +147,7 @@ impl<W: UsageWriter> Processor<W> {
             loaded_pairs: HashSet::new(),
             last_prune: Instant::now(),
             heads: Vec::new(),
+            rollup_cap: ROLLUP_CACHE_MAX,
         }
     }
 
@@ -251,6 +258,25 @@ impl<W: UsageWriter> Processor<W> {
         Ok(())
     }
 
+    /// Keeps the rollup cache under [`ROLLUP_CACHE_MAX`] keys: a backfill
+    /// (a day of usage of 10,000 customers sent at once) touches every
+    /// (customer, hour) once and would otherwise hold them all until the
+    /// minute's prune. The oldest hours go first, down to half the cap;
+    /// anything dropped is reloaded from the store if touched again.
+    fn cap_rollup_cache(&mut self) {
+        if self.rollups.len() <= self.rollup_cap {
+            return;
+        }
+        let mut hours: Vec<i64> = self.rollups.keys().map(|k| k.hour).collect();
+        hours.sort_unstable();
+        let keep_from = hours[hours.len() - ROLLUP_CACHE_MAX / 2];
+        self.rollups.retain(|k, _| k.hour >= keep_from);
+        self.loaded_pairs.retain(|(_, h)| *h >= keep_from);
+        // One hour may hold more keys than the cap: then let the cache grow
+        // to twice what it holds before sorting again.
+        self.rollup_cap = ROLLUP_CACHE_MAX.max(self.rollups.len() * 2);
+    }
+
     fn prune(&mut self) {
         if self.last_prune.elapsed() < Duration::from_secs(60) {
             return;
@@ -270,6 +296,7 @@ impl<W: UsageWriter> Processor<W> {
         let min_hour = hour_of(now) - 3 * 3600;
         self.rollups.retain(|k, _| k.hour >= min_hour);
         self.loaded_pairs.retain(|(_, h)| *h >= min_hour);
+        self.rollup_cap = ROLLUP_CACHE_MAX.max(self.rollups.len() * 2);
     }
 
     /// Processes one batch through steps 1–6; returns the offsets to commit.
@@ -464,6 +491,7 @@ impl<W: UsageWriter> Processor<W> {
             ));
         }
         self.rollups.extend(touched);
+        self.cap_rollup_cache();
         for (p, fp, t) in new_keys {
             self.parts.get_mut(&p).unwrap().dedup.insert(fp, t);
         }

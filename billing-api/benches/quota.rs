@@ -1,10 +1,13 @@
 //! Quota check latency and throughput under `wrk` on loopback: the real
 //! `/v1/quota/check` route (authentication, JSON, decision with a rating of
 //! the projected month, metrics) against a trivial axum handler measured in
-//! the same run as the baseline. 1,000 customers on pay-as-you-go with a
-//! month of usage so far; every request asks for one more instance for a
-//! customer picked at random. Server-side latency comes from the service's
-//! own histogram. Writes bench-results/quota.json.
+//! the same run as the baseline. 100,000 customers on pay-as-you-go
+//! (`TALLY_BENCH_QUOTA_CUSTOMERS`), each with 20 usage series (10 apps ×
+//! compute and requests) over the last 24 hours; every request asks for one
+//! more instance for a customer picked at random. Server-side latency
+//! comes from the service's own histogram; the state's memory is the
+//! process's resident set before and after the state is read, per
+//! customer. Writes bench-results/quota.json.
 //!
 //! Needs TALLY_DATABASE_URL and TALLY_CLICKHOUSE_URL (ops/bench.sh) and
 //! `wrk` (Debian package).
@@ -26,7 +29,15 @@ use std::process::Command;
 use std::sync::Arc;
 use support::clickhouse_exec as ch;
 
-const CUSTOMERS: i64 = 1000;
+const SERIES: i64 = 20;
+const HOURS: i64 = 24;
+
+fn customers() -> i64 {
+    std::env::var("TALLY_BENCH_QUOTA_CUSTOMERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000)
+}
 const KEY: &str = "bench-admin-key";
 
 /// Runs wrk against `url`; returns (requests/s, p50 ms, p99 ms).
@@ -63,32 +74,83 @@ fn wrk(url: &str, script: &str) -> (f64, f64, f64) {
     (rps, ms("50%"), ms("99%"))
 }
 
+/// Counts the bytes the process holds allocated, so the state's own size
+/// is measured apart from what the allocator keeps after the read.
+struct Counting;
+
+static LIVE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// Counting is on only while the state is read: a shared counter on every
+/// allocation would slow the checks measured after (by a third here).
+static COUNTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+fn count(add: usize, sub: usize) {
+    if COUNTING.load(std::sync::atomic::Ordering::Relaxed) {
+        LIVE.fetch_add(add, std::sync::atomic::Ordering::Relaxed);
+        LIVE.fetch_sub(sub, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
+        count(l.size(), 0);
+        unsafe { std::alloc::System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
+        count(0, l.size());
+        unsafe { std::alloc::System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: std::alloc::Layout, n: usize) -> *mut u8 {
+        count(n, l.size());
+        unsafe { std::alloc::System.realloc(p, l, n) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+fn live() -> usize {
+    LIVE.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// A memory figure of this process from /proc (KiB).
+fn vm_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap()
+}
+
 #[tokio::main]
 async fn main() {
     let now = Utc::now();
     let period = month_of(now);
     let as_of = now.duration_trunc(Duration::hours(1)).unwrap();
 
-    // Usage: each customer ran 2 t4g.small and served requests every hour so far.
+    // Usage: in each of 10 apps every customer ran 2 t4g.small and served
+    // requests every hour of the last day.
+    let customers = customers();
     let (ch_url, tag, store) = support::clickhouse("bench_quota").await;
-    let hours = ((as_of - period.start).num_hours()).max(1);
+    let hours = HOURS.min(((as_of - period.start).num_hours()).max(1));
     let first = as_of - Duration::hours(hours);
     ch(&ch_url, &format!(
         "INSERT INTO {tag}.usage_rollups_hourly \
-         SELECT concat('q', toString(1000000 + intDiv(number, 2 * {hours}))) AS customer, \
+         SELECT concat('q', toString(1000000 + intDiv(number, {SERIES} * {hours}))) AS customer, \
                 if(number % 2 = 0, 'compute', 'requests') AS meter, \
-                toDateTime({start} + (intDiv(number, 2) % {hours}) * 3600) AS hour, 'web', \
+                toDateTime({start} + (intDiv(number, {SERIES}) % {hours}) * 3600) AS hour, \
+                concat('a', toString(intDiv(number % {SERIES}, 2))), \
                 if(number % 2 = 0, '{{\"instance_type\":\"t4g.small\",\"region\":\"fra\"}}', '{{}}'), 60, \
                 toDecimal128(if(number % 2 = 0, 7200, 250000), 12), toDecimal128(0, 12), hour, toDecimal128(0, 12), 0, 1 \
          FROM system.numbers LIMIT {rows}",
         start = first.timestamp(),
-        rows = CUSTOMERS * 2 * hours,
+        rows = customers * SERIES * hours,
     ))
     .await;
 
     let (_url, st, pool) = support::pg("bench_quota").await;
     support::default_catalog(st.as_ref()).await;
-    support::bulk_customers(&pool, "q", CUSTOMERS, "payg", period.start).await;
+    support::bulk_customers(&pool, "q", customers, "payg", period.start).await;
     sqlx::query("UPDATE customers SET spending_cap = 1000")
         .execute(&pool)
         .await
@@ -99,10 +161,27 @@ async fn main() {
         DynUsageStore::from_arc(store.clone()),
         meters.clone(),
     ));
+    let rss_before = vm_kib("VmRSS:");
+    let live_before = live();
     let t = std::time::Instant::now();
     let n = quota.refresh(now).await.unwrap();
     let refresh_secs = t.elapsed().as_secs_f64();
-    assert_eq!(n as i64, CUSTOMERS);
+    let rss_after = vm_kib("VmRSS:");
+    let peak = vm_kib("VmHWM:");
+    let state_bytes = live().saturating_sub(live_before);
+    COUNTING.store(false, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(n as i64, customers);
+    // The state holds usage as the plan prices it (compute by instance
+    // type, requests whole: 2 items for the 20 series) and the gauges of
+    // what runs per app.
+    let e = quota.entry("q1000000").unwrap();
+    assert_eq!(e.usage_to_date.len(), 2, "{:?}", e.usage_to_date);
+    assert_eq!(
+        e.running.instances.len() as i64,
+        SERIES / 2,
+        "{:?}",
+        e.running
+    );
     let metrics = Metrics::new();
     let app = Arc::new(ApiState {
         state: st.clone(),
@@ -143,7 +222,7 @@ request = function()
   return wrk.format(nil, nil, nil, '{{"customer_id":"q' .. (1000000 + c) .. '","ask":{{"kind":"start_instances","app":"web","instance_type":"t4g.small","count":1}}}}')
 end
 "#,
-            max = CUSTOMERS - 1
+            max = customers - 1
         ),
     )
     .unwrap();
@@ -176,12 +255,15 @@ end
             .map_or(f64::INFINITY, |b| b.upper_bound() * 1000.0)
     };
     let out = serde_json::json!({
-        "customers": CUSTOMERS, "wrk": "-t2 -c32 -d10s",
+        "customers": customers, "series_per_customer": SERIES, "hours": hours, "wrk": "-t2 -c32 -d10s",
         "quota": {"requests_per_sec": got.0, "p50_ms": got.1, "p99_ms": got.2},
         "baseline_trivial_axum": {"requests_per_sec": base.0, "p50_ms": base.1, "p99_ms": base.2},
         "ratio_throughput": got.0 / base.0,
         "server_side_p50_ms_at_most": p(0.5), "server_side_p99_ms_at_most": p(0.99), "server_side_p999_ms_at_most": p(0.999),
-        "refresh_seconds_1000_customers": refresh_secs,
+        "state_read_seconds": refresh_secs,
+        "rss_kib_before_read": rss_before, "rss_kib_after_read": rss_after, "peak_rss_kib": peak,
+        "rss_bytes_per_customer": (rss_after.saturating_sub(rss_before) as f64 * 1024.0 / customers as f64).round(),
+        "state_heap_bytes_per_customer": (state_bytes as f64 / customers as f64).round(),
     });
     println!("{}", serde_json::to_string_pretty(&out).unwrap());
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../bench-results");

@@ -181,9 +181,12 @@ impl Entry {
     /// hour before `now`'s.
     pub fn decide_at(&self, ask: &Ask, now: DateTime<Utc>) -> anyhow::Result<Decision> {
         let now = now.max(self.as_of);
-        let running = self.running_at(now);
         let mut input = self.input();
         input.now = now;
+        if hour_floor(now) == hour_floor(self.as_of) {
+            return decide(&input, ask);
+        }
+        let running = self.running_at(now);
         input.running = &running;
         decide(&input, ask)
     }
@@ -382,6 +385,8 @@ pub struct QuotaService {
     pub meters: Arc<MeterCatalog>,
     inner: RwLock<Inner>,
     following: std::sync::atomic::AtomicBool,
+    /// Whether anyone takes [`QuotaService::take_changed`] (usage alerts).
+    tracking: std::sync::atomic::AtomicBool,
 }
 
 fn hour_floor(t: DateTime<Utc>) -> DateTime<Utc> {
@@ -452,6 +457,7 @@ impl QuotaService {
             meters,
             inner: RwLock::new(Inner::default()),
             following: Default::default(),
+            tracking: Default::default(),
         }
     }
 
@@ -828,9 +834,12 @@ impl QuotaService {
         for d in &g.kept {
             reread.extend(add_delta(&mut installed, d, &self.meters, None).0);
         }
+        let tracking = self.tracking.load(std::sync::atomic::Ordering::Relaxed);
         for (id, e) in installed {
             g.timers.insert((e.next_change, id.clone()));
-            g.changed.insert(id.clone());
+            if tracking {
+                g.changed.insert(id.clone());
+            }
             g.entries.insert(id, e);
         }
         g.stale.extend(reread);
@@ -946,7 +955,9 @@ impl QuotaService {
         }
         let (reread, touched) = add_delta(&mut g.entries, &d, &self.meters, None);
         g.stale.extend(reread);
-        g.changed.extend(touched);
+        if self.tracking.load(std::sync::atomic::Ordering::Relaxed) {
+            g.changed.extend(touched);
+        }
         if g.reading > 0 {
             g.kept.push(d);
         }
@@ -1070,8 +1081,16 @@ impl QuotaService {
     }
 
     /// The entries changed (read, or added to) since the last call: what
-    /// usage alerts evaluate.
+    /// usage alerts evaluate. The first call starts the tracking (it costs
+    /// a customer id per change, so it is off unless someone takes them)
+    /// and returns every entry.
     pub fn take_changed(&self) -> Vec<(String, Arc<Entry>)> {
+        if !self
+            .tracking
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            return self.entries();
+        }
         let mut g = self.inner.write().unwrap();
         let changed = std::mem::take(&mut g.changed);
         changed

@@ -35,6 +35,19 @@ async fn check_at(sys: &System, billing: &str, customer: &str) -> Value {
     q
 }
 
+/// Sets the customer's spending cap (through the API: the entry is read
+/// again).
+async fn set_cap(sys: &System, customer: &str, cap: &str) {
+    let (s, v) = sys
+        .api(
+            M::PUT,
+            &format!("/v1/customers/{customer}/spending-cap"),
+            Some(json!({"spending_cap": cap})),
+        )
+        .await;
+    assert_eq!(s, 204, "{v}");
+}
+
 /// Sends `events`, then waits until the quota state at `billing` holds
 /// them; returns the decision after.
 async fn send_and_follow(sys: &System, billing: &str, customer: &str, events: &[Value]) -> Value {
@@ -72,14 +85,7 @@ async fn usage_reaches_quota_from_the_write_path(mode: Mode) {
     let now = Utc::now();
     let start = billing_api::invoice::month_of(now).start;
     sys.customer("cus_live", "payg", start).await;
-    let (s, v) = sys
-        .api(
-            M::PUT,
-            "/v1/customers/cus_live/spending-cap",
-            Some(json!({"spending_cap": "100"})),
-        )
-        .await;
-    assert_eq!(s, 204, "{v}");
+    set_cap(&sys, "cus_live", "100").await;
 
     // Nothing used yet: a small instance fits under the cap.
     let q = check_at(&sys, &billing, "cus_live").await;
@@ -133,14 +139,7 @@ async fn usage_reaches_quota_from_the_write_path(mode: Mode) {
 
     // The followed state equals a fresh read of the store: a cap change
     // re-reads the customer.
-    let (s, v) = sys
-        .api(
-            M::PUT,
-            "/v1/customers/cus_live/spending-cap",
-            Some(json!({"spending_cap": "100"})),
-        )
-        .await;
-    assert_eq!(s, 204, "{v}");
+    set_cap(&sys, "cus_live", "100").await;
     let q = check_at(&sys, &billing, "cus_live").await;
     assert_eq!(dec(&q["month_to_date"]), live, "{q}");
 

@@ -86,7 +86,9 @@ impl System {
         Self::embedded_with(test, dir, 1)
     }
 
-    fn embedded_with(test: &str, dir: Option<PathBuf>, quota_refresh_secs: u64) -> Self {
+    /// [`System::embedded`] with the quota state's full re-read every
+    /// `quota_refresh_secs` (`tally`'s own default backstop is 3600).
+    pub fn embedded_with(test: &str, dir: Option<PathBuf>, quota_refresh_secs: u64) -> Self {
         let dir = dir.unwrap_or_else(|| {
             std::env::temp_dir()
                 .join("tally-tests")
@@ -158,37 +160,15 @@ impl System {
                 env.database.clone(),
             ),
         ];
-        let bp = free_port();
-        let log = std::fs::File::create(env.dir.join("billing.log")).unwrap();
-        let child = Command::new(bin("billing-api"))
-            .arg("serve")
-            .args(["--listen", &format!("127.0.0.1:{bp}")])
-            .args(common_billing_args(quota_refresh_secs))
-            .args(["--kafka-brokers", &env.brokers])
-            .args(["--deltas-topic", &env.deltas_topic()])
-            .envs(billing_env.iter().cloned())
-            .env("TALLY_SESSION_SECRET", SESSION_SECRET)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let billing = format!("http://127.0.0.1:{bp}");
-        wait_http(&format!("{billing}/healthz"), Duration::from_secs(60));
+        let (billing_proc, billing) =
+            spawn_billing(&env, &billing_env, quota_refresh_secs, "billing-api");
         Self {
             mode: Mode::Distributed,
             ingest: format!("http://127.0.0.1:{port}"),
             billing,
             billing_env,
             dir: env.dir.clone(),
-            procs: vec![
-                collector,
-                aggregator,
-                Proc {
-                    child,
-                    name: "billing-api".into(),
-                },
-            ],
+            procs: vec![collector, aggregator, billing_proc],
             http: reqwest::Client::new(),
             env: Some(env),
             quota_refresh_secs,
@@ -258,28 +238,14 @@ impl System {
             .env
             .as_ref()
             .expect("replicas are of the distributed mode");
-        let bp = free_port();
-        let log = std::fs::File::create(env.dir.join(format!("billing-{bp}.log"))).unwrap();
-        let refresh = self.quota_refresh_secs;
-        let child = Command::new(bin("billing-api"))
-            .arg("serve")
-            .args(["--listen", &format!("127.0.0.1:{bp}")])
-            .args(common_billing_args(refresh))
-            .args(["--kafka-brokers", &env.brokers])
-            .args(["--deltas-topic", &env.deltas_topic()])
-            .envs(self.billing_env.iter().cloned())
-            .env("TALLY_SESSION_SECRET", SESSION_SECRET)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let billing = format!("http://127.0.0.1:{bp}");
-        wait_http(&format!("{billing}/healthz"), Duration::from_secs(60));
-        self.procs.push(Proc {
-            child,
-            name: format!("billing-api-{bp}"),
-        });
+        let n = self.procs.len();
+        let (p, billing) = spawn_billing(
+            env,
+            &self.billing_env,
+            self.quota_refresh_secs,
+            &format!("billing-api-{n}"),
+        );
+        self.procs.push(p);
         billing
     }
 
@@ -460,4 +426,38 @@ pub fn requests(id: &str, customer: &str, app: &str, time: DateTime<Utc>, count:
         "datacontenttype": "application/json",
         "data": {"app": app, "count": count},
     })
+}
+
+/// A `billing-api serve` over `env`'s stores, following its usage deltas;
+/// returns the process (named `name`) and its base URL once it answers.
+fn spawn_billing(
+    env: &Env,
+    billing_env: &[(String, String)],
+    quota_refresh_secs: u64,
+    name: &str,
+) -> (Proc, String) {
+    let bp = free_port();
+    let log = std::fs::File::create(env.dir.join(format!("{name}.log"))).unwrap();
+    let child = Command::new(bin("billing-api"))
+        .arg("serve")
+        .args(["--listen", &format!("127.0.0.1:{bp}")])
+        .args(common_billing_args(quota_refresh_secs))
+        .args(["--kafka-brokers", &env.brokers])
+        .args(["--deltas-topic", &env.deltas_topic()])
+        .envs(billing_env.iter().cloned())
+        .env("TALLY_SESSION_SECRET", SESSION_SECRET)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let billing = format!("http://127.0.0.1:{bp}");
+    wait_http(&format!("{billing}/healthz"), Duration::from_secs(60));
+    (
+        Proc {
+            child,
+            name: name.into(),
+        },
+        billing,
+    )
 }
