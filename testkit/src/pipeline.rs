@@ -26,7 +26,19 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
+/// A loopback port free now, for a process the test starts to listen on.
+/// Picked at random below Linux's ephemeral range (32768–60999): a port
+/// the OS hands out as `:0` is also one it hands to outgoing connections,
+/// and one of the many the tests open (to ClickHouse, Kafka, PostgreSQL)
+/// took such a port before the server bound it (CI, 2026-12-08: "Address
+/// already in use").
 pub fn free_port() -> u16 {
+    for _ in 0..1000 {
+        let p = rand::random_range(20_000..32_000u16);
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
