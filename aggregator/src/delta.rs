@@ -42,6 +42,8 @@ pub struct UsageDelta {
     pub version: u64,
     /// When the batch was durable.
     pub written_at: DateTime<Utc>,
+    /// Sorted by (customer, meter, hour, app, dims): a follower takes each
+    /// customer's cells as one run.
     pub cells: Vec<DeltaCell>,
 }
 

@@ -221,9 +221,21 @@ impl Entry {
         }
     }
 
-    /// Adds one cell of a delta written at `at` (see the module docs for
-    /// what is refused).
+    /// Adds one cell of a delta (see the module docs for what is refused).
+    #[cfg(test)]
     fn add(&mut self, c: &DeltaCell, meters: &MeterCatalog) -> Added {
+        let groups = price_groups(&self.plan);
+        self.add_grouped(c, meters, &groups)
+    }
+
+    /// [`Entry::add`] with the plan's price groups computed once for all
+    /// of a delta's cells of this customer.
+    fn add_grouped(
+        &mut self,
+        c: &DeltaCell,
+        meters: &MeterCatalog,
+        groups: &[(String, Vec<String>)],
+    ) -> Added {
         let Some(def) = meters.get(&c.meter) else {
             return Added::NotHere;
         };
@@ -244,10 +256,7 @@ impl Entry {
                 added = Added::Yes;
             }
         }
-        let Some((_, group_by)) = price_groups(&self.plan)
-            .into_iter()
-            .find(|(m, _)| *m == c.meter)
-        else {
+        let Some((_, group_by)) = groups.iter().find(|(m, _)| *m == c.meter) else {
             return added;
         };
         let group: BTreeMap<String, String> = group_by
@@ -434,9 +443,10 @@ fn add_delta(
         e.advance(d.written_at);
         e.usage_version = d.version;
         touched.push(customer.to_owned());
+        let groups = price_groups(&e.plan);
         if cells
             .iter()
-            .map(|c| e.add(c, meters))
+            .map(|c| e.add_grouped(c, meters, &groups))
             .fold(false, |r, a| r | (a == Added::Reread))
         {
             reread.push(customer.to_owned());
